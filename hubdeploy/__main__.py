@@ -1,0 +1,5 @@
+import sys
+
+from hubdeploy.cli import main
+
+sys.exit(main())

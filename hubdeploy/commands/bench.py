@@ -1,0 +1,13 @@
+"""`hubdeploy bench` (placeholder until its module lands)."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="(not built yet)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    raise SystemExit("hubdeploy bench is not built yet")
