@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.tiny", "tests.fixtures.hub"]
+pytest_plugins = ["tests.fixtures.tiny", "tests.fixtures.hub", "tests.fixtures.serve"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,13 +1,162 @@
-"""`hubdeploy serve` (placeholder until its module lands)."""
+"""`hubdeploy serve MODEL`: the OpenAI-compatible endpoint for one model (+ LoRA adapters).
+
+The HTTP server starts first and answers `/health` with 503 while the model downloads and
+loads in a background thread, so a deploy service can poll it. Phases go to stdout as
+`phase: downloading|loading|warming_up|ready|failed` lines (the deploy service reads them).
+fastapi/uvicorn are imported here, lazily: `serving` itself must import without them.
+"""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("hubdeploy.serve")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="(not built yet)")
+    p = sub.add_parser("serve", help="serve a model (Hub repo id or local dir) as an OpenAI-compatible endpoint",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="Hub repo id (org/name) or a local directory in Hub layout")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of the Hub repo")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=REPO_OR_PATH",
+                   help="serve a LoRA adapter under NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $HUBDEPLOY_API_KEY)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-loras", type=int, default=None)
+    p.add_argument("--max-lora-rank", type=int, default=None)
+    p.add_argument("--max-cpu-loras", type=int, default=None)
+    p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: MODEL)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache size in tokens (CPU default or override)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--disable-lora-admin", action="store_true",
+                   help="refuse /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
 
+def parse_loras(items: list[str]) -> dict[str, str]:
+    """`["a=org/x", "b=/p"]` -> `{"a": "org/x", "b": "/p"}`; SystemExit with the fix on a bad item."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, src = item.partition("=")
+        if not sep or not name.strip() or not src.strip():
+            raise SystemExit(f"--lora {item!r}: expected NAME=REPO_OR_PATH, e.g. --lora sql=org/sql-lora")
+        if name in out:
+            raise SystemExit(f"--lora: adapter name {name!r} given twice")
+        out[name.strip()] = src.strip()
+    return out
+
+
+def phase(name: str, detail: str = "") -> None:
+    """One machine-readable phase line on stdout (flushed at once)."""
+    print(f"phase: {name}" + (f" {detail}" if detail else ""), flush=True)
+
+
+def _resolve(model: str, revision: str | None) -> Path:
+    if Path(model).is_dir() and revision is None:
+        return Path(model)
+    from serving.hub import resolve_model_dir  # huggingface_hub with the HF cache and HF_TOKEN
+
+    return Path(resolve_model_dir(model, revision=revision, token=os.environ.get("HF_TOKEN")))
+
+
+def _engine_args(args: argparse.Namespace, model_dir: Path, loras: dict[str, str]) -> Any:
+    from serving.engine import EngineArgs
+
+    kw: dict[str, Any] = dict(model=str(model_dir), revision=None, device=args.device, dtype=args.dtype,
+                              enforce_eager=args.enforce_eager, token=os.environ.get("HF_TOKEN"),
+                              lora_modules=loras or None)
+    for flag in ("max_model_len", "max_num_seqs", "max_loras", "max_lora_rank", "max_cpu_loras",
+                 "kv_cache_tokens", "gpu_memory_utilization"):
+        v = getattr(args, flag)
+        if v is not None:
+            kw[flag] = v
+    return EngineArgs(**kw)
+
+
+async def _warm_up(engine: Any) -> None:
+    """One short request through the whole path, so the first client does not pay for it."""
+    from serving.sampling_params import SamplingParams
+
+    ids = engine.tokenizer.encode("Hello") or [0]
+    async for _ in engine.generate(ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                                   "warmup-0"):
+        pass
+
+
+def _load(app: Any, args: argparse.Namespace, loras: dict[str, str], server: Any) -> None:
+    """Background thread: download, load, warm up, then attach the engine to the app."""
+    from serving.server.api_server import attach_engine, set_phase
+
+    try:
+        set_phase(app, "downloading")
+        phase("downloading", args.model)
+        model_dir = _resolve(args.model, args.revision)
+        set_phase(app, "loading")
+        phase("loading", str(model_dir))
+        from serving.async_engine import AsyncEngine
+        from serving.chat_template import load_chat_template
+
+        t0 = time.perf_counter()
+        engine = AsyncEngine(_engine_args(args, model_dir, loras))
+        app.state.engine = engine
+        set_phase(app, "warming_up")
+        phase("warming_up", f"loaded in {time.perf_counter() - t0:.1f}s")
+        asyncio.run(_warm_up(engine))
+        attach_engine(app, engine, chat_template=load_chat_template(model_dir),
+                      special_tokens=dict(engine.tokenizer.special_tokens),
+                      max_model_len=engine.max_model_len)
+        phase("ready", f"http://{args.host}:{args.port}/v1 model={app.state.server.served_model_name}")
+    except BaseException as e:  # noqa: BLE001 - every failure is reported, then the process exits
+        log.exception("loading %s failed", args.model)
+        reason = f"{type(e).__name__}: {e}"
+        set_phase(app, "failed", failure=reason)
+        phase("failed", reason.replace("\n", " "))
+        server.should_exit = True
+        app.state.exit_code = 1
+
+
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("hubdeploy serve is not built yet")
+    try:
+        import uvicorn
+
+        from serving.server.api_server import build_app
+    except ImportError as e:
+        raise SystemExit(f"hubdeploy serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from e
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    loras = parse_loras(args.lora)
+    api_key = args.api_key or os.environ.get("HUBDEPLOY_API_KEY") or None
+    name = args.served_model_name or args.model
+    app = build_app(None, served_model_name=name, api_key=api_key, adapters=loras,
+                    disable_lora_admin=args.disable_lora_admin)
+    app.state.exit_code = 0
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    loader = threading.Thread(target=_load, args=(app, args, loras, server), name="model-loader", daemon=True)
+    loader.start()
+    try:
+        server.run()
+    finally:
+        engine = getattr(app.state, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+    if app.state.exit_code == 0 and not server.started:
+        return 1  # e.g. the port was taken; uvicorn has said why
+    return int(app.state.exit_code)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU check for the Triton kernels: compiled-kernel tests, then the kernel benchmarks.
+# Installs nothing; runs from the source tree; < 8 minutes on one H100.
+#   bash benchmarks/gpu_check.sh            # results also land in $OUT (default /tmp/hubdeploy-gpu-check)
+# pytest runs with --noconftest so the check works without fastapi/gradio/olah (the shared
+# conftest loads Hub fixtures); markers come from pyproject.toml.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
+unset TRITON_INTERPRET HUBDEPLOY_FORCE_TRITON
+OUT="${OUT:-/tmp/hubdeploy-gpu-check}"
+mkdir -p "$OUT"
+start=$(date +%s)
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi not found"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+
+echo "== pytest -m gpu (kernel tests, compiled) =="
+timeout 210 python -m pytest --noconftest -p no:cacheprovider -m gpu -q \
+    tests/test_kernels_awq.py tests/test_kernels_moe.py 2>&1 | tee "$OUT/pytest.txt" | tail -n 30
+rc_tests=${PIPESTATUS[0]}
+
+echo "== benchmarks/kernels.py =="
+timeout 260 python benchmarks/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2> "$OUT/kernels.err"
+rc_bench=$?
+tail -n 15 "$OUT/kernels.err"
+
+echo "== summary: tests rc=$rc_tests, bench rc=$rc_bench, $(( $(date +%s) - start ))s; files in $OUT =="
+# the benchmark's table is printed last
+sed -n '/^# device/,$p' "$OUT/kernels.txt"
+[ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ]

@@ -1,0 +1,73 @@
+"""Secrets of the deploy service: the admin token and per-endpoint API keys.
+
+Only salted scrypt hashes are stored; comparison is constant-time. Tokens are random
+(256 bits), so the KDF cost is moderate and a verified token is remembered in-process
+(keyed by a SHA-256 of the token, never the token itself) to keep each request cheap.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import threading
+
+ADMIN_PREFIX = "hdadm_"
+ENDPOINT_KEY_PREFIX = "hdk_"
+_N, _R, _P, _DKLEN = 2**14, 8, 1, 32
+
+_verified: set[tuple[str, str]] = set()
+_verified_lock = threading.Lock()
+
+
+def generate_token(prefix: str = ENDPOINT_KEY_PREFIX) -> str:
+    """A new random secret (URL-safe), with a prefix that tells what it is when it leaks."""
+    return prefix + secrets.token_urlsafe(32)
+
+
+def _b64(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+
+def _unb64(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def hash_secret(secret: str) -> str:
+    """`scrypt$n$r$p$salt$hash`: what the store keeps instead of the secret."""
+    salt = secrets.token_bytes(16)
+    dk = hashlib.scrypt(secret.encode(), salt=salt, n=_N, r=_R, p=_P, dklen=_DKLEN)
+    return f"scrypt${_N}${_R}${_P}${_b64(salt)}${_b64(dk)}"
+
+
+def verify_secret(secret: str | None, encoded: str | None) -> bool:
+    """True when `secret` hashes to `encoded`; constant-time comparison, False on any junk."""
+    if not secret or not encoded:
+        return False
+    cache_key = (hashlib.sha256(secret.encode()).hexdigest(), encoded)
+    with _verified_lock:
+        if cache_key in _verified:
+            return True
+    try:
+        algo, n, r, p, salt, want = encoded.split("$")
+        if algo != "scrypt":
+            return False
+        dk = hashlib.scrypt(secret.encode(), salt=_unb64(salt), n=int(n), r=int(r), p=int(p),
+                            dklen=len(_unb64(want)))
+    except (ValueError, TypeError):
+        return False
+    ok = hmac.compare_digest(dk, _unb64(want))
+    if ok:
+        with _verified_lock:
+            _verified.add(cache_key)
+    return ok
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()

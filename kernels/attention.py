@@ -1,0 +1,500 @@
+"""Paged KV cache writes and causal attention over paged K/V (decode, prefill, chunked prefill).
+
+Cache layout per layer: `k_cache, v_cache` each `[num_blocks, block_size, num_kv_heads, head_dim]`;
+token `t` of a sequence lives in block `block_tables[b, t // block_size]` at offset
+`t % block_size`. One contract serves every step shape: the `q_len_b` new tokens of
+sequence `b` are the last `q_len_b` positions of its `context_lens[b]` tokens (their K/V are
+stored first with `store_kv`), each attends causally (and within `sliding_window`, Mistral
+style: a query at position p sees keys at positions > p - window). GQA by `H // Hkv`.
+
+Three layers, side by side: `*_ref` (plain torch, fp32 math; the contract), the Triton
+kernels (a decode kernel, one program per (sequence, KV head, context split) covering the
+whole GQA group with an online softmax and a split-reduce for long contexts; a prefill
+kernel, flash-attention tiles over q and over paged K/V), and the dispatchers.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import interpreting, use_triton
+from kernels.norm_rope_act import triton_launchable
+
+__all__ = [
+    "store_kv",
+    "store_kv_ref",
+    "store_kv_triton",
+    "paged_attention",
+    "paged_attention_ref",
+    "paged_attention_triton",
+    "paged_attention_decode_triton",
+    "paged_attention_prefill_triton",
+]
+
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- store_kv
+
+
+def _check_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    if k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"store_kv: k and v must both be [N, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or tuple(k_cache.shape[2:]) != tuple(k.shape[1:]):
+        raise ValueError(
+            f"store_kv: caches must be [num_blocks, block_size, Hkv={k.shape[1]}, D={k.shape[2]}], "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"store_kv: slot_mapping must be [N={k.shape[0]}], got {tuple(slot_mapping.shape)}")
+
+
+def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """Write each token's K/V at its flat slot (block * block_size + offset); slot -1 is skipped."""
+    _check_store(k, v, k_cache, v_cache, slot_mapping)
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    nb, bs, hkv, d = k_cache.shape
+    blocks, offs = slots // bs, slots % bs
+    k_cache[blocks, offs] = k[valid].to(k_cache.dtype)
+    v_cache[blocks, offs] = v[valid].to(v_cache.dtype)
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    HKV, D, BS,
+    s_kt, s_kh, s_vt, s_vh,
+    s_cb, s_cs, s_ch,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // BS
+        off = slot % BS
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        m = (h[:, None] < HKV) & (d[None, :] < D)
+        kk = tl.load(k_ptr + t * s_kt + h[:, None] * s_kh + d[None, :], mask=m)
+        vv = tl.load(v_ptr + t * s_vt + h[:, None] * s_vh + d[None, :], mask=m)
+        dst = blk * s_cb + off * s_cs + h[:, None] * s_ch + d[None, :]
+        tl.store(kc_ptr + dst, kk.to(kc_ptr.dtype.element_ty), mask=m)
+        tl.store(vc_ptr + dst, vv.to(vc_ptr.dtype.element_ty), mask=m)
+
+
+def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """One program per token; copies all its KV heads (k/v may be strided views of a qkv GEMM)."""
+    _check_store(k, v, k_cache, v_cache, slot_mapping)
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("store_kv: k_cache and v_cache must share strides with a contiguous last dim")
+    n, hkv, d = k.shape
+    if n == 0:
+        return
+    triton_launchable(_store_kv_kernel, k)[(n,)](
+        k, v, k_cache, v_cache, slot_mapping.contiguous(),
+        hkv, d, k_cache.shape[1],
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=triton.next_power_of_2(d),
+    )
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the step's new K/V [N, Hkv, D] into the paged caches in place (slot -1 = skip)."""
+    if use_triton(k):
+        store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _check_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                context_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"paged_attention: q must be [N, H, D], got {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != q.shape[2]:
+        raise ValueError(
+            f"paged_attention: caches must be [num_blocks, block_size, Hkv, D={q.shape[2]}], "
+            f"got {tuple(k_cache.shape)} / {tuple(v_cache.shape)}"
+        )
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"paged_attention: {q.shape[1]} query heads not a multiple of {k_cache.shape[2]} KV heads")
+    b = context_lens.shape[0]
+    if cu_seqlens_q.shape != (b + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != b:
+        raise ValueError(
+            f"paged_attention: for {b} sequences need cu_seqlens_q [{b + 1}] and block_tables [{b}, max_blocks]; "
+            f"got {tuple(cu_seqlens_q.shape)} and {tuple(block_tables.shape)}"
+        )
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    max_context_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Gather each sequence's K/V through its block table; masked softmax attention in fp32."""
+    _check_attn(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables)
+    n, h, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    group = h // hkv
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros((n, h, d), dtype=q.dtype, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    ctx_lens = context_lens.tolist()
+    for b, ctx in enumerate(ctx_lens):
+        q0, q1 = cu[b], cu[b + 1]
+        qlen = q1 - q0
+        if qlen == 0:
+            continue
+        if qlen > ctx:
+            raise ValueError(f"paged_attention: sequence {b} has {qlen} new tokens but context_len {ctx}")
+        nblk = (ctx + bs - 1) // bs
+        blocks = block_tables[b, :nblk].long()
+        kk = k_cache[blocks].reshape(nblk * bs, hkv, d)[:ctx].to(acc_dtype)
+        vv = v_cache[blocks].reshape(nblk * bs, hkv, d)[:ctx].to(acc_dtype)
+        kk = kk.repeat_interleave(group, dim=1)  # [ctx, H, D]
+        vv = vv.repeat_interleave(group, dim=1)
+        qq = q[q0:q1].to(acc_dtype)  # [qlen, H, D]
+        scores = torch.einsum("qhd,khd->hqk", qq, kk) * scale
+        qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+        kpos = torch.arange(ctx, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if sliding_window is not None:
+            mask = mask & (kpos > qpos - sliding_window)
+        scores = scores.masked_fill(~mask[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, vv).to(q.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, tmp_o_ptr, tmp_ml_ptr,
+    sm_scale, window,
+    s_qt, s_qh, s_ot, s_oh,
+    s_cb, s_cs, s_ch, s_bt,
+    GROUP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PART: tl.constexpr, SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    F32: tl.constexpr, PREC: tl.constexpr,
+):
+    # One program: sequence b (its single query token is row b), KV head kvh, split sp.
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(ctx - window, 0)
+    start = lo + sp * PART
+    # The last split runs to the end of the context even past SPLITS * PART: a CUDA graph
+    # captured with a smaller max_context_len stays correct (only less parallel).
+    end = tl.where(sp == SPLITS - 1, ctx, tl.minimum(start + PART, ctx))
+
+    g = tl.arange(0, BLOCK_G)
+    dd = tl.arange(0, BLOCK_D)
+    gmask = g < GROUP
+    dmask = dd < D
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + b * s_qt + heads[:, None] * s_qh + dd[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if F32:
+        q = q.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        tok = n0 + tl.arange(0, BLOCK_N)
+        tmask = tok < end
+        blk = tl.load(bt_ptr + b * s_bt + tok // BS, mask=tmask, other=0).to(tl.int64)
+        off = blk * s_cb + (tok % BS) * s_cs + kvh * s_ch
+        kv_mask = tmask[:, None] & dmask[None, :]
+        k = tl.load(kc_ptr + off[:, None] + dd[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vc_ptr + off[:, None] + dd[None, :], mask=kv_mask, other=0.0)
+        if F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    omask = gmask[:, None] & dmask[None, :]
+    if SPLITS == 1:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + b * s_ot + heads[:, None] * s_oh + dd[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        # partials: tmp_o [B, H, SPLITS, D] fp32 (normalised), tmp_ml [B, H, SPLITS, 2] (max, sum)
+        nh = tl.num_programs(1) * GROUP
+        row = (b * nh + heads) * SPLITS + sp
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(tmp_o_ptr + row[:, None] * D + dd[None, :], o, mask=omask)
+        tl.store(tmp_ml_ptr + row * 2, m_i, mask=gmask)
+        tl.store(tmp_ml_ptr + row * 2 + 1, l_i, mask=gmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    tmp_o_ptr, tmp_ml_ptr, out_ptr, s_ot, s_oh,
+    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    nh = tl.num_programs(1)
+    sidx = tl.arange(0, BLOCK_S)
+    dd = tl.arange(0, BLOCK_D)
+    smask = sidx < SPLITS
+    row = (b * nh + h) * SPLITS + sidx
+    m = tl.load(tmp_ml_ptr + row * 2, mask=smask, other=-1.0e30)
+    l = tl.load(tmp_ml_ptr + row * 2 + 1, mask=smask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - m_max) * l
+    o = tl.load(tmp_o_ptr + row[:, None] * D + dd[None, :], mask=smask[:, None] & (dd[None, :] < D), other=0.0)
+    res = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + b * s_ot + h * s_oh + dd, res.to(out_ptr.dtype.element_ty), mask=dd < D)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr,
+    sm_scale, window,
+    s_qt, s_qh, s_ot, s_oh,
+    s_cb, s_cs, s_ch, s_bt,
+    GROUP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
+):
+    # One program: a tile of BLOCK_M new tokens of sequence b, query head h.
+    mt = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q0 = tl.load(cu_ptr + b)
+    qlen = tl.load(cu_ptr + b + 1) - q0
+    m0 = mt * BLOCK_M
+    if m0 < qlen:
+        ctx = tl.load(ctx_ptr + b)
+        kvh = h // GROUP
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < qlen
+        qpos = ctx - qlen + rows  # absolute positions of these queries
+        dd = tl.arange(0, BLOCK_D)
+        dmask = dd < D
+        q = tl.load(q_ptr + (q0 + rows)[:, None] * s_qt + h * s_qh + dd[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        if F32:
+            q = q.to(tl.float32)
+        qk_scale = sm_scale * 1.4426950408889634
+        hi = tl.minimum(ctx - qlen + m0 + BLOCK_M, ctx)  # one past the last visible key
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(ctx - qlen + m0 - window + 1, 0)
+            lo = (lo // BLOCK_N) * BLOCK_N
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            tok = n0 + tl.arange(0, BLOCK_N)
+            tmask = tok < hi
+            blk = tl.load(bt_ptr + b * s_bt + tok // BS, mask=tmask, other=0).to(tl.int64)
+            off = blk * s_cb + (tok % BS) * s_cs + kvh * s_ch
+            kv_mask = tmask[:, None] & dmask[None, :]
+            k = tl.load(kc_ptr + off[:, None] + dd[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(vc_ptr + off[:, None] + dd[None, :], mask=kv_mask, other=0.0)
+            if F32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            vis = tmask[None, :] & (tok[None, :] <= qpos[:, None])
+            if HAS_WINDOW:
+                vis = vis & (tok[None, :] > qpos[:, None] - window)
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + (q0 + rows)[:, None] * s_ot + h * s_oh + dd[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+def _prec(q: torch.Tensor, cache: torch.Tensor) -> str:
+    # fp32 dots in IEEE precision (no silent tf32); fp16/bf16 dots ignore the setting.
+    return "ieee" if _f32_path(q, cache) else "tf32"
+
+
+def _f32_path(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    # fp32/fp64 inputs, a cache dtype unlike q's, and every dtype under the interpreter (bf16
+    # loads need an fp32 cast right after tl.load there; FIELD-NOTES) run the dots in fp32.
+    return (q.dtype in (torch.float32, torch.float64) or cache.dtype != q.dtype
+            or interpreting() or not q.is_cuda)
+
+
+def _window_args(sliding_window: int | None) -> tuple[int, bool]:
+    if sliding_window is None:
+        return 0, False
+    if sliding_window <= 0:
+        raise ValueError(f"paged_attention: sliding_window must be positive or None, got {sliding_window}")
+    return int(sliding_window), True
+
+
+def paged_attention_decode_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
+    block_tables: torch.Tensor, max_context_len: int, scale: float, sliding_window: int | None = None,
+    partition_size: int | None = None,
+) -> torch.Tensor:
+    """Decode: one query token per sequence (q row b belongs to sequence b).
+
+    Programs = (sequence, KV head, context split); each covers the GQA group with one dot.
+    Long contexts with few (sequence, KV head) pairs are split into `partition_size` chunks
+    (flash-decoding) and merged by a reduce kernel.
+    """
+    n, h, d = q.shape
+    bsz, bs, hkv = context_lens.shape[0], k_cache.shape[1], k_cache.shape[2]
+    if n != bsz:
+        raise ValueError(f"paged_attention decode: {n} query rows for {bsz} sequences")
+    group = h // hkv
+    window, has_window = _window_args(sliding_window)
+    span = min(max_context_len, window) if has_window else max_context_len
+    block_n = 32 if d <= 128 else 16
+    if partition_size is None:
+        # Enough programs to fill a GPU (~132 SMs x 2) without splitting short contexts.
+        want = max(1, 256 // max(1, bsz * hkv))
+        partition_size = max(256, triton.cdiv(triton.cdiv(span, want), block_n) * block_n)
+    partition_size = max(block_n, triton.cdiv(partition_size, block_n) * block_n)
+    splits = max(1, triton.cdiv(max(span, 1), partition_size))
+    out = torch.empty_like(q)
+    if n == 0:
+        return out
+    if splits > 1:
+        tmp_o = torch.empty((bsz, h, splits, d), dtype=torch.float32, device=q.device)
+        tmp_ml = torch.empty((bsz, h, splits, 2), dtype=torch.float32, device=q.device)
+    else:
+        tmp_o = tmp_ml = out
+    triton_launchable(_decode_kernel, q)[(bsz, hkv, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, tmp_o, tmp_ml,
+        float(scale), window,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, BS=bs, D=d,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(d), PART=partition_size, SPLITS=splits,
+        HAS_WINDOW=has_window, F32=_f32_path(q, k_cache), PREC=_prec(q, k_cache),
+    )
+    if splits > 1:
+        triton_launchable(_decode_reduce_kernel, q)[(bsz, h)](
+            tmp_o, tmp_ml, out, out.stride(0), out.stride(1),
+            D=d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(d),
+        )
+    return out
+
+
+def paged_attention_prefill_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor, block_tables: torch.Tensor, max_seqlen_q: int, scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Prefill / chunked prefill / prefix-cached prefill: flash-attention tiles over paged K/V."""
+    n, h, d = q.shape
+    bsz, bs, hkv = context_lens.shape[0], k_cache.shape[1], k_cache.shape[2]
+    window, has_window = _window_args(sliding_window)
+    out = torch.empty_like(q)
+    if n == 0 or bsz == 0:
+        return out
+    block_m = 16 if (not q.is_cuda or max_seqlen_q <= 16) else (32 if max_seqlen_q <= 64 else 64)
+    block_n = 16 if not q.is_cuda else (64 if d <= 64 else 32)
+    grid = (triton.cdiv(max(max_seqlen_q, 1), block_m), bsz, h)
+    triton_launchable(_prefill_kernel, q)[grid](
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out,
+        float(scale), window,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=h // hkv, BS=bs, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(d), HAS_WINDOW=has_window,
+        F32=_f32_path(q, k_cache), PREC=_prec(q, k_cache),
+    )
+    return out
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    max_context_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Decode kernel when every sequence brings one token, else the prefill kernel."""
+    _check_attn(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables)
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("paged_attention: k_cache and v_cache must share strides with a contiguous last dim")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    block_tables = block_tables.contiguous()
+    context_lens = context_lens.contiguous()
+    if max_seqlen_q == 1 and q.shape[0] == context_lens.shape[0]:
+        return paged_attention_decode_triton(
+            q, k_cache, v_cache, context_lens, block_tables, max_context_len, scale, sliding_window
+        )
+    return paged_attention_prefill_triton(
+        q, k_cache, v_cache, cu_seqlens_q.contiguous(), context_lens, block_tables, max_seqlen_q, scale,
+        sliding_window,
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    max_context_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of the step's new tokens q [N, H, D] over their sequences' paged K/V."""
+    if use_triton(q):
+        return paged_attention_triton(
+            q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, max_context_len,
+            scale, sliding_window,
+        )
+    return paged_attention_ref(
+        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, max_context_len,
+        scale, sliding_window,
+    )

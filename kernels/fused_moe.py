@@ -1,0 +1,443 @@
+"""Fused Mixture-of-Experts: routing, slot alignment, torch reference, Triton grouped GEMMs.
+
+Flow (as vLLM's fused_moe): softmax top-k routing -> sort the M·k token slots by expert and
+pad each expert's run to a multiple of BLOCK_M (padding slots hold M·k, past the end) ->
+one grouped GEMM `x @ w13[e].T` over the sorted slots -> SiLU(gate)·up -> grouped GEMM
+`· w2[e].T` with the routing weight multiplied in -> sum over the k slots of each token.
+Experts with no tokens get no block, so M = 1 reads only the chosen experts' weights.
+Weights are dense (`MoEWeights`) or AWQ (`AWQMoEWeights`, dequantized inside the kernel
+with the zero point factored out of the inner loop, see kernels/awq.py).
+"""
+from __future__ import annotations
+
+import functools
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from kernels.awq import AWQPacked, awq_repack, concat_out, stack_packed
+from kernels.dispatch import interpreting, use_triton
+
+# ----------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoEWeights:
+    """Dense experts: `w13 [E, 2I, H]` (gate rows then up rows), `w2 [E, H, I]`."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+
+    def __post_init__(self) -> None:
+        E, I2, H = self.w13.shape
+        if I2 % 2 or self.w2.shape != (E, H, I2 // 2):
+            raise ValueError(
+                f"MoEWeights: w13 {tuple(self.w13.shape)} must be [E, 2I, H] and w2 "
+                f"{tuple(self.w2.shape)} must be [E, H, I]"
+            )
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w13.shape[2]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w13.shape[1] // 2
+
+    def to(self, device: torch.device | str) -> "MoEWeights":
+        return MoEWeights(self.w13.to(device), self.w2.to(device))
+
+
+@dataclass
+class AWQMoEWeights:
+    """AWQ experts stacked in the `AWQPacked` layout: `w13` (w1 | w3 along out) and `w2`."""
+
+    w13: AWQPacked  # qweight [E, 2I, H/8]
+    w2: AWQPacked  # qweight [E, H, I/8]
+    _extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.qweight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w13.in_features
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w13.out_features // 2
+
+    def to(self, device: torch.device | str) -> "AWQMoEWeights":
+        return AWQMoEWeights(self.w13.to(device), self.w2.to(device))
+
+
+AWQTriple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def awq_moe_repack(
+    w1: Sequence[AWQTriple], w3: Sequence[AWQTriple], w2: Sequence[AWQTriple], group_size: int
+) -> AWQMoEWeights:
+    """Per-expert AutoAWQ `(qweight, qzeros, scales)` for w1 (gate), w3 (up), w2 (down) -> stacked.
+
+    w1 and w3 are concatenated along out so gate+up is one GEMM. Run on the target device.
+    """
+    if not (len(w1) == len(w3) == len(w2)) or not w1:
+        raise ValueError(f"awq_moe_repack needs the same non-zero number of w1/w3/w2 experts, got {len(w1)}/{len(w3)}/{len(w2)}")
+    w13 = [concat_out(awq_repack(*a, group_size), awq_repack(*b, group_size)) for a, b in zip(w1, w3)]
+    down = [awq_repack(*c, group_size) for c in w2]
+    return AWQMoEWeights(stack_packed(w13), stack_packed(down))
+
+
+Weights = MoEWeights | AWQMoEWeights
+
+# ----------------------------------------------------------------------------------------
+# Routing and alignment
+# ----------------------------------------------------------------------------------------
+
+
+def topk_route(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax in fp32 then top-k -> `(weights fp32 [M, k], ids int32 [M, k])`.
+
+    `renormalize=True` (Mixtral; Qwen3-MoE when `norm_topk_prob`) rescales the k weights to sum 1.
+    """
+    if router_logits.dim() != 2 or not 0 < top_k <= router_logits.shape[1]:
+        raise ValueError(f"topk_route: logits {tuple(router_logits.shape)} need [M, E] with 0 < top_k={top_k} <= E")
+    probs = torch.softmax(router_logits.to(torch.float32), dim=-1)
+    w, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w, ids.to(torch.int32)
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor, block_m: int, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the M·k slots by expert, each expert's run padded to a multiple of `block_m`.
+
+    Returns `sorted_token_ids` int32 (padding = M·k), `expert_ids` int32 per block (-1 past
+    the used blocks), `num_tokens_post_pad` int32 [1]. Sizes depend only on shapes (no host
+    sync): at most min(M·k, M·k/block_m + E) blocks. Experts with no tokens get no block.
+    """
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    numel = flat.numel()
+    dev = flat.device
+    max_blocks = max(1, min(numel, -(-numel // block_m) + num_experts))
+    # scatter_add, not bincount: bincount syncs with the host on CUDA (breaks CUDA graphs)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    order = torch.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    first_of_e = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(numel, device=dev) - first_of_e[sorted_e]
+    pos = starts[sorted_e] + rank
+    sorted_ids = torch.full((max_blocks * block_m,), numel, dtype=torch.int32, device=dev)
+    sorted_ids[pos] = order.to(torch.int32)
+    block_start = torch.arange(max_blocks, device=dev) * block_m
+    expert_ids = torch.searchsorted(ends, block_start, right=True)
+    total = ends[-1:]
+    expert_ids = torch.where(block_start < total, expert_ids, torch.full_like(expert_ids, -1))
+    return sorted_ids, expert_ids.to(torch.int32), total.to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------
+
+
+def _dense(weights: Weights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(weights, MoEWeights):
+        return weights.w13.to(dtype), weights.w2.to(dtype)
+    return weights.w13.dense_weight(dtype), weights.w2.dense_weight(dtype)
+
+
+def fused_moe_ref(
+    x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """Per-expert loop in torch in x's dtype (sum over k in fp32, fp64 for fp64 x): the reference and CPU path.
+
+    AWQ experts are dequantized once and cached on the CPU (see `AWQPacked.dense_weight`).
+    """
+    _check(x, weights, topk_weights, topk_ids)
+    w13, w2 = _dense(weights, x.dtype)
+    I = weights.intermediate_size
+    M, k = topk_ids.shape
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.zeros(M, x.shape[1], dtype=acc_dtype, device=x.device)
+    ids = topk_ids.to(torch.int64)
+    for e in torch.unique(ids).tolist():
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        h = x[tok] @ w13[e].t()
+        act = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+        y = act @ w2[e].t()
+        out.index_add_(0, tok, y.to(acc_dtype) * topk_weights[tok, slot, None].to(acc_dtype))
+    return out.to(x.dtype)
+
+
+def _check(x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:
+    if x.dim() != 2 or x.shape[1] != weights.hidden_size:
+        raise ValueError(f"fused_moe: x {tuple(x.shape)} must be [M, {weights.hidden_size}]")
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"fused_moe: topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+            f"must both be [M={x.shape[0]}, k]"
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------------------
+
+_KERNELS: dict[bool, Any] = {}
+
+
+def _build_kernels() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def moe_gemm_kernel(
+        a_ptr, b_ptr, qz_ptr, s_ptr, c_ptr, tw_ptr, sorted_ptr, eids_ptr, ntp_ptr,
+        N, K, num_valid,
+        stride_am, stride_be, stride_bn, stride_bk, stride_ze, stride_zg, stride_se, stride_sg,
+        stride_cs, stride_cm,
+        TILES_PER_SPLIT,
+        TOP_K: tl.constexpr, MUL_WEIGHT: tl.constexpr, IS_AWQ: tl.constexpr, GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        COMPUTE_F32: tl.constexpr,
+    ):
+        # grid: (cdiv(N, BLOCK_N), num_blocks, SPLIT_K); c is [SPLIT_K, num_valid, N]
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        ntp = tl.load(ntp_ptr)
+        if pid_m * BLOCK_M >= ntp:
+            return
+        e = tl.load(eids_ptr + pid_m).to(tl.int64)
+        offs_tok = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        t_mask = offs_tok < num_valid
+        rows = offs_tok // TOP_K
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        num_tiles = tl.cdiv(K, BLOCK_K)
+        t0 = pid_k * TILES_PER_SPLIT
+        t1 = tl.minimum(t0 + TILES_PER_SPLIT, num_tiles)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        a_rows = a_ptr + rows[:, None] * stride_am
+        b_base = b_ptr + e * stride_be
+        if IS_AWQ:
+            offs_kw = tl.arange(0, BLOCK_K // 8)
+            shifts = tl.arange(0, 8) * 4
+            z_shift = (offs_n % 8) * 4
+            w_rows = b_base + offs_n[:, None] * stride_bn
+            qz_base = qz_ptr + e * stride_ze
+            s_base = s_ptr + e * stride_se
+            for t in range(t0, t1):
+                k0 = t * BLOCK_K
+                a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=t_mask[:, None], other=0.0)
+                w = tl.load(w_rows + (k0 // 8 + offs_kw)[None, :], mask=n_mask[:, None], other=0)
+                q = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))
+                if BLOCK_M < 16:  # GEMV: tl.dot needs 16 rows; broadcast-multiply-reduce on CUDA cores
+                    d = tl.sum(a.to(tl.float32)[:, None, :] * q.to(tl.float32)[None, :, :], axis=2)
+                elif COMPUTE_F32:
+                    a = a.to(tl.float32)
+                    d = tl.dot(a, tl.trans(q.to(tl.float32)), input_precision="ieee")
+                else:
+                    d = tl.dot(a, tl.trans(q.to(a.dtype)))
+                suma = tl.sum(a.to(tl.float32), axis=1)
+                g = k0 // GROUP
+                s = tl.load(s_base + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                zw = tl.load(qz_base + g * stride_zg + offs_n // 8, mask=n_mask, other=0)
+                z = ((zw >> z_shift) & 0xF).to(tl.float32)
+                acc += s[None, :] * (d - z[None, :] * suma[:, None])
+        else:
+            for t in range(t0, t1):
+                k = t * BLOCK_K + offs_k
+                k_mask = k < K
+                a = tl.load(a_rows + k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(b_base + offs_n[:, None] * stride_bn + k[None, :] * stride_bk,
+                            mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+                if BLOCK_M < 16:
+                    acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+                elif COMPUTE_F32:
+                    acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+                else:
+                    acc += tl.dot(a, tl.trans(b.to(a.dtype)))
+        if MUL_WEIGHT:
+            tw = tl.load(tw_ptr + offs_tok, mask=t_mask, other=0.0).to(tl.float32)
+            acc = acc * tw[:, None]
+        c = c_ptr + pid_k * stride_cs + offs_tok.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def silu_mul_kernel(h_ptr, o_ptr, I, stride_h, stride_o, BLOCK: tl.constexpr):
+        # o[r, :] = silu(h[r, :I]) * h[r, I:], in fp32, one launch (torch needs ~5 for this)
+        r = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < I
+        g = tl.load(h_ptr + r * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + r * stride_h + I + offs, mask=mask, other=0.0).to(tl.float32)
+        out = g / (1.0 + tl.exp(-g)) * u
+        tl.store(o_ptr + r * stride_o + offs, out.to(o_ptr.dtype.element_ty), mask=mask)
+
+    return moe_gemm_kernel, silu_mul_kernel
+
+
+def _kernels() -> Any:
+    mode = interpreting()
+    k = _KERNELS.get(mode)
+    if k is None:
+        k = _KERNELS[mode] = _build_kernels()
+    return k
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def moe_config(M: int, top_k: int, E: int, N: int, K: int, group_size: int | None, device: torch.device) -> dict[str, int]:
+    """Untuned defaults by the average slots per expert: decode = BLOCK_M 16 with split-K."""
+    slots_per_expert = M * top_k / E
+    bk_cap = 128 if slots_per_expert <= 16 else 64
+    bk = min(group_size, bk_cap) if group_size else bk_cap
+    if slots_per_expert <= 16:
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk, SPLIT_K=0, num_warps=4, num_stages=4)
+    elif slots_per_expert <= 128:
+        cfg = dict(BLOCK_M=32 if slots_per_expert <= 32 else 64, BLOCK_N=128, BLOCK_K=bk, SPLIT_K=1, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, SPLIT_K=1, num_warps=8, num_stages=3)
+    if device.type != "cuda":  # interpreter: small tiles are much faster
+        cfg.update(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1)
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
+    return cfg
+
+
+def _grouped_gemm(
+    a: torch.Tensor, w: torch.Tensor | AWQPacked, out_rows: int, N: int, K: int, top_k: int,
+    sorted_ids: torch.Tensor, expert_ids: torch.Tensor, ntp: torch.Tensor,
+    topk_weights: torch.Tensor | None, cfg: dict[str, int], out_dtype: torch.dtype,
+) -> torch.Tensor:
+    dev = a.device
+    is_awq = isinstance(w, AWQPacked)
+    bk = cfg["BLOCK_K"]
+    if is_awq and (w.group_size % bk or bk % 8):
+        raise ValueError(f"BLOCK_K {bk} must divide the AWQ group size {w.group_size}")
+    tiles = -(-K // bk)
+    num_blocks = expert_ids.numel()
+    n_tiles = -(-N // cfg["BLOCK_N"])
+    split = cfg["SPLIT_K"]
+    if split <= 0:  # auto: enough programs for ~2 waves over the SMs, given the used blocks
+        used_blocks = max(1, min(num_blocks, out_rows))
+        split = max(1, min(tiles // 4 or 1, (2 * _num_sms(dev)) // max(1, n_tiles * used_blocks)))
+    per = -(-tiles // split)
+    split = -(-tiles // per)
+    if split == 1:
+        c = torch.empty(out_rows, N, device=dev, dtype=out_dtype)
+    else:
+        c = torch.empty(split, out_rows, N, device=dev, dtype=torch.float32)
+    if is_awq:
+        b, qz, s = w.qweight, w.qzeros, w.scales
+        stride_be, stride_bn, stride_bk, group = b.stride(0), b.stride(1), 1, w.group_size
+        zs = (qz.stride(0), qz.stride(1), s.stride(0), s.stride(1))
+    else:
+        b, qz, s = w, w, w
+        stride_be, stride_bn, stride_bk, group = w.stride(0), w.stride(1), w.stride(2), 1
+        zs = (0, 0, 0, 0)
+    tw = topk_weights if topk_weights is not None else a
+    grid = (n_tiles, num_blocks, split)
+    _kernels()[0][grid](
+        a, b, qz, s, c, tw, sorted_ids, expert_ids, ntp,
+        N, K, out_rows,
+        a.stride(0), stride_be, stride_bn, stride_bk, *zs, (out_rows * N if split > 1 else 0), N,
+        per,
+        TOP_K=top_k, MUL_WEIGHT=topk_weights is not None, IS_AWQ=is_awq, GROUP=group,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
+        COMPUTE_F32=interpreting() or a.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return c if split == 1 else c.sum(0).to(out_dtype)
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """`silu(h[:, :I]) * h[:, I:]` computed in fp32, output in h's dtype (Triton)."""
+    rows, I2 = h.shape
+    I = I2 // 2
+    out = torch.empty(rows, I, device=h.device, dtype=h.dtype)
+    if rows:
+        block = min(1024, max(16, 1 << (I - 1).bit_length()))
+        _kernels()[1][(rows, -(-I // block))](h, out, I, h.stride(0), out.stride(0), BLOCK=block)
+    return out
+
+
+def fused_moe_triton(
+    x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    **overrides: int,
+) -> torch.Tensor:
+    """Triton path: align, grouped GEMM w13, SiLU·up, grouped GEMM w2 (· routing weight), sum k."""
+    _check(x, weights, topk_weights, topk_ids)
+    M, k = topk_ids.shape
+    H, I, E = weights.hidden_size, weights.intermediate_size, weights.num_experts
+    if M == 0:
+        return torch.empty_like(x)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    awq = isinstance(weights, AWQMoEWeights)
+    w13 = weights.w13 if awq else weights.w13
+    w2 = weights.w2
+    g13 = weights.w13.group_size if awq else None
+    g2 = weights.w2.group_size if awq else None
+    cfg1 = moe_config(M, k, E, 2 * I, H, g13, x.device)
+    cfg1.update(overrides)
+    cfg2 = moe_config(M, k, E, H, I, g2, x.device)
+    cfg2.update(overrides)
+    if cfg1["BLOCK_M"] != cfg2["BLOCK_M"]:
+        raise ValueError("both grouped GEMMs share one slot alignment; use the same BLOCK_M")
+    sorted_ids, expert_ids, ntp = moe_align_block_size(topk_ids, cfg1["BLOCK_M"], E)
+    h = _grouped_gemm(x, w13, M * k, 2 * I, H, k, sorted_ids, expert_ids, ntp, None, cfg1, x.dtype)
+    act = silu_mul(h)
+    tw = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    y = _grouped_gemm(act, w2, M * k, H, I, 1, sorted_ids, expert_ids, ntp, tw, cfg2, torch.float32)
+    return y.view(M, k, H).sum(1).to(x.dtype)
+
+
+def fused_moe(
+    x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """`sum_j w_j · expert_{id_j}(x)` for each token: Triton on CUDA (or forced), else reference."""
+    if use_triton(x):
+        return fused_moe_triton(x, weights, topk_weights, topk_ids)
+    return fused_moe_ref(x, weights, topk_weights, topk_ids)
+
+
+__all__ = [
+    "MoEWeights",
+    "AWQMoEWeights",
+    "awq_moe_repack",
+    "topk_route",
+    "moe_align_block_size",
+    "moe_config",
+    "fused_moe_ref",
+    "fused_moe_triton",
+    "fused_moe",
+    "silu_mul",
+]

@@ -1,0 +1,389 @@
+"""RMSNorm (+ fused residual add), rotary embeddings (neox style) and SiLU·mul.
+
+Small element-wise ops that sit between the big GEMMs of every decoder layer. Each op has
+a plain-torch reference (`<op>_ref`, the numerics contract, written to match transformers'
+Llama/Mixtral/Qwen code), a Triton kernel (`<op>_triton`) and a dispatcher (`<op>`) that
+picks one with `kernels.dispatch.use_triton`.
+
+`triton_launchable` (also used by `kernels.attention` and `kernels.lora`) turns a forced
+Triton call on CPU tensors without the interpreter into a clear error: Triton decides
+compiled-vs-interpreted when it is imported (`triton.knobs.runtime.interpret`, read from
+`TRITON_INTERPRET`; its own `tl.sum`/`tl.max` are decorated then), so the variable must be
+set before the first `import triton` in the process.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import use_triton
+
+__all__ = [
+    "rms_norm",
+    "rms_norm_ref",
+    "rms_norm_triton",
+    "rotary_inv_freq",
+    "rotary_cos_sin",
+    "apply_rotary",
+    "apply_rotary_ref",
+    "apply_rotary_triton",
+    "silu_and_mul",
+    "silu_and_mul_ref",
+    "silu_and_mul_triton",
+    "triton_launchable",
+]
+
+def triton_launchable(kernel: Any, t: torch.Tensor) -> Any:
+    """`kernel`, after checking it can run on `t`'s device (compiled on CUDA, interpreted on CPU)."""
+    if t.is_cuda:
+        return kernel
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(kernel, InterpretedFunction):
+        raise RuntimeError(
+            "Triton kernel called on CPU tensors but Triton was imported without its interpreter: "
+            "set TRITON_INTERPRET=1 before the first `import triton` (or unset HUBDEPLOY_FORCE_TRITON "
+            "to use the torch reference)."
+        )
+    return kernel
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+
+
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """transformers' LlamaRMSNorm, optionally after `x + residual` (returned as the new residual).
+
+    The sum is formed in fp32 and cast to x's dtype (as the decoder layer's residual add
+    does in that dtype); the norm is taken of that cast value, exactly as HF sees it.
+    """
+    dtype = x.dtype
+    new_residual = None
+    if residual is not None:
+        new_residual = (x.to(torch.float32) + residual.to(torch.float32)).to(dtype)
+        x = new_residual
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    out = (weight * h.to(dtype)).to(dtype)
+    if new_residual is None:
+        return out
+    return out, new_residual
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+    H, stride_x, stride_r, stride_o, stride_ro, eps,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * stride_ro + cols, s, mask=mask)
+        x = s.to(tl.float32)
+    var = tl.sum(x * x, axis=0) / H
+    rstd = 1.0 / tl.sqrt(var + eps)
+    h = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (h * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One program per row; the residual add, the norm and the weight in one pass.
+
+    Any leading shape is flattened to rows (e.g. Qwen3's per-head q/k norm on [N, H, D]).
+    """
+    shape = x.shape
+    h = shape[-1]
+    if weight.shape != (h,):
+        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} != ({h},)")
+    if residual is not None and residual.shape != shape:
+        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} != x {tuple(shape)}")
+    x2 = _rows(x)
+    r2 = _rows(residual) if residual is not None else None
+    n = x2.shape[0]
+    out = torch.empty((n, h), dtype=x.dtype, device=x.device)
+    res_out = torch.empty((n, h), dtype=x.dtype, device=x.device) if r2 is not None else out
+    if n > 0 and h > 0:
+        block = triton.next_power_of_2(h)
+        triton_launchable(_rms_norm_kernel, x)[(n,)](
+            x2, r2 if r2 is not None else x2, weight, out, res_out,
+            h, x2.stride(0), r2.stride(0) if r2 is not None else 0,
+            out.stride(0), res_out.stride(0), float(eps),
+            HAS_RES=r2 is not None, BLOCK=block,
+            num_warps=4 if block <= 2048 else 8,
+        )
+    if residual is None:
+        return out.view(shape)
+    return out.view(shape), res_out.view(shape)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of `x` (or of `x + residual`, then also returning that sum as the new residual)."""
+    if use_triton(x):
+        return rms_norm_triton(x, weight, eps, residual)
+    return rms_norm_ref(x, weight, eps, residual)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as a 2-D [rows, features] tensor with a unit last stride (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
+        x2 = x2.contiguous()
+    return x2
+
+
+# ----------------------------------------------------------------------------- Rotary
+
+
+def rotary_inv_freq(
+    head_dim: int, theta: float, rope_scaling: dict[str, Any] | None = None, max_positions: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim // 2] fp32 and the cos/sin multiplier, as transformers computes them.
+
+    Follows `transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS` for `default`, `linear`,
+    `dynamic`, `yarn` and `llama3`. `dynamic` is the static table transformers builds at
+    init (sequence length = `max_position_embeddings`), which equals `default`: transformers
+    only re-scales once a sequence grows past `max_position_embeddings`; we do not (the engine
+    caps `max_model_len` there), so dynamic-NTK models are exact up to that length.
+    """
+    if head_dim % 2:
+        raise ValueError(f"rotary: head_dim must be even, got {head_dim}")
+    scaling = dict(rope_scaling or {})
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    dim = head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":
+        return inv_freq / float(_need(scaling, "factor", rope_type)), 1.0
+    if rope_type == "dynamic":
+        return inv_freq, 1.0
+    if rope_type == "llama3":
+        factor = float(_need(scaling, "factor", rope_type))
+        low = float(_need(scaling, "low_freq_factor", rope_type))
+        high = float(_need(scaling, "high_freq_factor", rope_type))
+        old_ctx = float(_need(scaling, "original_max_position_embeddings", rope_type))
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        inv_l = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, inv_l), 1.0
+    if rope_type == "yarn":
+        orig = _need(scaling, "original_max_position_embeddings", rope_type)
+        factor = scaling.get("factor")
+        if factor is None:
+            if max_positions is None:
+                raise ValueError("rotary yarn: rope_scaling has no 'factor'; give it or max_positions")
+            factor = max_positions / orig
+        factor = float(factor)
+        attention_factor = scaling.get("attention_factor")
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if attention_factor is None:
+            if mscale and mscale_all_dim:
+                attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+            else:
+                attention_factor = get_mscale(factor)
+        beta_fast = scaling.get("beta_fast") or 32
+        beta_slow = scaling.get("beta_slow") or 1
+
+        def corr_dim(rot: float) -> float:
+            return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(theta))
+
+        lo, hi = corr_dim(beta_fast), corr_dim(beta_slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo), 0, 1)
+        pos_freqs = theta ** (torch.arange(0, dim, 2).to(torch.float32) / dim)
+        extra, inter = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+        extra_factor = 1 - ramp
+        return inter * (1 - extra_factor) + extra * extra_factor, float(attention_factor)
+    raise ValueError(
+        f"rotary: rope_scaling type {rope_type!r} is not supported; "
+        "supported: default, linear, dynamic, yarn, llama3"
+    )
+
+
+def _need(scaling: dict[str, Any], key: str, rope_type: str) -> Any:
+    if scaling.get(key) is None:
+        raise ValueError(f"rotary {rope_type}: rope_scaling needs {key!r} (got keys {sorted(scaling)})")
+    return scaling[key]
+
+
+def rotary_cos_sin(
+    head_dim: int,
+    max_positions: int,
+    theta: float,
+    rope_scaling: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Table [max_positions, head_dim]: cos over the first head_dim//2 columns, sin over the rest.
+
+    Built once per model; positions index rows. Yarn's attention factor multiplies both halves.
+    """
+    inv_freq, attention_factor = rotary_inv_freq(head_dim, theta, rope_scaling, max_positions)
+    pos = torch.arange(max_positions, dtype=torch.int64).to(torch.float32)
+    freqs = pos[:, None] * inv_freq[None, :]
+    return torch.cat([freqs.cos() * attention_factor, freqs.sin() * attention_factor], dim=-1).to(dtype)
+
+
+def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    xf = x.to(torch.float32) if x.dtype != torch.float64 else x
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c, s = cos[:, None, :].to(xf.dtype), sin[:, None, :].to(xf.dtype)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def apply_rotary_ref(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotation (`x * cos + rotate_half(x) * sin`), computed in fp32; new tensors."""
+    _check_rotary(q, k, positions, cos_sin)
+    half = q.shape[-1] // 2
+    cs = cos_sin[positions.long()]
+    cos, sin = cs[:, :half], cs[:, half:]
+    return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
+
+
+def _check_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(f"apply_rotary: q and k must be [N, heads, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[-1] != k.shape[-1] or q.shape[-1] != cos_sin.shape[-1]:
+        raise ValueError(
+            f"apply_rotary: head_dim mismatch q {q.shape[-1]}, k {k.shape[-1]}, cos_sin {cos_sin.shape[-1]}"
+        )
+    if positions.shape != (q.shape[0],) or k.shape[0] != q.shape[0]:
+        raise ValueError(f"apply_rotary: positions {tuple(positions.shape)} must be [N={q.shape[0]}]")
+
+
+@triton.jit
+def _rotary_kernel(
+    x_ptr, out_ptr, pos_ptr, cs_ptr,
+    NH, stride_xt, stride_xh, stride_ot, stride_oh, stride_cs,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    hb = tl.program_id(1)
+    pos = tl.load(pos_ptr + tok)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HALF
+    cos = tl.load(cs_ptr + pos * stride_cs + d, mask=dmask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + d, mask=dmask, other=0.0).to(tl.float32)
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    m = (h[:, None] < NH) & dmask[None, :]
+    base = x_ptr + tok * stride_xt + h[:, None] * stride_xh + d[None, :]
+    x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=m, other=0.0).to(tl.float32)
+    o1 = x1 * cos[None, :] - x2 * sin[None, :]
+    o2 = x2 * cos[None, :] + x1 * sin[None, :]
+    obase = out_ptr + tok * stride_ot + h[:, None] * stride_oh + d[None, :]
+    tl.store(obase, o1.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(obase + HALF, o2.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _rotary_launch(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    n, nh, d = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty((n, nh, d), dtype=x.dtype, device=x.device)
+    if n == 0 or nh == 0:
+        return out
+    half = d // 2
+    block_h = min(triton.next_power_of_2(nh), 16)
+    triton_launchable(_rotary_kernel, x)[(n, triton.cdiv(nh, block_h))](
+        x, out, positions, cos_sin,
+        nh, x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos_sin.stride(0),
+        HALF=half, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half),
+    )
+    return out
+
+
+def apply_rotary_triton(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One program per (token, block of heads); reads strided q/k views (e.g. slices of a qkv GEMM)."""
+    _check_rotary(q, k, positions, cos_sin)
+    cos_sin = cos_sin.contiguous()
+    positions = positions.contiguous()
+    return _rotary_launch(q, positions, cos_sin), _rotary_launch(k, positions, cos_sin)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [N, H, D] and k [N, Hkv, D] by their token positions (neox style); returns new tensors."""
+    if use_triton(q):
+        return apply_rotary_triton(q, k, positions, cos_sin)
+    return apply_rotary_ref(q, k, positions, cos_sin)
+
+
+# ----------------------------------------------------------------------------- SiLU·mul
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [gate | up] along the last dim (fp32 math, cast back)."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul: last dim must be even (gate|up), got {x.shape[-1]}")
+    i = x.shape[-1] // 2
+    xf = x.to(torch.float32) if x.dtype != torch.float64 else x
+    return (torch.nn.functional.silu(xf[..., :i]) * xf[..., i:]).to(x.dtype)
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < I
+    g = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + I + cols, mask=m, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
+    """One program per (row, column block); any leading shape is flattened to rows."""
+    two_i = x.shape[-1]
+    if two_i % 2:
+        raise ValueError(f"silu_and_mul: last dim must be even (gate|up), got {two_i}")
+    i = two_i // 2
+    x2 = _rows(x)
+    m = x2.shape[0]
+    out = torch.empty((m, i), dtype=x.dtype, device=x.device)
+    if m and i:
+        block = min(triton.next_power_of_2(i), 1024)
+        triton_launchable(_silu_and_mul_kernel, x)[(m, triton.cdiv(i, block))](
+            x2, out, i, x2.stride(0), out.stride(0), BLOCK=block
+        )
+    return out.view(*x.shape[:-1], i)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[M, 2I] -> [M, I]: silu(x[:, :I]) * x[:, I:] (the gated MLP activation)."""
+    if use_triton(x):
+        return silu_and_mul_triton(x)
+    return silu_and_mul_ref(x)

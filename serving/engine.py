@@ -1,0 +1,235 @@
+"""`LLMEngine`: the step loop that ties scheduler, model runner, sampler and detokenizer.
+
+`add_request` queues a sequence; each `step()` schedules a batch, runs the model once,
+samples, applies stop conditions and returns the incremental outputs of every request
+that produced something (or finished) in that step. Not thread-safe: `AsyncEngine` drives
+it from a single thread.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serving.block_manager import BlockManager
+from serving.config import ModelConfig
+from serving.model_runner import ModelRunner
+from serving.outputs import RequestMetrics, RequestOutput
+from serving.sampler import SampleInput, Sampler
+from serving.sampling_params import SamplingParams
+from serving.scheduler import Scheduler
+from serving.sequence import Sequence
+from serving.stats import EngineStats
+from serving.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+           "fp32": torch.float32, "float": torch.float32}
+
+
+@dataclass
+class EngineArgs:
+    """Every engine knob; the `hubdeploy serve` flags and `LLM(**engine_options)` map onto it."""
+
+    model: str
+    revision: str | None = None
+    device: str = "auto"  # "auto" | "cuda" | "cpu"
+    dtype: str = "auto"  # "auto" | "float16" | "bfloat16" | "float32"
+    max_model_len: int | None = None  # default: min(config's max_position_embeddings, 4096)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_tokens: int | None = None  # CPU (or explicit) KV cache size in tokens
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    seed: int = 0
+    token: str | None = None  # Hub token for gated/private repos
+    # LoRA (serving.lora)
+    lora_modules: dict[str, str] | None = None  # name -> repo id or local path
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig | None, device: torch.device) -> torch.dtype:
+    """'auto': float32 on the CPU; on CUDA the checkpoint's dtype (float16 for AWQ)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(_DTYPES))}")
+        return _DTYPES[dtype]
+    if device.type != "cuda":
+        return torch.float32
+    if cfg is not None and cfg.quant is not None and cfg.quant.is_awq:
+        return torch.float16
+    return _DTYPES.get(cfg.torch_dtype if cfg else "float16", torch.float16)
+
+
+def _model_dir(args: EngineArgs) -> Path:
+    """A local directory as is; a Hub repo id through `serving.hub` (snapshot download)."""
+    if Path(args.model).is_dir() and args.revision is None:
+        return Path(args.model)
+    from serving.hub import resolve_model_dir
+
+    return Path(resolve_model_dir(args.model, args.revision, args.token))
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        from serving.loader import load_model
+
+        self.args = args
+        torch.manual_seed(args.seed)
+        self.device = resolve_device(args.device)
+        self.model_dir: Path = _model_dir(args)
+        self.dtype = resolve_dtype(args.dtype, ModelConfig.from_dir(self.model_dir), self.device)
+        model, cfg = load_model(self.model_dir, self.device, self.dtype)
+        self.model_config: ModelConfig = cfg
+        self.tokenizer: Tokenizer = load_tokenizer(self.model_dir)
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys([*self.tokenizer.eos_token_ids, *cfg.eos_token_id]))
+        max_len = args.max_model_len or min(cfg.max_position_embeddings, 4096)
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}; lower max_model_len")
+        self.max_model_len = max_len
+        self.runner = ModelRunner(
+            model, cfg, self.device, self.dtype, args.block_size, max_len, args.max_num_seqs,
+            args.max_num_batched_tokens, args.kv_cache_tokens, args.gpu_memory_utilization, args.enforce_eager,
+        )
+        capacity = self.runner.num_blocks * args.block_size
+        if capacity < max_len:
+            raise ValueError(f"the KV cache holds {capacity} tokens, less than max_model_len={max_len}: one "
+                             "request could never fit. Raise kv_cache_tokens / gpu_memory_utilization or "
+                             "lower max_model_len")
+        self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, max_len)
+        self.sampler = Sampler()
+        self.seqs: dict[str, Sequence] = {}
+        self._stats = EngineStats(num_kv_blocks=self.runner.num_blocks, block_size=args.block_size)
+        self.lora_manager: Any | None = None  # serving.lora, set up by the LoRA extension
+
+    # --- requests --------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    lora_name: str | None = None) -> None:
+        """Queue a request; raises ValueError for a duplicate id or a prompt that cannot fit."""
+        params = params or SamplingParams()
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in flight; use a unique id")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
+                             "(prompt plus at least one new token); shorten the prompt")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        seq = Sequence(request_id, ids, params, lora_name=lora_name, prompt=text)
+        seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final output (None if unknown)."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.remove(seq)
+        seq.finish("abort")
+        self._stats.requests_aborted_total += 1
+        return self._output(seq, [], "")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the step --------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits = self.runner.run(batch)
+        self._stats.steps_total += 1
+        sampling = [item for item in batch if item.samples]
+        for item in batch:
+            seq = item.seq
+            start = seq.num_computed_tokens
+            self._stats.prompt_tokens_total += max(0, min(start + item.num_tokens, seq.num_prompt_tokens) - start)
+            seq.num_computed_tokens += item.num_tokens
+            self.block_manager.commit(seq)
+        outputs: list[RequestOutput] = []
+        if not sampling:
+            return outputs
+        rows = [SampleInput(it.seq.params, it.seq.prompt_token_ids, it.seq.output_token_ids,
+                            it.seq.generator, self.eos_token_ids) for it in sampling]
+        tokens, lps = self.sampler(logits, rows)
+        for item, tok, lp in zip(sampling, tokens, lps):
+            seq = item.seq
+            seq.append_token(tok, lp)
+            self._stats.generation_tokens_total += 1
+            reason = self._check_stop(seq, tok)
+            is_special_stop = reason == "stop"
+            delta, hit = seq.detok.add(None if is_special_stop else tok, finished=reason is not None)
+            if hit:
+                reason = "stop"
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.seqs.pop(seq.request_id, None)
+                self._stats.requests_finished_total += 1
+            outputs.append(self._output(seq, [tok], delta))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        n = seq.num_output_tokens
+        if n >= p.min_tokens:
+            if (not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids:
+                return "stop"
+        if n >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence, delta_ids: list[int], delta_text: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            text=seq.detok.text if seq.detok is not None else "",
+            delta_text=delta_text,
+            delta_token_ids=delta_ids,
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            finished=seq.is_finished,
+            prompt=seq.prompt,
+            lora_name=seq.lora_name,
+            metrics=RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finished_time,
+                                   seq.num_prompt_tokens, seq.num_cached_tokens, seq.num_preemptions),
+        )
+
+    # --- introspection ---------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self._stats
+        s.num_running = len(self.scheduler.running)
+        s.num_waiting = len(self.scheduler.waiting)
+        s.num_preempted = self.scheduler.num_preempted_waiting
+        s.kv_cache_usage = self.block_manager.usage
+        s.prefix_cache_queries = self.block_manager.prefix_queries
+        s.prefix_cache_hits = self.block_manager.prefix_hits
+        s.preemptions_total = self.scheduler.num_preemptions
+        return EngineStats(**{k: getattr(s, k) for k in s.__dataclass_fields__})

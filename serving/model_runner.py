@@ -1,0 +1,226 @@
+"""`ModelRunner`: owns the model and the paged KV cache, and runs one scheduled step.
+
+Each step it flattens the scheduled chunks into one token vector, builds the
+`ForwardContext` once (slots, block tables, context lengths), runs the model, and computes
+logits only at the last position of each sequence that samples. On CUDA it sizes the KV
+cache from what a warm-up forward leaves of `gpu_memory_utilization`, and replays CUDA
+graphs for decode batches (padded to 1, 2, 4, 8, 16, 32, ...; padding slots are -1).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from serving.config import ModelConfig
+from serving.forward_context import ForwardContext
+from serving.scheduler import ScheduledSeq
+
+log = logging.getLogger(__name__)
+
+GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: ModelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        kv_cache_tokens: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool = False,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graphs: dict[int, Any] = {}
+        self.num_blocks = self._decide_num_blocks(kv_cache_tokens, gpu_memory_utilization)
+        self._allocate_kv_cache(self.num_blocks)
+        if device.type == "cuda" and not enforce_eager:
+            self._capture_graphs()
+
+    # --- KV cache --------------------------------------------------------------------
+    @property
+    def bytes_per_block(self) -> int:
+        c = self.cfg
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * c.num_hidden_layers * self.block_size * c.num_key_value_heads * c.head_dim * elem
+
+    def _kv_shape(self, num_blocks: int) -> tuple[int, int, int, int]:
+        return (num_blocks, self.block_size, self.cfg.num_key_value_heads, self.cfg.head_dim)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = self._kv_shape(num_blocks)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.cfg.num_hidden_layers)
+        ]
+
+    def _decide_num_blocks(self, kv_cache_tokens: int | None, util: float) -> int:
+        if self.device.type != "cuda" or kv_cache_tokens:
+            tokens = kv_cache_tokens or max(4096, 2 * self.max_model_len)
+            return max(1, -(-tokens // self.block_size))
+        return self._profile_cuda(util)
+
+    def _profile_cuda(self, util: float) -> int:  # pragma: no cover - needs a GPU
+        """Blocks that fit in `util` of the GPU after a warm-up forward of a full token budget."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.max_num_batched_tokens, self.max_model_len)
+        self._allocate_kv_cache(-(-n // self.block_size))
+        self._warmup(n)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_allocated(self.device)
+        budget = total * util - peak - used_by_others
+        num_blocks = int(budget // self.bytes_per_block)
+        if num_blocks < self.max_blocks_per_seq:
+            raise RuntimeError(
+                f"not enough GPU memory for the KV cache: {budget / 2**30:.2f} GiB left after the weights and "
+                f"activations (peak {peak / 2**30:.2f} GiB) holds {max(num_blocks, 0)} blocks, one sequence of "
+                f"max_model_len={self.max_model_len} needs {self.max_blocks_per_seq}; raise "
+                "gpu_memory_utilization, lower max_model_len / max_num_batched_tokens, or use a bigger GPU"
+            )
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
+                 num_blocks * self.bytes_per_block / 2**30)
+        return num_blocks
+
+    @torch.inference_mode()
+    def _warmup(self, n: int) -> None:  # pragma: no cover - needs a GPU
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, dtype=torch.long, device=self.device)
+        nb = -(-n // self.block_size)
+        ctx = ForwardContext(
+            is_prefill=True,
+            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            context_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(nb, dtype=torch.int32, device=self.device)[None],
+            slot_mapping=torch.arange(n, dtype=torch.long, device=self.device),
+            max_seqlen_q=n, max_context_len=n, kv_caches=self.kv_caches,
+        )
+        hidden = self.model(ids, pos, ctx)
+        self.model.compute_logits(hidden[-1:])
+
+    # --- batch building --------------------------------------------------------------
+    def build_lora_context(self, batch: list[ScheduledSeq]) -> Any | None:
+        """Seam for multi-LoRA: describe adapters per token (serving.lora); None without LoRA."""
+        return None
+
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[int]]:
+        """Flatten a step into (input_ids, positions, ctx, indices of the positions to sample)."""
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        ctx_lens: list[int] = []
+        sample_idx: list[int] = []
+        for item in batch:
+            seq, n = item.seq, item.num_tokens
+            start = seq.num_computed_tokens
+            ids += seq.token_ids[start:start + n]
+            pos += range(start, start + n)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            cu.append(cu[-1] + n)
+            ctx_lens.append(start + n)
+            if item.samples:
+                sample_idx.append(cu[-1] - 1)
+        width = max(len(item.seq.block_table) for item in batch)
+        tables = [item.seq.block_table + [-1] * (width - len(item.seq.block_table)) for item in batch]
+        dev = self.device
+        max_q = max(item.num_tokens for item in batch)
+        ctx = ForwardContext(
+            is_prefill=max_q > 1,
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            max_seqlen_q=max_q,
+            max_context_len=max(ctx_lens),
+            kv_caches=self.kv_caches,
+        )
+        ctx.lora = self.build_lora_context(batch)
+        return (torch.tensor(ids, dtype=torch.long, device=dev),
+                torch.tensor(pos, dtype=torch.long, device=dev), ctx, sample_idx)
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq]) -> torch.Tensor | None:
+        """Run one step; return fp32 logits [num sampling seqs, V] (None when none samples)."""
+        input_ids, positions, ctx, sample_idx = self.prepare(batch)
+        graph_bs = self._graph_batch_size(ctx, len(batch))
+        if graph_bs is not None:  # pragma: no cover - needs a GPU
+            hidden = self._replay(graph_bs, input_ids, positions, ctx)
+        else:
+            hidden = self.model(input_ids, positions, ctx)
+        if not sample_idx:
+            return None
+        idx = torch.tensor(sample_idx, dtype=torch.long, device=hidden.device)
+        return self.model.compute_logits(hidden.index_select(0, idx)).float()
+
+    # --- CUDA graphs (decode only) -----------------------------------------------------
+    def _graph_batch_size(self, ctx: ForwardContext, n: int) -> int | None:
+        if not self.graphs or ctx.is_prefill or ctx.lora is not None:
+            return None
+        return next((b for b in sorted(self.graphs) if b >= n), None)
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:  # pragma: no cover - needs a GPU
+        max_bs = min(self.max_num_seqs, GRAPH_BATCH_SIZES[-1])
+        sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_bs]
+        dev = self.device
+        self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
+        self.g_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.g_cu = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self.g_out: dict[int, torch.Tensor] = {}
+        pool = None
+        for b in reversed(sizes):
+            ctx = self._graph_ctx(b)
+            self.model(self.g_ids[:b], self.g_pos[:b], ctx)  # warm up (Triton autotune, allocations)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.g_out[b] = self.model(self.g_ids[:b], self.g_pos[:b], ctx)
+            pool = graph.pool()
+            self.graphs[b] = graph
+        torch.cuda.synchronize(dev)
+        log.info("captured CUDA graphs for decode batch sizes %s", sizes)
+
+    def _graph_ctx(self, b: int) -> ForwardContext:  # pragma: no cover - needs a GPU
+        return ForwardContext(
+            is_prefill=False, cu_seqlens_q=self.g_cu[:b + 1], context_lens=self.g_lens[:b],
+            block_tables=self.g_tables[:b], slot_mapping=self.g_slots[:b], max_seqlen_q=1,
+            max_context_len=self.max_model_len, kv_caches=self.kv_caches,
+        )
+
+    def _replay(self, b: int, ids: torch.Tensor, pos: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # pragma: no cover
+        n = ids.shape[0]
+        self.g_ids.zero_(); self.g_pos.zero_(); self.g_slots.fill_(-1); self.g_lens.fill_(1); self.g_tables.zero_()
+        self.g_ids[:n] = ids
+        self.g_pos[:n] = pos
+        self.g_slots[:n] = ctx.slot_mapping
+        self.g_lens[:n] = ctx.context_lens
+        w = ctx.block_tables.shape[1]
+        self.g_tables[:n, :w] = ctx.block_tables.clamp(min=0)
+        self.graphs[b].replay()
+        return self.g_out[b][:n]

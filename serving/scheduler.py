@@ -1,0 +1,126 @@
+"""`Scheduler`: which sequences run this step and how many tokens each feeds.
+
+Continuous batching with a per-step token budget (`max_num_batched_tokens`):
+running sequences go first (decodes, then unfinished prefill chunks), and waiting ones are
+admitted FCFS into what is left of the budget, their prompts chunked to fit, so a long
+prompt never stalls the decodes. When the KV cache runs out, the most recently admitted
+running sequence is preempted by recompute: its blocks are freed and it returns to the
+front of the waiting queue with its output so far, to be prefilled again (the prefix cache
+usually gives most of it back).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from serving.block_manager import BlockManager
+from serving.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # new tokens fed this step, starting at seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the sequence: a token is sampled."""
+        return self.seq.num_computed_tokens + self.num_tokens == len(self.seq.token_ids)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ) -> None:
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be at least 1")
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order (oldest first)
+        self.num_preemptions = 0
+
+    # --- queues ----------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence from whichever queue holds it and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free_seq(seq)
+
+    @property
+    def num_preempted_waiting(self) -> int:
+        return sum(1 for s in self.waiting if s.num_preemptions > 0)
+
+    # --- the step --------------------------------------------------------------------
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free_seq(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        out: list[ScheduledSeq] = []
+        preempted = False
+        # decodes (one token left) first, then running prefills, each group oldest first
+        order = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:  # preempted while making room
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.bm.can_allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            self.bm.allocate(seq, seq.num_computed_tokens + n)
+            out.append(ScheduledSeq(seq, n))
+            budget -= n
+        # admit waiting sequences FCFS into the rest of the budget (not after a preemption:
+        # the cache is full and they would be preempted straight away)
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.bm.allocate_prefix(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.bm.can_allocate(seq, seq.num_computed_tokens + n):
+                # the engine guarantees max_model_len fits the cache, so a lone sequence always
+                # fits: wait for running ones to finish; give back prefix hits meanwhile
+                self.bm.free_seq(seq)
+                break
+            self.waiting.popleft()
+            self.bm.allocate(seq, seq.num_computed_tokens + n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.append(ScheduledSeq(seq, n))
+            budget -= n
+        return out
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark a running sequence finished and free its blocks."""
+        seq.finish(reason)
+        if seq in self.running:
+            self.running.remove(seq)
+        self.bm.free_seq(seq)

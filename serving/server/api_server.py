@@ -1,0 +1,634 @@
+"""The OpenAI-compatible HTTP front of the engine (FastAPI).
+
+`build_app(engine, served_model_name, ...)` returns the app; the engine may be attached
+later with `attach_engine(app, engine, ...)` so that `hubdeploy serve` can answer
+`/health` with 503 while the model downloads and loads. Routes turn requests into token
+ids and `SamplingParams`, run `n` sequences through `AsyncEngine.generate`, and answer in
+OpenAI's shapes (JSON or SSE). Every client-caused failure is an `OpenAIError` (400/401/
+404...), never a 500; a client that goes away mid-request has its sequences aborted so the
+engine frees their KV blocks. The request log carries no prompt text, tokens or headers.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from serving.chat_template import ChatTemplateError, render_chat
+from serving.sampling_params import SamplingParams
+from serving.server.errors import OpenAIError, error_response, install_error_handlers
+from serving.server.metrics import CONTENT_TYPE, ServerMetrics
+from serving.server.protocol import (
+    ChatChoiceLogprobs,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DeltaMessage,
+    LoadLoRAAdapterRequest,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    UnloadLoRAAdapterRequest,
+    UsageInfo,
+    now,
+    random_id,
+)
+
+logger = logging.getLogger("hubdeploy.server")
+
+# (name, path) -> awaitable; filled by the LoRA manager's integration
+LoRALoadHook = Callable[[str, str], Awaitable[None]]
+LoRAUnloadHook = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class ServerState:
+    """Everything the routes need; one per app."""
+
+    served_model_name: str
+    api_key: str | None = None
+    engine: Any = None  # serving.async_engine.AsyncEngine once loaded
+    chat_template: str | None = None
+    special_tokens: dict[str, Any] = field(default_factory=dict)
+    max_model_len: int | None = None
+    phase: str = "starting"
+    failure: str | None = None
+    # adapters served beside the base model: name -> source (path or repo id)
+    adapters: dict[str, str] = field(default_factory=dict)
+    lora_load: LoRALoadHook | None = None
+    lora_unload: LoRAUnloadHook | None = None
+    disable_lora_admin: bool = False
+    metrics: ServerMetrics | None = None
+
+    @property
+    def ready(self) -> bool:
+        if self.engine is None or self.failure is not None:
+            return False
+        r = getattr(self.engine, "is_ready", True)
+        return bool(r() if callable(r) else r)
+
+    def engine_stats(self) -> Any:
+        return self.engine.stats() if self.ready else None
+
+
+def build_app(
+    engine: Any = None,
+    served_model_name: str = "model",
+    api_key: str | None = None,
+    chat_template: str | None = None,
+    special_tokens: dict[str, Any] | None = None,
+    max_model_len: int | None = None,
+    adapters: dict[str, str] | None = None,
+    disable_lora_admin: bool = False,
+) -> FastAPI:
+    """The OpenAI-compatible app; pass `engine=None` and call `attach_engine` when loaded."""
+    app = FastAPI(title="hubdeploy endpoint", docs_url=None, redoc_url=None, openapi_url=None)
+    state = ServerState(served_model_name=served_model_name, api_key=api_key or None,
+                        adapters=dict(adapters or {}), disable_lora_admin=disable_lora_admin)
+    state.metrics = ServerMetrics(served_model_name, state.engine_stats)
+    app.state.server = state
+    install_error_handlers(app)
+    _install_middleware(app, state)
+    _install_routes(app, state)
+    if engine is not None:
+        attach_engine(app, engine, chat_template=chat_template, special_tokens=special_tokens,
+                      max_model_len=max_model_len)
+    return app
+
+
+def attach_engine(app: FastAPI, engine: Any, chat_template: str | None = None,
+                  special_tokens: dict[str, Any] | None = None, max_model_len: int | None = None) -> None:
+    """Start serving with a loaded engine (`/health` turns 200 once it reports ready)."""
+    state: ServerState = app.state.server
+    tok = getattr(engine, "tokenizer", None)
+    if chat_template is None:
+        chat_template = getattr(tok, "chat_template", None)
+    if special_tokens is None:
+        special_tokens = dict(getattr(tok, "special_tokens", None) or {})
+    state.chat_template = chat_template
+    state.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
+    state.max_model_len = max_model_len or _engine_max_len(engine)
+    state.engine = engine
+    state.phase = "ready"
+
+
+def set_phase(app: FastAPI, phase: str, failure: str | None = None) -> None:
+    """Record the loading phase (shown by `/health` while not ready) or a failure."""
+    state: ServerState = app.state.server
+    state.phase = phase
+    if failure is not None:
+        state.failure = failure
+
+
+def _engine_max_len(engine: Any) -> int | None:
+    for obj, name in ((engine, "max_model_len"), (getattr(engine, "args", None), "max_model_len"),
+                      (getattr(engine, "engine_args", None), "max_model_len"),
+                      (getattr(engine, "model_config", None), "max_model_len"),
+                      (getattr(engine, "model_config", None), "max_position_embeddings")):
+        v = getattr(obj, name, None) if obj is not None else None
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+# ------------------------------------------------------------------ middleware
+
+
+def _install_middleware(app: FastAPI, state: ServerState) -> None:
+    @app.middleware("http")
+    async def _auth_and_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        t0 = time.perf_counter()
+        path = request.url.path
+        if state.api_key and path.startswith("/v1"):
+            auth = request.headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if not auth:
+                resp: Response = error_response(OpenAIError(
+                    "missing API key: send the header 'Authorization: Bearer <key>' (the key printed when the endpoint was created)",
+                    401, code="missing_api_key"))
+            elif scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+                resp = error_response(OpenAIError(
+                    "invalid API key: the bearer token does not match this endpoint's key", 401, code="invalid_api_key"))
+            else:
+                resp = await call_next(request)
+        else:
+            resp = await call_next(request)
+        resp.headers["x-request-id"] = rid
+        if path not in ("/health", "/metrics"):
+            # no body, no query string, no headers: prompts and keys never reach the log
+            logger.info("request %s %s %s -> %d in %.1f ms", rid, request.method, path, resp.status_code,
+                        (time.perf_counter() - t0) * 1e3)
+        if resp.status_code >= 400 and path.startswith("/v1") and state.metrics is not None:
+            state.metrics.observe_error(resp.status_code)
+        return resp
+
+
+# ------------------------------------------------------------------ routes
+
+
+def _install_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        if state.failure is not None:
+            return JSONResponse({"status": "failed", "phase": state.phase, "error": state.failure}, status_code=503)
+        if not state.ready:
+            return JSONResponse({"status": "loading", "phase": state.phase}, status_code=503)
+        return JSONResponse({"status": "ok", "phase": "ready", "model": state.served_model_name})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        assert state.metrics is not None
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        cards = [ModelCard(id=state.served_model_name, root=state.served_model_name, max_model_len=state.max_model_len)]
+        for name, source in state.adapters.items():
+            cards.append(ModelCard(id=name, root=source, parent=state.served_model_name))
+        return ModelList(data=cards)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        engine = _require_engine(state)
+        lora = _resolve_model(state, body.model)
+        if state.chat_template is None:
+            raise OpenAIError(
+                f"model '{state.served_model_name}' has no chat template (tokenizer_config.json has no "
+                "'chat_template'), so chat messages cannot be turned into a prompt; use /v1/completions "
+                "with a plain prompt instead", 400, param="messages", code="no_chat_template")
+        try:
+            prompt = render_chat(state.chat_template, body.template_messages(),
+                                 add_generation_prompt=body.add_generation_prompt,
+                                 **{**state.special_tokens, **(body.chat_template_kwargs or {})})
+        except ChatTemplateError as e:
+            raise OpenAIError(f"the model's chat template rejected the conversation: {e}", 400,
+                              param="messages", code="chat_template_error") from e
+        prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+        max_tokens = _check_lengths(state, len(prompt_ids), body.requested_max_tokens(),
+                                    "messages", "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+        params = [_params(body, max_tokens, i) for i in range(body.n)]
+        rid = random_id("chatcmpl")
+        if body.stream:
+            return _sse(_chat_stream(state, engine, body, rid, prompt_ids, params, lora))
+        finals = await _run_all(state, engine, rid, [prompt_ids] * body.n, params, lora, body.model)
+        choices = [ChatCompletionChoice(
+            index=i, message=ChatResponseMessage(content=o.text), finish_reason=_finish(o),
+            logprobs=_chat_logprobs(engine.tokenizer, o.logprobs) if params[i].logprobs is not None else None,
+        ) for i, o in enumerate(finals)]
+        completion = sum(len(o.token_ids) for o in finals)
+        return JSONResponse(ChatCompletionResponse(
+            id=rid, model=body.model, choices=choices,
+            usage=UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion,
+                            total_tokens=len(prompt_ids) + completion)).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        engine = _require_engine(state)
+        lora = _resolve_model(state, body.model)
+        if body.suffix:
+            raise OpenAIError("'suffix' is not supported by this server", 400, param="suffix", code="unsupported")
+        prompts = body.prompt_list()
+        if not prompts:
+            raise OpenAIError("'prompt' must not be empty", 400, param="prompt", code="invalid_value")
+        vocab = getattr(engine.tokenizer, "vocab_size", None)
+        prompt_ids_list: list[list[int]] = []
+        for p in prompts:
+            if isinstance(p, str):
+                ids = engine.tokenizer.encode(p)
+            else:
+                ids = list(p)
+                if vocab and any(t < 0 or t >= vocab for t in ids):
+                    raise OpenAIError(f"token ids in 'prompt' must be in [0, {vocab})", 400, param="prompt",
+                                      code="invalid_value")
+            if not ids:
+                raise OpenAIError("'prompt' must contain at least one token", 400, param="prompt", code="invalid_value")
+            prompt_ids_list.append(ids)
+        max_tokens = min(_check_lengths(state, len(ids), body.requested_max_tokens(), "prompt", "max_tokens")
+                         for ids in prompt_ids_list)
+        # choice index = prompt index * n + i, as OpenAI numbers them
+        all_ids = [ids for ids in prompt_ids_list for _ in range(body.n)]
+        params = [_params(body, max_tokens, i) for _ in prompt_ids_list for i in range(body.n)]
+        rid = random_id("cmpl")
+        echo_texts = [(p if isinstance(p, str) else engine.tokenizer.decode(p)) if body.echo else ""
+                      for p in prompts for _ in range(body.n)]
+        if body.stream:
+            return _sse(_completion_stream(state, engine, body, rid, all_ids, params, lora, echo_texts))
+        finals = await _run_all(state, engine, rid, all_ids, params, lora, body.model)
+        choices = [CompletionChoice(
+            index=i, text=echo_texts[i] + o.text, finish_reason=_finish(o),
+            logprobs=_completion_logprobs(engine.tokenizer, o.logprobs) if params[i].logprobs is not None else None,
+        ) for i, o in enumerate(finals)]
+        prompt_tokens = sum(len(ids) for ids in prompt_ids_list)
+        completion = sum(len(o.token_ids) for o in finals)
+        return JSONResponse(CompletionResponse(
+            id=rid, model=body.model, choices=choices,
+            usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                            total_tokens=prompt_tokens + completion)).model_dump())
+
+    _install_lora_routes(app, state)
+
+
+def _install_lora_routes(app: FastAPI, state: ServerState) -> None:
+    """Adapter admin; answers 501 until the LoRA manager sets `state.lora_load/unload`."""
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+        if state.disable_lora_admin:
+            raise OpenAIError("adapter loading is disabled on this endpoint (--disable-lora-admin)", 403,
+                              code="lora_admin_disabled")
+        if state.lora_load is None:
+            raise OpenAIError("loading LoRA adapters at run time is not available in this server build; "
+                              "start the server with --lora NAME=PATH instead", 501, code="not_implemented")
+        if body.lora_name == state.served_model_name or body.lora_name in state.adapters:
+            raise OpenAIError(f"an adapter or model named '{body.lora_name}' is already served", 400,
+                              param="lora_name", code="adapter_exists")
+        await state.lora_load(body.lora_name, body.lora_path)
+        state.adapters[body.lora_name] = body.lora_path
+        return JSONResponse({"status": "ok", "lora_name": body.lora_name})
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+        if state.disable_lora_admin:
+            raise OpenAIError("adapter unloading is disabled on this endpoint (--disable-lora-admin)", 403,
+                              code="lora_admin_disabled")
+        if state.lora_unload is None:
+            raise OpenAIError("unloading LoRA adapters at run time is not available in this server build", 501,
+                              code="not_implemented")
+        if body.lora_name not in state.adapters:
+            raise OpenAIError(f"no adapter named '{body.lora_name}' is loaded; see /v1/models", 404,
+                              param="lora_name", code="model_not_found")
+        await state.lora_unload(body.lora_name)
+        state.adapters.pop(body.lora_name, None)
+        return JSONResponse({"status": "ok", "lora_name": body.lora_name})
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _require_engine(state: ServerState) -> Any:
+    if state.failure is not None:
+        raise OpenAIError(f"the model failed to load: {state.failure}", 503, code="engine_failed")
+    if not state.ready:
+        raise OpenAIError(f"the model is still loading (phase: {state.phase}); retry when GET /health answers 200",
+                          503, code="model_loading")
+    return state.engine
+
+
+def _resolve_model(state: ServerState, model: str) -> str | None:
+    """The LoRA adapter a request's `model` selects (None: the base model); 404 if unknown."""
+    if model == state.served_model_name:
+        return None
+    if model in state.adapters:
+        return model
+    served = [state.served_model_name, *state.adapters]
+    raise OpenAIError(f"the model '{model}' does not exist on this endpoint; served: {', '.join(served)}",
+                      404, param="model", code="model_not_found")
+
+
+def _check_lengths(state: ServerState, prompt_len: int, max_tokens: int | None,
+                   prompt_param: str, max_param: str) -> int:
+    """The `max_tokens` to run with; 400 when the prompt or the request does not fit the context."""
+    limit = state.max_model_len
+    if limit is None:
+        return max_tokens or 16
+    if prompt_len >= limit:
+        raise OpenAIError(
+            f"the prompt is {prompt_len} tokens, but this model's context is {limit} tokens (prompt plus "
+            f"at least one generated token); shorten the prompt", 400, param=prompt_param, code="context_length_exceeded")
+    room = limit - prompt_len
+    if max_tokens is None:
+        return room
+    if max_tokens > room:
+        raise OpenAIError(
+            f"'{max_param}' is {max_tokens}, but the prompt is {prompt_len} tokens and the context is {limit}, so "
+            f"at most {room} tokens can be generated; lower '{max_param}' or shorten the prompt",
+            400, param=max_param, code="context_length_exceeded")
+    return max_tokens
+
+
+def _params(body: Union[ChatCompletionRequest, CompletionRequest], max_tokens: int, index: int) -> SamplingParams:
+    try:
+        return body.to_sampling_params(max_tokens, index)
+    except ValueError as e:
+        raise OpenAIError(str(e), 400, param=str(e).split(" ", 1)[0], code="invalid_value") from e
+
+
+def _finish(out: Any) -> str | None:
+    reason = getattr(out, "finish_reason", None)
+    return reason if reason in ("stop", "length", "abort", None) else str(reason)
+
+
+async def _generate(engine: Any, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                    lora: str | None) -> AsyncIterator[Any]:
+    gen = engine.generate(prompt_ids, params, request_id, lora=lora) if lora else \
+        engine.generate(prompt_ids, params, request_id)
+    async for out in gen:
+        yield out
+
+
+class _Tracker:
+    """Latency bookkeeping for one sequence (TTFT, inter-token gaps, end-to-end)."""
+
+    def __init__(self, state: ServerState, model: str, start: float) -> None:
+        self.state, self.model, self.start = state, model, start
+        self.last: float | None = None
+
+    def on_output(self, out: Any) -> None:
+        if not getattr(out, "delta_token_ids", None) and not getattr(out, "finished", False):
+            return
+        t = time.perf_counter()
+        m = self.state.metrics
+        if m is None:
+            return
+        if self.last is None:
+            if out.token_ids:
+                m.observe_ttft(t - self.start)
+                self.last = t
+        else:
+            n = max(1, len(getattr(out, "delta_token_ids", None) or ()))
+            if getattr(out, "delta_token_ids", None):
+                for _ in range(n):
+                    m.observe_itl((t - self.last) / n)
+                self.last = t
+
+    def on_finished(self, out: Any) -> None:
+        if self.state.metrics is not None:
+            self.state.metrics.observe_finished(time.perf_counter() - self.start, len(out.prompt_token_ids),
+                                                len(out.token_ids), _finish(out))
+
+
+async def _run_all(state: ServerState, engine: Any, rid: str, prompts: list[list[int]],
+                   params: list[SamplingParams], lora: str | None, model: str) -> list[Any]:
+    """Run every sequence to completion; abort the rest if one fails or the client leaves."""
+    start = time.perf_counter()
+    ids = [f"{rid}-{i}" for i in range(len(prompts))]
+    done: set[str] = set()
+
+    async def one(i: int) -> Any:
+        tracker = _Tracker(state, model, start)
+        final = None
+        async for out in _generate(engine, prompts[i], params[i], ids[i], lora):
+            tracker.on_output(out)
+            final = out
+        done.add(ids[i])
+        if final is None:
+            raise OpenAIError("the engine returned no output for the request", 500, code="engine_error")
+        tracker.on_finished(final)
+        return final
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+        for r in ids:
+            if r not in done:
+                _abort(engine, r)
+
+
+def _abort(engine: Any, request_id: str) -> None:
+    try:
+        res = engine.abort(request_id)
+        if asyncio.iscoroutine(res):
+            asyncio.ensure_future(res)
+    except Exception:  # aborting an already finished request is not an error
+        logger.debug("abort of %s failed", request_id, exc_info=True)
+
+
+async def _merged(state: ServerState, engine: Any, rid: str, prompts: list[list[int]],
+                  params: list[SamplingParams], lora: str | None, model: str) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, RequestOutput) from all sequences as they come; aborts leftovers on exit."""
+    start = time.perf_counter()
+    ids = [f"{rid}-{i}" for i in range(len(prompts))]
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done: set[str] = set()
+    _END = object()
+
+    async def pump(i: int) -> None:
+        tracker = _Tracker(state, model, start)
+        try:
+            final = None
+            async for out in _generate(engine, prompts[i], params[i], ids[i], lora):
+                tracker.on_output(out)
+                final = out
+                await queue.put((i, out))
+            done.add(ids[i])
+            if final is not None:
+                tracker.on_finished(final)
+        except BaseException as e:  # surfaced to the consumer
+            await queue.put((i, e))
+            raise
+        finally:
+            await queue.put((i, _END))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(prompts))]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is _END:
+                remaining -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for r in ids:
+            if r not in done:
+                _abort(engine, r)
+
+
+def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _data(obj: Any) -> str:
+    payload = obj.model_dump_json(exclude_none=True) if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    return f"data: {payload}\n\n"
+
+
+def _stream_error(e: Exception) -> str:
+    err = e if isinstance(e, OpenAIError) else OpenAIError(
+        f"generation failed ({type(e).__name__}); the server log has the details", 500, code="engine_error")
+    if not isinstance(e, OpenAIError):
+        logger.exception("stream failed", exc_info=e)
+    return f"data: {json.dumps(err.body())}\n\n"
+
+
+async def _chat_stream(state: ServerState, engine: Any, body: ChatCompletionRequest, rid: str,
+                       prompt_ids: list[int], params: list[SamplingParams], lora: str | None) -> AsyncIterator[str]:
+    created = now()
+    n = len(params)
+    tok = engine.tokenizer
+
+    def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
+        return _data(ChatCompletionChunk(id=rid, created=created, model=body.model, choices=choices, usage=usage))
+
+    for i in range(n):
+        yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+    completion = [0] * n
+    try:
+        async for i, out in _merged(state, engine, rid, [prompt_ids] * n, params, lora, body.model):
+            completion[i] = len(out.token_ids)
+            delta = out.delta_text or ""
+            lp = None
+            if params[i].logprobs is not None and out.delta_token_ids and out.logprobs:
+                lp = _chat_logprobs(tok, list(out.logprobs)[-len(out.delta_token_ids):])
+            if delta or lp is not None:
+                yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=delta), logprobs=lp)])
+            if out.finished:
+                yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(), finish_reason=_finish(out))])
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        yield _stream_error(e)
+    if body.include_usage:
+        total = sum(completion)
+        yield chunk([], UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=total,
+                                  total_tokens=len(prompt_ids) + total))
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_stream(state: ServerState, engine: Any, body: CompletionRequest, rid: str,
+                             prompts: list[list[int]], params: list[SamplingParams], lora: str | None,
+                             echo_texts: list[str]) -> AsyncIterator[str]:
+    created = now()
+    tok = engine.tokenizer
+    completion = [0] * len(prompts)
+    echoed = [False] * len(prompts)
+
+    def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+        return _data(CompletionStreamResponse(id=rid, created=created, model=body.model, choices=choices, usage=usage))
+
+    try:
+        async for i, out in _merged(state, engine, rid, prompts, params, lora, body.model):
+            completion[i] = len(out.token_ids)
+            text = out.delta_text or ""
+            if not echoed[i]:
+                text, echoed[i] = echo_texts[i] + text, True
+            lp = None
+            if params[i].logprobs is not None and out.delta_token_ids and out.logprobs:
+                lp = _completion_logprobs(tok, list(out.logprobs)[-len(out.delta_token_ids):])
+            if text or lp is not None or out.finished:
+                yield chunk([CompletionChoice(index=i, text=text, logprobs=lp,
+                                              finish_reason=_finish(out) if out.finished else None)])
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        yield _stream_error(e)
+    if body.include_usage:
+        p = _unique_prompt_tokens(prompts, body.n)
+        total = sum(completion)
+        yield chunk([], UsageInfo(prompt_tokens=p, completion_tokens=total, total_tokens=p + total))
+    yield "data: [DONE]\n\n"
+
+
+def _unique_prompt_tokens(prompts: list[list[int]], n: int) -> int:
+    """Prompt tokens counted once per prompt (not once per each of its n choices)."""
+    return sum(len(prompts[j]) for j in range(0, len(prompts), n))
+
+
+# ------------------------------------------------------------------ logprobs
+
+
+def _lp_fields(lp: Any) -> tuple[int, float, list[tuple[int, float]]]:
+    """(token id, logprob, [(alt id, alt logprob)...]) from the engine's `TokenLogprob` or a dict."""
+    if isinstance(lp, dict):
+        return int(lp["token_id"]), float(lp["logprob"]), [tuple(x) for x in lp.get("top", [])]  # type: ignore[misc]
+    return int(lp.token_id), float(lp.logprob), [(int(a), float(b)) for a, b in (lp.top or [])]
+
+
+def _tok_str(tok: Any, token_id: int) -> str:
+    return tok.decode([token_id], skip_special_tokens=False)
+
+
+def _chat_logprobs(tok: Any, logprobs: Any) -> ChatChoiceLogprobs | None:
+    if logprobs is None:
+        return None
+    content = []
+    for lp in logprobs:
+        tid, value, top = _lp_fields(lp)
+        s = _tok_str(tok, tid)
+        content.append(ChatTokenLogprob(
+            token=s, logprob=value, bytes=list(s.encode()),
+            top_logprobs=[TopLogprob(token=_tok_str(tok, a), logprob=b, bytes=list(_tok_str(tok, a).encode()))
+                          for a, b in top]))
+    return ChatChoiceLogprobs(content=content)
+
+
+def _completion_logprobs(tok: Any, logprobs: Any) -> CompletionLogprobs | None:
+    if logprobs is None:
+        return None
+    out = CompletionLogprobs()
+    offset = 0
+    for lp in logprobs:
+        tid, value, top = _lp_fields(lp)
+        s = _tok_str(tok, tid)
+        out.tokens.append(s)
+        out.token_logprobs.append(value)
+        out.text_offset.append(offset)
+        offset += len(s)
+        out.top_logprobs.append({_tok_str(tok, a): b for a, b in top} or None)
+    return out

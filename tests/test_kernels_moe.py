@@ -1,0 +1,264 @@
+"""Fused MoE: routing, slot alignment, torch reference vs a per-token float64 loop, Triton vs
+the reference (dense and AWQ experts).
+
+Triton runs on the CPU through the interpreter, switched on per test by the `device` fixture
+(monkeypatched TRITON_INTERPRET=1 + HUBDEPLOY_FORCE_TRITON=1; kernels/fused_moe.py builds its
+kernels lazily per interpreter mode, see tests/test_kernels_awq.py). "cuda" variants carry
+the `gpu` marker.
+
+Tolerance: max |y − y_ref| ≤ tol · max |y_ref|; y_ref in float64 from the same (dequantized)
+weights and x rounded to the test dtype. tol = 1e-5 fp32, 5e-3 fp16, 3e-2 bf16 (the
+intermediate SiLU·up activation is rounded to x's dtype, as in vLLM).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.awq_format import awq_dequantize, awq_quantize
+from kernels.fused_moe import (
+    AWQMoEWeights,
+    MoEWeights,
+    awq_moe_repack,
+    fused_moe,
+    fused_moe_ref,
+    fused_moe_triton,
+    moe_align_block_size,
+    topk_route,
+)
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# skipif as well as the marker: gpu_check.sh runs pytest with --noconftest
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    if request.param == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("HUBDEPLOY_FORCE_TRITON", "1")
+    return torch.device(request.param)
+
+
+def _dense(E: int, H: int, I: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(E, 2 * I, H, generator=gen) / H**0.5, torch.randn(E, H, I, generator=gen) / I**0.5
+
+
+def _awq(E: int, H: int, I: int, g: int, seed: int = 0) -> tuple[AWQMoEWeights, list]:
+    w13, w2 = _dense(E, H, I, seed)
+    w1 = [awq_quantize(w13[e, :I], g) for e in range(E)]
+    w3 = [awq_quantize(w13[e, I:], g) for e in range(E)]
+    dn = [awq_quantize(w2[e], g) for e in range(E)]
+    return awq_moe_repack(w1, w3, dn, g), [w1, w3, dn]
+
+
+def _per_token_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tw: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:
+    """Independent float64 reference: loop over tokens and their k choices."""
+    I = w2.shape[2]
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ti.shape[1]):
+            e = int(ti[t, j])
+            h = w13[e].double() @ x[t].double()
+            out[t] += float(tw[t, j]) * (w2[e].double() @ (torch.nn.functional.silu(h[:I]) * h[I:]))
+    return out
+
+
+def _assert_close(y: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    err = (y.double().cpu() - ref.double().cpu()).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= tol * scale, f"max err {err:.3g} > {tol} * {scale:.3g}"
+
+
+def _routing(M: int, E: int, k: int, case: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(M, E, generator=gen)
+    if case == "one_expert":  # every token's first choice is expert 2
+        logits[:, 2] += 100.0
+    elif case == "some_empty":  # experts >= k never chosen
+        logits[:, k:] -= 100.0
+    return topk_route(logits, k, renormalize=True)
+
+
+# ---------------------------------------------------------------- routing and alignment
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_topk_route(renormalize: bool) -> None:
+    logits = torch.randn(6, 8, dtype=torch.bfloat16)
+    w, ids = topk_route(logits, 2, renormalize)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32 and w.shape == ids.shape == (6, 2)
+    probs = torch.softmax(logits.double(), -1)
+    chosen = probs.gather(1, ids.long())
+    assert torch.equal(ids.long(), probs.topk(2, -1).indices)
+    expect = chosen / chosen.sum(-1, keepdim=True) if renormalize else chosen
+    assert torch.allclose(w.double(), expect, atol=1e-6)
+    if renormalize:
+        assert torch.allclose(w.sum(-1), torch.ones(6), atol=1e-6)
+    with pytest.raises(ValueError, match="top_k"):
+        topk_route(logits, 9, renormalize)
+
+
+@pytest.mark.parametrize("M,k,E,bm", [(1, 2, 8, 16), (5, 2, 4, 4), (33, 3, 6, 8), (7, 1, 3, 16)])
+def test_moe_align_block_size(M: int, k: int, E: int, bm: int) -> None:
+    ids = torch.randint(0, E, (M, k), dtype=torch.int32)
+    ids[:, 0] = torch.where(ids[:, 0] == E - 1, 0, ids[:, 0])  # often leaves expert E-1 empty
+    sorted_ids, expert_ids, ntp = moe_align_block_size(ids, bm, E)
+    flat = ids.flatten().tolist()
+    n = len(flat)
+    # brute force: expert by expert, slots in order, padded to bm with n
+    exp_sorted, exp_eids = [], []
+    for e in range(E):
+        slots = [i for i, v in enumerate(flat) if v == e]
+        if not slots:
+            continue
+        pad = -len(slots) % bm
+        exp_sorted += slots + [n] * pad
+        exp_eids += [e] * ((len(slots) + pad) // bm)
+    total = len(exp_sorted)
+    assert int(ntp[0]) == total
+    assert sorted_ids[:total].tolist() == exp_sorted
+    assert (sorted_ids[total:] == n).all()
+    assert expert_ids[: total // bm].tolist() == exp_eids
+    assert (expert_ids[total // bm:] == -1).all()
+    assert sorted_ids.numel() % bm == 0 and expert_ids.numel() == sorted_ids.numel() // bm
+
+
+def test_align_m1_touches_only_chosen_experts() -> None:
+    ids = torch.tensor([[5, 2]], dtype=torch.int32)
+    sorted_ids, expert_ids, ntp = moe_align_block_size(ids, 16, 8)
+    assert expert_ids.tolist() == [2, 5] and int(ntp[0]) == 32
+    assert sorted_ids[0].item() == 1 and sorted_ids[16].item() == 0
+
+
+# ---------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("case", ["random", "one_expert", "some_empty"])
+def test_ref_matches_per_token_float64(case: str) -> None:
+    E, H, I, k, M = 6, 32, 16, 2, 9
+    w13, w2 = _dense(E, H, I)
+    x = torch.randn(M, H, dtype=torch.float64)
+    tw, ti = _routing(M, E, k, case, seed=1)
+    y = fused_moe_ref(x, MoEWeights(w13.double(), w2.double()), tw, ti)
+    _assert_close(y, _per_token_ref(x, w13, w2, tw, ti), 1e-12)
+
+
+def test_awq_moe_repack_concatenates_gate_and_up() -> None:
+    E, H, I, g = 3, 64, 32, 32
+    w, (w1, w3, dn) = _awq(E, H, I, g)
+    dense13 = w.w13.dequantize()
+    for e in range(E):
+        expect = torch.cat([awq_dequantize(*w1[e], g), awq_dequantize(*w3[e], g)], dim=1).t()
+        assert torch.equal(dense13[e], expect)
+        assert torch.equal(w.w2.dequantize()[e], awq_dequantize(*dn[e], g).t())
+    assert (w.num_experts, w.hidden_size, w.intermediate_size) == (E, H, I)
+
+
+def test_bad_shapes_are_errors() -> None:
+    with pytest.raises(ValueError, match="w2"):
+        MoEWeights(torch.zeros(2, 8, 4), torch.zeros(2, 4, 3))
+    w13, w2 = _dense(2, 8, 4)
+    tw, ti = topk_route(torch.randn(3, 2), 1, True)
+    with pytest.raises(ValueError, match="x"):
+        fused_moe_ref(torch.zeros(3, 7), MoEWeights(w13, w2), tw, ti)
+
+
+def test_dispatcher_uses_reference_on_cpu_without_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HUBDEPLOY_FORCE_TRITON", raising=False)
+    w13, w2 = _dense(4, 16, 8)
+    x = torch.randn(3, 16)
+    tw, ti = topk_route(torch.randn(3, 4), 2, True)
+    assert torch.equal(fused_moe(x, MoEWeights(w13, w2), tw, ti), fused_moe_ref(x, MoEWeights(w13, w2), tw, ti))
+
+
+# ---------------------------------------------------------------- Triton vs reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,case", [(1, "random"), (5, "some_empty"), (33, "random"), (17, "one_expert")])
+def test_triton_dense(device: torch.device, M: int, case: str, dtype: torch.dtype) -> None:
+    E, H, I, k = 8, 64, 32, 2
+    w13, w2 = _dense(E, H, I, seed=M)
+    w13, w2 = w13.to(dtype), w2.to(dtype)
+    x = torch.randn(M, H).to(dtype)
+    tw, ti = _routing(M, E, k, case, seed=M)
+    y = fused_moe_triton(x.to(device), MoEWeights(w13, w2).to(device), tw.to(device), ti.to(device))
+    assert y.shape == (M, H) and y.dtype == dtype
+    ref = fused_moe_ref(x.double(), MoEWeights(w13.double(), w2.double()), tw, ti)
+    _assert_close(y, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_awq(device: torch.device, dtype: torch.dtype, g: int) -> None:
+    E, H, I, k, M = 4, 128, g, 2, 7
+    w, _ = _awq(E, H, I, g, seed=g)
+    x = torch.randn(M, H).to(dtype)
+    tw, ti = _routing(M, E, k, "random", seed=g)
+    y = fused_moe_triton(x.to(device), w.to(device), tw.to(device), ti.to(device))
+    ref = fused_moe_ref(x.double(), w, tw, ti)  # float64 from the dequantized experts
+    _assert_close(y, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("M,case,renorm", [(1, "random", False), (33, "some_empty", True), (12, "one_expert", True)])
+def test_triton_awq_edge_cases(device: torch.device, M: int, case: str, renorm: bool) -> None:
+    E, H, I, k, g = 8, 64, 32, 2, 32
+    w, _ = _awq(E, H, I, g, seed=M)
+    x = torch.randn(M, H, dtype=torch.float16)
+    tw, ti = _routing(M, E, k, case, seed=M)
+    if not renorm:
+        tw, ti = topk_route(torch.randn(M, E), k, renormalize=False)
+    y = fused_moe_triton(x.to(device), w.to(device), tw.to(device), ti.to(device))
+    _assert_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[torch.float16])
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_triton_split_k(device: torch.device, split: int) -> None:
+    E, H, I, k, M, g = 4, 128, 64, 2, 3, 32
+    w, _ = _awq(E, H, I, g, seed=split)
+    x = torch.randn(M, H, dtype=torch.float16)
+    tw, ti = _routing(M, E, k, "random", seed=split)
+    y = fused_moe_triton(x.to(device), w.to(device), tw.to(device), ti.to(device), SPLIT_K=split)
+    _assert_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[torch.float16])
+
+
+def test_triton_top1_and_top4(device: torch.device) -> None:
+    E, H, I = 6, 64, 32
+    w13, w2 = _dense(E, H, I, seed=9)
+    x = torch.randn(10, H)
+    for k in (1, 4):
+        tw, ti = topk_route(torch.randn(10, E), k, renormalize=k > 1)
+        y = fused_moe_triton(x.to(device), MoEWeights(w13, w2).to(device), tw.to(device), ti.to(device))
+        _assert_close(y, fused_moe_ref(x.double(), MoEWeights(w13.double(), w2.double()), tw, ti), TOL[torch.float32])
+
+
+def test_silu_mul(device: torch.device) -> None:
+    from kernels.fused_moe import silu_mul
+
+    h = torch.randn(5, 2 * 40, dtype=torch.float16)
+    y = silu_mul(h.to(device))
+    ref = torch.nn.functional.silu(h[:, :40].double()) * h[:, 40:].double()
+    _assert_close(y, ref, TOL[torch.float16])
+
+
+@pytest.mark.parametrize("is_awq,bm,bn,bk,mul", [(True, 16, 64, 128, False), (False, 64, 128, 64, True)])
+def test_moe_kernel_compiles_for_sm90(monkeypatch: pytest.MonkeyPatch, is_awq: bool, bm: int, bn: int, bk: int, mul: bool) -> None:
+    """Same source as the interpreter tests, compiled to cubin for an H100 without a GPU."""
+    from tests.test_kernels_awq import compile_for_sm90
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import kernels.fused_moe as moe_mod
+
+    wt = "*i32" if is_awq else "*fp16"
+    ptrs = dict(a_ptr="*fp16", b_ptr=wt, qz_ptr="*i32" if is_awq else wt, s_ptr="*fp16", c_ptr="*fp32",
+                tw_ptr="*fp32", sorted_ptr="*i32", eids_ptr="*i32", ntp_ptr="*i32")
+    consts = dict(TOP_K=2, MUL_WEIGHT=mul, IS_AWQ=is_awq, GROUP=128 if is_awq else 1, BLOCK_M=bm, BLOCK_N=bn,
+                  BLOCK_K=bk, COMPUTE_F32=False)
+    try:
+        k = compile_for_sm90(moe_mod._kernels()[0], ptrs, consts, 4, 3)
+    except (ImportError, FileNotFoundError) as exc:
+        pytest.skip(f"triton cannot compile for sm_90 here: {exc}")
+    assert k.asm.get("cubin")

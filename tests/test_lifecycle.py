@@ -1,0 +1,192 @@
+"""Deploy service end to end: real service on loopback, real `hubdeploy serve` children,
+tiny models on the local Hub, the `openai` SDK as the client.
+
+create (Hub repo id) → phases in order → running → chat → 401 with a wrong key → pause
+(slot freed, URL refuses) → resume → kill the child (failed with reason) → resume →
+restart the service (re-adopted) → delete (process, logs, key gone).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from hub_integration.service import build_service_app
+
+ADMIN = "hdadm_lifecycle_test_token"
+pytestmark = pytest.mark.slow
+
+
+class LiveService:
+    """The deploy service app under uvicorn on a loopback port, in a thread."""
+
+    def __init__(self, app: Any) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "deploy service did not start"
+            time.sleep(0.05)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}",
+                                   headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def wait_status(svc: LiveService, name: str, want: set[str], timeout: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        e = svc.client.get(f"/api/endpoints/{name}").json()
+        if e["status"] in want:
+            return e
+        assert time.monotonic() < deadline, f"{name} still {e['status']}/{e['phase']} after {timeout}s: {e['reason']}"
+        time.sleep(0.2)
+
+
+def chat(e: dict[str, Any], key: str | None, model: str | None = None) -> str:
+    client = openai.OpenAI(base_url=e["url"], api_key=key or "none", max_retries=0, timeout=60)
+    out = client.chat.completions.create(model=model or e["served_model_name"], max_tokens=4, temperature=0.0,
+                                         messages=[{"role": "user", "content": "Hello there"}])
+    assert out.choices[0].finish_reason in ("length", "stop")
+    return out.choices[0].message.content or ""
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module")
+def hub_repo(hub_tiny_model: Any) -> str:
+    return hub_tiny_model("mixtral", "awq", adapters=1)
+
+
+def test_lifecycle_from_hub_repo(tmp_path: Path, local_hub: Any, hub_repo: str) -> None:
+    data = tmp_path / "svc"
+    svc = LiveService(build_service_app(data, hub_endpoint=local_hub.endpoint, admin_token=ADMIN))
+    try:
+        r = svc.client.post("/api/endpoints", json={
+            "name": "lc", "model": hub_repo, "adapters": {"sql": f"{hub_repo}-lora-0"}, "gpu": "cpu",
+            "tags": ["test"]})
+        assert r.status_code == 201, r.text
+        created = r.json()
+        key = created["api_key"]
+        assert key and key.startswith("hdk_")
+        assert created["status"] in ("pending", "initializing")
+
+        e = wait_status(svc, "lc", {"running", "failed"})
+        assert e["status"] == "running", e["reason"]
+        phases = [h["phase"] for h in e["history"] if h["phase"]]
+        order = [p for p in ("downloading", "loading", "warming_up", "ready") if p in phases]
+        assert order == ["downloading", "loading", "warming_up", "ready"], phases
+        assert [phases.index(p) for p in order] == sorted(phases.index(p) for p in order)
+        assert e["progress"]["bytes_total"] > 0
+        assert e["progress"]["bytes_done"] == e["progress"]["bytes_total"]
+        assert e["url"].startswith("http://127.0.0.1:") and e["url"].endswith("/v1")
+
+        assert chat(e, key)
+        assert chat(e, key, model="sql") is not None  # the adapter is served by name
+        with pytest.raises(openai.AuthenticationError):
+            chat(e, "hdk_wrong")
+        with pytest.raises(openai.AuthenticationError):
+            chat(e, None)
+        store = svc.app.state.store
+        assert store.claimed_slots() == {"cpu:0": "lc"}
+        logs = svc.client.get("/api/endpoints/lc/logs", params={"tail": 50}).json()["lines"]
+        assert any("phase: ready" in line for line in logs)
+
+        # pause: process gone, slot freed, URL refuses
+        pid = store.get_endpoint("lc").pid
+        p = svc.client.post("/api/endpoints/lc/pause").json()
+        assert p["status"] == "paused" and p["url"] is None
+        assert not pid_alive(pid)
+        assert store.claimed_slots() == {}
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(e["url"].removesuffix("/v1") + "/health", timeout=2)
+
+        # resume: same key works again
+        assert svc.client.post("/api/endpoints/lc/resume").status_code == 200
+        e = wait_status(svc, "lc", {"running", "failed"})
+        assert e["status"] == "running", e["reason"]
+        assert chat(e, key)
+
+        # kill the child: failed with the reason, within seconds
+        pid = store.get_endpoint("lc").pid
+        t0 = time.monotonic()
+        os.killpg(pid, signal.SIGKILL)
+        f = wait_status(svc, "lc", {"failed"}, timeout=15)
+        assert time.monotonic() - t0 < 10
+        assert "exited" in f["reason"] and "log lines" in f["reason"]
+        assert store.claimed_slots() == {}
+
+        assert svc.client.post("/api/endpoints/lc/resume").status_code == 200
+        e = wait_status(svc, "lc", {"running", "failed"})
+        assert e["status"] == "running", e["reason"]
+        pid = store.get_endpoint("lc").pid
+    finally:
+        svc.stop()
+
+    # restart the service on the same data dir: the running endpoint is re-adopted
+    svc = LiveService(build_service_app(data, hub_endpoint=local_hub.endpoint, admin_token=ADMIN))
+    try:
+        listed = svc.client.get("/api/endpoints").json()["endpoints"]
+        assert [x["name"] for x in listed] == ["lc"]
+        e = wait_status(svc, "lc", {"running", "failed"}, timeout=30)
+        assert e["status"] == "running"
+        assert svc.app.state.store.get_endpoint("lc").pid == pid  # adopted, not restarted
+        assert chat(e, key)
+
+        d = svc.client.delete("/api/endpoints/lc")
+        assert d.status_code == 200 and d.json()["status"] == "deleted"
+        assert not pid_alive(pid)
+        assert not (data / "logs" / "lc.log").exists()
+        assert not (data / "secrets" / "lc.key").exists()
+        assert svc.client.get("/api/endpoints/lc").status_code == 404
+        assert svc.client.get("/api/endpoints").json()["endpoints"] == []
+        assert svc.app.state.store.claimed_slots() == {}
+    finally:
+        svc.stop()
+
+
+def test_restart_on_failure(tmp_path: Path, tiny_models: Any) -> None:
+    """A spec with restart_on_failure comes back by itself after its process dies."""
+    model = tiny_models("mixtral", "awq")
+    svc = LiveService(build_service_app(tmp_path / "svc", admin_token=ADMIN, allowed_model_roots=[model.parent]))
+    try:
+        r = svc.client.post("/api/endpoints", json={"name": "phoenix", "model": str(model), "access": "public",
+                                                    "restart_on_failure": True})
+        assert r.status_code == 201, r.text
+        assert r.json()["api_key"] is None
+        e = wait_status(svc, "phoenix", {"running", "failed"})
+        assert e["status"] == "running", e["reason"]
+        assert chat(e, None)  # public: no key needed
+        pid = svc.app.state.store.get_endpoint("phoenix").pid
+        os.killpg(pid, signal.SIGKILL)
+        wait_status(svc, "phoenix", {"failed"}, timeout=15)
+        e = wait_status(svc, "phoenix", {"running"}, timeout=120)
+        assert e["restarts"] == 1
+        assert svc.app.state.store.get_endpoint("phoenix").pid != pid
+        assert chat(e, None)
+        svc.client.delete("/api/endpoints/phoenix")
+    finally:
+        svc.stop()

@@ -1,0 +1,290 @@
+"""The loader on bad and unusual checkpoints: each bad one gets a clear error naming what is
+wrong (file, tensor, expected vs found); each unusual but valid layout (legacy
+quant_config.json, gptqmodel's expert naming, shards, dropped lm_head) loads to the very
+same model as the plain layout.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from serving.config import ConfigError
+from serving.hub import HubError, resolve_model_dir
+from serving.loader import CheckpointError, load_model
+from tests.helpers_forward import awq_quantize_checkpoint, make_hf_checkpoint, prefill_last_logits
+
+PROMPTS = [[5, 17, 3, 99, 42], [11, 12]]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("loader")
+    mix = make_hf_checkpoint("mixtral", root / "mixtral-fp16")
+    llama = make_hf_checkpoint("qwen2", root / "qwen2-fp16")
+    return {
+        "mixtral": mix,
+        "mixtral-awq": awq_quantize_checkpoint(mix, root / "mixtral-awq", 32, ["gate"]),
+        "qwen2": llama,
+    }
+
+
+def copy_of(src: Path, tmp_path: Path, name: str = "m") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(d: Path, **changes) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def edit_quant(d: Path, **changes) -> None:
+    q = json.loads((d / "config.json").read_text())["quantization_config"]
+    q.update(changes)
+    edit_config(d, quantization_config=q)
+
+
+def rewrite_tensors(d: Path, fn) -> None:
+    """fn(dict) -> dict over the single model.safetensors."""
+    path = d / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(fn(tensors), str(path), metadata={"format": "pt"})
+
+
+def logits(model_dir: Path) -> torch.Tensor:
+    model, _ = load_model(model_dir)
+    return prefill_last_logits(model, PROMPTS)
+
+
+# ----------------------------------------------------------------------------- config errors
+
+
+def test_unsupported_architecture_lists_supported(base, tmp_path: Path) -> None:
+    d = copy_of(base["qwen2"], tmp_path)
+    edit_config(d, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ConfigError, match=r"GPT2LMHeadModel is not supported.*MixtralForCausalLM.*Qwen3ForCausalLM"):
+        load_model(d)
+
+
+def test_trust_remote_code_only(base, tmp_path: Path) -> None:
+    d = copy_of(base["qwen2"], tmp_path)
+    edit_config(d, architectures=["MyFancyForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling.MyFancy"})
+    with pytest.raises(ConfigError, match=r"trust_remote_code"):
+        load_model(d)
+
+
+def test_awq_bits_other_than_4(base, tmp_path: Path) -> None:
+    d = copy_of(base["mixtral-awq"], tmp_path)
+    edit_quant(d, bits=8)
+    with pytest.raises(ConfigError, match=r"config\.json.*bits=8.*only 4-bit"):
+        load_model(d)
+
+
+def test_group_size_not_dividing_in_features(base, tmp_path: Path) -> None:
+    d = copy_of(base["mixtral-awq"], tmp_path)
+    edit_quant(d, group_size=48)  # a multiple of 8 that does not divide hidden 64
+    with pytest.raises(ConfigError, match=r"group_size 48 does not divide in_features 64 of model\.layers\.0\.self_attn\.q_proj"):
+        load_model(d)
+
+
+def test_group_size_not_multiple_of_8(base, tmp_path: Path) -> None:
+    d = copy_of(base["mixtral-awq"], tmp_path)
+    edit_quant(d, group_size=12)
+    with pytest.raises(ConfigError, match=r"group_size 12 is not supported.*multiple of 8"):
+        load_model(d)
+
+
+def test_compressed_tensors_not_served_yet(base, tmp_path: Path) -> None:
+    d = copy_of(base["qwen2"], tmp_path)
+    edit_config(d, quantization_config={
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"format": "pack-quantized", "weights": {"num_bits": 4}}},
+    })
+    with pytest.raises(ConfigError, match=r"compressed-tensors \(pack-quantized.*not served yet"):
+        load_model(d)
+
+
+def test_gptq_not_supported(base, tmp_path: Path) -> None:
+    d = copy_of(base["qwen2"], tmp_path)
+    edit_config(d, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False})
+    with pytest.raises(ConfigError, match=r"method 'gptq' is not supported.*AWQ"):
+        load_model(d)
+
+
+def test_awq_gemv_not_supported(base, tmp_path: Path) -> None:
+    d = copy_of(base["mixtral-awq"], tmp_path)
+    edit_quant(d, version="gemv")
+    with pytest.raises(ConfigError, match=r"version 'gemv' is not supported"):
+        load_model(d)
+
+
+# ----------------------------------------------------------------------------- tensor errors
+
+
+def test_missing_tensor(base, tmp_path: Path) -> None:
+    d = copy_of(base["mixtral-awq"], tmp_path)
+    rewrite_tensors(d, lambda t: {k: v for k, v in t.items() if k != "model.layers.1.block_sparse_moe.experts.2.w3.scales"})
+    with pytest.raises(CheckpointError, match=r"missing tensor.*model\.safetensors.*model\.layers\.1\.block_sparse_moe\.experts\.2\.w3\.scales"):
+        load_model(d)
+
+
+def test_unexpected_tensor(base, tmp_path: Path) -> None:
+    d = copy_of(base["qwen2"], tmp_path)
+    rewrite_tensors(d, lambda t: {**t, "model.layers.0.mlp.extra_proj.weight": torch.zeros(4, 4)})
+    with pytest.raises(CheckpointError, match=r"unexpected tensor.*model\.layers\.0\.mlp\.extra_proj\.weight.*model\.safetensors"):
+        load_model(d)
+
+
+def test_shape_mismatch_names_expected_and_found(base, tmp_path: Path) -> None:
+    d = copy_of(base["qwen2"], tmp_path)
+    rewrite_tensors(d, lambda t: {**t, "model.layers.1.self_attn.k_proj.bias": torch.zeros(30, dtype=torch.float16)})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.1\.self_attn\.k_proj\.bias has shape \[30\], expected \[32\]"):
+        load_model(d)
+
+
+def test_awq_tensors_without_quant_config(base, tmp_path: Path) -> None:
+    d = copy_of(base["mixtral-awq"], tmp_path)
+    edit_config(d, quantization_config=None)
+    with pytest.raises(CheckpointError, match=r"qweight is AWQ-packed but config\.json has no AWQ quantization_config"):
+        load_model(d)
+
+
+def test_corrupt_safetensors_header(base, tmp_path: Path) -> None:
+    d = copy_of(base["qwen2"], tmp_path)
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(raw[:8] + b"{not json" + raw[17:])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt or unreadable safetensors header"):
+        load_model(d)
+
+
+def test_no_safetensors(base, tmp_path: Path) -> None:
+    d = copy_of(base["qwen2"], tmp_path)
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors.*pytorch_model\.bin.*convert to safetensors"):
+        load_model(d)
+
+
+def test_missing_shard(base, tmp_path: Path) -> None:
+    d = copy_of(base["qwen2"], tmp_path)
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"missing: model-00002-of-00002\.safetensors"):
+        load_model(d)
+
+
+# ----------------------------------------------------------------------------- valid variants
+
+
+def test_legacy_quant_config_json(base, tmp_path: Path) -> None:
+    d = copy_of(base["mixtral-awq"], tmp_path)
+    q = json.loads((d / "config.json").read_text())["quantization_config"]
+    edit_config(d, quantization_config=None)
+    (d / "quant_config.json").write_text(json.dumps(
+        {"zero_point": True, "q_group_size": q["group_size"], "w_bit": 4, "version": "GEMM"}))
+    model, cfg = load_model(d)
+    assert cfg.quant.source == "quant_config.json" and cfg.quant.is_awq
+    assert torch.equal(prefill_last_logits(model, PROMPTS), logits(base["mixtral-awq"]))
+
+
+def test_gptqmodel_expert_naming(base, tmp_path: Path) -> None:
+    """`mlp.experts.N.gate_proj|up_proj|down_proj` + `mlp.gate` loads to the same Mixtral."""
+    d = copy_of(base["mixtral-awq"], tmp_path)
+    names = {".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+
+    def rename(t: dict) -> dict:
+        out = {}
+        for k, v in t.items():
+            k = k.replace(".block_sparse_moe.", ".mlp.")
+            for a, b in names.items():
+                k = k.replace(a, b)
+            out[k] = v
+        return out
+
+    rewrite_tensors(d, rename)
+    edit_quant(d, method="awq", format="gemm", quant_method="awq")
+    model, _ = load_model(d)
+    assert "model.layers.0.mlp.experts.3.up_proj" in model.lora_targets()
+    assert torch.equal(prefill_last_logits(model, PROMPTS), logits(base["mixtral-awq"]))
+
+
+def test_sharded_checkpoint(base, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base["qwen2"], dtype=torch.float16)
+    d = tmp_path / "sharded"
+    hf.save_pretrained(d, max_shard_size="40KB")
+    assert (d / "model.safetensors.index.json").is_file() and len(list(d.glob("*.safetensors"))) > 1
+    assert torch.equal(logits(d), logits(base["qwen2"]))
+
+
+def test_lm_head_absent_means_tied(base, tmp_path: Path) -> None:
+    """Some exports drop lm_head.weight of tied models without saying so in config.json."""
+    d = copy_of(base["qwen2"], tmp_path)
+    rewrite_tensors(d, lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"})
+    model, cfg = load_model(d)
+    assert model.lm_head is None and cfg.tie_word_embeddings
+    ids = PROMPTS[0]
+    h = model(torch.tensor(ids), torch.arange(len(ids)), _ctx_for(model, ids))
+    assert torch.equal(model.compute_logits(h[-1:]), (h[-1:] @ model.embed_tokens.weight.T).float())
+
+
+def _ctx_for(model, ids):
+    from tests.helpers_forward import PagedCache
+
+    return PagedCache(model.cfg, 1, len(ids)).context([0], [0], [len(ids)])
+
+
+def test_dtype_choices(base) -> None:
+    model, _ = load_model(base["qwen2"], dtype="bfloat16")
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert prefill_last_logits(model, PROMPTS).dtype == torch.float32
+    with pytest.raises(ConfigError, match=r"dtype 'int8' is not supported"):
+        load_model(base["qwen2"], dtype="int8")
+
+
+# ----------------------------------------------------------------------------- hub resolution
+
+
+def test_resolve_local_dir_as_is(base) -> None:
+    assert resolve_model_dir(str(base["qwen2"])) == base["qwen2"]
+
+
+def test_resolve_bad_references(tmp_path: Path) -> None:
+    with pytest.raises(HubError, match=r"neither an existing local directory nor a Hub repo id"):
+        resolve_model_dir(str(tmp_path / "does" / "not" / "exist"))
+    with pytest.raises(HubError, match=r"revision .* applies to Hub repos only"):
+        resolve_model_dir(str(tmp_path), revision="main")
+
+
+def test_resolve_from_local_hub(hub_tiny_model, local_hub, tiny_models, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repo id is downloaded from the (local) Hub and loads; bad ids/revisions/gates say why."""
+    repo = hub_tiny_model("llama", "none")
+    monkeypatch.setenv("HF_ENDPOINT", local_hub.endpoint)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    d = resolve_model_dir(repo)
+    assert (d / "config.json").is_file() and (d / "tokenizer.json").is_file()
+    model, cfg = load_model(d)
+    assert cfg.architecture == "LlamaForCausalLM"
+    with pytest.raises(HubError, match=r"repo nobody/nothing-here not found"):
+        resolve_model_dir("nobody/nothing-here")
+    with pytest.raises(HubError, match=r"has no revision 'no-such-branch'"):
+        resolve_model_dir(repo, revision="no-such-branch")
+    gated = "gatedtest/llama-none"
+    if gated not in local_hub.repo_ids():
+        local_hub.add_repo(gated, tiny_models("llama", "none"), gated=True)
+    with pytest.raises(HubError, match=r"is gated: accept its terms"):
+        resolve_model_dir(gated)
+    local_hub.grant("hf_loader_test_token", gated)
+    assert (resolve_model_dir(gated, token="hf_loader_test_token") / "model.safetensors").is_file()

@@ -1,0 +1,111 @@
+"""Scheduler: token budget, chunked prefill, decodes never starved, preemption by recompute."""
+from __future__ import annotations
+
+from serving.block_manager import BlockManager
+from serving.sampling_params import SamplingParams
+from serving.scheduler import ScheduledSeq, Scheduler
+from serving.sequence import Sequence, SequenceStatus
+
+BS = 4
+
+
+def make(num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 16, caching: bool = False) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, BS, caching), max_num_seqs, budget, max_model_len=256)
+
+
+def seq(rid: str, n: int, start: int = 0) -> Sequence:
+    return Sequence(rid, list(range(start, start + n)), SamplingParams(max_tokens=100))
+
+
+def advance(sched: Scheduler, batch: list[ScheduledSeq], token: int = 7) -> None:
+    """What the engine does after the forward pass (sampling a fixed token)."""
+    for item in batch:
+        samples = item.samples
+        item.seq.num_computed_tokens += item.num_tokens
+        sched.bm.commit(item.seq)
+        if samples:
+            item.seq.append_token(token)
+
+
+def test_budget_and_chunked_prefill() -> None:
+    s = make(budget=16)
+    long = seq("long", 40)
+    s.add(long)
+    sizes = []
+    while long.num_output_tokens == 0:
+        batch = s.schedule()
+        assert sum(i.num_tokens for i in batch) <= 16
+        sizes.append(batch[0].num_tokens)
+        advance(s, batch)
+    assert sizes == [16, 16, 8]
+    assert long.num_computed_tokens == 40 and len(long.block_table) == 10
+
+
+def test_decodes_run_every_step_while_a_long_prompt_prefills() -> None:
+    s = make(budget=8)
+    a = seq("a", 3)
+    s.add(a)
+    advance(s, s.schedule())  # a prefilled, has its first token
+    big = seq("big", 30, start=100)
+    s.add(big)
+    steps = 0
+    while big.num_output_tokens == 0:
+        left = big.num_uncomputed_tokens
+        batch = s.schedule()
+        by_id = {i.seq.request_id: i.num_tokens for i in batch}
+        assert by_id["a"] == 1, "the decode must be scheduled each step"
+        assert by_id["big"] == min(7, left)  # the rest of the budget
+        assert batch[0].seq is a  # decodes first
+        advance(s, batch)
+        steps += 1
+    assert steps == 5 and a.num_output_tokens == 1 + steps
+
+
+def test_max_num_seqs_caps_the_running_batch() -> None:
+    s = make(max_num_seqs=2, budget=64)
+    for i in range(4):
+        s.add(seq(f"r{i}", 3, start=10 * i))
+    batch = s.schedule()
+    assert [i.seq.request_id for i in batch] == ["r0", "r1"]
+    assert len(s.running) == 2 and len(s.waiting) == 2
+
+
+def test_fcfs_admission_in_arrival_order() -> None:
+    s = make(budget=10)
+    for i, n in enumerate([6, 6, 2]):
+        s.add(seq(f"r{i}", n, start=10 * i))
+    batch = s.schedule()
+    # r1 is chunked into the remaining 4 tokens; r2 waits its turn although it would fit
+    assert [(i.seq.request_id, i.num_tokens) for i in batch] == [("r0", 6), ("r1", 4)]
+
+
+def test_preemption_frees_blocks_and_requeues_at_the_front() -> None:
+    s = make(num_blocks=4, budget=64)  # 16 tokens of cache
+    a, b = seq("a", 7), seq("b", 7, start=50)
+    s.add(a)
+    s.add(b)
+    advance(s, s.schedule())  # both prefilled: 2 blocks each, cache full
+    assert s.bm.num_free_blocks == 0
+    advance(s, s.schedule())  # 8 tokens each, still fits
+    batch = s.schedule()  # both need a 3rd block: the newest (b) is preempted
+    assert [i.seq.request_id for i in batch] == ["a"]
+    assert s.num_preemptions == 1 and b.status == SequenceStatus.WAITING
+    assert s.waiting[0] is b and b.block_table == [] and b.num_computed_tokens == 0
+    assert b.num_output_tokens == 2  # its output is kept and recomputed later
+    advance(s, batch)
+    s.finish(a, "length")
+    assert s.bm.num_free_blocks == 4
+    batch = s.schedule()
+    assert [(i.seq.request_id, i.num_tokens) for i in batch] == [("b", 9)]  # prompt + 2 outputs
+    assert batch[0].samples
+
+
+def test_remove_frees_blocks_from_either_queue() -> None:
+    s = make(num_blocks=8, budget=64)
+    a, b = seq("a", 5), seq("b", 5)
+    s.add(a)
+    advance(s, s.schedule())
+    s.add(b)
+    s.remove(a)
+    s.remove(b)
+    assert not s.has_unfinished() and s.bm.num_free_blocks == 8

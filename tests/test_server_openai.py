@@ -1,0 +1,249 @@
+"""The endpoint through real clients: the `openai` SDK (sync, async, streaming), the
+`huggingface_hub.InferenceClient`, plain httpx for /health, /v1/models and /metrics —
+all against one real `hubdeploy serve` child process of the tiny AWQ Mixtral on loopback.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures.serve import TEST_API_KEY
+
+pytestmark = pytest.mark.timeout(240)
+
+USER = [{"role": "user", "content": "Tell me about the quick brown fox."}]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=tiny_server.base_url, api_key=TEST_API_KEY, max_retries=0, timeout=60)
+
+
+def scrape(server) -> dict[str, float]:
+    """`/metrics` parsed by prometheus_client's own parser: sample name -> value (unlabelled sum)."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[s.name] = out.get(s.name, 0.0) + s.value
+    return out
+
+
+def test_health_and_models(tiny_server) -> None:
+    r = httpx.get(tiny_server.url + "/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    models = httpx.get(tiny_server.base_url + "/models", headers=tiny_server.headers).json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    assert models["data"][0]["max_model_len"] == 256
+    # the phases the deploy service reads, in order
+    phases = [line.split()[1] for line in tiny_server.stdout().splitlines() if line.startswith("phase: ")]
+    assert phases == ["downloading", "loading", "warming_up", "ready"]
+
+
+def test_openai_sync_chat_and_completion(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(model="tiny", messages=USER, max_tokens=4, temperature=0)
+    assert chat.object == "chat.completion" and chat.id.startswith("chatcmpl-")
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage.completion_tokens == 4 and chat.usage.total_tokens == chat.usage.prompt_tokens + 4
+    # list-of-parts content renders exactly like the plain string
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Tell me about the "},
+                                           {"type": "text", "text": "quick brown fox."}]}]
+    chat2 = client.chat.completions.create(model="tiny", messages=parts, max_tokens=4, temperature=0)
+    assert chat2.choices[0].message.content == chat.choices[0].message.content
+    assert chat2.usage.prompt_tokens == chat.usage.prompt_tokens
+
+    comp = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=4, temperature=0)
+    assert comp.object == "text_completion" and comp.choices[0].finish_reason == "length"
+    assert comp.usage.completion_tokens == 4
+    # token-id prompts and batches of prompts
+    batch = client.completions.create(model="tiny", prompt=["The quick brown fox", "Hello"], max_tokens=2,
+                                      temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[0].text.startswith(comp.choices[0].text[:1]) or comp.choices[0].text == ""
+    ids = client.completions.create(model="tiny", prompt=[[5, 6, 7, 8]], max_tokens=2, temperature=0)
+    assert ids.usage.prompt_tokens == 4
+
+
+def test_openai_streaming_matches_non_streaming(client: openai.OpenAI) -> None:
+    full = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, temperature=0)
+    stream = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            pieces.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert "".join(pieces) == full.choices[0].message.content
+    assert finish == "length" and usage is not None and usage.completion_tokens == 6
+
+    text = ""
+    for chunk in client.completions.create(model="tiny", prompt="Hello there", max_tokens=5, temperature=0,
+                                           stream=True):
+        text += chunk.choices[0].text
+    assert text == client.completions.create(model="tiny", prompt="Hello there", max_tokens=5,
+                                             temperature=0).choices[0].text
+
+
+def test_openai_async_concurrent(tiny_server) -> None:
+    async def main() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=tiny_server.base_url, api_key=TEST_API_KEY, max_retries=0)
+        async def one(i: int) -> str:
+            r = await aclient.completions.create(model="tiny", prompt=f"Story number {i}", max_tokens=3,
+                                                 temperature=0)
+            return r.choices[0].text
+        try:
+            return list(await asyncio.gather(*(one(i) for i in range(3))))
+        finally:
+            await aclient.close()
+
+    texts = asyncio.run(main())
+    assert len(texts) == 3
+    sync = openai.OpenAI(base_url=tiny_server.base_url, api_key=TEST_API_KEY, max_retries=0)
+    # batched with others, each request still gets exactly its greedy answer
+    assert texts[1] == sync.completions.create(model="tiny", prompt="Story number 1", max_tokens=3,
+                                               temperature=0).choices[0].text
+
+
+def test_n_and_seed(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, n=2, seed=7,
+                                  temperature=1.0)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert r.usage.completion_tokens == 10
+    again = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, n=2, seed=7,
+                                      temperature=1.0)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]  # seeds seed+i reproduce
+    chat = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, n=2, seed=1, stream=True)
+    seen = {c.index for chunk in chat for c in chunk.choices}
+    assert seen == {0, 1}
+
+
+def test_logprobs(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3
+    for tok in content:
+        assert tok.logprob <= 0.0 and len(tok.top_logprobs) == 2
+        # greedy: the chosen token is the most likely one
+        assert tok.logprob == pytest.approx(max(t.logprob for t in tok.top_logprobs), abs=1e-4)
+    comp = client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0, logprobs=1)
+    assert len(comp.choices[0].logprobs.tokens) == 3
+    assert "".join(comp.choices[0].logprobs.tokens) == comp.choices[0].text
+
+
+def test_stop_across_token_boundary(tiny_server, client: openai.OpenAI) -> None:
+    """A stop string that starts inside one token and ends inside the next cuts the text
+    exactly before it, in both the JSON and the streamed answer."""
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ref = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, logprobs=0)
+    tokens, text = ref.choices[0].logprobs.tokens, ref.choices[0].text
+    assert "".join(tokens) == text
+    stop = None
+    pos = 0
+    for a, b in zip(tokens, tokens[1:]):
+        pos += len(a)
+        cand = a[-2:] + b[:2]
+        if (len(a) >= 2 and len(b) >= 2 and cand.isprintable() and "\ufffd" not in cand
+                and text.find(cand) == pos - 2):
+            stop = cand
+            break
+    if stop is None:
+        pytest.skip(f"no two adjacent multi-character tokens in {tokens!r}")
+    cut = text[: text.index(stop)]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    streamed, finish = "", None
+    for chunk in client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0,
+                                           stop=stop, stream=True):
+        streamed += chunk.choices[0].text
+        finish = chunk.choices[0].finish_reason or finish
+    assert streamed == cut and finish == "stop"
+
+
+def test_huggingface_inference_client(tiny_server) -> None:
+    from huggingface_hub import InferenceClient
+
+    hf = InferenceClient(base_url=tiny_server.base_url, api_key=TEST_API_KEY)
+    out = hf.chat_completion(messages=USER, model="tiny", max_tokens=4, temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    assert out.usage.completion_tokens == 4
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       hf.chat_completion(messages=USER, model="tiny", max_tokens=4, temperature=0, stream=True)
+                       if c.choices)
+    assert streamed == out.choices[0].message.content
+
+
+def test_metrics_move(tiny_server, client: openai.OpenAI) -> None:
+    before = scrape(tiny_server)
+    client.completions.create(model="tiny", prompt="Counting tokens now", max_tokens=3, temperature=0)
+    after = scrape(tiny_server)
+    assert after["hubdeploy:generation_tokens_total"] >= before["hubdeploy:generation_tokens_total"] + 3
+    assert after["hubdeploy:prompt_tokens_total"] > before["hubdeploy:prompt_tokens_total"]
+    assert after["hubdeploy:time_to_first_token_seconds_count"] == before["hubdeploy:time_to_first_token_seconds_count"] + 1
+    assert after["hubdeploy:e2e_request_latency_seconds_count"] == before["hubdeploy:e2e_request_latency_seconds_count"] + 1
+    assert after["hubdeploy:inter_token_latency_seconds_count"] >= before["hubdeploy:inter_token_latency_seconds_count"] + 2
+    for gauge in ("hubdeploy:num_requests_running", "hubdeploy:num_requests_waiting",
+                  "hubdeploy:num_requests_preempted", "hubdeploy:kv_cache_usage_perc",
+                  "hubdeploy:prefix_cache_hit_rate"):
+        assert gauge in after
+    assert after["hubdeploy:engine_ready"] == 1.0
+
+
+def test_disconnect_mid_stream_frees_kv_blocks(tiny_server) -> None:
+    before = scrape(tiny_server)
+    body = {"model": "tiny", "prompt": "Write a very long story", "max_tokens": 200, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as c:
+        with c.stream("POST", tiny_server.base_url + "/completions", json=body, headers=tiny_server.headers) as r:
+            assert r.status_code == 200
+            n = 0
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    n += 1
+                    if n == 3:
+                        break
+            mid = scrape(tiny_server)
+            assert mid["hubdeploy:kv_cache_usage_perc"] > 0.0  # the request holds blocks while it runs
+        # leaving both blocks closes the connection mid-stream
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = scrape(tiny_server)
+        if m["hubdeploy:num_requests_running"] == 0 and m["hubdeploy:kv_cache_usage_perc"] == 0.0:
+            break
+        time.sleep(0.2)
+    assert m["hubdeploy:num_requests_running"] == 0
+    assert m["hubdeploy:kv_cache_usage_perc"] == 0.0
+    assert m["hubdeploy:engine_requests_aborted_total"] == before["hubdeploy:engine_requests_aborted_total"] + 1
+    assert m["hubdeploy:generation_tokens_total"] < before["hubdeploy:generation_tokens_total"] + 200
+
+
+def test_lora_admin_routes_answer_not_implemented(tiny_server) -> None:
+    r = httpx.post(tiny_server.base_url + "/load_lora_adapter", headers=tiny_server.headers,
+                   json={"lora_name": "x", "lora_path": "/nowhere"})
+    assert r.status_code in (400, 404, 501)  # 501 until the LoRA manager fills the hook
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    if r.status_code == 501:
+        assert "--lora" in r.json()["error"]["message"]
+
+
+def test_sse_wire_format(tiny_server) -> None:
+    body = {"model": "tiny", "messages": USER, "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", tiny_server.base_url + "/chat/completions", json=body, headers=tiny_server.headers,
+                      timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    first = json.loads(events[0][6:])
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"

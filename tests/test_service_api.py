@@ -1,0 +1,163 @@
+"""The deploy service REST API (real app, real store, real local provisioner, local Hub)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from hub_integration.service import build_service_app, mount_page
+
+H = {"Authorization": "Bearer adm"}
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory, local_hub: Any, hub_tiny_model: Any, tiny_models: Any):
+    from serving.tiny import adapter_dir
+
+    repo = hub_tiny_model("mixtral", "awq", adapters=1)
+    model = tiny_models("mixtral", "awq", adapters=1)
+    app = build_service_app(tmp_path_factory.mktemp("svc"), hub_endpoint=local_hub.endpoint, admin_token="adm",
+                            allowed_model_roots=[model.parent], default_model=str(model))
+    client = TestClient(app)
+    client.repo, client.model, client.adapter = repo, str(model), str(adapter_dir(model, 0))  # type: ignore[attr-defined]
+    yield client
+    for e in client.get("/api/endpoints", headers=H).json()["endpoints"]:
+        client.delete(f"/api/endpoints/{e['name']}", headers=H)
+    app.state.provisioner.close()
+
+
+def wait(c: TestClient, name: str, want: set[str], timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        e = c.get(f"/api/endpoints/{name}", headers=H).json()
+        if e["status"] in want:
+            return e
+        assert time.monotonic() < deadline, e
+        time.sleep(0.2)
+
+
+def test_openapi_lists_the_design_routes(svc: TestClient) -> None:
+    paths = svc.get("/openapi.json").json()["paths"]
+    assert {"/api/inspect", "/api/endpoints", "/api/endpoints/{name}", "/api/endpoints/{name}/pause",
+            "/api/endpoints/{name}/resume", "/api/endpoints/{name}/logs",
+            "/api/endpoints/{name}/rotate_key"} <= set(paths)
+    assert {"get", "patch", "delete"} <= set(paths["/api/endpoints/{name}"])
+
+
+@pytest.mark.parametrize("method,url", [("get", "/api/endpoints"), ("post", "/api/endpoints"),
+                                        ("get", "/api/endpoints/x"), ("delete", "/api/endpoints/x"),
+                                        ("post", "/api/endpoints/x/pause"), ("get", "/api/inspect?model=a/b")])
+def test_admin_token_required(svc: TestClient, method: str, url: str) -> None:
+    assert getattr(svc, method)(url).status_code == 401
+    r = getattr(svc, method)(url, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+
+
+def test_unknown_endpoint_404(svc: TestClient) -> None:
+    for method, url in (("get", ""), ("delete", ""), ("post", "/pause"), ("post", "/resume"),
+                        ("post", "/rotate_key"), ("get", "/logs")):
+        r = getattr(svc, method)(f"/api/endpoints/nope{url}", headers=H)
+        assert r.status_code == 404 and "nope" in r.json()["detail"]
+    assert svc.patch("/api/endpoints/nope", json={"tags": []}, headers=H).status_code == 404
+
+
+def loc(svc: TestClient, **body: Any) -> list[Any]:
+    r = svc.post("/api/endpoints", json={"name": "v", "model": svc.model, **body}, headers=H)  # type: ignore[attr-defined]
+    assert r.status_code == 422, r.text
+    return r.json()["detail"][0]["loc"]
+
+
+def test_invalid_specs_422_naming_the_field(svc: TestClient) -> None:
+    assert loc(svc, name="Bad_Name") == ["body", "name"]
+    assert loc(svc, name="-x") == ["body", "name"]
+    assert loc(svc, model="https://huggingface.co/org/m") == ["body", "model"]
+    assert loc(svc, model="/etc/../etc") == ["body", "model"]
+    assert loc(svc, model="/etc") == ["body", "model"]  # outside the allowed roots
+    assert loc(svc, model="nobody/nothing") == ["body", "model"]  # not on the Hub
+    assert loc(svc, adapters={"z": "nobody/lora"}) == ["body", "adapters", "z"]
+    assert loc(svc, adapters={"z": "/tmp/no-such-adapter"}) == ["body", "adapters", "z"]
+    assert loc(svc, gpu="TPU-v9") == ["body", "gpu"]
+    assert loc(svc, gpu="T4", engine={"max_model_len": 999_999}) == ["body", "engine", "max_model_len"]
+    assert loc(svc, engine={"max_lora_rank": 1}, adapters={"a": svc.adapter}) == ["body", "adapters", "a"]  # type: ignore[attr-defined]
+    assert svc.get("/api/endpoints", headers=H).json()["endpoints"] == []
+
+
+def test_no_gpu_on_this_host_is_409_and_leaves_nothing(svc: TestClient) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU")
+    r = svc.post("/api/endpoints", json={"name": "gpu", "model": svc.model, "gpu": "T4"}, headers=H)  # type: ignore[attr-defined]
+    assert r.status_code == 409 and "pause or delete" in r.json()["detail"]
+    assert svc.get("/api/endpoints/gpu", headers=H).status_code == 404
+
+
+def test_inspect_route(svc: TestClient) -> None:
+    r = svc.get("/api/inspect", params={"model": svc.repo}, headers=H)  # type: ignore[attr-defined]
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["report"]["arch"]["architecture"] == "MixtralForCausalLM" and body["plans"]
+    r = svc.get("/api/inspect", params={"model": svc.model}, headers=H)  # type: ignore[attr-defined]
+    assert r.status_code == 200 and body["report"]["quant"]
+    assert svc.get("/api/inspect", params={"model": "nobody/nothing"}, headers=H).status_code == 404
+    r = svc.get("/api/inspect", params={"model": "/etc"}, headers=H)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "model"]
+    assert svc.get("/api/inspect", params={"model": "http://x/y"}, headers=H).status_code == 422
+
+
+def test_defaults_and_page(svc: TestClient) -> None:
+    d = svc.get("/api/defaults", headers=H).json()
+    assert d["model"] == svc.model and "cpu" in d["gpus"] and any(g.startswith("H100") for g in d["gpus"])  # type: ignore[attr-defined]
+    app = svc.app
+    if not any(getattr(r, "path", None) == "/deploy" for r in app.routes):  # type: ignore[attr-defined]
+        mount_page(app)  # type: ignore[arg-type]
+    assert "hubdeploy" in svc.get("/").text
+    r = svc.get("/deploy?model=org/m&adapters=a", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"] == "/?model=org/m&adapters=a"
+
+
+def test_duplicate_patch_rotate(svc: TestClient) -> None:
+    r = svc.post("/api/endpoints", json={"name": "dup", "model": svc.model}, headers=H)  # type: ignore[attr-defined]
+    assert r.status_code == 201, r.text
+    key = r.json()["api_key"]
+    assert loc(svc, name="dup") == ["body", "name"]
+    e = wait(svc, "dup", {"running", "failed"})
+    assert e["status"] == "running", e["reason"]
+
+    def chat_status(k: str | None) -> int:
+        return httpx.post(e["url"] + "/chat/completions", timeout=60,
+                          headers={"Authorization": f"Bearer {k}"} if k else {},
+                          json={"model": e["served_model_name"], "max_tokens": 2,
+                                "messages": [{"role": "user", "content": "hi"}]}).status_code
+
+    assert chat_status(key) == 200
+    r = svc.post("/api/endpoints/dup/rotate_key", headers=H)
+    new_key = r.json()["api_key"]
+    assert r.status_code == 200 and new_key and new_key != key
+    e = wait(svc, "dup", {"running", "failed"})
+    assert e["status"] == "running", e["reason"]
+    assert chat_status(key) == 401 and chat_status(new_key) == 200
+    assert svc.get("/api/endpoints/dup", headers=H).json()["api_key"] is None  # shown once only
+
+    p = svc.post("/api/endpoints/dup/pause", headers=H).json()
+    assert p["status"] == "paused"
+    r = svc.patch("/api/endpoints/dup", json={"tags": ["t1"], "engine": {"max_num_seqs": 3}}, headers=H)
+    assert r.status_code == 200, r.text
+    assert r.json()["spec"]["tags"] == ["t1"] and r.json()["spec"]["engine"]["max_num_seqs"] == 3
+    assert r.json()["status"] == "paused"  # a paused endpoint stays paused
+    r = svc.patch("/api/endpoints/dup", json={"engine": {"max_model_len": 10**6}}, headers=H)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "engine", "max_model_len"]
+    assert svc.patch("/api/endpoints/dup", json={"name": "other"}, headers=H).status_code == 422
+    r = svc.patch("/api/endpoints/dup", json={"access": "public"}, headers=H)
+    assert r.json()["spec"]["access"] == "public" and r.json()["api_key"] is None
+    assert svc.post("/api/endpoints/dup/rotate_key", headers=H).status_code == 409
+    r = svc.patch("/api/endpoints/dup", json={"access": "private"}, headers=H)
+    assert r.json()["api_key"]
+    logs = svc.get("/api/endpoints/dup/logs", params={"tail": 3}, headers=H).json()["lines"]
+    assert 0 < len(logs) <= 3
+    assert svc.get("/api/endpoints/dup/logs", params={"tail": 0}, headers=H).status_code == 422
+    assert svc.delete("/api/endpoints/dup", headers=H).json()["status"] == "deleted"
