@@ -36,7 +36,7 @@ if "--interp" in sys.argv:  # must precede the first kernel launch (kernels are 
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["HUBDEPLOY_FORCE_TRITON"] = "1"
 
-from kernels.awq import AWQPacked, awq_linear_ref, awq_linear_triton  # noqa: E402
+from kernels.awq import AWQPacked, awq_config, awq_linear_ref, awq_linear_triton  # noqa: E402
 from kernels.fused_moe import (  # noqa: E402
     AWQMoEWeights,
     MoEWeights,
@@ -206,7 +206,9 @@ def bench_awq_linear(shape: Shape, ms_list: list[int], dev: torch.device, bw: fl
             base["int4pack_mm"] = bench(lambda: int4mm(x), dev)
         if triton_on:
             ms = bench(lambda: awq_linear_triton(x, p), dev)
-            note = ""
+            note = f"BLOCK_M={awq_config(M, N, K, p.group_size, dev)['BLOCK_M']}"
+            if M <= 4:  # the other small-M design, to check the M-based choice
+                base["triton_dot16"] = bench(lambda: awq_linear_triton(x, p, BLOCK_M=16, BLOCK_N=64), dev)
         else:
             ms = bench(lambda: awq_linear_ref(x, p), dev)
             note = "reference (cached dequant); no Triton"
@@ -244,6 +246,8 @@ def bench_moe(shape: Shape, ms_list: list[int], dev: torch.device, bw: float, pe
                 base["fp16_fused_triton"] = bench(lambda: fused_moe_triton(x, dense, tw, ti), dev)
         if triton_on:
             ms = bench(lambda: fused_moe_triton(x, w, tw, ti), dev)
+            if M * k <= 2 * E:  # GEMV-shaped blocks vs the default BLOCK_M=16 tl.dot
+                base["triton_gemv_bm4"] = bench(lambda: fused_moe_triton(x, w, tw, ti, BLOCK_M=4, BLOCK_N=32), dev)
             note = f"{touched} experts touched"
         else:
             ms = bench(lambda: fused_moe_ref(x, w, tw, ti), dev)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hub_integration.gpus import catalog
 from serving.config import SUPPORTED_ARCHITECTURES
 
 if TYPE_CHECKING:
@@ -79,6 +80,11 @@ def check_compat(report: "ModelReport", token_given: bool = False) -> list["Comp
                               "re-upload the weights"))
     else:
         out.append(CompatItem("weights", "ok", f"{len(w.files)} safetensors file(s), {w.num_tensors} tensors"))
+    biggest = max(g.memory_bytes for g in catalog() if g.memory_gb <= 80)
+    if w.total_bytes > 0.9 * biggest:
+        out.append(CompatItem("size", "warn", f"{w.total_bytes / 1e9:.1f} GB of weights do not fit one 80 GB GPU "
+                              "(H100 / A100-80GB); only larger GPUs (H200, B200) can serve it",
+                              _suggest(report)))
     if not report.has_tokenizer:
         out.append(CompatItem("tokenizer", "error", "no tokenizer.json / tokenizer.model in the repo",
                               "add the tokenizer files of the base model to the repo"))

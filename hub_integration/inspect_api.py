@@ -28,6 +28,7 @@ def inspect_payload(model: str, revision: str | None = None, *, token: str | Non
         "plans": [p.to_dict() for p in plans],
         "suggested_gpu": fitting[0].gpu if fitting else None,
         "engine_defaults": fitting[0].engine_defaults() if fitting else None,
+        "serve_args": fitting[0].serve_args() if fitting else None,
     }
 
 

@@ -181,6 +181,8 @@ def plan(report: "ModelReport", gpu: GPU | str, adapters: Sequence["AdapterInfo 
     if weights > budget:
         fits = False
         reason = f"weights {_gb(weights)} exceed {budget_txt}"
+        if report.awq_variants:
+            reason += f"; try the AWQ 4-bit variant {report.awq_variants[0]}"
     elif kv_bytes <= 0:
         fits = False
         reason = (f"weights {_gb(weights)} + runtime {_gb(act + work + graphs + lora)} exceed {budget_txt}; "

@@ -272,8 +272,12 @@ def plot(runs: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend()
     if len(xs) > 1 and all(x and x > 0 for x in xs if x == x):
+        from matplotlib.ticker import FixedLocator, ScalarFormatter
+
         for a in axes:
             a.set_xscale("log", base=2)
+            a.xaxis.set_major_locator(FixedLocator([x for x in xs if x == x]))
+            a.xaxis.set_major_formatter(ScalarFormatter())
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)

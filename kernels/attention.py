@@ -390,7 +390,7 @@ def paged_attention_decode_triton(
     if partition_size is None:
         # Enough programs to fill a GPU (~132 SMs x 2) without splitting short contexts.
         want = max(1, 256 // max(1, bsz * hkv))
-        partition_size = max(256, triton.cdiv(triton.cdiv(span, want), block_n) * block_n)
+        partition_size = max(128, triton.cdiv(triton.cdiv(span, want), block_n) * block_n)
     partition_size = max(block_n, triton.cdiv(partition_size, block_n) * block_n)
     splits = max(1, triton.cdiv(max(span, 1), partition_size))
     out = torch.empty_like(q)

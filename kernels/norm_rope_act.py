@@ -159,13 +159,17 @@ def rotary_inv_freq(
     Follows `transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS` for `default`, `linear`,
     `dynamic`, `yarn` and `llama3`. `dynamic` is the static table transformers builds at
     init (sequence length = `max_position_embeddings`), which equals `default`: transformers
-    only re-scales once a sequence grows past `max_position_embeddings`; we do not (the engine
-    caps `max_model_len` there), so dynamic-NTK models are exact up to that length.
+    only re-scales once a sequence grows past `max_position_embeddings`; we do not, so
+    dynamic-NTK models match transformers up to that length and differ beyond it.
     """
     if head_dim % 2:
         raise ValueError(f"rotary: head_dim must be even, got {head_dim}")
     scaling = dict(rope_scaling or {})
     rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(
+            "rotary: partial_rotary_factor != 1 is not supported (Llama/Mixtral/Qwen rotate all of head_dim)"
+        )
     dim = head_dim
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
     if rope_type == "default":

@@ -78,15 +78,18 @@ class BlockManager:
                 self.free.move_to_end(block_id, last=False)  # nothing worth keeping: reuse first
 
     # --- sequence level --------------------------------------------------------------
-    def allocate_prefix(self, seq: Sequence) -> None:
+    def allocate_prefix(self, seq: Sequence) -> tuple[int, int]:
         """First allocation of a sequence: take shared blocks for the cached part of its prefix.
 
         Only blocks that end before the last token are looked up, so at least one token is
         always computed (its logits are needed) and shared blocks are never written to.
+        Returns the (queries, hits) it added to the counters, so a caller that gives the
+        blocks back at once (no room yet) can take the lookup back too.
         """
         assert not seq.block_table, "allocate_prefix on a sequence that already holds blocks"
         if not self.enable_prefix_caching:
-            return
+            return 0, 0
+        q0, h0 = self.prefix_queries, self.prefix_hits
         prev: int | None = None
         num_lookup = (len(seq.token_ids) - 1) // self.block_size
         for i in range(num_lookup):
@@ -106,7 +109,9 @@ class BlockManager:
             seq.block_hashes.append(h)
             prev = h
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
-        seq.num_cached_tokens = seq.num_computed_tokens
+        if seq.num_preemptions == 0:  # usage reports the prompt's hits, not a resume's
+            seq.num_cached_tokens = seq.num_computed_tokens
+        return self.prefix_queries - q0, self.prefix_hits - h0
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Grow `seq`'s block table so it can hold `num_tokens` tokens (caller checked room)."""

@@ -8,7 +8,7 @@ it from a single thread.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,9 @@ class LLMEngine:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if lora_name is not None and self.lora_manager is None:
+            raise ValueError(f"LoRA adapter {lora_name!r} is not loaded: this engine serves no adapters "
+                             "(start it with lora_modules)")
         seq = Sequence(request_id, ids, params, lora_name=lora_name, prompt=text)
         seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
         self.seqs[request_id] = seq

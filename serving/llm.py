@@ -47,9 +47,12 @@ class LLM:
         prompts: str | list[int] | Seq[str] | Seq[list[int]],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         lora: str | None | Seq[str | None] = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool | None = None,
     ) -> list[Output]:
-        """Generate for every prompt (text or token ids); outputs in prompt order."""
+        """Generate for every prompt (text or token ids); outputs in prompt order.
+
+        `use_tqdm`: a rich progress bar; None shows it for 32+ prompts on a terminal.
+        """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)
@@ -60,10 +63,12 @@ class LLM:
             raise ValueError(f"{n} prompts but {len(params)} sampling params and {len(loras)} lora names; "
                              "give one each or a single value for all")
         ids = [f"llm-{next(self._ids)}" for _ in range(n)]
-        for rid, p, sp, lo in zip(ids, prompts, params, loras):
-            self.engine.add_request(rid, p, sp, lora_name=lo)
         done: dict[str, RequestOutput] = {}
         progress = None
+        if use_tqdm is None:
+            import sys
+
+            use_tqdm = n >= 32 and sys.stderr.isatty()
         if use_tqdm:
             from rich.progress import Progress
 
@@ -71,6 +76,8 @@ class LLM:
             task = progress.add_task("generating", total=n)
             progress.start()
         try:
+            for rid, p, sp, lo in zip(ids, prompts, params, loras):
+                self.engine.add_request(rid, p, sp, lora_name=lo)
             while self.engine.has_unfinished():
                 for out in self.engine.step():
                     if out.finished:

@@ -51,7 +51,13 @@ class ModelRunner:
         self.num_blocks = self._decide_num_blocks(kv_cache_tokens, gpu_memory_utilization)
         self._allocate_kv_cache(self.num_blocks)
         if device.type == "cuda" and not enforce_eager:
-            self._capture_graphs()
+            try:
+                self._capture_graphs()
+            except Exception as e:  # pragma: no cover - a model op that cannot be captured
+                log.warning("CUDA graph capture failed (%s); decoding eagerly. enforce_eager=True skips "
+                            "the attempt", e)
+                self.graphs = {}
+                torch.cuda.synchronize(device)
 
     # --- KV cache --------------------------------------------------------------------
     @property

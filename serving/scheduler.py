@@ -89,6 +89,10 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.bm.can_allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
+                for j, item in enumerate(out):  # a victim already in this step's batch leaves it
+                    if item.seq is victim:
+                        budget += out.pop(j).num_tokens
+                        break
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -102,13 +106,14 @@ class Scheduler:
         # the cache is full and they would be preempted straight away)
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
-                self.bm.allocate_prefix(seq)
+            looked_up = self.bm.allocate_prefix(seq) if not seq.block_table else (0, 0)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.bm.can_allocate(seq, seq.num_computed_tokens + n):
                 # the engine guarantees max_model_len fits the cache, so a lone sequence always
                 # fits: wait for running ones to finish; give back prefix hits meanwhile
                 self.bm.free_seq(seq)
+                self.bm.prefix_queries -= looked_up[0]
+                self.bm.prefix_hits -= looked_up[1]
                 break
             self.waiting.popleft()
             self.bm.allocate(seq, seq.num_computed_tokens + n)

@@ -48,7 +48,7 @@ VENV_SCRIPT = textwrap.dedent(
     model = AutoAWQForCausalLM.from_pretrained(src, torch_dtype=torch.float16, device_map="cpu")
     # Many short texts: AutoAWQ silently drops samples longer than max_calib_seq_len.
     lines = [ln.strip() for ln in open(corpus_file).read().splitlines() if ln.strip()]
-    calib = [" ".join(lines[i:i + 2]) for i in range(len(lines))] * 8
+    calib = [" ".join(lines[i:i + 2]) for i in range(len(lines))] * 3
     qcfg = {"zero_point": True, "q_group_size": 32, "w_bit": 4, "version": "GEMM"}
     model.quantize(tok, quant_config=qcfg, calib_data=calib, max_calib_seq_len=32,
                    max_calib_samples=len(calib), n_parallel_calib_samples=None,
@@ -89,7 +89,7 @@ def autoawq_run(tiny_models, tmp_path_factory):
     corpus = out / "corpus.txt"
     corpus.write_text(CORPUS)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update({"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
+    env.update({"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
     proc = subprocess.run([str(VENV_PY), str(script), str(src), str(out), str(corpus)],
                           capture_output=True, text=True, timeout=240, env=env, cwd=out)
     if proc.returncode != 0:

@@ -2,8 +2,9 @@
 
 The reference is checked against `torch.nn.functional.scaled_dot_product_attention` on
 contiguous K/V (fp64); the Triton kernels against the reference (fp32: atol/rtol 2e-5;
-fp16: 2e-3). Triton runs under its CPU interpreter in a child process, as explained at the
-top of tests/test_kernels_ops.py (`interpreter_results`); with a GPU also in process on CUDA.
+fp16: 2e-3; bf16: 2e-2). Triton runs under its CPU interpreter in a child process, as explained at the
+top of tests/test_kernels_ops.py (`interpreter_results`); with a GPU also in process on CUDA;
+and every kernel is compiled ahead of time for sm_90 (`aot_compile`, no GPU needed).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import attention as attn
 from kernels.attention import (
     paged_attention,
     paged_attention_decode_triton,
@@ -23,7 +25,7 @@ from kernels.attention import (
     store_kv_ref,
     store_kv_triton,
 )
-from tests.test_kernels_ops import interpreter_results, run_cases_main
+from tests.test_kernels_ops import aot_compile, interpreter_results, run_cases_main
 
 CASES: dict[str, Callable[[str], None]] = {}
 
@@ -259,6 +261,24 @@ def case_dispatch_picks_decode_kernel(device: str) -> None:
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dt", ["fp16", "bf16"])
+def test_kernels_compile_for_sm90(dt: str) -> None:
+    """Mixtral shapes (GQA 4, D 128, block 16) at the block sizes the launchers pick on CUDA."""
+    p = f"*{dt}"
+    common = dict(q_ptr=p, kc_ptr=p, vc_ptr=p, bt_ptr="*i32", ctx_ptr="*i32", out_ptr=p)
+    for splits in (1, 8):
+        aot_compile(attn._decode_kernel, dict(common, tmp_o_ptr="*fp32", tmp_ml_ptr="*fp32"),
+                    dict(GROUP=4, BS=16, D=128, BLOCK_G=16, BLOCK_N=32, BLOCK_D=128, PART=512, SPLITS=splits,
+                         HAS_WINDOW=splits > 1, F32=False, PREC="tf32"), floats=("sm_scale",))
+    aot_compile(attn._decode_reduce_kernel, dict(tmp_o_ptr="*fp32", tmp_ml_ptr="*fp32", out_ptr=p),
+                dict(D=128, SPLITS=8, BLOCK_S=8, BLOCK_D=128))
+    aot_compile(attn._prefill_kernel, dict(common, cu_ptr="*i32"),
+                dict(GROUP=4, BS=16, D=128, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128, HAS_WINDOW=True, F32=False,
+                     PREC="tf32"), floats=("sm_scale",))
+    aot_compile(attn._store_kv_kernel, dict(k_ptr=p, v_ptr=p, kc_ptr=p, vc_ptr=p, slot_ptr="*i64"),
+                dict(BLOCK_H=8, BLOCK_D=128))
+
+
 @pytest.fixture(scope="module")
 def interp_results() -> dict[str, str]:
     return interpreter_results("tests.test_kernels_attention")
@@ -272,6 +292,7 @@ def test_triton_interpreted(name: str, interp_results: dict[str, str]) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # also under --noconftest
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_triton_cuda(name: str) -> None:
     CASES[name]("cuda")

@@ -1,8 +1,9 @@
 """Multi-LoRA shrink/expand: references vs PEFT and per-adapter float64 math, Triton vs references.
 
 Triton runs under its CPU interpreter in a child process, as explained at the top of
-tests/test_kernels_ops.py (`interpreter_results`); with a GPU also in process on CUDA.
-Tolerances: fp32 atol/rtol 1e-4 (sums over up to 96 products), fp16 output 2e-2.
+tests/test_kernels_ops.py (`interpreter_results`); with a GPU also in process on CUDA;
+and every kernel is compiled ahead of time for sm_90 (`aot_compile`, no GPU needed).
+Tolerances: fp32 atol/rtol 1e-4 (sums over up to 96 products); fp16/bf16 outputs 2e-2.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from kernels import lora as lora_mod
 from kernels.lora import (
     lora_expand,
     lora_expand_ref,
@@ -26,7 +28,7 @@ from kernels.lora import (
     moe_lora_shrink_ref,
     moe_lora_shrink_triton,
 )
-from tests.test_kernels_ops import interpreter_results, run_cases_main
+from tests.test_kernels_ops import aot_compile, interpreter_results, run_cases_main
 
 CASES: dict[str, Callable[[str], None]] = {}
 
@@ -249,6 +251,22 @@ def case_moe_rows(device: str) -> None:
     assert torch.equal(out, out2)
 
 
+@pytest.mark.parametrize("dt", ["fp16", "bf16"])
+def test_kernels_compile_for_sm90(dt: str) -> None:
+    p = f"*{dt}"
+    seg = dict(seg_start_ptr="*i32", seg_len_ptr="*i32", seg_slot_ptr="*i32")
+    for has_e in (False, True):
+        aot_compile(lora_mod._bgmv_shrink_kernel, dict(x_ptr=p, a_ptr=p, slot_ptr="*i32", e_ptr="*i32", t_ptr="*fp32"),
+                    dict(HAS_E=has_e, BLOCK_R=16, BLOCK_K=256))
+        aot_compile(lora_mod._bgmv_expand_kernel,
+                    dict(out_ptr=p, t_ptr="*fp32", b_ptr=p, slot_ptr="*i32", e_ptr="*i32", sc_ptr="*fp32"),
+                    dict(HAS_E=has_e, BLOCK_O=128, BLOCK_R=16))
+    aot_compile(lora_mod._sgmv_shrink_kernel, dict(seg, x_ptr=p, a_ptr=p, t_ptr="*fp32"),
+                dict(BLOCK_M=32, BLOCK_R=16, BLOCK_K=64, F32=False, PREC="tf32"))
+    aot_compile(lora_mod._sgmv_expand_kernel, dict(seg, out_ptr=p, t_ptr="*fp32", b_ptr=p, sc_ptr="*fp32"),
+                dict(BLOCK_M=32, BLOCK_O=64, BLOCK_R=16, F32=False, PREC="tf32"))
+
+
 @pytest.fixture(scope="module")
 def interp_results() -> dict[str, str]:
     return interpreter_results("tests.test_kernels_lora")
@@ -262,6 +280,7 @@ def test_triton_interpreted(name: str, interp_results: dict[str, str]) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # also under --noconftest
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_triton_cuda(name: str) -> None:
     CASES[name]("cuda")

@@ -11,6 +11,10 @@ file's Triton cases run in ONE child process (`python -m tests.<this module>`) s
 TRITON_INTERPRET=1 and HUBDEPLOY_FORCE_TRITON=1; the child reports each case as JSON and a
 parametrized test per case asserts it. Nothing in the parent's environment changes. With a
 GPU the same cases also run in process on CUDA (`gpu` marker).
+
+The interpreter accepts code the GPU compiler rejects (dtype mixes in `tl.dot`, shapes), so
+`aot_compile` also compiles each kernel for sm_90 through ptxas in this process, no GPU
+needed, at the fp16/bf16 configurations the GPU runs.
 """
 from __future__ import annotations
 
@@ -21,10 +25,12 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from kernels import norm_rope_act as nra
 from kernels.norm_rope_act import (
     apply_rotary,
     apply_rotary_ref,
@@ -67,6 +73,27 @@ def run_cases_main(cases: dict[str, Callable[[str], None]]) -> None:
         except Exception:  # report every failure, not just the first
             results[name] = traceback.format_exc()
     print(json.dumps(results))
+
+
+def aot_compile(kernel: Any, ptrs: dict[str, str], constexprs: dict[str, Any], floats: tuple[str, ...] = (),
+                num_warps: int = 4) -> None:
+    """Compile a `@triton.jit` kernel for an H100 (sm_90) down to a cubin, without a GPU.
+
+    Pointer args get the types in `ptrs`, `floats` are fp32 scalars, other args i32.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if triton.knobs.runtime.interpret or not hasattr(kernel, "arg_names"):
+        pytest.skip("kernels are interpreted in this process; nothing to compile")
+    signature = {
+        name: "constexpr" if name in constexprs else ptrs.get(name, "fp32" if name in floats else "i32")
+        for name in kernel.arg_names
+    }
+    src = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert compiled.asm.get("cubin"), f"{kernel.__name__}: no cubin produced"
 
 
 CASES: dict[str, Callable[[str], None]] = {}
@@ -267,9 +294,20 @@ def test_triton_interpreted(name: str, interp_results: dict[str, str]) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # also under --noconftest
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_triton_cuda(name: str) -> None:
     CASES[name]("cuda")
+
+
+@pytest.mark.parametrize("dt", ["fp16", "bf16"])
+def test_kernels_compile_for_sm90(dt: str) -> None:
+    p = f"*{dt}"
+    aot_compile(nra._rms_norm_kernel, dict(x_ptr=p, res_ptr=p, w_ptr=p, out_ptr=p, res_out_ptr=p),
+                dict(HAS_RES=True, BLOCK=8192), floats=("eps",), num_warps=8)
+    aot_compile(nra._rotary_kernel, dict(x_ptr=p, out_ptr=p, pos_ptr="*i64", cs_ptr="*fp32"),
+                dict(HALF=64, BLOCK_H=16, BLOCK_D=64))
+    aot_compile(nra._silu_and_mul_kernel, dict(x_ptr=p, out_ptr=p), dict(BLOCK=1024))
 
 
 def test_forced_triton_without_interpreter_is_a_clear_error() -> None:

@@ -68,6 +68,16 @@ def test_greedy_matches_transformers_generate(model_dir, llm: LLM) -> None:
         assert o.token_ids == g[0, len(ids):].tolist()
         assert o.finish_reason == "length" and len(o.token_ids) == NEW
         assert o.text == llm.tokenizer.decode(o.token_ids).rstrip("\ufffd")
+    # logprobs: the raw log-softmax of the reference's logits at each generated position
+    ids = prompts[-1]
+    o = llm.generate([ids], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3))[0]
+    with torch.no_grad():
+        ref_lp = torch.log_softmax(ref(torch.tensor([ids + o.token_ids])).logits[0].double(), -1)
+    for j, lp in enumerate(o.logprobs):
+        row = ref_lp[len(ids) - 1 + j]
+        assert lp.token_id == o.token_ids[j] and lp.top[0][0] == lp.token_id
+        assert lp.logprob == pytest.approx(float(row[lp.token_id]), abs=1e-4)
+        assert [t for t, _ in lp.top] == torch.topk(row, 3).indices.tolist()
 
 
 @pytest.mark.parametrize("params", [GREEDY, SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=7,
@@ -83,12 +93,15 @@ def test_batch_invariance(llm: LLM, params: SamplingParams) -> None:
     assert llm.engine.stats().kv_cache_usage == 0.0
 
 
-def test_preemption_gives_identical_outputs(model_dir, llm: LLM) -> None:
+@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
+def test_preemption_gives_identical_outputs(model_dir, llm: LLM, seeded: bool) -> None:
     prompts = prompts_mixed(8, seed=2)
     prompts = [p[:30] for p in prompts]
-    expect = llm.generate(prompts, GREEDY)
+    params = [SamplingParams(max_tokens=NEW, temperature=0.9, seed=100 + i, ignore_eos=True) if seeded else GREEDY
+              for i in range(len(prompts))]
+    expect = llm.generate(prompts, params)
     small = make_llm(model_dir, max_model_len=96, kv_cache_tokens=160)  # 10 blocks: ~2 sequences at once
-    got = small.generate(prompts, GREEDY)
+    got = small.generate(prompts, params)
     s = small.engine.stats()
     assert s.preemptions_total > 0
     assert [o.token_ids for o in got] == [o.token_ids for o in expect]
@@ -197,3 +210,9 @@ def test_cuda_graphs_match_eager(tiny_models) -> None:
     del graphs
     eager = LLM(d, enforce_eager=True, **opts).generate(prompts, GREEDY)
     assert [o.token_ids for o in got] == [o.token_ids for o in eager]
+
+
+def test_unknown_lora_is_a_clear_error(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="LoRA adapter 'nope' is not loaded"):
+        llm.generate(["Hi", "there"], GREEDY, lora=[None, "nope"])
+    assert not llm.engine.has_unfinished()

@@ -55,6 +55,9 @@ def test_mixtral_awq_fits_80gb_not_l4(awq: ModelReport) -> None:
 def test_bf16_does_not_fit_h100(bf16: ModelReport) -> None:
     p = plan(bf16, "H100")
     assert not p.fits and "93.4 GB" in p.reason and "exceed" in p.reason
+    assert "AWQ 4-bit variant TheBloke/Mixtral-8x7B-Instruct-v0.1-AWQ" in p.reason
+    size = next(c for c in bf16.compat if c.capability == "size")
+    assert size.status == "warn" and "TheBloke/Mixtral-8x7B-Instruct-v0.1-AWQ" in size.action
     assert plan(bf16, "H200").fits and plan(bf16, "B200").fits
 
 
@@ -91,7 +94,7 @@ def test_requested_lengths(awq: ModelReport) -> None:
     assert not tight.fits and "KV cache holds only" in tight.reason  # ~1000 tokens < 2048
     short = plan(awq, "A100-40GB", gpu_memory_utilization=util, max_model_len=512)
     assert short.fits and short.max_model_len == 512 and short.concurrency_at_max_len == short.kv_tokens // 512
-    full = plan(awq, "A100-40GB", gpu_memory_utilization=0.5)
+    full = plan(awq, "A100-40GB", gpu_memory_utilization=(base.weights_bytes + 2**20) / base.gpu_memory_bytes)
     assert not full.fits and "no memory is left for the KV cache" in full.reason
 
 

@@ -114,3 +114,12 @@ def test_logprobs_are_raw_log_softmax_with_top_alternatives() -> None:
     assert [v for _, v in lp.top] == pytest.approx([float(ref[3]), float(ref[0])], abs=1e-6)
     _, none = Sampler()(LOGITS.clone(), [row(temperature=0.0)])
     assert none == [None]
+
+
+def test_batched_filters_equal_row_by_row() -> None:
+    probs = torch.softmax(torch.randn(4, 30, generator=torch.Generator().manual_seed(3)), -1)
+    knobs = [(-1, 0.5, 0.0), (5, 1.0, 0.0), (3, 0.8, 0.1), (0, 1.0, 0.2)]
+    batched = filter_probs(probs, torch.tensor([k[0] for k in knobs]), torch.tensor([k[1] for k in knobs]),
+                           torch.tensor([k[2] for k in knobs]))
+    for i, (k, p, m) in enumerate(knobs):
+        torch.testing.assert_close(batched[i], filter_probs(probs[i], k, p, m), rtol=0, atol=0)

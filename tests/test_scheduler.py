@@ -109,3 +109,39 @@ def test_remove_frees_blocks_from_either_queue() -> None:
     s.remove(a)
     s.remove(b)
     assert not s.has_unfinished() and s.bm.num_free_blocks == 8
+
+
+def test_waiting_for_room_does_not_inflate_prefix_counters() -> None:
+    s = make(num_blocks=6, budget=64, caching=True)
+    first = seq("first", 9)
+    s.add(first)
+    advance(s, s.schedule())
+    s.finish(first, "stop")  # its 2 full blocks stay cached on the free list
+    hog = seq("hog", 13, start=100)  # 4 blocks, 2 left: hog takes the uncached ones first
+    s.add(hog)
+    advance(s, s.schedule())
+    again = Sequence("again", list(range(9)) + [200, 201, 202, 203], SamplingParams())  # 2 hits + 2 blocks
+    s.add(again)
+    for _ in range(3):
+        batch = s.schedule()
+        assert [i.seq.request_id for i in batch] == ["hog"]
+        advance(s, batch)
+    # only the lookups of first (2 misses) and hog (3 misses): again's retries were taken back
+    assert s.bm.prefix_queries == 5 and s.bm.prefix_hits == 0
+    assert s.waiting[0] is again and again.block_table == []
+
+
+def test_a_preempted_decode_leaves_the_batch_it_was_scheduled_in() -> None:
+    s = make(num_blocks=5, budget=64)
+    a = seq("a", 6)  # admitted first: 2 blocks
+    b = seq("b", 4, start=50)  # admitted second: 1 block, full after its prefill
+    s.add(a)
+    s.add(b)
+    advance(s, s.schedule())
+    # a keeps its prompt chunk running: make it a running prefill with 9 tokens left
+    a.token_ids += list(range(100, 109))
+    # b decodes (needs a 2nd block); a's chunk needs 4 blocks in all: only 1 is free after b's
+    batch = s.schedule()
+    ids = [i.seq.request_id for i in batch]
+    assert "b" not in ids and b.status == SequenceStatus.WAITING and b.block_table == []
+    assert ids == ["a"] and s.bm.num_free_blocks == 5 - len(a.block_table)

@@ -70,6 +70,9 @@ def test_openai_sync_chat_and_completion(client: openai.OpenAI) -> None:
     assert batch.choices[0].text.startswith(comp.choices[0].text[:1]) or comp.choices[0].text == ""
     ids = client.completions.create(model="tiny", prompt=[[5, 6, 7, 8]], max_tokens=2, temperature=0)
     assert ids.usage.prompt_tokens == 4
+    echo = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=4, temperature=0,
+                                     echo=True)
+    assert echo.choices[0].text == "The quick brown fox" + comp.choices[0].text
 
 
 def test_openai_streaming_matches_non_streaming(client: openai.OpenAI) -> None:

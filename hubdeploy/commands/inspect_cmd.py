@@ -93,9 +93,9 @@ def _print_tables(payload: dict) -> None:
                    str(p["concurrency_at_max_len"]) if p["fits"] else "-", f"{p['decode_tok_s']:.0f}",
                    p["reason"])
     con.print(gt)
-    if payload.get("engine_defaults"):
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in payload["engine_defaults"].items())
-        con.print(f"serve on {payload['suggested_gpu']}: hubdeploy serve {r['repo_id']} {flags}")
+    if payload.get("serve_args"):
+        con.print(f"serve on {payload['suggested_gpu']}: hubdeploy serve {r['repo_id']} "
+                  + " ".join(payload["serve_args"]), soft_wrap=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -114,6 +114,10 @@ def _load(app: Any, args: argparse.Namespace, loras: dict[str, str], server: Any
         t0 = time.perf_counter()
         engine = AsyncEngine(_engine_args(args, model_dir, loras))
         app.state.engine = engine
+        if loras and getattr(engine.engine, "lora_manager", None) is None:
+            raise RuntimeError(f"--lora was given ({', '.join(loras)}) but this engine build loaded no LoRA "
+                               "manager, so adapter requests would silently run the base model; "
+                               "serve without --lora or use a build with serving.lora")
         set_phase(app, "warming_up")
         phase("warming_up", f"loaded in {time.perf_counter() - t0:.1f}s")
         asyncio.run(_warm_up(engine))

@@ -129,6 +129,20 @@ def attach_engine(app: FastAPI, engine: Any, chat_template: str | None = None,
     state.phase = "ready"
 
 
+def set_lora_hooks(app: FastAPI, load: LoRALoadHook | None, unload: LoRAUnloadHook | None,
+                   adapters: dict[str, str] | None = None) -> None:
+    """Let the LoRA manager serve `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`.
+
+    `load(name, path)` / `unload(name)` are awaited by the routes and raise `OpenAIError`
+    (or `ValueError`, answered 400) on a bad adapter; `adapters` (name -> source) replaces
+    the list `/v1/models` shows, e.g. with what the engine actually loaded.
+    """
+    state: ServerState = app.state.server
+    state.lora_load, state.lora_unload = load, unload
+    if adapters is not None:
+        state.adapters = dict(adapters)
+
+
 def set_phase(app: FastAPI, phase: str, failure: str | None = None) -> None:
     """Record the loading phase (shown by `/health` while not ready) or a failure."""
     state: ServerState = app.state.server
@@ -300,7 +314,11 @@ def _install_lora_routes(app: FastAPI, state: ServerState) -> None:
         if body.lora_name == state.served_model_name or body.lora_name in state.adapters:
             raise OpenAIError(f"an adapter or model named '{body.lora_name}' is already served", 400,
                               param="lora_name", code="adapter_exists")
-        await state.lora_load(body.lora_name, body.lora_path)
+        try:
+            await state.lora_load(body.lora_name, body.lora_path)
+        except ValueError as e:
+            raise OpenAIError(f"cannot load adapter '{body.lora_name}' from {body.lora_path}: {e}", 400,
+                              param="lora_path", code="invalid_adapter") from e
         state.adapters[body.lora_name] = body.lora_path
         return JSONResponse({"status": "ok", "lora_name": body.lora_name})
 
@@ -437,12 +455,29 @@ async def _run_all(state: ServerState, engine: Any, rid: str, prompts: list[list
     tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
     try:
         return list(await asyncio.gather(*tasks))
+    except OpenAIError:
+        raise
+    except Exception as e:
+        raise _engine_error(e) from e
     finally:
         for t in tasks:
             t.cancel()
         for r in ids:
             if r not in done:
                 _abort(engine, r)
+
+
+def _engine_error(e: BaseException) -> OpenAIError:
+    """What the engine raised for one request, as the client should see it."""
+    if isinstance(e, OpenAIError):
+        return e
+    if type(e).__name__ == "EngineDeadError":
+        return OpenAIError(f"the engine is not running: {e}", 503, code="engine_dead")
+    if isinstance(e, ValueError):  # the engine refused the request (e.g. it can never fit the KV cache)
+        return OpenAIError(f"the engine refused the request: {e}", 400, code="invalid_request")
+    logger.error("request failed in the engine: %s: %s", type(e).__name__, e)
+    return OpenAIError(f"generation failed ({type(e).__name__}); the server log has the details", 500,
+                       code="engine_error")
 
 
 def _abort(engine: Any, request_id: str) -> None:
@@ -510,11 +545,8 @@ def _data(obj: Any) -> str:
 
 
 def _stream_error(e: Exception) -> str:
-    err = e if isinstance(e, OpenAIError) else OpenAIError(
-        f"generation failed ({type(e).__name__}); the server log has the details", 500, code="engine_error")
-    if not isinstance(e, OpenAIError):
-        logger.exception("stream failed", exc_info=e)
-    return f"data: {json.dumps(err.body())}\n\n"
+    """An error that happens after the 200 went out travels as one SSE event (as vLLM does)."""
+    return f"data: {json.dumps(_engine_error(e).body())}\n\n"
 
 
 async def _chat_stream(state: ServerState, engine: Any, body: ChatCompletionRequest, rid: str,

@@ -96,6 +96,8 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
         return OpenAIError("the request body must be a JSON object", 400, code="invalid_request_body")
     param = _param_of(loc)
     msg = first.get("msg", "invalid value")
+    if first.get("type") == "too_short" and param == "messages":
+        msg = "send at least one message"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if first.get("type") == "missing":
