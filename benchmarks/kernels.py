@@ -221,7 +221,11 @@ def bench_awq_linear(shape: Shape, ms_list: list[int], dev: torch.device, bw: fl
 def _row(kernel: str, shape: Shape, M: int, ms: float, nbytes: float, flops: float, bw: float, peak: float,
          base: dict[str, float], note: str = "") -> Row:
     s = ms / 1000
-    return Row(kernel, shape.name, M, ms, nbytes / s / 1e9, nbytes / s / bw, flops / s / 1e12, flops / s / peak, base, note)
+    r = Row(kernel, shape.name, M, ms, nbytes / s / 1e9, nbytes / s / bw, flops / s / 1e12, flops / s / peak, base, note)
+    # progress on stderr, so a run cut short by a timeout still leaves its numbers
+    print(f"  {kernel} {shape.name} M={M}: {ms:.4f} ms, {100 * r.bw_frac:.1f}% bw, "
+          + " ".join(f"{k}={v:.4f}ms" for k, v in base.items()), file=sys.stderr, flush=True)
+    return r
 
 
 def bench_moe(shape: Shape, ms_list: list[int], dev: torch.device, bw: float, peak: float, triton_on: bool,
@@ -327,6 +331,14 @@ def print_table(rows: list[Row], steps: list[dict[str, Any]], bw: float, peak: f
                   f"{s['roofline_ms']:>9.3f}{100 * s['frac_of_roofline']:>7.1f}{s['tok_per_s']:>9.1f}")
 
 
+def dump(path: str | None, dev: torch.device, bw: float, peak: float, triton_on: bool, rows: list[Row],
+         steps: list[dict[str, Any]]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(device=str(dev), copy_bw=bw, matmul_peak=peak, triton=triton_on,
+                           rows=[{**asdict(r), "speedups": r.speedups()} for r in rows], decode_steps=steps), f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (proves the script runs)")
@@ -358,16 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_awq_linear(sh, ms_list, dev, bw, peak, triton_on)
         rows += bench_moe(sh, ms_list, dev, bw, peak, triton_on, dense_too=not args.no_dense)
         print(f"  {sh.name}: {time.time() - t:.1f}s", file=sys.stderr)
+        dump(args.json_out, dev, bw, peak, triton_on, rows, [])
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     steps: list[dict[str, Any]] = []
     if batches:
         step_shape = TINY if smoke else MIXTRAL
         steps = bench_decode_step(step_shape, batches, dev, bw, triton_on)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(dict(device=str(dev), copy_bw=bw, matmul_peak=peak, triton=triton_on,
-                           rows=[{**asdict(r), "speedups": r.speedups()} for r in rows], decode_steps=steps), f, indent=1)
+    dump(args.json_out, dev, bw, peak, triton_on, rows, steps)
     print_table(rows, steps, bw, peak, dev)
     return 0
 

@@ -11,8 +11,10 @@ The Triton kernel never materialises W: per K tile (inside one group) it compute
 `s · (dot(a, q) − z · sum(a))` — raw 0..15 nibbles go through `tl.dot` exactly in fp16/bf16
 and the zero point leaves the inner loop. Small M (decode) splits K so a few output tiles still fill
 the GPU: M ≤ 4 runs as a GEMV (multiply-reduce, no tensor cores), M ≤ 16 as a skinny
-`tl.dot` with BLOCK_M = 16; large M (prefill) uses bigger tiles and no split. Triton kernels are built lazily (`_kernels()`), per interpreter mode, because
-`triton.jit` decides between compiled and interpreted at decoration time.
+`tl.dot` with BLOCK_M = 16; large M (prefill) uses bigger tiles and no split. Triton kernels are built lazily (`_kernels()`, keyed by interpreter mode) so importing this
+module never imports triton: the CPU engine only needs the torch reference. Triton fixes
+compiled-vs-interpreted at its first import, so TRITON_INTERPRET=1 must be set before that
+(tests run the interpreter in a child process, see tests/test_kernels_awq.py).
 """
 from __future__ import annotations
 
@@ -250,6 +252,20 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def check_launchable(kernel: Any, t: torch.Tensor) -> None:
+    """Clear error for a forced Triton call on CPU tensors without Triton's interpreter."""
+    if t.is_cuda:
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(kernel, InterpretedFunction):
+        raise RuntimeError(
+            "Triton kernel called on CPU tensors but Triton runs compiled in this process: set "
+            "TRITON_INTERPRET=1 before the first `import triton`, or unset HUBDEPLOY_FORCE_TRITON "
+            "to use the torch reference."
+        )
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -304,7 +320,9 @@ def awq_linear_triton(
     c = out if split == 1 else torch.empty(split, M, N, device=x.device, dtype=torch.float32)
     grid = (triton_cdiv(N, cfg["BLOCK_N"]), triton_cdiv(M, cfg["BLOCK_M"]), split)
     compute_f32 = interpreting() or x.dtype == torch.float32
-    _kernels()[grid](
+    kernel = _kernels()
+    check_launchable(kernel, x)
+    kernel[grid](
         a, packed.qweight, packed.qzeros, packed.scales, c,
         M, N, K,
         a.stride(0), a.stride(1), packed.qweight.stride(0), packed.qzeros.stride(0), packed.scales.stride(0),
@@ -338,6 +356,7 @@ __all__ = [
     "awq_linear_triton",
     "awq_linear",
     "awq_config",
+    "check_launchable",
     "pack_int4_natural",
     "unpack_int4_natural",
     "stack_packed",

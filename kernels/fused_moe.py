@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from kernels.awq import AWQPacked, awq_repack, concat_out, stack_packed
+from kernels.awq import AWQPacked, awq_repack, check_launchable, concat_out, stack_packed
 from kernels.dispatch import interpreting, use_triton
 
 # ----------------------------------------------------------------------------------------
@@ -365,7 +365,9 @@ def _grouped_gemm(
         zs = (0, 0, 0, 0)
     tw = topk_weights if topk_weights is not None else a
     grid = (n_tiles, num_blocks, split)
-    _kernels()[0][grid](
+    kernel = _kernels()[0]
+    check_launchable(kernel, a)
+    kernel[grid](
         a, b, qz, s, c, tw, sorted_ids, expert_ids, ntp,
         N, K, out_rows,
         a.stride(0), stride_be, stride_bn, stride_bk, *zs, (out_rows * N if split > 1 else 0), N,
@@ -385,7 +387,9 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, I, device=h.device, dtype=h.dtype)
     if rows:
         block = min(1024, max(16, 1 << (I - 1).bit_length()))
-        _kernels()[1][(rows, -(-I // block))](h, out, I, h.stride(0), out.stride(0), BLOCK=block)
+        kernel = _kernels()[1]
+        check_launchable(kernel, h)
+        kernel[(rows, -(-I // block))](h, out, I, h.stride(0), out.stride(0), BLOCK=block)
     return out
 
 

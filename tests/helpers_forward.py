@@ -64,10 +64,6 @@ class PagedCache:
         )
 
 
-def _last_rows(cu: list[int]) -> torch.Tensor:
-    return torch.tensor([c - 1 for c in cu[1:]], dtype=torch.long)
-
-
 @torch.no_grad()
 def prefill_last_logits(model, prompts: list[list[int]], block_size: int = 4,
                         cache: PagedCache | None = None) -> torch.Tensor:

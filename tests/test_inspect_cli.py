@@ -88,3 +88,12 @@ def test_inspect_api_function(shape_only_hub) -> None:
         inspect_payload("nobody/nothing", endpoint=shape_only_hub.endpoint)
     status, body = error_body(e.value)
     assert status == 404 and body["error"]["code"] == "repo_not_found"
+
+
+def test_local_directory(tiny_models, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tiny_models("qwen3_moe", "awq")
+    assert main(["inspect", str(d), "--json", "--gpu", "T4"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    r = payload["report"]
+    assert r["source"] == "local" and r["arch"]["architecture"] == "Qwen3MoeForCausalLM"
+    assert r["servable"] and payload["plans"][0]["fits"] and payload["serve_args"][0] == "--max-model-len"

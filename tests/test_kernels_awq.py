@@ -1,17 +1,20 @@
 """W4A16 AWQ linear: repack round trip, torch reference, Triton kernel vs a float64 reference.
 
-How the Triton kernels run without a GPU: the `device` fixture sets `TRITON_INTERPRET=1` and
-`HUBDEPLOY_FORCE_TRITON=1` with monkeypatch for the test only. That is enough because
-triton 3.9 reads TRITON_INTERPRET when `triton.jit` decorates a function, and kernels/awq.py
-builds its kernels lazily on first launch, cached per interpreter mode; other test modules
-in the same pytest process keep the plain environment. The "cuda" variants (marker `gpu`)
-run the same checks compiled on a GPU.
+How the Triton cases run without a GPU (the scheme of tests/test_kernels_ops.py, whose
+`interpreter_results` / `run_cases_main` / `aot_compile` are reused): Triton decides
+compiled-vs-interpreted when it is first imported, and pytest imports every test module into
+one process, so the cases in `CASES` run in ONE child process (`python -m
+tests.test_kernels_awq`) started with TRITON_INTERPRET=1 and HUBDEPLOY_FORCE_TRITON=1; a
+parametrized test per case asserts its result. With a GPU the same cases run in process on
+CUDA (`gpu` marker). `aot_compile` proves the same source compiles to an sm_90 cubin.
 
 Tolerance: max |y − y_ref| ≤ tol · max |y_ref|, with y_ref in float64 from the exact
 dequantized weight and x rounded to its test dtype; tol = 1e-5 fp32, 4e-3 fp16, 2e-2 bf16
 (output rounding plus fp16/bf16 tensor-core inputs).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -27,20 +30,21 @@ from kernels.awq import (
     unpack_int4_natural,
 )
 from kernels.awq_format import awq_dequantize, awq_quantize, awq_unpack
+from tests.test_kernels_ops import aot_compile, interpreter_results, run_cases_main
 
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-# skipif as well as the marker: gpu_check.sh runs pytest with --noconftest
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+CASES: dict[str, Callable[[str], None]] = {}
 
 
-@pytest.fixture(params=DEVICES)
-def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """'cpu' = Triton interpreter (env set for this test only); 'cuda' = compiled."""
-    if request.param == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setenv("HUBDEPLOY_FORCE_TRITON", "1")
-    return torch.device(request.param)
+def case(name: str, fn: Callable[..., None], **kw: object) -> None:
+    """Register a Triton case `fn(dev, **kw)`, seeded so the child and a GPU run agree."""
+    seed = len(CASES)
+
+    def run(dev: str) -> None:
+        torch.manual_seed(seed)
+        fn(dev, **kw)
+
+    CASES[name] = run
 
 
 def _layer(out_f: int, in_f: int, g: int, seed: int = 0, device: str | torch.device = "cpu"):
@@ -134,41 +138,86 @@ def test_dispatcher_uses_reference_on_cpu_without_force(monkeypatch: pytest.Monk
     assert torch.equal(awq_linear(x, p), awq_linear_ref(x, p))
 
 
-# ---------------------------------------------------------------- Triton vs float64
+# ---------------------------------------------------------------- Triton vs float64 (cases)
 
 
-@pytest.mark.parametrize("g", [32, 64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("M", [1, 3, 7, 33])
-def test_triton_matches_reference(device: torch.device, M: int, dtype: torch.dtype, g: int) -> None:
-    _, p = _layer(72, 256, g, seed=M, device=device)  # N = 72: not a multiple of BLOCK_N
+def _triton_matches_reference(dev: str, M: int, dtype: torch.dtype, g: int) -> None:
+    _, p = _layer(72, 256, g, seed=M, device=dev)  # N = 72: not a multiple of BLOCK_N
     x = torch.randn(M, 256).to(dtype)
-    y = awq_linear_triton(x.to(device), p)
+    y = awq_linear_triton(x.to(dev), p)
     assert y.shape == (M, 72) and y.dtype == dtype
     _assert_close(y, x.double() @ _exact_w(p).t(), TOL[dtype])
 
 
-@pytest.mark.parametrize("split", [1, 3, 8])
-def test_triton_split_k_and_bias(device: torch.device, split: int) -> None:
-    _, p = _layer(40, 256, 32, seed=3, device=device)
+for _g in (32, 64, 128):
+    for _dt in (torch.float32, torch.float16, torch.bfloat16):
+        for _m in (1, 3, 33):  # GEMV (M=1, M=3 padded to 4) and tiled tl.dot
+            case(f"linear_M{_m}_{str(_dt)[6:]}_g{_g}", _triton_matches_reference, M=_m, dtype=_dt, g=_g)
+case("linear_M7_float16_g64", _triton_matches_reference, M=7, dtype=torch.float16, g=64)
+
+
+def _split_k_and_bias(dev: str, split: int, bm: int) -> None:
+    _, p = _layer(40, 256, 32, seed=3, device=dev)
     x = torch.randn(2, 256, dtype=torch.float16)
     bias = torch.randn(40, dtype=torch.float16)
-    y = awq_linear_triton(x.to(device), p, bias.to(device), SPLIT_K=split)
+    y = awq_linear_triton(x.to(dev), p, bias.to(dev), SPLIT_K=split, BLOCK_M=bm)
     _assert_close(y, x.double() @ _exact_w(p).t() + bias.double(), TOL[torch.float16])
 
 
-def test_triton_prefill_tiles(device: torch.device) -> None:
+for _s in (1, 3, 8):
+    for _bm in (2, 16):
+        case(f"split_k{_s}_bm{_bm}", _split_k_and_bias, split=_s, bm=_bm)
+
+
+def _prefill_tiles(dev: str) -> None:
     """Several M tiles and K tiles inside one group (BLOCK_K < group)."""
-    _, p = _layer(64, 256, 128, seed=4, device=device)
+    _, p = _layer(64, 256, 128, seed=4, device=dev)
     x = torch.randn(70, 256, dtype=torch.float16)
-    y = awq_linear_triton(x.to(device), p, BLOCK_M=32, BLOCK_K=32, SPLIT_K=1)
+    y = awq_linear_triton(x.to(dev), p, BLOCK_M=32, BLOCK_K=32, SPLIT_K=1)
     _assert_close(y, x.double() @ _exact_w(p).t(), TOL[torch.float16])
 
 
-def test_dispatcher_forced_triton_equals_triton(device: torch.device) -> None:
-    _, p = _layer(32, 64, 32, device=device)
-    x = torch.randn(2, 64).to(device)
+case("prefill_tiles", _prefill_tiles)
+
+
+def _dispatcher_forced(dev: str) -> None:
+    _, p = _layer(32, 64, 32, device=dev)
+    x = torch.randn(2, 64).to(dev)
     assert torch.equal(awq_linear(x, p), awq_linear_triton(x, p))
+
+
+case("dispatcher_forced", _dispatcher_forced)
+
+
+@pytest.fixture(scope="module")
+def interp_results() -> dict[str, str]:
+    return interpreter_results("tests.test_kernels_awq")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_triton_interpreted(name: str, interp_results: dict[str, str]) -> None:
+    assert interp_results.get(name) == "ok", interp_results.get(name, "case missing from the child's report")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # for --noconftest runs
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_triton_cuda(name: str) -> None:
+    CASES[name]("cuda")
+
+
+def test_forced_triton_without_interpreter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This (parent) process runs Triton compiled; forcing it onto CPU tensors must say why it fails."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("HUBDEPLOY_FORCE_TRITON", "1")
+    import triton
+
+    if triton.knobs.runtime.interpret:
+        pytest.skip("triton was imported with its interpreter in this process")
+    _, p = _layer(16, 64, 32)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        awq_linear(torch.randn(1, 64), p)
 
 
 def test_config_picks_decode_and_prefill_paths() -> None:
@@ -185,60 +234,20 @@ def test_config_picks_decode_and_prefill_paths() -> None:
 
 # ---------------------------------------------------------------- compiled path, without a GPU
 
-_SM90_SCRIPT = r"""
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import importlib
-spec = json.loads(sys.argv[1])
-mod = importlib.import_module(spec["module"])
-kernel = mod._kernels()
-if spec["index"] is not None:
-    kernel = kernel[spec["index"]]
-for ptrs, consts, nw, ns in spec["configs"]:
-    sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in kernel.arg_names}
-    k = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=nw, num_stages=ns))
-    assert k.asm.get("cubin"), "no cubin"
-print("compiled", len(spec["configs"]))
-"""
+
+@pytest.mark.parametrize("dtype,bm,bn,bk,f32", [
+    ("fp16", 1, 64, 128, False), ("bf16", 4, 32, 128, False), ("fp16", 16, 64, 128, False),
+    ("bf16", 128, 128, 64, False), ("fp32", 16, 64, 32, True),
+])
+def test_awq_kernel_compiles_for_sm90(dtype: str, bm: int, bn: int, bk: int, f32: bool) -> None:
+    """The CPU cases run the interpreter; the same source must also compile to a cubin
+    (GEMV, skinny tl.dot, prefill tiles)."""
+    import kernels.awq as awq_mod
+
+    ptrs = dict(a_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", c_ptr="*fp32")
+    consts = dict(GROUP=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, COMPUTE_F32=f32)
+    aot_compile(awq_mod._kernels(), ptrs, consts, num_warps=8 if bm == 128 else 4)
 
 
-def compile_for_sm90(module: str, index: int | None, configs: list) -> None:
-    """Compile kernels ahead of time for an H100 (sm_90, through triton's ptxas); no GPU needed.
-
-    Runs in a fresh interpreter: after Triton's interpreter has run in this process, its
-    patched `triton.language` no longer compiles.
-    """
-    import json
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HUBDEPLOY_FORCE_TRITON")}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    spec = json.dumps(dict(module=module, index=index, configs=configs))
-    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT, spec], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("triton has no ptxas here")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def test_awq_kernel_compiles_for_sm90() -> None:
-    """The CPU tests run the interpreter; this proves the same source compiles to cubin (GEMV,
-    skinny tl.dot, prefill tiles; fp16/bf16/fp32)."""
-    def ptrs(dt: str) -> dict[str, str]:
-        return dict(a_ptr=f"*{dt}", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", c_ptr="*fp32")
-
-    def consts(bm: int, bn: int, bk: int, f32: bool = False) -> dict[str, object]:
-        return dict(GROUP=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, COMPUTE_F32=f32)
-
-    compile_for_sm90("kernels.awq", None, [
-        [ptrs("fp16"), consts(1, 64, 128), 4, 4],
-        [ptrs("bf16"), consts(4, 32, 128), 4, 4],
-        [ptrs("fp16"), consts(16, 64, 128), 4, 4],
-        [ptrs("bf16"), consts(128, 128, 64), 8, 3],
-        [ptrs("fp32"), consts(16, 64, 32, True), 4, 2],
-    ])
+if __name__ == "__main__":
+    run_cases_main(CASES)

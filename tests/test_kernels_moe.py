@@ -1,10 +1,9 @@
 """Fused MoE: routing, slot alignment, torch reference vs a per-token float64 loop, Triton vs
 the reference (dense and AWQ experts).
 
-Triton runs on the CPU through the interpreter, switched on per test by the `device` fixture
-(monkeypatched TRITON_INTERPRET=1 + HUBDEPLOY_FORCE_TRITON=1; kernels/fused_moe.py builds its
-kernels lazily per interpreter mode, see tests/test_kernels_awq.py). "cuda" variants carry
-the `gpu` marker.
+The Triton cases (`CASES`) run on the CPU in one child process under Triton's interpreter and
+in process on CUDA with the `gpu` marker: the scheme of tests/test_kernels_ops.py, see
+tests/test_kernels_awq.py. `aot_compile` proves the kernels compile to sm_90 cubins.
 
 Tolerance: max |y − y_ref| ≤ tol · max |y_ref|; y_ref in float64 from the same (dequantized)
 weights and x rounded to the test dtype. tol = 1e-5 fp32, 5e-3 fp16, 3e-2 bf16 (the
@@ -12,10 +11,13 @@ intermediate SiLU·up activation is rounded to x's dtype, as in vLLM).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
 from kernels.awq_format import awq_dequantize, awq_quantize
+from tests.test_kernels_ops import aot_compile, interpreter_results, run_cases_main
 from kernels.fused_moe import (
     AWQMoEWeights,
     MoEWeights,
@@ -24,21 +26,23 @@ from kernels.fused_moe import (
     fused_moe_ref,
     fused_moe_triton,
     moe_align_block_size,
+    silu_mul,
     topk_route,
 )
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-# skipif as well as the marker: gpu_check.sh runs pytest with --noconftest
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+CASES: dict[str, Callable[[str], None]] = {}
 
 
-@pytest.fixture(params=DEVICES)
-def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    if request.param == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setenv("HUBDEPLOY_FORCE_TRITON", "1")
-    return torch.device(request.param)
+def case(name: str, fn: Callable[..., None], **kw: object) -> None:
+    """Register a Triton case `fn(dev, **kw)`, seeded so the child and a GPU run agree."""
+    seed = len(CASES)
+
+    def run(dev: str) -> None:
+        torch.manual_seed(seed)
+        fn(dev, **kw)
+
+    CASES[name] = run
 
 
 def _dense(E: int, H: int, I: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,107 +178,148 @@ def test_dispatcher_uses_reference_on_cpu_without_force(monkeypatch: pytest.Monk
     assert torch.equal(fused_moe(x, MoEWeights(w13, w2), tw, ti), fused_moe_ref(x, MoEWeights(w13, w2), tw, ti))
 
 
-# ---------------------------------------------------------------- Triton vs reference
+# ---------------------------------------------------------------- Triton vs reference (cases)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("M,case", [(1, "random"), (5, "some_empty"), (33, "random"), (17, "one_expert")])
-def test_triton_dense(device: torch.device, M: int, case: str, dtype: torch.dtype) -> None:
+def _triton_dense(dev: str, M: int, kind: str, dtype: torch.dtype) -> None:
     E, H, I, k = 8, 64, 32, 2
     w13, w2 = _dense(E, H, I, seed=M)
     w13, w2 = w13.to(dtype), w2.to(dtype)
     x = torch.randn(M, H).to(dtype)
-    tw, ti = _routing(M, E, k, case, seed=M)
-    y = fused_moe_triton(x.to(device), MoEWeights(w13, w2).to(device), tw.to(device), ti.to(device))
+    tw, ti = _routing(M, E, k, kind, seed=M)
+    y = fused_moe_triton(x.to(dev), MoEWeights(w13, w2).to(dev), tw.to(dev), ti.to(dev))
     assert y.shape == (M, H) and y.dtype == dtype
     ref = fused_moe_ref(x.double(), MoEWeights(w13.double(), w2.double()), tw, ti)
     _assert_close(y, ref, TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype,g", [(torch.float32, 32), (torch.float16, 32), (torch.bfloat16, 32),
-                                     (torch.float16, 64), (torch.bfloat16, 128)])
-def test_triton_awq(device: torch.device, dtype: torch.dtype, g: int) -> None:
+for _dt in (torch.float32, torch.float16, torch.bfloat16):
+    for _m, _kind in ((1, "random"), (5, "some_empty"), (33, "random"), (17, "one_expert")):
+        case(f"dense_M{_m}_{_kind}_{str(_dt)[6:]}", _triton_dense, M=_m, kind=_kind, dtype=_dt)
+
+
+def _triton_awq(dev: str, dtype: torch.dtype, g: int) -> None:
     E, H, I, k, M = 4, 128, g, 2, 7
     w, _ = _awq(E, H, I, g, seed=g)
     x = torch.randn(M, H).to(dtype)
     tw, ti = _routing(M, E, k, "random", seed=g)
-    y = fused_moe_triton(x.to(device), w.to(device), tw.to(device), ti.to(device))
-    ref = fused_moe_ref(x.double(), w, tw, ti)  # float64 from the dequantized experts
-    _assert_close(y, ref, TOL[dtype])
+    y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev))
+    _assert_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[dtype])  # float64 from dequantized experts
 
 
-@pytest.mark.parametrize("M,case,renorm", [(1, "random", False), (33, "some_empty", True), (12, "one_expert", True)])
-def test_triton_awq_edge_cases(device: torch.device, M: int, case: str, renorm: bool) -> None:
+for _dt, _g in ((torch.float32, 32), (torch.float16, 32), (torch.bfloat16, 32), (torch.float16, 64), (torch.bfloat16, 128)):
+    case(f"awq_{str(_dt)[6:]}_g{_g}", _triton_awq, dtype=_dt, g=_g)
+
+
+def _triton_awq_edge(dev: str, M: int, kind: str, renorm: bool) -> None:
     E, H, I, k, g = 8, 64, 32, 2, 32
     w, _ = _awq(E, H, I, g, seed=M)
     x = torch.randn(M, H, dtype=torch.float16)
-    tw, ti = _routing(M, E, k, case, seed=M)
+    tw, ti = _routing(M, E, k, kind, seed=M)
     if not renorm:
         tw, ti = topk_route(torch.randn(M, E), k, renormalize=False)
-    y = fused_moe_triton(x.to(device), w.to(device), tw.to(device), ti.to(device))
+    y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev))
     _assert_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[torch.float16])
 
 
-@pytest.mark.parametrize("split", [1, 2, 4])
-def test_triton_split_k(device: torch.device, split: int) -> None:
+for _m, _kind, _rn in ((1, "random", False), (33, "some_empty", True), (12, "one_expert", True)):
+    case(f"awq_edge_M{_m}_{_kind}_renorm{int(_rn)}", _triton_awq_edge, M=_m, kind=_kind, renorm=_rn)
+
+
+def _triton_split_k(dev: str, split: int) -> None:
     E, H, I, k, M, g = 4, 128, 64, 2, 3, 32
     w, _ = _awq(E, H, I, g, seed=split)
     x = torch.randn(M, H, dtype=torch.float16)
     tw, ti = _routing(M, E, k, "random", seed=split)
-    y = fused_moe_triton(x.to(device), w.to(device), tw.to(device), ti.to(device), SPLIT_K=split)
+    y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev), SPLIT_K=split)
     _assert_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[torch.float16])
 
 
-@pytest.mark.parametrize("awq", [True, False])
-def test_triton_gemv_block(device: torch.device, awq: bool) -> None:
+for _s in (1, 2, 4):
+    case(f"split_k{_s}", _triton_split_k, split=_s)
+
+
+def _triton_gemv_block(dev: str, awq: bool) -> None:
     """BLOCK_M < 16 runs the multiply-reduce (GEMV) branch instead of tl.dot."""
     E, H, I, k, M, g = 4, 64, 32, 2, 3, 32
     w13, w2 = _dense(E, H, I, seed=5)
     w = _awq(E, H, I, g, seed=5)[0] if awq else MoEWeights(w13, w2)
     x = torch.randn(M, H, dtype=torch.float16)
     tw, ti = _routing(M, E, k, "random", seed=5)
-    y = fused_moe_triton(x.to(device), w.to(device), tw.to(device), ti.to(device), BLOCK_M=4, BLOCK_N=32)
+    y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev), BLOCK_M=4, BLOCK_N=32)
     ref_w = w if awq else MoEWeights(w13.double(), w2.double())
     _assert_close(y, fused_moe_ref(x.double(), ref_w, tw, ti), TOL[torch.float16])
 
 
-def test_triton_top1_and_top4(device: torch.device) -> None:
+case("gemv_block_awq", _triton_gemv_block, awq=True)
+case("gemv_block_dense", _triton_gemv_block, awq=False)
+
+
+def _triton_top1_and_top4(dev: str) -> None:
     E, H, I = 6, 64, 32
     w13, w2 = _dense(E, H, I, seed=9)
     x = torch.randn(10, H)
     for k in (1, 4):
         tw, ti = topk_route(torch.randn(10, E), k, renormalize=k > 1)
-        y = fused_moe_triton(x.to(device), MoEWeights(w13, w2).to(device), tw.to(device), ti.to(device))
+        y = fused_moe_triton(x.to(dev), MoEWeights(w13, w2).to(dev), tw.to(dev), ti.to(dev))
         _assert_close(y, fused_moe_ref(x.double(), MoEWeights(w13.double(), w2.double()), tw, ti), TOL[torch.float32])
 
 
-def test_silu_mul(device: torch.device) -> None:
-    from kernels.fused_moe import silu_mul
+case("top1_and_top4", _triton_top1_and_top4)
 
+
+def _silu_mul(dev: str) -> None:
     h = torch.randn(5, 2 * 40, dtype=torch.float16)
-    y = silu_mul(h.to(device))
-    ref = torch.nn.functional.silu(h[:, :40].double()) * h[:, 40:].double()
-    _assert_close(y, ref, TOL[torch.float16])
+    y = silu_mul(h.to(dev))
+    _assert_close(y, torch.nn.functional.silu(h[:, :40].double()) * h[:, 40:].double(), TOL[torch.float16])
 
 
-def test_moe_kernels_compile_for_sm90() -> None:
-    """Same source as the interpreter tests, compiled to cubin for an H100 without a GPU."""
-    from tests.test_kernels_awq import compile_for_sm90
+case("silu_mul", _silu_mul)
 
-    def ptrs(is_awq: bool, dt: str) -> dict[str, str]:
-        wt = "*i32" if is_awq else f"*{dt}"
-        return dict(a_ptr=f"*{dt}", b_ptr=wt, qz_ptr="*i32" if is_awq else wt, s_ptr="*fp16" if is_awq else wt,
-                    c_ptr="*fp32", tw_ptr="*fp32", sorted_ptr="*i32", eids_ptr="*i32", ntp_ptr="*i32")
 
-    def consts(is_awq: bool, bm: int, bn: int, bk: int, mul: bool) -> dict[str, object]:
-        return dict(TOP_K=2, MUL_WEIGHT=mul, IS_AWQ=is_awq, GROUP=128 if is_awq else 1, BLOCK_M=bm,
-                    BLOCK_N=bn, BLOCK_K=bk, COMPUTE_F32=False)
+@pytest.fixture(scope="module")
+def interp_results() -> dict[str, str]:
+    return interpreter_results("tests.test_kernels_moe")
 
-    compile_for_sm90("kernels.fused_moe", 0, [
-        [ptrs(True, "fp16"), consts(True, 16, 64, 128, False), 4, 4],
-        [ptrs(True, "bf16"), consts(True, 4, 32, 128, True), 4, 4],
-        [ptrs(True, "fp16"), consts(True, 64, 128, 64, True), 4, 3],
-        [ptrs(False, "bf16"), consts(False, 16, 64, 128, False), 4, 4],
-        [ptrs(False, "fp16"), consts(False, 128, 128, 64, True), 8, 3],
-    ])
-    compile_for_sm90("kernels.fused_moe", 1, [[dict(h_ptr="*bf16", o_ptr="*bf16"), dict(BLOCK=256), 4, 1]])
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_triton_interpreted(name: str, interp_results: dict[str, str]) -> None:
+    assert interp_results.get(name) == "ok", interp_results.get(name, "case missing from the child's report")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # for --noconftest runs
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_triton_cuda(name: str) -> None:
+    CASES[name]("cuda")
+
+
+# ---------------------------------------------------------------- compiled path, without a GPU
+
+_AWQ_PTRS = dict(b_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16")
+
+
+@pytest.mark.parametrize("is_awq,dtype,bm,bn,bk,mul", [
+    (True, "fp16", 16, 64, 128, False), (True, "bf16", 4, 32, 128, True), (True, "fp16", 64, 128, 64, True),
+    (False, "bf16", 16, 64, 128, False), (False, "fp16", 128, 128, 64, True),
+])
+def test_moe_kernel_compiles_for_sm90(is_awq: bool, dtype: str, bm: int, bn: int, bk: int, mul: bool) -> None:
+    """Same source as the interpreter cases, compiled to a cubin for an H100 without a GPU."""
+    import kernels.fused_moe as moe_mod
+
+    w = _AWQ_PTRS if is_awq else dict(b_ptr=f"*{dtype}", qz_ptr=f"*{dtype}", s_ptr=f"*{dtype}")
+    ptrs = dict(a_ptr=f"*{dtype}", c_ptr="*fp32", tw_ptr="*fp32", sorted_ptr="*i32", eids_ptr="*i32",
+                ntp_ptr="*i32", **w)
+    consts = dict(TOP_K=2, MUL_WEIGHT=mul, IS_AWQ=is_awq, GROUP=128 if is_awq else 1, BLOCK_M=bm,
+                  BLOCK_N=bn, BLOCK_K=bk, COMPUTE_F32=False)
+    aot_compile(moe_mod._kernels()[0], ptrs, consts, num_warps=8 if bm == 128 else 4)
+
+
+def test_silu_mul_kernel_compiles_for_sm90() -> None:
+    import kernels.fused_moe as moe_mod
+
+    aot_compile(moe_mod._kernels()[1], dict(h_ptr="*bf16", o_ptr="*bf16"), dict(BLOCK=256))
+
+
+if __name__ == "__main__":
+    run_cases_main(CASES)

@@ -147,6 +147,20 @@ def test_lifecycle_from_hub_repo(tmp_path: Path, local_hub: Any, hub_repo: str) 
         assert svc.client.post("/api/endpoints/lc/resume").status_code == 200
         e = wait_status(svc, "lc", {"running", "failed"})
         assert e["status"] == "running", e["reason"]
+
+        # a hung child (SIGSTOP): /health fails 3 times → failed, process removed
+        pid = store.get_endpoint("lc").pid
+        os.kill(pid, signal.SIGSTOP)
+        f = wait_status(svc, "lc", {"failed"}, timeout=30)
+        assert "/health failed 3 times" in f["reason"]
+        deadline = time.monotonic() + 15
+        while pid_alive(pid):
+            assert time.monotonic() < deadline, "hung child was not killed"
+            time.sleep(0.1)
+
+        assert svc.client.post("/api/endpoints/lc/resume").status_code == 200
+        e = wait_status(svc, "lc", {"running", "failed"})
+        assert e["status"] == "running", e["reason"]
         pid = store.get_endpoint("lc").pid
     finally:
         svc.stop()

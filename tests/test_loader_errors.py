@@ -214,7 +214,11 @@ def test_gptqmodel_expert_naming(base, tmp_path: Path) -> None:
         return out
 
     rewrite_tensors(d, rename)
-    edit_quant(d, method="awq", format="gemm", quant_method="awq")
+    # gptqmodel's AWQ config (DESIGN.md): method/format/checkpoint_format beside quant_method
+    q = {"quant_method": "awq", "method": "awq", "format": "gemm", "checkpoint_format": "gemm",
+         "bits": 4, "group_size": 32, "desc_act": False, "sym": False, "pack_dtype": "int32"}
+    edit_config(d, quantization_config=q)
+    (d / "quantize_config.json").write_text(json.dumps(q))
     model, _ = load_model(d)
     assert "model.layers.0.mlp.experts.3.up_proj" in model.lora_targets()
     assert torch.equal(prefill_last_logits(model, PROMPTS), logits(base["mixtral-awq"]))

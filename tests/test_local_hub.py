@@ -148,3 +148,46 @@ def test_hub_stops_without_leaving_a_process(tmp_path: Path) -> None:
     assert olah.poll() is not None
     with pytest.raises(httpx.TransportError):
         httpx.get(endpoint + "/api/models", timeout=2)
+
+
+def test_revisions_by_tag_and_sha(local_hub: LocalHub, tiny_models) -> None:
+    d = tiny_models("llama", "none")
+    v1 = local_hub.add_repo("rev/llama", d, tag="v1")
+    v2 = local_hub.add_repo("rev/llama", d, card_data={"license": "mit"}, message="new card")
+    api = HfApi(endpoint=local_hub.endpoint)
+    assert v1 != v2
+    assert api.model_info("rev/llama", revision="v1").sha == v1
+    assert api.model_info("rev/llama", revision="main").sha == v2
+    assert api.model_info("rev/llama", revision=v1).card_data.get("license") != "mit"
+    assert api.model_info("rev/llama", revision=v2).card_data.license == "mit"
+
+
+def test_process_dies_with_a_killed_parent(tmp_path: Path) -> None:
+    """A test run killed with SIGKILL must not leave Olah running (PR_SET_PDEATHSIG)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time; from tests.fixtures.local_hub import LocalHub; "
+            f"h = LocalHub({str(tmp_path)!r}).start(); print(h._olah.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        olah_pid = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(olah_pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # reap if it became our zombie (it is not our child: just poll)
+            os.waitpid(olah_pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    os.kill(olah_pid, 9)
+    raise AssertionError("Olah outlived its killed parent")

@@ -81,10 +81,11 @@ def test_matches_transformers(arch: str, quant: str, checkpoints) -> None:
     assert greedy_generate(model, PROMPTS, GEN_TOKENS) == hf_greedy(hf, PROMPTS, GEN_TOKENS)
 
 
-@pytest.mark.parametrize("quant", ["none", "awq"])
+@pytest.mark.parametrize("quant", ["awq"])
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "llama"])
 def test_make_tiny_matches_transformers(arch: str, quant: str, tiny_models, tmp_path: Path) -> None:
-    """The repo's own tiny models (`make_tiny`, real Hub layout) against transformers."""
+    """The repo's own tiny AWQ models (`make_tiny`, real Hub layout) against transformers
+    (their fp16 twins are the same code path as the fp16 checkpoints above)."""
     src = tiny_models(arch, quant)
     ref_dir = dequantized_copy(src, tmp_path / "deq") if quant == "awq" else src
     model, cfg = load_model(src)
@@ -109,13 +110,15 @@ TRITON_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_triton_path_under_interpreter_matches_reference(checkpoints) -> None:
-    """A whole AWQ Mixtral through every Triton kernel (interpreter, CPU) vs the torch path.
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_triton_path_under_interpreter_matches_reference(arch: str, checkpoints) -> None:
+    """A whole AWQ MoE model through every Triton kernel (interpreter, CPU) vs the torch path
+    (Qwen3-MoE adds q/k norm, un-renormalised routing and a dense AWQ MLP layer).
 
     Runs in a subprocess so `TRITON_INTERPRET` / `HUBDEPLOY_FORCE_TRITON` never leak into other
     tests (triton reads the first at import time).
     """
-    ckpt, _ = checkpoints("mixtral", "awq")
+    ckpt, _ = checkpoints(arch, "awq")
     prompts = [p[:5] for p in PROMPTS]
     n_tokens = 3
     env = dict(os.environ, TRITON_INTERPRET="1", HUBDEPLOY_FORCE_TRITON="1")

@@ -187,3 +187,17 @@ def test_compat_verdicts_on_local_dirs(tiny_models, tmp_path: Path) -> None:
     (d / "model.safetensors.index.json").unlink(missing_ok=True)
     v = verdict(d, "weights")
     assert v.status == "error" and "no safetensors" in v.reason
+
+
+def test_legacy_quant_config_and_missing_tokenizer(tiny_models, tmp_path: Path) -> None:
+    d = _edit_config(tiny_models("mixtral", "awq"), tmp_path / "legacy", quantization_config=None)
+    (d / "quant_config.json").write_text(json.dumps({"zero_point": True, "q_group_size": 32, "w_bit": 4,
+                                                     "version": "GEMM"}))
+    r = inspect_model(str(d))
+    assert (r.quant.method, r.quant.bits, r.quant.group_size, r.quant.version, r.quant.source) == (
+        "awq", 4, 32, "gemm", "quant_config.json")
+    assert next(c for c in r.compat if c.capability == "quantization").status == "ok"
+    (d / "tokenizer.json").unlink()
+    (d / "tokenizer.model").unlink(missing_ok=True)
+    v = next(c for c in inspect_model(str(d)).compat if c.capability == "tokenizer")
+    assert v.status == "error" and "tokenizer" in v.action

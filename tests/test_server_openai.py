@@ -216,7 +216,7 @@ def test_disconnect_mid_stream_frees_kv_blocks(tiny_server) -> None:
                     if n == 3:
                         break
             mid = scrape(tiny_server)
-            assert mid["hubdeploy:kv_cache_usage_perc"] > 0.0  # the request holds blocks while it runs
+            assert mid["hubdeploy:kv_cache_usage_perc"] > 0.0, mid  # the request holds blocks while it runs
         # leaving both blocks closes the connection mid-stream
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

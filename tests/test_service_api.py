@@ -161,3 +161,67 @@ def test_duplicate_patch_rotate(svc: TestClient) -> None:
     assert 0 < len(logs) <= 3
     assert svc.get("/api/endpoints/dup/logs", params={"tail": 0}, headers=H).status_code == 422
     assert svc.delete("/api/endpoints/dup", headers=H).json()["status"] == "deleted"
+
+
+def _start_up(data: Path, port: int) -> tuple[Any, list[str]]:
+    """`hubdeploy up` as users run it; returns (process, stdout lines up to the URL line(s))."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HUBDEPLOY_ADMIN_TOKEN", "HF_ENDPOINT")}
+    proc = subprocess.Popen([sys.executable, "-m", "hubdeploy", "up", "--data-dir", str(data), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line, "hubdeploy up exited:\n" + "".join(lines)
+        lines.append(line)
+        if "demo model:" in line:
+            break
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200:
+                return proc, lines
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError("hubdeploy up did not answer:\n" + "".join(lines))
+
+
+def _stop(proc: Any) -> None:
+    import os
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_hubdeploy_up_with_no_arguments_but_a_data_dir(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc, lines = _start_up(tmp_path, port)
+    try:
+        text = "".join(lines)
+        assert f"http://127.0.0.1:{port}/" in text
+        token = next(l.split(": ")[-1].strip() for l in lines if "admin token" in l)
+        d = httpx.get(f"http://127.0.0.1:{port}/api/defaults", headers={"Authorization": f"Bearer {token}"}).json()
+        assert d["model"] == str(tmp_path / "models" / "tiny-mixtral-awq")
+        assert (tmp_path / "models" / "tiny-mixtral-awq" / "config.json").is_file()
+        assert (tmp_path / "models" / "tiny-mixtral-awq-lora-1" / "adapter_config.json").is_file()
+        r = httpx.get(f"http://127.0.0.1:{port}/deploy?model=org/m", follow_redirects=True)
+        assert r.status_code == 200 and "hubdeploy" in r.text
+    finally:
+        _stop(proc)
+    proc, lines = _start_up(tmp_path, port)  # second start: demo reused, no new token printed
+    try:
+        assert not any("admin token" in l for l in lines)
+        assert httpx.get(f"http://127.0.0.1:{port}/api/endpoints",
+                         headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    finally:
+        _stop(proc)

@@ -119,13 +119,14 @@ def _pid_cmdline(pid: int) -> list[str]:
 def _kill_group(pid: int, timeout: float = 10.0, popen: subprocess.Popen | None = None) -> None:
     """SIGTERM the child's process group, SIGKILL after `timeout` s; reap it if it is ours."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
+        for s in ((sig, signal.SIGCONT) if sig == signal.SIGTERM else (sig,)):  # a stopped child must wake to exit
             try:
-                os.kill(pid, sig)
+                os.killpg(pid, s)
             except (ProcessLookupError, PermissionError):
-                pass
+                try:
+                    os.kill(pid, s)
+                except (ProcessLookupError, PermissionError):
+                    pass
         deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5.0)
         while time.monotonic() < deadline:
             if popen is not None:
@@ -267,28 +268,34 @@ class LocalProvisioner(Provisioner):
 
     def reconcile(self) -> None:
         for rec in self.store.list_endpoints():
-            if rec.desired != "running" or rec.status in ("failed", "paused"):
-                if rec.status in ("failed", "paused"):
-                    self.store.release_slot(rec.name)
-                continue
-            spec = DeploymentSpec.model_validate(rec.spec)
-            if rec.pid and _pid_alive(rec.pid) and self._is_our_server(rec.pid, rec.port) \
-                    and rec.port and self._healthy(rec.port):
-                self.store.claim_slot(rec.name, [rec.device] if rec.device else self.device_candidates(spec.gpu))
-                self.store.update_endpoint(rec.name, status="running", phase="ready", url=self._url(rec.port))
-                self.store.add_event(rec.name, "adopt", f"re-adopted pid {rec.pid} on port {rec.port}")
-                pid, port = rec.pid, rec.port
-                self._start_worker(rec.name, lambda run, pid=pid, port=port, spec=spec:
-                                   self._watch(spec, run, pid, port))
-                continue
-            if rec.pid and _pid_alive(rec.pid) and self._is_our_server(rec.pid, rec.port):
-                _kill_group(rec.pid)
-            self.store.release_slot(rec.name)
-            self.store.add_event(rec.name, "restart", "not running at service start; starting again")
             try:
-                self.provision(spec, Secrets(api_key=self.get_api_key(rec.name)))
-            except SlotUnavailable as e:
-                self.store.update_endpoint(rec.name, status="failed", pid=None, reason=str(e))
+                self._reconcile_one(rec)
+            except Exception as e:  # noqa: BLE001 - one broken record must not stop the service
+                self.store.update_endpoint(rec.name, status="failed", pid=None,
+                                           reason=f"could not be restored at service start: {type(e).__name__}: {e}")
+
+    def _reconcile_one(self, rec: EndpointRecord) -> None:
+        if rec.desired != "running" or rec.status in ("failed", "paused"):
+            if rec.status in ("failed", "paused"):
+                self.store.release_slot(rec.name)
+            return
+        spec = DeploymentSpec.model_validate(rec.spec)
+        if rec.pid and rec.port and _pid_alive(rec.pid) and self._is_our_server(rec.pid, rec.port):
+            self.store.claim_slot(rec.name, [rec.device] if rec.device else self.device_candidates(spec.gpu))
+            self.store.add_event(rec.name, "adopt", f"re-adopted pid {rec.pid} on port {rec.port}")
+            ready = self._healthy(rec.port)
+            if ready:
+                self.store.update_endpoint(rec.name, status="running", phase="ready", url=self._url(rec.port))
+            offset = self.log_path(rec.name).stat().st_size if self.log_path(rec.name).exists() else 0
+            self._start_worker(rec.name, lambda run, spec=spec, pid=rec.pid, port=rec.port, ready=ready,
+                               offset=offset, phase=rec.phase: self._adopt(spec, run, pid, port, ready, offset, phase))
+            return
+        self.store.release_slot(rec.name)
+        self.store.add_event(rec.name, "restart", "not running at service start; starting again")
+        try:
+            self.provision(spec, Secrets(api_key=self.get_api_key(rec.name)))
+        except SlotUnavailable as e:
+            self.store.update_endpoint(rec.name, status="failed", pid=None, reason=str(e))
 
     def close(self) -> None:
         """Stop all watcher threads; endpoint processes keep running (a new service re-adopts them)."""
@@ -423,12 +430,22 @@ class LocalProvisioner(Provisioner):
         run.popen, run.pid = popen, popen.pid
         self.store.update_endpoint(spec.name, pid=popen.pid)
         self.store.add_event(spec.name, "start", f"pid {popen.pid}")
-        # wait for ready: follow phase lines and /health
+        self._wait_ready(spec, run, port, log_offset, "downloading" if spec.model_kind == "repo" else None)
+        self._watch(spec, run, popen.pid, port)
+
+    @staticmethod
+    def _alive(run: _Running) -> bool:
+        if run.popen is not None:
+            return run.popen.poll() is None
+        return run.pid is not None and _pid_alive(run.pid)
+
+    def _wait_ready(self, spec: DeploymentSpec, run: _Running, port: int, log_offset: int,
+                    phase: str | None) -> None:
+        """Follow the child's `phase:` lines and `/health` until it is ready (`running`)."""
         deadline = time.monotonic() + self.start_timeout
-        phase = "downloading" if spec.model_kind == "repo" else None
         while not run.stop.is_set():
-            if popen.poll() is not None:
-                raise EndpointFailed(self._exit_reason(spec.name, popen.returncode))
+            if not self._alive(run):
+                raise EndpointFailed(self._exit_reason(spec.name, run.popen.returncode if run.popen else None))
             healthy = self._healthy(port)  # before reading: every phase line printed so far is in the log
             text, log_offset = self._read_lines(spec.name, log_offset)
             for m in PHASE_RE.finditer(text):
@@ -441,13 +458,13 @@ class LocalProvisioner(Provisioner):
                                            reason=None)
                 self.store.add_event(spec.name, "running", f"healthy on port {port}")
                 self._log(spec.name, f"running at {self._url(port)}")
-                break
+                return
             if time.monotonic() > deadline:
-                _kill_group(popen.pid, popen=popen)
+                if run.pid:
+                    _kill_group(run.pid, popen=run.popen)
                 raise EndpointFailed(f"not healthy within {self.start_timeout:.0f} s; last log lines:\n"
                                      + "\n".join(self.logs(spec.name, 20)))
             run.stop.wait(0.2)
-        self._watch(spec, run, popen.pid, port)
 
     def _read_lines(self, name: str, offset: int) -> tuple[str, int]:
         """Complete lines appended to the log since `offset`, and the offset after them."""
@@ -461,13 +478,20 @@ class LocalProvisioner(Provisioner):
         tail = "\n".join(self.logs(name, 20))
         return f"server process exited with code {code}; last log lines:\n{tail}"
 
+    def _adopt(self, spec: DeploymentSpec, run: _Running, pid: int, port: int, ready: bool, offset: int,
+               phase: str | None) -> None:
+        """Watch a child started by an earlier service process (still loading, or ready)."""
+        run.pid = pid
+        if not ready:
+            self._wait_ready(spec, run, port, offset, phase)
+        self._watch(spec, run, pid, port)
+
     def _watch(self, spec: DeploymentSpec, run: _Running, pid: int, port: int) -> None:
         """Until stopped: the process must live and `/health` must answer; else `failed`."""
         run.pid = pid
         misses = 0
         while not run.stop.wait(self.health_interval):
-            alive = run.popen.poll() is None if run.popen is not None else _pid_alive(pid)
-            if not alive:
+            if not self._alive(run):
                 code = run.popen.returncode if run.popen is not None else None
                 raise EndpointFailed(self._exit_reason(spec.name, code))
             if self._healthy(port):
@@ -487,9 +511,9 @@ class LocalProvisioner(Provisioner):
         rec = self.store.get_endpoint(name)
         if rec is None or rec.desired != "running":
             return
-        self.store.update_endpoint(name, status="failed", pid=None, url=None, reason=reason)
-        self.store.add_event(name, "failed", reason.splitlines()[0])
         self._log(name, "failed: " + reason.splitlines()[0])
+        self.store.add_event(name, "failed", reason.splitlines()[0])
+        self.store.update_endpoint(name, status="failed", pid=None, url=None, reason=reason)
         spec = DeploymentSpec.model_validate(rec.spec)
         if spec.restart_on_failure and rec.restarts < self.max_restarts and not self._closed.is_set():
             delay = min(2.0 ** rec.restarts, 30.0)

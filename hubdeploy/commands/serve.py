@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     loader.start()
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C / SIGINT it handled: a clean stop
+        pass
     finally:
         engine = getattr(app.state, "engine", None)
         if engine is not None:

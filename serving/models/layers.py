@@ -171,9 +171,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).reshape(n, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).reshape(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q.contiguous(), k.contiguous(), positions, cos_sin)
+        q, k = apply_rotary(q, k, positions, cos_sin)  # strided views of qkv are fine
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        store_kv(k, v.contiguous(), k_cache, v_cache, ctx.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
         o = paged_attention(
             q, k_cache, v_cache,
             cu_seqlens_q=ctx.cu_seqlens_q,

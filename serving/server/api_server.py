@@ -166,33 +166,59 @@ def _engine_max_len(engine: Any) -> int | None:
 
 
 def _install_middleware(app: FastAPI, state: ServerState) -> None:
-    @app.middleware("http")
-    async def _auth_and_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+    app.add_middleware(_AuthAndLogMiddleware, state=state)
+
+
+class _AuthAndLogMiddleware:
+    """Bearer-key check on `/v1` routes and one log line per request (after its last byte).
+
+    Plain ASGI rather than `BaseHTTPMiddleware`, so streamed responses and client disconnects
+    pass straight through. The log line has no body, query string or headers: prompts and
+    keys never reach the log.
+    """
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        path: str = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        rid = headers.get("x-request-id") or uuid.uuid4().hex[:16]
         t0 = time.perf_counter()
-        path = request.url.path
+        status = {"code": 500}
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        denied: OpenAIError | None = None
         if state.api_key and path.startswith("/v1"):
-            auth = request.headers.get("authorization", "")
+            auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if not auth:
-                resp: Response = error_response(OpenAIError(
-                    "missing API key: send the header 'Authorization: Bearer <key>' (the key printed when the endpoint was created)",
-                    401, code="missing_api_key"))
+                denied = OpenAIError("missing API key: send the header 'Authorization: Bearer <key>' (the key "
+                                     "printed when the endpoint was created)", 401, code="missing_api_key")
             elif scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
-                resp = error_response(OpenAIError(
-                    "invalid API key: the bearer token does not match this endpoint's key", 401, code="invalid_api_key"))
+                denied = OpenAIError("invalid API key: the bearer token does not match this endpoint's key", 401,
+                                     code="invalid_api_key")
+        try:
+            if denied is not None:
+                await error_response(denied)(scope, receive, send_with_id)
             else:
-                resp = await call_next(request)
-        else:
-            resp = await call_next(request)
-        resp.headers["x-request-id"] = rid
-        if path not in ("/health", "/metrics"):
-            # no body, no query string, no headers: prompts and keys never reach the log
-            logger.info("request %s %s %s -> %d in %.1f ms", rid, request.method, path, resp.status_code,
-                        (time.perf_counter() - t0) * 1e3)
-        if resp.status_code >= 400 and path.startswith("/v1") and state.metrics is not None:
-            state.metrics.observe_error(resp.status_code)
-        return resp
+                await self.app(scope, receive, send_with_id)
+        finally:
+            if path not in ("/health", "/metrics"):
+                logger.info("request %s %s %s -> %d in %.1f ms", rid, scope.get("method"), path, status["code"],
+                            (time.perf_counter() - t0) * 1e3)
+            if status["code"] >= 400 and path.startswith("/v1") and state.metrics is not None:
+                state.metrics.observe_error(status["code"])
 
 
 # ------------------------------------------------------------------ routes

@@ -1,0 +1,221 @@
+"""Device-side LoRA state of one base module ("site") and the hook that applies it.
+
+A site owns the stacked, zero-padded weights of every device slot for one of our modules:
+- `LinearSite` for a (possibly fused) `Linear`: A of all its HF parts concatenated along
+  rank, `[S, P·R, in]`, so one shrink serves e.g. q, k and v; one `B [S, out_p, R]` and
+  `scalings [S]` per part, expanded into the part's output columns (`out_offset`).
+- `MoESite` for a `MoE` block: per-expert `A13 [S, E, 2R, H]` (w1 | w3 along rank),
+  `B1/B3 [S, E, I, R]`, `A2 [S, E, R, I]`, `B2 [S, E, H, R]`, scaling folded into B (it
+  may differ per expert through `rank_pattern`/`alpha_pattern`). Expert LoRA changes the
+  activation inside each expert, so its hook runs the whole MoE: base grouped GEMM w13,
+  + LoRA(w1|w3) on each (token, k) row, SiLU·up, base grouped GEMM w2, + routing weight ·
+  LoRA(w2), sum over k. Rows are those of fused MoE (`token·k + j`), so the LoRA terms
+  use the MoE LoRA kernels with `expert_of_row = topk_ids` and the row's slot.
+Buffers are allocated when the first adapter touching the site is loaded into a slot
+(attention-only adapters never pay for expert buffers). Slots with no weights for a
+site stay zero; a step whose active slots do not touch a site skips it entirely.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kernels.dispatch import use_triton
+from kernels.fused_moe import AWQMoEWeights, MoEWeights, moe_align_block_size, moe_config, silu_mul
+from kernels.lora import lora_expand, lora_shrink, moe_lora_expand, moe_lora_shrink
+from serving.lora.adapter import LoRAModuleWeights
+from serving.lora.batch import LoRABatch
+
+
+class LinearSite:
+    """LoRA buffers and hook for one `Linear` (fused parts share one shrink)."""
+
+    def __init__(self, module: Any, parts: list[tuple[str, slice]], num_slots: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.module = module
+        self.parts = parts
+        self.index = {name: i for i, (name, _) in enumerate(parts)}
+        self.S, self.R, self.dtype, self.device = num_slots, max_rank, dtype, device
+        self.a: torch.Tensor | None = None
+        self.b: list[torch.Tensor] = []
+        self.scalings: torch.Tensor | None = None
+        self.slot_parts: list[set[int]] = [set() for _ in range(num_slots)]  # parts each slot touches
+
+    def _alloc(self) -> None:
+        if self.a is None:
+            P, R, S = len(self.parts), self.R, self.S
+            self.a = torch.zeros(S, P * R, self.module.in_features, dtype=self.dtype, device=self.device)
+            self.b = [torch.zeros(S, sl.stop - sl.start, R, dtype=self.dtype, device=self.device)
+                      for _, sl in self.parts]
+            self.scalings = torch.zeros(P, S, dtype=torch.float32, device=self.device)
+
+    def set_slot(self, slot: int, weights: dict[str, LoRAModuleWeights]) -> None:
+        """Write one adapter's parts into `slot` (zeros for parts it does not touch)."""
+        mine = {n: w for n, w in weights.items() if n in self.index}
+        if self.a is None and not mine:
+            self.slot_parts[slot] = set()
+            return
+        self._alloc()
+        self.clear_slot(slot)
+        R = self.R
+        for name, w in mine.items():
+            p = self.index[name]
+            r = w.rank
+            self.a[slot, p * R:p * R + r].copy_(w.a)
+            self.b[p][slot, :, :r].copy_(w.b)
+            self.scalings[p, slot] = w.scaling
+            self.slot_parts[slot].add(p)
+
+    def clear_slot(self, slot: int) -> None:
+        if self.a is not None:
+            self.a[slot].zero_()
+            for b in self.b:
+                b[slot].zero_()
+            self.scalings[:, slot] = 0
+        self.slot_parts[slot] = set()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lora: LoRABatch) -> None:
+        if self.a is None:
+            return
+        parts = set().union(*(self.slot_parts[s] for s in lora.active_slots))
+        if not parts:
+            return
+        t = lora_shrink(x, self.a, lora.token_slots, lora.segments)
+        R = self.R
+        for p in sorted(parts):
+            lora_expand(y, t[:, p * R:(p + 1) * R], self.b[p], lora.token_slots, self.scalings[p],
+                        out_offset=self.parts[p][1].start, segments=lora.segments)
+
+
+_ROLES = ("w1", "w3", "w2")
+
+
+class MoESite:
+    """Expert LoRA buffers of one `MoE` block and the hook that runs the MoE with them."""
+
+    def __init__(self, module: Any, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.module = module
+        self.E, self.H, self.I, self.k = module.num_experts, module.hidden, module.inter, module.top_k
+        self.S, self.R, self.dtype, self.device = num_slots, max_rank, dtype, device
+        self.names = {module.expert_name(e, role): (e, role) for e in range(self.E) for role in _ROLES}
+        self.a13: torch.Tensor | None = None
+        self.used: list[bool] = [False] * num_slots
+
+    def _alloc(self) -> None:
+        if self.a13 is None:
+            S, E, R, H, I = self.S, self.E, self.R, self.H, self.I
+            z = dict(dtype=self.dtype, device=self.device)
+            self.a13 = torch.zeros(S, E, 2 * R, H, **z)
+            self.b1 = torch.zeros(S, E, I, R, **z)
+            self.b3 = torch.zeros(S, E, I, R, **z)
+            self.a2 = torch.zeros(S, E, R, I, **z)
+            self.b2 = torch.zeros(S, E, H, R, **z)
+            self.ones = torch.ones(S, dtype=torch.float32, device=self.device)
+
+    def set_slot(self, slot: int, weights: dict[str, LoRAModuleWeights]) -> None:
+        mine = {self.names[n]: w for n, w in weights.items() if n in self.names}
+        if self.a13 is None and not mine:
+            self.used[slot] = False
+            return
+        self._alloc()
+        self.clear_slot(slot)
+        R = self.R
+        for (e, role), w in mine.items():
+            r = w.rank
+            b = w.b.to(torch.float32) * w.scaling  # scaling folded in: it may differ per expert
+            if role == "w1":
+                self.a13[slot, e, :r].copy_(w.a)
+                self.b1[slot, e, :, :r].copy_(b)
+            elif role == "w3":
+                self.a13[slot, e, R:R + r].copy_(w.a)
+                self.b3[slot, e, :, :r].copy_(b)
+            else:
+                self.a2[slot, e, :r].copy_(w.a)
+                self.b2[slot, e, :, :r].copy_(b)
+        self.used[slot] = bool(mine)
+
+    def clear_slot(self, slot: int) -> None:
+        if self.a13 is not None:
+            for t in (self.a13, self.b1, self.b3, self.a2, self.b2):
+                t[slot].zero_()
+        self.used[slot] = False
+
+    def touches(self, lora: LoRABatch) -> bool:
+        return self.a13 is not None and any(self.used[s] for s in lora.active_slots)
+
+    def __call__(self, x: torch.Tensor, weights: MoEWeights | AWQMoEWeights, topk_weights: torch.Tensor,
+                 topk_ids: torch.Tensor, lora: LoRABatch) -> torch.Tensor:
+        """The MoE output with each (token, k) row's expert adapted by the token's slot."""
+        slot_rows = lora.slot_of_rows(topk_ids.shape[1])
+        if use_triton(x):
+            return self._triton(x, weights, topk_weights, topk_ids, slot_rows)
+        return self._reference(x, weights, topk_weights, topk_ids, slot_rows)
+
+    # --- the LoRA terms on (token, k) rows -------------------------------------------
+    def _add_w13(self, h: torch.Tensor, x_rows: torch.Tensor, e_rows: torch.Tensor, s_rows: torch.Tensor) -> None:
+        R, I = self.R, self.I
+        t = moe_lora_shrink(x_rows, e_rows, s_rows, self.a13)
+        moe_lora_expand(h[:, :I], t[:, :R], e_rows, s_rows, self.b1, self.ones)
+        moe_lora_expand(h[:, I:], t[:, R:], e_rows, s_rows, self.b3, self.ones)
+
+    def _w2_delta(self, act: torch.Tensor, e_rows: torch.Tensor, s_rows: torch.Tensor) -> torch.Tensor:
+        t = moe_lora_shrink(act, e_rows, s_rows, self.a2)
+        d = torch.zeros(act.shape[0], self.H, dtype=torch.float32, device=act.device)
+        return moe_lora_expand(d, t, e_rows, s_rows, self.b2, self.ones)
+
+    def _reference(self, x: torch.Tensor, weights: MoEWeights | AWQMoEWeights, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, slot_rows: torch.Tensor) -> torch.Tensor:
+        """Per-expert loop in x's dtype, as `fused_moe_ref`, with the LoRA terms on adapter rows."""
+        from kernels.fused_moe import _dense  # the reference's own dense (cached) expert weights
+
+        w13, w2 = _dense(weights, x.dtype)
+        I = self.I
+        M, k = topk_ids.shape
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = torch.zeros(M, x.shape[1], dtype=acc, device=x.device)
+        ids = topk_ids.to(torch.int64)
+        slots = slot_rows.view(M, k)
+        for e in torch.unique(ids).tolist():
+            tok, j = torch.nonzero(ids == e, as_tuple=True)
+            h = x[tok] @ w13[e].t()
+            s = slots[tok, j]
+            lora_rows = s >= 0
+            e_rows = torch.full_like(s, e)
+            if lora_rows.any():
+                h = h.clone()
+                self._add_w13(h, x[tok], e_rows, s)
+            act = F.silu(h[:, :I]) * h[:, I:]
+            y = (act @ w2[e].t()).to(acc)
+            if lora_rows.any():
+                y = y + self._w2_delta(act, e_rows, s).to(acc)
+            out.index_add_(0, tok, y * topk_weights[tok, j, None].to(acc))
+        return out.to(x.dtype)
+
+    def _triton(self, x: torch.Tensor, weights: MoEWeights | AWQMoEWeights, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor, slot_rows: torch.Tensor) -> torch.Tensor:
+        """`fused_moe_triton`'s grouped GEMMs with the LoRA terms between them."""
+        from kernels.fused_moe import _grouped_gemm  # the launcher fused_moe_triton itself uses
+
+        M, k = topk_ids.shape
+        H, I, E = self.H, self.I, self.E
+        if M == 0:
+            return torch.empty_like(x)
+        x = x.contiguous()
+        awq = isinstance(weights, AWQMoEWeights)
+        cfg1 = moe_config(M, k, E, 2 * I, H, weights.w13.group_size if awq else None, x.device)
+        cfg2 = moe_config(M, k, E, H, I, weights.w2.group_size if awq else None, x.device)
+        cfg2["BLOCK_M"] = cfg1["BLOCK_M"]
+        sorted_ids, expert_ids, ntp = moe_align_block_size(topk_ids, cfg1["BLOCK_M"], E)
+        h = _grouped_gemm(x, weights.w13, M * k, 2 * I, H, k, sorted_ids, expert_ids, ntp, None, cfg1, x.dtype)
+        e_rows = topk_ids.reshape(-1)
+        self._add_w13(h, x.repeat_interleave(k, 0), e_rows, slot_rows)
+        act = silu_mul(h)
+        tw = topk_weights.reshape(-1).to(torch.float32).contiguous()
+        y = _grouped_gemm(act, weights.w2, M * k, H, I, 1, sorted_ids, expert_ids, ntp, tw, cfg2, torch.float32)
+        y = y + self._w2_delta(act, e_rows, slot_rows) * tw[:, None]
+        return y.view(M, k, H).sum(1).to(x.dtype)
+
+
+__all__ = ["LinearSite", "MoESite"]
