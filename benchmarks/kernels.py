@@ -94,7 +94,7 @@ def bench(fn: Callable[[], Any], device: torch.device, rep_ms: int = 60) -> floa
     fn()
     times: list[float] = []
     t_end = time.perf_counter() + rep_ms / 1000
-    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 50):
+    while len(times) < 7 or (time.perf_counter() < t_end and len(times) < 50):
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1000)
@@ -123,13 +123,14 @@ def measure_matmul_peak(device: torch.device) -> float:
 # ----------------------------------------------------------------------------- weights
 
 
-def random_packed(out_f: int, in_f: int, g: int, device: torch.device, experts: int | None = None) -> AWQPacked:
+def random_packed(out_f: int, in_f: int, g: int, device: torch.device, experts: int | None = None,
+                  scale: float = 2e-3) -> AWQPacked:
     """Random AWQ layer(s) directly in the kernel layout (any int32 bits are valid nibbles)."""
     lead = (experts,) if experts else ()
     lo, hi = -(2**31), 2**31 - 1
     qw = torch.randint(lo, hi, (*lead, out_f, in_f // 8), dtype=torch.int32, device=device)
     qz = torch.randint(lo, hi, (*lead, in_f // g, out_f // 8), dtype=torch.int32, device=device)
-    s = (torch.rand(*lead, in_f // g, out_f, device=device) * 2e-3 + 1e-4).to(torch.float16)
+    s = (torch.rand(*lead, in_f // g, out_f, device=device) * scale + scale / 20).to(torch.float16)
     return AWQPacked(qw, qz, s, in_f, out_f, g)
 
 
@@ -190,9 +191,11 @@ def make_int4pack_baseline(p: AWQPacked, device: torch.device) -> Callable[[torc
 
 
 def bench_awq_linear(shape: Shape, ms_list: list[int], dev: torch.device, bw: float, peak: float,
-                     triton_on: bool) -> list[Row]:
-    K, N = shape.hidden, 2 * shape.inter  # one expert's gate|up GEMM: the biggest AWQ linear
+                     triton_on: bool, which: str = "w13") -> list[Row]:
+    """`which`: "w13" = one expert's gate|up GEMM (the biggest AWQ linear), "o" = o_proj."""
+    K, N = (shape.hidden, 2 * shape.inter) if which == "w13" else (shape.attn_out[0], shape.hidden)
     p = random_packed(N, K, shape.group, dev)
+    kernel = f"awq_linear_{which}"
     int4mm = make_int4pack_baseline(p, dev)
     dense_w = p.dequantize(torch.float16)
     rows = []
@@ -214,7 +217,7 @@ def bench_awq_linear(shape: Shape, ms_list: list[int], dev: torch.device, bw: fl
             note = "reference (cached dequant); no Triton"
         nbytes = awq_bytes(p) + 2 * M * (K + N)
         flops = 2 * M * N * K
-        rows.append(_row("awq_linear", shape, M, ms, nbytes, flops, bw, peak, base, note))
+        rows.append(_row(kernel, shape, M, ms, nbytes, flops, bw, peak, base, note))
     return rows
 
 
@@ -265,11 +268,13 @@ def bench_decode_step(shape: Shape, batches: list[int], dev: torch.device, bw: f
     H, I, E, k, g = shape.hidden, shape.inter, shape.experts, shape.top_k, shape.group
     qo, kv = shape.attn_out
     layers = []
+    sc = 2e-4  # small weights keep 32 residual layers (no norms here) finite in fp16
     for _ in range(shape.layers):
         layers.append(dict(
-            q=random_packed(qo, H, g, dev), k=random_packed(kv, H, g, dev), v=random_packed(kv, H, g, dev),
-            o=random_packed(H, qo, g, dev), router=torch.randn(E, H, device=dev, dtype=torch.float16) * 0.02,
-            moe=AWQMoEWeights(random_packed(2 * I, H, g, dev, E), random_packed(H, I, g, dev, E)),
+            q=random_packed(qo, H, g, dev, scale=sc), k=random_packed(kv, H, g, dev, scale=sc),
+            v=random_packed(kv, H, g, dev, scale=sc), o=random_packed(H, qo, g, dev, scale=sc),
+            router=torch.randn(E, H, device=dev, dtype=torch.float16) * 0.02,
+            moe=AWQMoEWeights(random_packed(2 * I, H, g, dev, E, scale=sc), random_packed(H, I, g, dev, E, scale=sc)),
         ))
     lm_head = torch.randn(shape.vocab, H, device=dev, dtype=torch.float16) * 0.02
     lin = awq_linear_triton if triton_on else awq_linear_ref
@@ -290,8 +295,9 @@ def bench_decode_step(shape: Shape, batches: list[int], dev: torch.device, bw: f
                 h = h + moe(h, L["moe"], tw, ti)
             return h @ lm_head.t()
 
+        finite = bool(torch.isfinite(step()).all())
         ms = bench(step, dev, rep_ms=200)
-        graph_ms = float("nan")
+        graph_ms: float | None = None
         if dev.type == "cuda":
             try:
                 from triton.testing import do_bench_cudagraph
@@ -304,10 +310,10 @@ def bench_decode_step(shape: Shape, batches: list[int], dev: torch.device, bw: f
         per_expert = awq_bytes(layers[0]["moe"].w13) + awq_bytes(layers[0]["moe"].w2)
         experts = sum(int(torch.unique(r[1]).numel()) for r in routes) * per_expert
         nbytes = attn + experts + lm_head.numel() * 2
-        best = ms if graph_ms != graph_ms else min(ms, graph_ms)
+        best = ms if graph_ms is None else min(ms, graph_ms)
         out.append(dict(shape=shape.name, batch=B, eager_ms=ms, graph_ms=graph_ms, gbytes=nbytes / 1e9,
                         roofline_ms=nbytes / bw * 1000, frac_of_roofline=(nbytes / bw * 1000) / best,
-                        tok_per_s=B / (best / 1000)))
+                        tok_per_s=B / (best / 1000), finite=finite))
     del layers
     return out
 
@@ -318,16 +324,16 @@ def bench_decode_step(shape: Shape, batches: list[int], dev: torch.device, bw: f
 def print_table(rows: list[Row], steps: list[dict[str, Any]], bw: float, peak: float, dev: torch.device) -> None:
     print(f"\n# device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}; "
           f"copy bandwidth {bw / 1e9:.0f} GB/s (read+write); matmul peak {peak / 1e12:.3f} TFLOP/s")
-    print(f"{'kernel':<15}{'shape':<15}{'M':>6}{'ms':>10}{'GB/s':>9}{'%bw':>6}{'TFLOP/s':>9}{'%pk':>6}  speed-up vs baselines")
+    print(f"{'kernel':<18}{'shape':<15}{'M':>6}{'ms':>10}{'GB/s':>9}{'%bw':>6}{'TFLOP/s':>9}{'%pk':>6}  speed-up vs baselines")
     for r in rows:
         sp = " ".join(f"{k}={v:.2f}x" for k, v in r.speedups().items())
-        print(f"{r.kernel:<15}{r.shape:<15}{r.M:>6}{r.ms:>10.4f}{r.gbps:>9.1f}{100 * r.bw_frac:>6.1f}"
+        print(f"{r.kernel:<18}{r.shape:<15}{r.M:>6}{r.ms:>10.4f}{r.gbps:>9.1f}{100 * r.bw_frac:>6.1f}"
               f"{r.tflops:>9.2f}{100 * r.peak_frac:>6.1f}  {sp} {r.note}")
     if steps:
         print("\n# decode step (projections + router + MoE + lm_head; no attention/norms); roofline = bytes read / copy bw")
         print(f"{'shape':<15}{'batch':>6}{'eager ms':>10}{'graph ms':>10}{'GB read':>9}{'roof ms':>9}{'%roof':>7}{'tok/s':>9}")
         for s in steps:
-            print(f"{s['shape']:<15}{s['batch']:>6}{s['eager_ms']:>10.3f}{s['graph_ms']:>10.3f}{s['gbytes']:>9.2f}"
+            print(f"{s['shape']:<15}{s['batch']:>6}{s['eager_ms']:>10.3f}{(s['graph_ms'] if s['graph_ms'] is not None else float('nan')):>10.3f}{s['gbytes']:>9.2f}"
                   f"{s['roofline_ms']:>9.3f}{100 * s['frac_of_roofline']:>7.1f}{s['tok_per_s']:>9.1f}")
 
 
@@ -367,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for sh in shapes:
         t = time.time()
-        rows += bench_awq_linear(sh, ms_list, dev, bw, peak, triton_on)
+        rows += bench_awq_linear(sh, ms_list, dev, bw, peak, triton_on, "w13")
+        rows += bench_awq_linear(sh, ms_list, dev, bw, peak, triton_on, "o")
         rows += bench_moe(sh, ms_list, dev, bw, peak, triton_on, dense_too=not args.no_dense)
         print(f"  {sh.name}: {time.time() - t:.1f}s", file=sys.stderr)
         dump(args.json_out, dev, bw, peak, triton_on, rows, [])

@@ -72,6 +72,7 @@ class DefaultsOut(BaseModel):
     """What the page pre-fills: the demo model (if any) and where local models may live."""
 
     model: str | None
+    adapters: dict[str, str] = Field(default_factory=dict)
     allowed_model_roots: list[str]
     gpus: list[str]
 
@@ -103,7 +104,8 @@ def ensure_admin_token(store: Store, admin_token: str | None) -> str | None:
 
 def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, admin_token: str | None = None, *,
                       allowed_model_roots: list[str | Path] | None = None, provisioner: Provisioner | None = None,
-                      cpu_slots: int = 1, default_model: str | None = None, check_plan: bool = True,
+                      cpu_slots: int = 1, default_model: str | None = None,
+                      default_adapters: dict[str, str] | None = None, check_plan: bool = True,
                       **provisioner_options: Any) -> FastAPI:
     """The deploy service for `data_dir` (store, logs, models). Reconciles endpoints before returning.
 
@@ -134,7 +136,7 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
                   description="Deploy Hugging Face Hub models to OpenAI-compatible endpoints.")
     app.state.store, app.state.provisioner, app.state.new_admin_token = store, prov, new_token
     app.state.data_dir, app.state.allowed_model_roots, app.state.hub_endpoint = data_dir, roots, hub_endpoint
-    app.state.default_model = default_model
+    app.state.default_model, app.state.default_adapters = default_model, default_adapters or {}
 
     def require_admin(authorization: str | None = Header(None)) -> None:
         token = auth.bearer_token(authorization)
@@ -187,7 +189,7 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
 
     @app.get("/api/defaults", dependencies=api, response_model=DefaultsOut, tags=["endpoints"])
     def defaults() -> DefaultsOut:
-        return DefaultsOut(model=default_model, allowed_model_roots=[str(r) for r in roots],
+        return DefaultsOut(model=default_model, adapters=default_adapters or {}, allowed_model_roots=[str(r) for r in roots],
                            gpus=["cpu", *_gpu_names()])
 
     @app.post("/api/endpoints", dependencies=api, response_model=EndpointOut, status_code=201, tags=["endpoints"])
@@ -327,10 +329,19 @@ def mount_page(app: FastAPI, blocks: Any | None = None) -> FastAPI:
         q = request.url.query
         return RedirectResponse("/" + (f"?{q}" if q else ""), status_code=307)
 
+    from fastapi.responses import Response as SvgResponse
+
+    @app.get("/badge.svg", include_in_schema=False, response_class=SvgResponse)
+    def badge():  # noqa: ANN202 - the Deploy badge image model cards link to (hub_integration.badge)
+        from hub_integration.badge import badge_svg
+
+        return SvgResponse(badge_svg(), media_type="image/svg+xml", headers={"Cache-Control": "public, max-age=86400"})
+
     if blocks is not None:
         import gradio as gr
 
-        return gr.mount_gradio_app(app, blocks, path="/")
+        # the page carries its own CSS/theme (Gradio 6 takes them here, not in Blocks)
+        return gr.mount_gradio_app(app, blocks, path="/", **getattr(blocks, "mount_kwargs", {}))
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     def index() -> str:

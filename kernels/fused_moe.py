@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -62,7 +62,6 @@ class AWQMoEWeights:
 
     w13: AWQPacked  # qweight [E, 2I, H/8]
     w2: AWQPacked  # qweight [E, H, I/8]
-    _extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_experts(self) -> int:
@@ -337,6 +336,11 @@ def _grouped_gemm(
     sorted_ids: torch.Tensor, expert_ids: torch.Tensor, ntp: torch.Tensor,
     topk_weights: torch.Tensor | None, cfg: dict[str, int], out_dtype: torch.dtype,
 ) -> torch.Tensor:
+    """One grouped GEMM over the sorted slots: `out[slot] = a[slot // top_k] @ w[e].T (· weight)`.
+
+    Launcher shared by `fused_moe_triton` and serving/lora (which adds LoRA terms between the
+    two GEMMs); keep its signature stable. Returns `[out_rows, N]` in `out_dtype`.
+    """
     dev = a.device
     is_awq = isinstance(w, AWQPacked)
     bk = cfg["BLOCK_K"]

@@ -123,6 +123,12 @@ class ModelConfig:
         eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         if quant is None and cfg.get("quantization_config"):
             quant = QuantConfig.from_dict(cfg["quantization_config"])
+        # transformers 5 writes rope settings under `rope_parameters`; older configs at top level.
+        rope_params = cfg.get("rope_parameters") or {}
+        rope_theta = cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0
+        rope_scaling = cfg.get("rope_scaling")
+        if rope_scaling is None and rope_params.get("rope_type", "default") not in ("default", None):
+            rope_scaling = dict(rope_params)
         moe_inter = int(cfg.get("moe_intermediate_size") or 0)
         if num_experts and not moe_inter:
             moe_inter = int(cfg.get("intermediate_size", 0))  # Mixtral: experts use intermediate_size
@@ -139,8 +145,8 @@ class ModelConfig:
             head_dim=int(head_dim or 0),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048) or 2048),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0) or 10000.0),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),

@@ -121,7 +121,11 @@ class LLMEngine:
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
         self._stats = EngineStats(num_kv_blocks=self.runner.num_blocks, block_size=args.block_size)
-        self.lora_manager: Any | None = None  # serving.lora, set up by the LoRA extension
+        self.lora_manager: Any | None = None  # serving.lora.LoRAManager
+        if args.max_loras > 0:  # LoRA seam: adapters from lora_modules now, more at run time
+            from serving.lora import attach_lora
+
+            self.lora_manager = attach_lora(self)
 
     # --- requests --------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -145,6 +149,8 @@ class LLMEngine:
             raise ValueError(f"LoRA adapter {lora_name!r} is not loaded: this engine serves no adapters "
                              "(start it with lora_modules)")
         seq = Sequence(request_id, ids, params, lora_name=lora_name, prompt=text)
+        if self.lora_manager is not None:
+            self.lora_manager.add_user(seq)  # LoRA seam: ValueError for an adapter that is not loaded
         seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -235,4 +241,7 @@ class LLMEngine:
         s.prefix_cache_queries = self.block_manager.prefix_queries
         s.prefix_cache_hits = self.block_manager.prefix_hits
         s.preemptions_total = self.scheduler.num_preemptions
+        if self.lora_manager is not None:  # LoRA seam
+            lo = self.lora_manager.snapshot()
+            s.lora_swaps_total, s.lora_resident, s.lora_registered = lo.swaps_total, lo.resident, lo.registered
         return EngineStats(**{k: getattr(s, k) for k in s.__dataclass_fields__})

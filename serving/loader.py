@@ -222,7 +222,7 @@ def _check_awq_shape(name: str, in_features: int, out_features: int, group: int 
         raise ConfigError(f"{name}: out_features {out_features} is not a multiple of 8, cannot be AWQ-packed")
 
 
-def build_plan(model: CausalLM, quantized_names: set[str], group: int | None, tied: bool) -> dict[str, Slot]:
+def build_plan(model: CausalLM, group: int | None, tied: bool) -> dict[str, Slot]:
     """Every tensor the checkpoint must hold -> where it goes in `model`."""
     plan: dict[str, Slot] = {}
     plan["model.embed_tokens.weight"] = Slot("param", tuple(model.embed_tokens.weight.shape), model.embed_tokens.weight.data)
@@ -299,6 +299,12 @@ def load_model(
             f"{headers[example + '.qweight'].file}: tensor {example}.qweight is AWQ-packed but config.json "
             "has no AWQ quantization_config (nor quant_config.json); add it or use an unquantized checkpoint."
         )
+    if awq and not qnames:
+        raise CheckpointError(
+            f"{model_dir / cfg.quant.source} declares AWQ but no tensor in "
+            f"{', '.join(sorted({p.name for p in files}))} is AWQ-packed (no *.qweight); fix the config "
+            "or the weights."
+        )
     moe_prefix = _detect_moe_prefix(cfg, names)
     # Tied: config says so, or lm_head.weight is simply absent (some exports drop it).
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in names
@@ -310,7 +316,7 @@ def load_model(
         return name in qnames
 
     model = build_model(cfg, compute_dtype, device, quantized=quantized, moe_prefix=moe_prefix)
-    plan = build_plan(model, qnames, group, tied)
+    plan = build_plan(model, group, tied)
 
     missing = sorted(n for n in plan if n not in names)
     if missing:

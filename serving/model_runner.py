@@ -128,7 +128,10 @@ class ModelRunner:
     # --- batch building --------------------------------------------------------------
     def build_lora_context(self, batch: list[ScheduledSeq]) -> Any | None:
         """Seam for multi-LoRA: describe adapters per token (serving.lora); None without LoRA."""
-        return None
+        mgr = getattr(self, "lora_manager", None)  # set by serving.lora.attach_lora
+        if mgr is None:
+            return None
+        return mgr.build_batch((item.seq.lora_name, item.num_tokens) for item in batch)
 
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[int]]:
         """Flatten a step into (input_ids, positions, ctx, indices of the positions to sample)."""

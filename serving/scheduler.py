@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from serving.block_manager import BlockManager
 from serving.sequence import Sequence, SequenceStatus
@@ -45,6 +46,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order (oldest first)
         self.num_preemptions = 0
+        # LoRA seam (serving.lora.attach_lora): admit a sequence only once its adapter holds a
+        # device slot (pins it; False = wait), unpin on preemption / finish.
+        self.lora_admit: Callable[[Sequence], bool] | None = None
+        self.lora_release: Callable[[Sequence, bool], None] | None = None
 
     # --- queues ----------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -61,6 +66,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.bm.free_seq(seq)
+        if self.lora_release is not None:  # LoRA seam
+            self.lora_release(seq, True)
 
     @property
     def num_preempted_waiting(self) -> int:
@@ -74,6 +81,8 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+        if self.lora_release is not None:  # LoRA seam: a preempted sequence does not hold its slot
+            self.lora_release(seq, False)
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
@@ -104,8 +113,12 @@ class Scheduler:
             budget -= n
         # admit waiting sequences FCFS into the rest of the budget (not after a preemption:
         # the cache is full and they would be preempted straight away)
+        lora_waiting: list[Sequence] = []  # LoRA seam: their adapter has no device slot yet
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.lora_admit is not None and seq.lora_name is not None and not self.lora_admit(seq):
+                lora_waiting.append(self.waiting.popleft())  # later requests may still go ahead
+                continue
             looked_up = self.bm.allocate_prefix(seq) if not seq.block_table else (0, 0)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.bm.can_allocate(seq, seq.num_computed_tokens + n):
@@ -114,6 +127,8 @@ class Scheduler:
                 self.bm.free_seq(seq)
                 self.bm.prefix_queries -= looked_up[0]
                 self.bm.prefix_hits -= looked_up[1]
+                if self.lora_release is not None:  # LoRA seam: do not hold a slot while waiting
+                    self.lora_release(seq, False)
                 break
             self.waiting.popleft()
             self.bm.allocate(seq, seq.num_computed_tokens + n)
@@ -121,6 +136,7 @@ class Scheduler:
             self.running.append(seq)
             out.append(ScheduledSeq(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(lora_waiting))
         return out
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -129,3 +145,5 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         self.bm.free_seq(seq)
+        if self.lora_release is not None:  # LoRA seam
+            self.lora_release(seq, True)

@@ -25,6 +25,9 @@ class EngineStats:
     requests_finished_total: int = 0
     requests_aborted_total: int = 0
     steps_total: int = 0
+    lora_swaps_total: int = 0  # adapters copied into a device slot (serving.lora)
+    lora_resident: int = 0  # adapters in device slots now
+    lora_registered: int = 0  # adapters servable (any tier)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -111,7 +111,10 @@ ARCHS: dict[str, tuple[str, dict]] = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
                                          num_experts_per_tok=2, head_dim=16, norm_topk_prob=False,
                                          mlp_only_layers=[1])),
-    "llama": ("LlamaConfig", dict(intermediate_size=96, tie_word_embeddings=True)),
+    # Llama 3.1-style rope scaling (written by transformers 5 under rope_parameters)
+    "llama": ("LlamaConfig", dict(intermediate_size=96, tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16, "rope_theta": 500000.0})),
     "mistral": ("MistralConfig", dict(intermediate_size=96, sliding_window=8, head_dim=16)),
     "qwen2": ("Qwen2Config", dict(intermediate_size=96, use_sliding_window=False)),
     "qwen3": ("Qwen3Config", dict(intermediate_size=96, head_dim=32)),

@@ -7,7 +7,6 @@ restart the service (re-adopted) → delete (process, logs, key gone).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import socket
@@ -24,9 +23,7 @@ import uvicorn
 from hub_integration.service import build_service_app
 
 ADMIN = "hdadm_lifecycle_test_token"
-# `hubdeploy serve --lora` refuses to start while the engine has no LoRA manager (serving.lora);
-# until that lands the lifecycle runs without an adapter.
-HAS_LORA = importlib.util.find_spec("serving.lora") is not None
+
 pytestmark = pytest.mark.slow
 
 
@@ -72,6 +69,19 @@ def chat(e: dict[str, Any], key: str | None, model: str | None = None) -> str:
     return out.choices[0].message.content or ""
 
 
+def reap(data_dir: Path) -> None:
+    """Kill any endpoint process a failed test left behind (children outlive the service by design)."""
+    from hub_integration.store import Store
+
+    db = Path(data_dir) / "hubdeploy.db"
+    if not db.exists():
+        return
+    for rec in Store(db).list_endpoints(include_deleted=True):
+        cmd = Path(f"/proc/{rec.pid}/cmdline").read_bytes() if rec.pid and pid_alive(rec.pid) else b""
+        if b"hubdeploy\x00serve" in cmd:
+            os.killpg(rec.pid, signal.SIGKILL)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -89,9 +99,7 @@ def test_lifecycle_from_hub_repo(tmp_path: Path, local_hub: Any, hub_repo: str) 
     data = tmp_path / "svc"
     svc = LiveService(build_service_app(data, hub_endpoint=local_hub.endpoint, admin_token=ADMIN))
     try:
-        adapters = {"sql": f"{hub_repo}-lora-0"} if HAS_LORA else {}
-        r = svc.client.post("/api/endpoints", json={
-            "name": "lc", "model": hub_repo, "adapters": adapters, "gpu": "cpu", "tags": ["test"]})
+        r = svc.client.post("/api/endpoints", json={"name": "lc", "model": hub_repo, "gpu": "cpu", "tags": ["test"]})
         assert r.status_code == 201, r.text
         created = r.json()
         key = created["api_key"]
@@ -109,8 +117,6 @@ def test_lifecycle_from_hub_repo(tmp_path: Path, local_hub: Any, hub_repo: str) 
         assert e["url"].startswith("http://127.0.0.1:") and e["url"].endswith("/v1")
 
         assert chat(e, key)
-        if HAS_LORA:
-            assert chat(e, key, model="sql") is not None  # the adapter is served by name
         with pytest.raises(openai.AuthenticationError):
             chat(e, "hdk_wrong")
         with pytest.raises(openai.AuthenticationError):
@@ -162,6 +168,9 @@ def test_lifecycle_from_hub_repo(tmp_path: Path, local_hub: Any, hub_repo: str) 
         e = wait_status(svc, "lc", {"running", "failed"})
         assert e["status"] == "running", e["reason"]
         pid = store.get_endpoint("lc").pid
+    except BaseException:
+        reap(data)
+        raise
     finally:
         svc.stop()
 
@@ -185,6 +194,7 @@ def test_lifecycle_from_hub_repo(tmp_path: Path, local_hub: Any, hub_repo: str) 
         assert svc.app.state.store.claimed_slots() == {}
     finally:
         svc.stop()
+        reap(data)
 
 
 def test_restart_on_failure(tmp_path: Path, tiny_models: Any) -> None:
@@ -221,6 +231,7 @@ def test_restart_on_failure(tmp_path: Path, tiny_models: Any) -> None:
         svc.client.delete("/api/endpoints/phoenix")
     finally:
         svc.stop()
+        reap(tmp_path / "svc")
 
 
 def test_failed_download_leaves_no_half_state(tmp_path: Path) -> None:
@@ -253,3 +264,22 @@ def test_failed_download_leaves_no_half_state(tmp_path: Path) -> None:
         assert "failed: download" in "\n".join(prov.logs("dl"))
     finally:
         prov.close()
+
+
+def test_endpoint_with_hub_adapter(tmp_path: Path, local_hub: Any, hub_repo: str) -> None:
+    """Base model + a LoRA adapter from the Hub, both addressable by `model`."""
+    svc = LiveService(build_service_app(tmp_path / "svc", hub_endpoint=local_hub.endpoint, admin_token=ADMIN))
+    try:
+        r = svc.client.post("/api/endpoints", json={"name": "ad", "model": hub_repo,
+                                                    "adapters": {"sql": f"{hub_repo}-lora-0"}})
+        assert r.status_code == 201, r.text
+        key = r.json()["api_key"]
+        e = wait_status(svc, "ad", {"running", "failed"})
+        assert e["status"] == "running", e["reason"]
+        models = openai.OpenAI(base_url=e["url"], api_key=key).models.list()
+        assert {m.id for m in models} >= {hub_repo, "sql"}
+        assert chat(e, key, model="sql") is not None
+        svc.client.delete("/api/endpoints/ad")
+    finally:
+        svc.stop()
+        reap(tmp_path / "svc")

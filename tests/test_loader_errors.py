@@ -162,6 +162,13 @@ def test_awq_tensors_without_quant_config(base, tmp_path: Path) -> None:
         load_model(d)
 
 
+def test_awq_config_without_awq_tensors(base, tmp_path: Path) -> None:
+    d = copy_of(base["qwen2"], tmp_path)
+    edit_config(d, quantization_config={"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm"})
+    with pytest.raises(CheckpointError, match=r"config\.json declares AWQ but no tensor in model\.safetensors is AWQ-packed"):
+        load_model(d)
+
+
 def test_corrupt_safetensors_header(base, tmp_path: Path) -> None:
     d = copy_of(base["qwen2"], tmp_path)
     raw = (d / "model.safetensors").read_bytes()

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from hub_integration import auth
 from hub_integration.service import ADMIN_HASH_KEY, build_service_app
+from tests.test_lifecycle import reap
 
 HF_TOKEN = "hf_test_secret_token_e2b7c9"
 
@@ -105,3 +106,4 @@ def test_hf_token_and_api_key_never_leak(tmp_path: Path, local_hub: Any, tiny_mo
     finally:
         c.delete("/api/endpoints/g", headers=H)
         app.state.provisioner.close()
+        reap(data)

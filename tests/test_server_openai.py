@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import defaultdict
 
 import httpx
 import openai
@@ -28,7 +29,7 @@ def client(tiny_server) -> openai.OpenAI:
 def scrape(server) -> dict[str, float]:
     """`/metrics` parsed by prometheus_client's own parser: sample name -> value (unlabelled sum)."""
     text = httpx.get(server.url + "/metrics", timeout=10).text
-    out: dict[str, float] = {}
+    out: dict[str, float] = defaultdict(float)  # labelled series appear on first use
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             out[s.name] = out.get(s.name, 0.0) + s.value
@@ -214,9 +215,10 @@ def test_disconnect_mid_stream_frees_kv_blocks(tiny_server) -> None:
                 if line.startswith("data: {"):
                     n += 1
                     if n == 3:
+                        # still connected (leaving iter_lines closes the connection): blocks are held
+                        mid = scrape(tiny_server)
                         break
-            mid = scrape(tiny_server)
-            assert mid["hubdeploy:kv_cache_usage_perc"] > 0.0, mid  # the request holds blocks while it runs
+            assert mid["hubdeploy:num_requests_running"] == 1 and mid["hubdeploy:kv_cache_usage_perc"] > 0.0, mid
         # leaving both blocks closes the connection mid-stream
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

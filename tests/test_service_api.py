@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from hub_integration.service import build_service_app, mount_page
+from tests.test_lifecycle import reap
 
 H = {"Authorization": "Bearer adm"}
 
@@ -20,7 +21,8 @@ def svc(tmp_path_factory: pytest.TempPathFactory, local_hub: Any, hub_tiny_model
 
     repo = hub_tiny_model("mixtral", "awq", adapters=1)
     model = tiny_models("mixtral", "awq", adapters=1)
-    app = build_service_app(tmp_path_factory.mktemp("svc"), hub_endpoint=local_hub.endpoint, admin_token="adm",
+    data = tmp_path_factory.mktemp("svc")
+    app = build_service_app(data, hub_endpoint=local_hub.endpoint, admin_token="adm",
                             allowed_model_roots=[model.parent], default_model=str(model))
     client = TestClient(app)
     client.repo, client.model, client.adapter = repo, str(model), str(adapter_dir(model, 0))  # type: ignore[attr-defined]
@@ -28,6 +30,7 @@ def svc(tmp_path_factory: pytest.TempPathFactory, local_hub: Any, hub_tiny_model
     for e in client.get("/api/endpoints", headers=H).json()["endpoints"]:
         client.delete(f"/api/endpoints/{e['name']}", headers=H)
     app.state.provisioner.close()
+    reap(data)
 
 
 def wait(c: TestClient, name: str, want: set[str], timeout: float = 120) -> dict[str, Any]:
@@ -196,6 +199,7 @@ def _stop(proc: Any) -> None:
 
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
+    proc.stdout.close()
 
 
 @pytest.mark.slow
@@ -212,16 +216,38 @@ def test_hubdeploy_up_with_no_arguments_but_a_data_dir(tmp_path: Path) -> None:
         token = next(l.split(": ")[-1].strip() for l in lines if "admin token" in l)
         d = httpx.get(f"http://127.0.0.1:{port}/api/defaults", headers={"Authorization": f"Bearer {token}"}).json()
         assert d["model"] == str(tmp_path / "models" / "tiny-mixtral-awq")
+        assert d["adapters"] == {f"lora-{i}": str(tmp_path / "models" / f"tiny-mixtral-awq-lora-{i}") for i in (0, 1)}
         assert (tmp_path / "models" / "tiny-mixtral-awq" / "config.json").is_file()
         assert (tmp_path / "models" / "tiny-mixtral-awq-lora-1" / "adapter_config.json").is_file()
         r = httpx.get(f"http://127.0.0.1:{port}/deploy?model=org/m", follow_redirects=True)
         assert r.status_code == 200 and "hubdeploy" in r.text
+        # the whole flow with the demo defaults: deploy, then chat with the base model and an adapter
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"},
+                           timeout=60)
+        r = api.post("/api/endpoints", json={"name": "demo", "model": d["model"], "adapters": d["adapters"]})
+        assert r.status_code == 201, r.text
+        key = r.json()["api_key"]
+        deadline = time.monotonic() + 120
+        while (e := api.get("/api/endpoints/demo").json())["status"] not in ("running", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert e["status"] == "running", e["reason"]
+        import openai
+
+        client = openai.OpenAI(base_url=e["url"], api_key=key, max_retries=0)
+        for model in (e["served_model_name"], "lora-1"):
+            out = client.chat.completions.create(model=model, max_tokens=3,
+                                                 messages=[{"role": "user", "content": "hi"}])
+            assert out.usage.completion_tokens > 0
     finally:
         _stop(proc)
     proc, lines = _start_up(tmp_path, port)  # second start: demo reused, no new token printed
     try:
         assert not any("admin token" in l for l in lines)
-        assert httpx.get(f"http://127.0.0.1:{port}/api/endpoints",
-                         headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        H2 = {"Authorization": f"Bearer {token}"}
+        e = httpx.get(f"http://127.0.0.1:{port}/api/endpoints/demo", headers=H2).json()
+        assert e["status"] == "running"  # re-adopted across the service restart
+        httpx.delete(f"http://127.0.0.1:{port}/api/endpoints/demo", headers=H2, timeout=60)
     finally:
         _stop(proc)
+        reap(tmp_path)

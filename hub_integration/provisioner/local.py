@@ -177,6 +177,7 @@ class LocalProvisioner(Provisioner):
         self._running: dict[str, _Running] = {}
         self._hf_tokens: dict[str, str] = {}  # memory only, for restarts within this process
         self._lock = threading.RLock()
+        self._name_locks: dict[str, threading.RLock] = {}
         self._closed = threading.Event()
 
     # --- devices ------------------------------------------------------------------
@@ -215,8 +216,17 @@ class LocalProvisioner(Provisioner):
         with open(self.log_path(name), "a", encoding="utf-8") as f:
             f.write(f"[hubdeploy {time.strftime('%H:%M:%S')}] {line}\n")
 
+    def _name_lock(self, name: str) -> threading.RLock:
+        """One lock per endpoint: API calls and automatic restarts never interleave."""
+        with self._lock:
+            return self._name_locks.setdefault(name, threading.RLock())
+
     # --- interface ----------------------------------------------------------------
     def provision(self, spec: DeploymentSpec, secrets: Secrets) -> None:
+        with self._name_lock(spec.name):
+            self._provision(spec, secrets)
+
+    def _provision(self, spec: DeploymentSpec, secrets: Secrets) -> None:
         name = spec.name
         self._stop_watch(name)
         device = self.store.claim_slot(name, self.device_candidates(spec.gpu))
@@ -233,6 +243,10 @@ class LocalProvisioner(Provisioner):
         self._start_worker(name, lambda run: self._bring_up(spec, device, port, run))
 
     def stop(self, name: str) -> None:
+        with self._name_lock(name):
+            self._stop(name)
+
+    def _stop(self, name: str) -> None:
         run = self._stop_watch(name)
         rec = self.store.get_endpoint(name)
         pid = rec.pid if rec else None
@@ -258,7 +272,11 @@ class LocalProvisioner(Provisioner):
             return [line.rstrip("\n") for line in deque(f, maxlen=max(0, tail))]
 
     def delete(self, name: str) -> None:
-        self.stop(name)
+        with self._name_lock(name):
+            self._delete(name)
+
+    def _delete(self, name: str) -> None:
+        self._stop(name)
         self.log_path(name).unlink(missing_ok=True)
         self._key_path(name).unlink(missing_ok=True)
         self._hf_tokens.pop(name, None)
@@ -519,12 +537,22 @@ class LocalProvisioner(Provisioner):
             delay = min(2.0 ** rec.restarts, 30.0)
             if run.stop.wait(delay) or self._closed.is_set():
                 return
-            self.store.update_endpoint(name, restarts=rec.restarts + 1)
-            self.store.add_event(name, "restart", f"restart {rec.restarts + 1} of {self.max_restarts}")
-            with self._lock:
-                if self._running.get(name) is run:
-                    self._running.pop(name)
+            lock = self._name_lock(name)
+            while not lock.acquire(timeout=0.2):  # a concurrent stop/delete sets run.stop and wins
+                if run.stop.is_set() or self._closed.is_set():
+                    return
             try:
-                self.provision(spec, Secrets(api_key=self.get_api_key(name)))
-            except SlotUnavailable as e:
-                self.store.update_endpoint(name, status="failed", reason=str(e))
+                rec = self.store.get_endpoint(name)
+                if run.stop.is_set() or rec is None or rec.desired != "running" or rec.status != "failed":
+                    return
+                self.store.update_endpoint(name, restarts=rec.restarts + 1)
+                self.store.add_event(name, "restart", f"restart {rec.restarts + 1} of {self.max_restarts}")
+                with self._lock:
+                    if self._running.get(name) is run:
+                        self._running.pop(name)
+                try:
+                    self._provision(spec, Secrets(api_key=self.get_api_key(name)))
+                except SlotUnavailable as e:
+                    self.store.update_endpoint(name, status="failed", reason=str(e))
+            finally:
+                lock.release()

@@ -38,17 +38,19 @@ def _page_blocks() -> object | None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from hub_integration.demo import ensure_demo_model
+    from hub_integration.demo import demo_adapters, ensure_demo_model
     from hub_integration.service import build_service_app, mount_page
 
     data_dir = Path(args.data_dir).expanduser().resolve()
-    default_model = None
+    default_model, default_adapters = None, None
     if not args.no_demo:
         print(f"hubdeploy: preparing the demo model under {data_dir / 'models'} ...", flush=True)
         default_model = str(ensure_demo_model(data_dir))
+        default_adapters = demo_adapters(data_dir)
     roots = args.allowed_model_root or [data_dir / "models"]
     app = build_service_app(data_dir, hub_endpoint=args.hub_endpoint, allowed_model_roots=roots,
-                            cpu_slots=args.cpu_slots, default_model=default_model)
+                            cpu_slots=args.cpu_slots, default_model=default_model,
+                            default_adapters=default_adapters)
     mount_page(app, _page_blocks())
     print(f"hubdeploy: deploy service at http://{args.host}:{args.port}/  (API: /api, docs: /docs)", flush=True)
     if app.state.new_admin_token:

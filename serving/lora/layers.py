@@ -146,8 +146,11 @@ class MoESite:
         return self.a13 is not None and any(self.used[s] for s in lora.active_slots)
 
     def __call__(self, x: torch.Tensor, weights: MoEWeights | AWQMoEWeights, topk_weights: torch.Tensor,
-                 topk_ids: torch.Tensor, lora: LoRABatch) -> torch.Tensor:
-        """The MoE output with each (token, k) row's expert adapted by the token's slot."""
+                 topk_ids: torch.Tensor, lora: LoRABatch) -> torch.Tensor | None:
+        """The MoE output with each (token, k) row's expert adapted by the token's slot;
+        None when no active slot has expert weights here (the caller runs plain `fused_moe`)."""
+        if not self.touches(lora):
+            return None
         slot_rows = lora.slot_of_rows(topk_ids.shape[1])
         if use_triton(x):
             return self._triton(x, weights, topk_weights, topk_ids, slot_rows)

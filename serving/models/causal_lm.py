@@ -19,16 +19,6 @@ from serving.forward_context import ForwardContext
 from serving.models.layers import MLP, Attention, Linear, LoRATarget, MoE, RMSNorm
 
 
-def rope_theta_and_scaling(cfg: ModelConfig) -> tuple[float, dict | None]:
-    """Rotary base and scaling; transformers 5 writes them under `rope_parameters`."""
-    params = cfg.raw.get("rope_parameters") or {}
-    theta = float(cfg.raw.get("rope_theta") or params.get("rope_theta") or cfg.rope_theta)
-    scaling = cfg.rope_scaling
-    if scaling is None and params.get("rope_type", "default") not in ("default", None):
-        scaling = dict(params)
-    return theta, scaling
-
-
 class DecoderLayer(nn.Module):
     def __init__(
         self,
@@ -108,8 +98,7 @@ class CausalLM(nn.Module):
             self.lm_head = Linear(
                 cfg.hidden_size, [("lm_head", cfg.vocab_size)], bias=False, quantized=False, dtype=dtype, device=device
             )
-        theta, scaling = rope_theta_and_scaling(cfg)
-        cos_sin = rotary_cos_sin(cfg.head_dim, cfg.max_position_embeddings, theta, scaling)
+        cos_sin = rotary_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("cos_sin", cos_sin.to(device), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -10,7 +10,8 @@ module names fused into it with their output slices (e.g. `qkv_proj` holds `q_pr
 `ForwardContext.lora` is not None and a hook is installed, the linear calls
 `lora_hook(x, y, ctx.lora)` right after its base GEMM; the hook adds `x·A·B·s` into the
 right output slices of `y` in place. `MoE` has the same slot, called with the routing as
-`lora_hook(x, out, topk_weights, topk_ids, ctx.lora)` after `fused_moe`. The model's
+`lora_hook(x, weights, topk_weights, topk_ids, ctx.lora) -> out | None` in place of
+`fused_moe` (expert LoRA acts inside the experts, before the SiLU; None = not touched). The model's
 `lora_targets()` maps each HF module name to (module, output slice, expert index) so a LoRA
 manager can install hooks without knowing how we fuse. The LoRA math is not here.
 """
@@ -275,7 +276,10 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         router_logits = self.gate(x)
         topk_weights, topk_ids = topk_route(router_logits, self.top_k, self.renormalize)
-        out = fused_moe(x, self.weights, topk_weights, topk_ids)
         if ctx.lora is not None and self.lora_hook is not None:
-            self.lora_hook(x, out, topk_weights, topk_ids, ctx.lora)
-        return out
+            # LoRA seam (serving.lora.layers.MoESite): expert LoRA changes activations inside
+            # each expert, so the hook runs the whole MoE; None = no adapter touches these experts.
+            out = self.lora_hook(x, self.weights, topk_weights, topk_ids, ctx.lora)
+            if out is not None:
+                return out
+        return fused_moe(x, self.weights, topk_weights, topk_ids)

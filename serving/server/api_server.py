@@ -301,8 +301,12 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             if not ids:
                 raise OpenAIError("'prompt' must contain at least one token", 400, param="prompt", code="invalid_value")
             prompt_ids_list.append(ids)
-        max_tokens = min(_check_lengths(state, len(ids), body.requested_max_tokens(), "prompt", "max_tokens")
+        # OpenAI's completions default is 16 tokens (chat defaults to the rest of the context)
+        requested = body.requested_max_tokens()
+        max_tokens = min(_check_lengths(state, len(ids), requested, "prompt", "max_tokens")
                          for ids in prompt_ids_list)
+        if requested is None:
+            max_tokens = min(max_tokens, 16)
         # choice index = prompt index * n + i, as OpenAI numbers them
         all_ids = [ids for ids in prompt_ids_list for _ in range(body.n)]
         params = [_params(body, max_tokens, i) for _ in prompt_ids_list for i in range(body.n)]

@@ -1,0 +1,184 @@
+"""The deploy page through `gradio_client`: `hubdeploy up` in a real process, a tiny model on the local Hub.
+
+`/inspect` reports the model and its plans, `/deploy` ends in a running endpoint that answers
+a chat request with the key it showed, `/chat` streams from it, `/endpoints` lists it and
+`/delete` removes it. The helpers here (`start_space_service`, `push_hostile_repo`) are
+shared with the browser test.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from tests.fixtures.local_hub import LocalHub, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ADMIN = "adm-space-test-token"
+HOSTILE_BODY = """
+## Hostile section (must render inert)
+
+<script>window.__pwned = 'script'</script>
+<img src="x.png" onerror="window.__pwned = 'onerror'">
+<a id="jslink" href="javascript:window.__pwned='javascript'">click for prizes</a>
+[md js link](javascript:window.__pwned='md')
+<iframe src="javascript:window.__pwned='iframe'"></iframe>
+"""
+
+
+@dataclass
+class SpaceService:
+    url: str
+    token: str
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def delete_all(self) -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            for ep in httpx.get(self.url + "/api/endpoints", headers=self.headers, timeout=30).json()["endpoints"]:
+                httpx.delete(f"{self.url}/api/endpoints/{ep['name']}", headers=self.headers, timeout=60)
+
+
+@contextlib.contextmanager
+def start_space_service(hub: LocalHub, data_dir: Path, timeout: float = 180.0) -> Iterator[SpaceService]:
+    """`hubdeploy up` (service + mounted page) on a free loopback port, against the local Hub."""
+    port = free_port()
+    log = data_dir / "up.log"
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HUBDEPLOY_ADMIN_TOKEN": ADMIN, "OMP_NUM_THREADS": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for k in ("HUBDEPLOY_URL", "HUBDEPLOY_TOKEN", "SPACE_ID"):
+        env.pop(k, None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "hubdeploy", "up", "--host", "127.0.0.1", "--port", str(port),
+                                 "--data-dir", str(data_dir), "--hub-endpoint", hub.endpoint, "--no-demo"],
+                                cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    svc = SpaceService(f"http://127.0.0.1:{port}", ADMIN, proc, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"hubdeploy up exited with {proc.returncode}:\n{svc.log_tail()}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(svc.url + "/", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, f"hubdeploy up did not answer in {timeout}s:\n{svc.log_tail()}"
+            time.sleep(0.3)
+        yield svc
+    finally:
+        if proc.poll() is None:
+            svc.delete_all()
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def push_hostile_repo(hub: LocalHub, model_dir: Path, work: Path, repo_id: str = "tiny/mixtral-awq-card") -> str:
+    """The tiny model again, its card carrying script / onerror / javascript: payloads, plus one adapter."""
+    from serving.tiny import adapter_dir
+
+    staged = work / "hostile"
+    if staged.exists():
+        shutil.rmtree(staged)
+    shutil.copytree(model_dir, staged)
+    readme = staged / "README.md"
+    readme.write_text(readme.read_text() + HOSTILE_BODY)
+    hub.add_repo(repo_id, staged, card_data={"base_model": "test/tiny-mixtral-base", "license": "apache-2.0"})
+    hub.add_repo(f"{repo_id}-lora-0", adapter_dir(model_dir, 0),
+                 card_data={"base_model": repo_id, "base_model_relation": "adapter"})
+    return repo_id
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory, local_hub: LocalHub, hub_tiny_model: Any) -> Iterator[SpaceService]:
+    hub_tiny_model("mixtral", "awq", adapters=1)
+    with start_space_service(local_hub, tmp_path_factory.mktemp("space_up")) as s:
+        yield s
+
+
+@pytest.mark.slow
+def test_inspect_deploy_chat_delete(svc: SpaceService) -> None:
+    from gradio_client import Client
+
+    client = Client(svc.url + "/", verbose=False, download_files=False)
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/inspect", "/deploy", "/chat", "/endpoints", "/pause", "/resume", "/delete", "/logs"} <= set(api)
+
+    repo = "tiny/mixtral-awq"
+    out = client.predict(model=repo, revision="", hf_token="", token=svc.token, api_name="/inspect")
+    status, summary, verdict, facts, card, preview, badge_md = out[:7]
+    assert "error" not in status, status
+    assert "MixtralForCausalLM" in facts and "AWQ 4-bit" in facts, facts
+    assert "Ready to deploy" in verdict and "tiny/mixtral-awq" in summary
+    assert f"/deploy?model={repo}" in badge_md and "/badge.svg" in badge_md
+    gpu = out[8]
+    assert any(v == "cpu" for _, v in gpu["choices"]) and gpu["value"] != "cpu"  # best fitting GPU preselected
+    assert any(v.startswith("H100") and label.startswith("✓") for label, v in gpu["choices"]), gpu["choices"]
+    assert any("lora-0" in v for _, v in out[10]["choices"])  # the Hub's adapter list
+    name = out[12]
+    assert name == "mixtral-awq"
+
+    bad = client.predict(model="nobody/nothing", token=svc.token, api_name="/inspect")[0]
+    assert "nobody/nothing" in bad and "not found" in bad.lower()
+    unauth = client.predict(model=repo, token="wrong", api_name="/inspect")[0]
+    assert "401" in unauth and "admin token" in unauth
+
+    t0 = time.monotonic()
+    job = client.submit(model=repo, gpu="cpu", name=name, adapters=[f"{repo}-lora-0"], max_model_len=256,
+                        token=svc.token, api_name="/deploy")
+    result = job.result(timeout=300)
+    progress, logs, _group, url, key = result[:5]
+    deploy_s = time.monotonic() - t0
+    assert 'data-status="running"' in progress, (progress, logs, svc.log_tail())
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+    assert key.startswith(("hd_", "sk-", "hdk_")) or len(key) >= 20, key
+    assert "chat/completions" in result[5] and "HUBDEPLOY_API_KEY" in result[6]
+    phases = [p for p in ("downloading", "loading", "warming_up", "running")
+              if any(f'data-phase="{p}"' in (u[0] if isinstance(u, (list, tuple)) else "") for u in job.outputs())]
+    assert "running" in phases
+    print(f"\ndeploy through gradio_client: {deploy_s:.1f} s, phases seen {phases}")
+
+    r = httpx.post(url + "/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                   json={"model": repo, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    assert httpx.post(url + "/chat/completions", timeout=60, json={"model": repo, "messages": []}).status_code == 401
+    models = {m["id"] for m in httpx.get(url + "/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]}
+    assert {repo, "mixtral-awq-lora-0"} <= models, models
+
+    history, _ = client.predict(message="hi", history=[], model=repo, system="", temp=0.0, max_new=8, api_name="/chat")
+    assert history[-1]["role"] == "assistant" and history[-1]["content"] and "⚠️" not in history[-1]["content"], history
+
+    rows, pick, _ = client.predict(token=svc.token, current=None, api_name="/endpoints")
+    assert [name, "running"] == rows["data"][0][:2] if isinstance(rows, dict) else rows[0][:2]
+    logs = client.predict(name=name, token=svc.token, api_name="/logs")[0]
+    assert logs["value"] if isinstance(logs, dict) else logs
+
+    deleted = client.predict(name=name, token=svc.token, hf_token="", api_name="/delete")
+    assert "deleted" in deleted[2]
+    assert httpx.get(f"{svc.url}/api/endpoints/{name}", headers=svc.headers).status_code == 404
+
+
+def test_badge_svg_and_deploy_redirect(svc: SpaceService) -> None:
+    r = httpx.get(svc.url + "/badge.svg")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml") and "<svg" in r.text
+    r = httpx.get(svc.url + "/deploy?model=org/m&gpu=cpu", follow_redirects=False)
+    assert r.status_code in (302, 303, 307) and r.headers["location"].endswith("?model=org/m&gpu=cpu")
