@@ -19,6 +19,11 @@ CONC=${CONC:-1,8,32}
 DTYPE=${DTYPE:-float32}
 OUT=${OUT_DIR:-$ROOT/benchmarks/out/serving_vs_peers}
 VENV=$ROOT/.venv-vllm
+# One intra-op thread for torch-based servers (ours, the transformers baseline): on a small
+# shared CPU two OpenMP threads stall each other (measured here: engine step median 2 ms
+# with 1 thread against 20-50 ms, spikes to 400 ms, with 2 while other jobs ran). vLLM binds
+# its own threads (VLLM_CPU_OMP_THREADS_BIND=auto) and ignores this.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; }
@@ -152,7 +157,7 @@ for peer in labels[1:]:
 text = "\n".join([
     "## Serving vs peers (CPU)", "",
     f"Measured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {machine} (shared with other jobs: absolute numbers are noisy, "
-    "ratios taken minutes apart). Tiny Mixtral (hidden 256, head_dim 64, 2 layers, 4 experts top-2, random weights, unquantized, " + dtype + "), `hubdeploy bench`: "
+    "ratios taken minutes apart; OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "unset") + "). Tiny Mixtral (hidden 256, head_dim 64, 2 layers, 4 experts top-2, random weights, unquantized, " + dtype + "), `hubdeploy bench`: "
     f"{n} prompts per run, Dolly-shaped lengths clipped to {max_in} in / {max_out} out, streaming completions with ignore_eos. "
     "Reproduce: `bash benchmarks/serving_vs_peers.sh`." + ("" if vllm_ok == "1" else " The vLLM leg was skipped (see the script's output)."),
     "", *rows, "",

@@ -7,14 +7,14 @@ command line passes one; a minimal HTML page otherwise) so this module never imp
 from __future__ import annotations
 
 import os
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Path as PathParam, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from hub_integration import auth
 from hub_integration.errors import InspectError
@@ -225,8 +225,9 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
         token = body.hf_token.get_secret_value() if body.hf_token else None
         try:
             new = body.apply(old)
-        except ValueError as e:
-            raise SpecError(("body",), str(e)) from None
+        except ValidationError as e:  # the merged spec breaks a field rule: name that field
+            raise RequestValidationError([{"loc": ("body", *err["loc"]), "msg": err["msg"], "type": err["type"]}
+                                          for err in e.errors()]) from None
         new = check_spec(new, ctx(token, name_taken=False))
         api_key = None
         key_hash = rec.api_key_hash

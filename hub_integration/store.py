@@ -97,9 +97,12 @@ class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as conn:
+        conn = self._connect()
+        try:
             conn.execute("PRAGMA journal_mode=WAL")
             self._migrate(conn)
+        finally:
+            conn.close()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
@@ -143,8 +146,11 @@ class Store:
 
     @property
     def schema_version(self) -> int:
-        with self._connect() as conn:
+        conn = self._connect()
+        try:
             return int(conn.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            conn.close()
 
     # --- meta -------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:

@@ -106,8 +106,11 @@ def make_requests(n: int, seed: int = 0, tokenizer_dir: str | Path | None = None
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, req: BenchRequest,
                headers: dict[str, str]) -> RequestResult:
+    # skip_special_tokens=False (a vLLM extra, ignored elsewhere): with ignore_eos a random
+    # model may emit special tokens, which would otherwise stream as empty text
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+            "skip_special_tokens": False}
     res = RequestResult(ok=False)
     start = time.perf_counter()
     last = start
@@ -131,7 +134,9 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, req: BenchReques
                 if obj.get("usage"):
                     res.prompt_tokens = obj["usage"].get("prompt_tokens", 0)
                     res.output_tokens = obj["usage"].get("completion_tokens", 0)
-                if obj.get("choices") and obj["choices"][0].get("text"):
+                choice = (obj.get("choices") or [None])[0]
+                # a token arrived: text, or an empty-text chunk that is not the closing one
+                if choice is not None and (choice.get("text") or not choice.get("finish_reason")):
                     now = time.perf_counter()
                     if res.ttft is None:
                         res.ttft = now - start
@@ -144,9 +149,11 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, req: BenchReques
             res.output_tokens = chunks  # server without usage in streams: one token per chunk
         if res.prompt_tokens == 0:
             res.prompt_tokens = req.prompt_len
+        if res.ttft is None and res.output_tokens > 0 and res.error is None:
+            res.ttft = res.e2e  # tokens came back, but only in the closing chunk
         res.ok = res.error is None and res.ttft is not None
         if res.ttft is None and res.error is None:
-            res.error = "no text came back"
+            res.error = "no token came back"
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         res.error = f"{type(e).__name__}: {e}"
         res.e2e = time.perf_counter() - start

@@ -274,8 +274,8 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
             hits = search_models(data.input_value, endpoint=cfg.hub_endpoint, token=hf_token or None)
             return gr.update(choices=hits) if hits else gr.update()
 
-        def inspect(model: str | None, revision: str | None, hf_token: str | None, token: str | None,
-                    pre: dict[str, Any] | None, request: gr.Request) -> tuple[Any, ...]:
+        def inspect(model: str | None, revision: str | None = None, hf_token: str | None = None, token: str | None = None,
+                    pre: dict[str, Any] | None = None, request: gr.Request | None = None) -> tuple[Any, ...]:
             """Inspect a model through the service; fill the Model, Hardware and Options sections."""
             pre = pre or {}
             keep = tuple(gr.update() for _ in range(14))
@@ -320,11 +320,13 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
         def on_gpu(gpu: str, payload: dict[str, Any] | None) -> str:
             return view.plan_html(_plan((payload or {}).get("plans") or [], gpu), gpu) if payload else ""
 
-        def deploy(model: str | None, revision: str | None, gpu: str | None, adapters: list[str] | None,
-                   adapters_more: str | None, max_model_len: float | None, max_num_seqs: float | None,
-                   lora_slots: float | None, access: str, name: str | None, max_lora_rank: float | None,
-                   kv_cache_tokens: float | None, act_dtype: str, tags: str | None, restart: bool,
-                   hf_token: str | None, token: str | None, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+        def deploy(model: str | None, revision: str | None = None, gpu: str | None = None,
+                   adapters: list[str] | None = None, adapters_more: str | None = None,
+                   max_model_len: float | None = None, max_num_seqs: float | None = None,
+                   lora_slots: float | None = None, access: str | None = None, name: str | None = None,
+                   max_lora_rank: float | None = None, kv_cache_tokens: float | None = None, act_dtype: str | None = None,
+                   tags: str | None = None, restart: bool | None = None, hf_token: str | None = None, token: str | None = None,
+                   request: gr.Request | None = None) -> Iterator[tuple[Any, ...]]:
             """Create the endpoint, then follow its phases until it runs or fails."""
             hidden = gr.update(visible=False)
             nothing = (gr.update(),) * 7
@@ -391,8 +393,9 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                    snips["curl"], snips["openai"], snips["inference_client"],
                    gr.update(choices=models, value=models[0]), state)
 
-        def chat(message: str, history: list[dict[str, Any]] | None, state: dict[str, Any] | None,
-                 model: str | None, system: str | None, temp: float, max_new: float) -> Iterator[tuple[Any, ...]]:
+        def chat(message: str, history: list[dict[str, Any]] | None = None, state: dict[str, Any] | None = None,
+                 model: str | None = None, system: str | None = None, temp: float | None = None,
+                 max_new: float | None = None) -> Iterator[tuple[Any, ...]]:
             """Stream an answer from the endpoint (OpenAI chat completions with stream=true)."""
             history = list(history or [])
             if not (message or "").strip():
@@ -409,7 +412,8 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
             history.append({"role": "assistant", "content": ""})
             try:
                 for delta in stream_chat(state["url"], state.get("api_key"), model or state["served_model_name"],
-                                         msgs, temperature=float(temp), max_tokens=int(max_new)):
+                                         msgs, temperature=0.7 if temp is None else float(temp),
+                                         max_tokens=int(max_new or 64)):
                     history[-1]["content"] += delta
                     yield history, ""
             except (ServiceError, OSError) as e:
@@ -420,7 +424,7 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                 history[-1]["content"] = "(empty answer)"
             yield history, ""
 
-        def list_endpoints(token: str | None, current: str | None, request: gr.Request) -> tuple[Any, ...]:
+        def list_endpoints(token: str | None = None, current: str | None = None, request: gr.Request | None = None) -> tuple[Any, ...]:
             try:
                 with client(request, token) as c:
                     eps = c.list()
@@ -432,7 +436,8 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
             return view.endpoint_rows(eps), gr.update(choices=names, value=pick), msg
 
         def act(action: str):  # noqa: ANN202 - returns a Gradio handler
-            def handler(name: str | None, token: str | None, hf_token: str | None, request: gr.Request) -> tuple[Any, ...]:
+            def handler(name: str | None, token: str | None = None, hf_token: str | None = None,
+                        request: gr.Request | None = None) -> tuple[Any, ...]:
                 if not name:
                     return gr.update(), gr.update(), view.notice("info", "Pick an endpoint first")
                 try:
@@ -453,7 +458,7 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
             handler.__name__ = action
             return handler
 
-        def show_logs(name: str | None, token: str | None, request: gr.Request) -> tuple[Any, ...]:
+        def show_logs(name: str | None, token: str | None = None, request: gr.Request | None = None) -> tuple[Any, ...]:
             if not name:
                 return gr.update(visible=False), view.notice("info", "Pick an endpoint first")
             try:

@@ -283,3 +283,19 @@ def test_endpoint_with_hub_adapter(tmp_path: Path, local_hub: Any, hub_repo: str
     finally:
         svc.stop()
         reap(tmp_path / "svc")
+
+
+def test_download_progress_counts_bytes(tmp_path: Path, local_hub: Any, tiny_models: Any) -> None:
+    """The tqdm class handed to `snapshot_download` sees bytes done/total grow to the files' size."""
+    from huggingface_hub import snapshot_download
+
+    from hub_integration.provisioner.local import progress_class
+
+    local_hub.add_repo("progress/mixtral-awq", tiny_models("mixtral", "awq"))
+    seen: list[tuple[int, int]] = []
+    path = snapshot_download("progress/mixtral-awq", endpoint=local_hub.endpoint, token=False,
+                             cache_dir=tmp_path, tqdm_class=progress_class(lambda d, t: seen.append((d, t))))
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    assert len(seen) > 2
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert seen[-1] == (size, size)

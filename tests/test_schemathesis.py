@@ -6,8 +6,7 @@ a 409 instead of starting a process.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import schemathesis
@@ -16,37 +15,19 @@ from schemathesis.checks import not_a_server_error
 
 from hub_integration.service import build_service_app
 
-_state: dict[str, Any] = {}
 
-
-def _app() -> Any:
-    if "app" not in _state:
-        import tempfile
-
-        d = Path(tempfile.mkdtemp(prefix="hubdeploy-fuzz-"))
-        _state["app"] = build_service_app(d, hub_endpoint=_state.get("hub"), admin_token="fuzz-admin", cpu_slots=0)
-    return _state["app"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _hub(local_hub: Any) -> Any:
-    _state["hub"] = local_hub.endpoint
-    yield
-    app = _state.pop("app", None)
-    if app is not None:
-        app.state.provisioner.close()
+@pytest.fixture(scope="module")
+def api_schema(local_hub: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    app = build_service_app(tmp_path_factory.mktemp("fuzz"), hub_endpoint=local_hub.endpoint,
+                            admin_token="fuzz-admin", cpu_slots=0)
+    yield schemathesis.openapi.from_asgi("/openapi.json", app)
+    app.state.provisioner.close()
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
-@pytest.fixture(scope="module")
-def api_schema(_hub: Any) -> Any:
-    return schemathesis.openapi.from_asgi("/openapi.json", _app())
-
-
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, derandomize=True,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_no_server_errors(case: schemathesis.Case) -> None:
     case.call_and_validate(headers={"Authorization": "Bearer fuzz-admin"}, checks=[not_a_server_error])

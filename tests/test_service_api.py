@@ -43,6 +43,11 @@ def wait(c: TestClient, name: str, want: set[str], timeout: float = 120) -> dict
         time.sleep(0.2)
 
 
+def test_one_service_per_data_dir(svc: TestClient) -> None:
+    with pytest.raises(RuntimeError, match="another hubdeploy service"):
+        build_service_app(svc.app.state.data_dir, admin_token="adm")  # type: ignore[attr-defined]
+
+
 def test_openapi_lists_the_design_routes(svc: TestClient) -> None:
     paths = svc.get("/openapi.json").json()["paths"]
     assert {"/api/inspect", "/api/endpoints", "/api/endpoints/{name}", "/api/endpoints/{name}/pause",
@@ -155,6 +160,8 @@ def test_duplicate_patch_rotate(svc: TestClient) -> None:
     r = svc.patch("/api/endpoints/dup", json={"engine": {"max_model_len": 10**6}}, headers=H)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "engine", "max_model_len"]
     assert svc.patch("/api/endpoints/dup", json={"name": "other"}, headers=H).status_code == 422
+    r = svc.patch("/api/endpoints/dup", json={"adapters": {"bad name": "org/a"}}, headers=H)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "adapters"]
     r = svc.patch("/api/endpoints/dup", json={"access": "public"}, headers=H)
     assert r.json()["spec"]["access"] == "public" and r.json()["api_key"] is None
     assert svc.post("/api/endpoints/dup/rotate_key", headers=H).status_code == 409

@@ -60,6 +60,7 @@ class SpaceService:
 def start_space_service(hub: LocalHub, data_dir: Path, timeout: float = 180.0) -> Iterator[SpaceService]:
     """`hubdeploy up` (service + mounted page) on a free loopback port, against the local Hub."""
     port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "up.log"
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HUBDEPLOY_ADMIN_TOKEN": ADMIN, "OMP_NUM_THREADS": "1",
            "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -137,21 +138,21 @@ def test_inspect_deploy_chat_delete(svc: SpaceService) -> None:
     name = out[12]
     assert name == "mixtral-awq"
 
-    bad = client.predict(model="nobody/nothing", token=svc.token, api_name="/inspect")[0]
+    bad = client.predict(model="nobody/nothing", revision="", hf_token="", token=svc.token, api_name="/inspect")[0]
     assert "nobody/nothing" in bad and "not found" in bad.lower()
-    unauth = client.predict(model=repo, token="wrong", api_name="/inspect")[0]
+    unauth = client.predict(model=repo, revision="", hf_token="", token="wrong", api_name="/inspect")[0]
     assert "401" in unauth and "admin token" in unauth
 
     t0 = time.monotonic()
     job = client.submit(model=repo, gpu="cpu", name=name, adapters=[f"{repo}-lora-0"], max_model_len=256,
                         token=svc.token, api_name="/deploy")
     result = job.result(timeout=300)
-    progress, logs, _group, url, key = result[:5]
+    progress, logs, url, key, curl, openai_py = result[:6]  # layout and state outputs are not sent to clients
     deploy_s = time.monotonic() - t0
     assert 'data-status="running"' in progress, (progress, logs, svc.log_tail())
     assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
     assert key.startswith(("hd_", "sk-", "hdk_")) or len(key) >= 20, key
-    assert "chat/completions" in result[5] and "HUBDEPLOY_API_KEY" in result[6]
+    assert "chat/completions" in curl and "HUBDEPLOY_API_KEY" in openai_py and url in openai_py
     phases = [p for p in ("downloading", "loading", "warming_up", "running")
               if any(f'data-phase="{p}"' in (u[0] if isinstance(u, (list, tuple)) else "") for u in job.outputs())]
     assert "running" in phases

@@ -4,9 +4,18 @@ Per endpoint: claim a device slot in SQLite (one `BEGIN IMMEDIATE`), pick a loop
 port, pre-download weights into the shared HF cache recording bytes done/total, start
 `python -m hubdeploy serve ...` in its own session with secrets only in its environment,
 follow its `phase:` lines and `/health`, and watch it until it stops or fails.
+
+Endpoint URL: the child listens on loopback port P (`endpoint_host`), and the user gets
+`http://<url_host>:P/v1` — reachable from this machine only. Serving it to other machines
+through the deploy service (a proxy path `/e/<name>/v1`) is a later step (docs/scaling.md).
+The endpoint key is kept, for restarts, in `data_dir/secrets/<name>.key` (mode 0600); the
+database holds only its hash. The HF token lives in memory only and reaches the child by
+environment; after a service restart the weights are already in the shared cache.
+One service process per data dir.
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import re
@@ -164,6 +173,7 @@ class LocalProvisioner(Provisioner):
         self.secrets_dir = self.data_dir / "secrets"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.secrets_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = self._take_service_lock()
         os.chmod(self.secrets_dir, 0o700)
         self.hub_endpoint = hub_endpoint
         self.endpoint_host = endpoint_host
@@ -179,6 +189,23 @@ class LocalProvisioner(Provisioner):
         self._lock = threading.RLock()
         self._name_locks: dict[str, threading.RLock] = {}
         self._closed = threading.Event()
+
+    def _take_service_lock(self) -> Any:
+        """One service per data dir: two would both adopt, restart and kill the same children."""
+        f = open(self.data_dir / "service.lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise RuntimeError(f"another hubdeploy service (pid {holder}) is using {self.data_dir}; "
+                               "stop it first or pass another --data-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        return f
 
     # --- devices ------------------------------------------------------------------
     def device_candidates(self, gpu: str) -> list[str]:
@@ -326,6 +353,10 @@ class LocalProvisioner(Provisioner):
         for run in runs:
             if run.thread is not None and run.thread is not threading.current_thread():
                 run.thread.join(timeout=15)
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
 
     # --- workers ------------------------------------------------------------------
     def _start_worker(self, name: str, body: Callable[[_Running], None]) -> None:

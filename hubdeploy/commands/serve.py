@@ -118,6 +118,12 @@ def _load(app: Any, args: argparse.Namespace, loras: dict[str, str], server: Any
             raise RuntimeError(f"--lora was given ({', '.join(loras)}) but this engine build loaded no LoRA "
                                "manager, so adapter requests would silently run the base model; "
                                "serve without --lora or use a build with serving.lora")
+        lora_mgr = getattr(engine.engine, "lora_manager", None)
+        if lora_mgr is not None:  # LoRA seam: the manager serves the adapter admin routes
+            from serving.lora.server import lora_hooks
+            from serving.server.api_server import set_lora_hooks
+
+            set_lora_hooks(app, *lora_hooks(lora_mgr), adapters=dict(lora_mgr.sources))
         set_phase(app, "warming_up")
         phase("warming_up", f"loaded in {time.perf_counter() - t0:.1f}s")
         asyncio.run(_warm_up(engine))

@@ -98,14 +98,17 @@ class LoRAManager:
                 raise LoRAError(f"an adapter named {name!r} is already loaded (from {self.sources[name]}); "
                                 "unload it first or pick another name")
         src = source if revision is None else f"{parse_source(source)[0]}@{revision}"
-        adapter = self._read(name, src)
+        return self.add_adapter(self._read(name, src))
+
+    def add_adapter(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """Make an already validated (or built in memory, e.g. by a benchmark) adapter servable."""
         with self._lock:
-            if name in self.sources:
-                raise LoRAError(f"an adapter named {name!r} is already loaded")
-            self.sources[name] = src
+            if adapter.name in self.sources:
+                raise LoRAError(f"an adapter named {adapter.name!r} is already loaded")
+            self.sources[adapter.name] = adapter.source
             self._cache(adapter)
-        log.info("LoRA adapter %r registered from %s (rank %d, %d modules)", name, src, adapter.max_rank,
-                 len(adapter.modules))
+        log.info("LoRA adapter %r registered from %s (rank %d, %d modules)", adapter.name, adapter.source,
+                 adapter.max_rank, len(adapter.modules))
         return adapter
 
     def unregister(self, name: str) -> None:

@@ -26,6 +26,8 @@ _ENGINE_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("kv_cache_usage", "hubdeploy:kv_cache_usage_perc", "Fraction of KV-cache blocks held by live sequences (0..1)."),
     ("prefix_cache_hit_rate", "hubdeploy:prefix_cache_hit_rate", "Fraction of looked-up prompt blocks found in the prefix cache since start."),
     ("num_kv_blocks", "hubdeploy:kv_cache_blocks", "KV-cache blocks in total."),
+    ("lora_resident", "hubdeploy:lora_resident_adapters", "LoRA adapters in device slots now."),
+    ("lora_registered", "hubdeploy:lora_loaded_adapters", "LoRA adapters servable (device, host or on disk)."),
 )
 _ENGINE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("prompt_tokens_total", "hubdeploy:prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded)."),
@@ -35,6 +37,7 @@ _ENGINE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("prefix_cache_hits", "hubdeploy:prefix_cache_hits", "Prompt blocks found in the prefix cache."),
     ("requests_finished_total", "hubdeploy:engine_requests_finished", "Requests the engine finished."),
     ("requests_aborted_total", "hubdeploy:engine_requests_aborted", "Requests aborted (client gone or error)."),
+    ("lora_swaps_total", "hubdeploy:lora_swaps", "LoRA adapters copied into a device slot (swap-ins)."),
 )
 
 

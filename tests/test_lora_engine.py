@@ -1,0 +1,208 @@
+"""Multi-LoRA through the engine (`LLM`) on the tiny models, CPU float32 compute on the fp16
+checkpoints.
+
+Reference: `transformers` on a copy of the base checkpoint with the adapter merged in
+float64 (W + scaling · B @ A; PEFT's `merge_and_unload` math, and what
+tests/test_tiny_models.py shows PEFT itself matches). Greedy tokens must be equal and the
+chosen tokens' log-probabilities within LOGPROB_ATOL.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from serving import LLM, SamplingParams
+from serving.tiny import adapter_dir, dequantize_awq_dir
+
+ARCHS = ("mixtral", "qwen3_moe", "llama")
+NEW = 10
+LOGPROB_ATOL = 1e-3  # fp32 engine vs fp32 transformers on the same merged weights
+# AWQ: the engine's dequantization rounds (q - z) * s in fp16 differently from the fp16
+# reference copy; the base model alone (no adapter) shows the same size of difference.
+LOGPROB_ATOL_AWQ = 5e-3
+PROMPTS = [[1, 50, 60, 70, 80, 90, 100, 110], [1, 5, 300, 7, 9], [1, 222, 17, 404, 31, 8, 99, 250, 12, 61, 7]]
+GREEDY = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------- the reference
+def merged_reference(base: Path, adapter: Path, dst: Path) -> Path:
+    """fp32 copy of `base` with scaling · B @ A merged into each adapted weight in float64."""
+    if (dst / "model.safetensors").is_file():
+        return dst
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    scaling = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+    sd = {k: v.double() for k, v in load_file(str(base / "model.safetensors")).items()}
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    for k, a in lora.items():
+        if k.endswith(".lora_A.weight"):
+            module = k[len("base_model.model."): -len(".lora_A.weight")]
+            b = lora[k.replace(".lora_A.", ".lora_B.")]
+            sd[f"{module}.weight"] += scaling * b.double() @ a.double()
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in base.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            shutil.copyfile(f, dst / f.name)
+    save_file({k: v.float() for k, v in sd.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], n: int) -> list[tuple[list[int], list[float]]]:
+    """transformers greedy tokens and their log-probs, one prompt at a time (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            g = model.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+            toks = g.sequences[0, len(p):].tolist()
+            # scores are post-processing; recompute raw log-probs with one forward over the sequence
+            logits = model(g.sequences).logits[0, len(p) - 1:-1].float()
+            lps = torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None])[:, 0].tolist()
+            out.append((toks, lps))
+    return out
+
+
+_REF_CACHE: dict[tuple[str, str, int | None], list] = {}
+
+
+def reference(tiny_models, tmp_root: Path, arch: str, quant: str, i: int | None) -> list:
+    key = (arch, quant, i)
+    if key not in _REF_CACHE:
+        base = tiny_models(arch, quant, adapters=3)
+        src = base
+        if quant == "awq":
+            src = tmp_root / f"{arch}-awq-deq"
+            if not (src / "model.safetensors").is_file():
+                dequantize_awq_dir(base, src)
+        d = src if i is None else merged_reference(src, adapter_dir(base, i), tmp_root / f"{arch}-{quant}-m{i}")
+        _REF_CACHE[key] = hf_greedy(d, PROMPTS, NEW)
+    return _REF_CACHE[key]
+
+
+def make_llm(model_dir: Path, **kw) -> LLM:
+    opts = dict(device="cpu", dtype="float32", max_model_len=128, kv_cache_tokens=2048, max_num_batched_tokens=256,
+                lora_modules={f"a{i}": str(adapter_dir(model_dir, i)) for i in range(3)}, max_loras=3)
+    opts.update(kw)
+    return LLM(str(model_dir), **opts)
+
+
+@pytest.fixture(scope="module")
+def tmp_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lora_ref")
+
+
+_LLMS: dict[str, LLM] = {}
+
+
+@pytest.fixture
+def llm_for(tiny_models):
+    def get(arch: str) -> LLM:
+        if arch not in _LLMS:
+            _LLMS.clear()  # one engine alive at a time
+            _LLMS[arch] = make_llm(tiny_models(arch, "none", adapters=3))
+        return _LLMS[arch]
+
+    return get
+
+
+def _check(outs, refs, what: str, atol: float = LOGPROB_ATOL) -> None:
+    for o, (toks, lps) in zip(outs, refs):
+        assert o.token_ids == toks, f"{what}: engine {o.token_ids} != transformers+merged {toks}"
+        got = [lp.logprob for lp in o.logprobs]
+        diff = max(abs(a - b) for a, b in zip(got, lps))
+        assert diff <= atol, f"{what}: log-probs differ by {diff:.2e}"
+
+
+# ---------------------------------------------------------------- correctness per adapter
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_adapter_matches_transformers_with_merged_adapter(arch: str, i: int, llm_for, tiny_models, tmp_root) -> None:
+    llm = llm_for(arch)
+    outs = llm.generate(PROMPTS, GREEDY, lora=f"a{i}")
+    _check(outs, reference(tiny_models, tmp_root, arch, "none", i), f"{arch} adapter {i}")
+    base = llm.generate(PROMPTS, GREEDY)
+    assert any(o.token_ids != b.token_ids for o, b in zip(outs, base)), "the adapter changed nothing"
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_one_batch_mixing_base_and_three_adapters(arch: str, llm_for) -> None:
+    llm = llm_for(arch)
+    loras = [None, "a0", "a1", "a2"]
+    alone = {lo: llm.generate(PROMPTS, GREEDY, lora=lo) for lo in loras}
+    prompts = [p for p in PROMPTS for _ in loras]
+    names = [lo for _ in PROMPTS for lo in loras]
+    steps0 = llm.engine.stats().steps_total
+    mixed = llm.generate(prompts, GREEDY, lora=names)
+    assert llm.engine.stats().steps_total - steps0 <= NEW + 1, "the requests did not run in one batch"
+    for k, (p, lo) in enumerate(zip(prompts, names)):
+        want = alone[lo][PROMPTS.index(p)]
+        assert mixed[k].token_ids == want.token_ids, f"prompt {PROMPTS.index(p)} with {lo}"
+
+
+def test_max_loras_1_swaps_and_every_request_finishes_correctly(tiny_models) -> None:
+    d = tiny_models("mixtral", "none", adapters=3)
+    ref = make_llm(d)
+    loras = ["a0", "a1", "a2", None, "a2", "a0"]
+    prompts = [PROMPTS[k % len(PROMPTS)] for k in range(len(loras))]
+    want = [ref.generate([p], GREEDY, lora=lo)[0].token_ids for p, lo in zip(prompts, loras)]
+    del ref
+    one = make_llm(d, max_loras=1, max_cpu_loras=1)
+    got = one.generate(prompts, GREEDY, lora=loras)
+    assert [o.token_ids for o in got] == want
+    assert all(o.finish_reason == "length" for o in got)
+    stats = one.engine.stats()
+    assert stats.lora_swaps_total >= 3 and stats.lora_resident == 1 and stats.lora_registered == 3
+    assert not one.engine.has_unfinished()
+
+
+def test_awq_base_with_adapters_matches_dequantized_merged(tiny_models, tmp_root) -> None:
+    d = tiny_models("mixtral", "awq", adapters=3)
+    llm = make_llm(d)
+    for i in (None, 1, 2):
+        _check(llm.generate(PROMPTS, GREEDY, lora=None if i is None else f"a{i}"),
+               reference(tiny_models, tmp_root, "mixtral", "awq", i), f"awq mixtral adapter {i}", LOGPROB_ATOL_AWQ)
+
+
+def test_unload_then_reuse_name_never_reuses_cached_kv(llm_for) -> None:
+    """Prefix-cache blocks are keyed by adapter name: an adapter unloaded and another loaded
+    under the same name must not see the old K/V."""
+    llm = llm_for("mixtral")
+    mgr = llm.engine.lora_manager
+    long_prompt = [PROMPTS[2] * 4]  # several full KV blocks
+    first = llm.generate(long_prompt, GREEDY, lora="a0")[0].token_ids
+    want_a1 = llm.generate(long_prompt, GREEDY, lora="a1")[0].token_ids
+    mgr.unregister("a0")
+    with pytest.raises(ValueError, match="LoRA adapter 'a0' is not loaded"):
+        llm.generate(long_prompt, GREEDY, lora="a0")
+    mgr.register("a0", mgr.sources["a1"])
+    try:
+        assert llm.generate(long_prompt, GREEDY, lora="a0")[0].token_ids == want_a1 != first
+    finally:
+        mgr.unregister("a0")
+        mgr.register("a0", str(adapter_dir(Path(llm.engine.model_dir), 0)))
+
+
+def test_no_lora_work_without_adapters_in_the_step(llm_for, monkeypatch) -> None:
+    llm = llm_for("llama")
+    calls = []
+    mgr = llm.engine.lora_manager
+    orig = mgr.build_batch
+    monkeypatch.setattr(mgr, "build_batch", lambda chunks: calls.append(r := orig(chunks)) or r)
+    llm.generate(PROMPTS[:2], SamplingParams(max_tokens=3, temperature=0.0))
+    assert calls and all(c is None for c in calls)  # ctx.lora None: no hook runs
