@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Path as PathParam, 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hub_integration import auth
 from hub_integration.errors import InspectError
@@ -57,6 +58,46 @@ class EndpointOut(BaseModel):
     updated_at: float
     history: list[StatusChange] | None = None
     api_key: str | None = Field(None, description="shown once: at create and rotate_key")
+
+
+class ErrorInfo(BaseModel):
+    """The one error shape of the service (every 4xx/5xx answer): `{"error": {...}, "detail": ...}`."""
+
+    status: int = Field(..., description="the HTTP status, repeated")
+    code: str = Field(..., description="machine-readable kind, e.g. invalid_spec, not_found, no_free_device")
+    message: str = Field(..., description="what is wrong and what to do; names the field when one is to blame")
+    fields: list[dict[str, Any]] = Field(default_factory=list,
+                                         description="FastAPI-style [{loc, msg, type}] for 422s, else empty")
+
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 409: "conflict", 422: "invalid_request", 500: "internal_error",
+                 502: "hub_unreachable", 503: "hub_unavailable"}
+
+
+def error_response(status: int, message: str, *, code: str | None = None, fields: list[dict[str, Any]] | None = None,
+                   headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    """An error answer in the service's one shape.
+
+    `error` is the contract (`status`, `code`, `message`, `fields`, plus context such as the
+    inspected `model`/`revision`); `detail` mirrors FastAPI's own shape (the field list for a
+    422, else the message) so FastAPI-aware clients keep working.
+    """
+    fields = [{"loc": list(f.get("loc", ())), "msg": str(f.get("msg", "")), "type": str(f.get("type", "value_error"))}
+              for f in (fields or [])]
+    err = ErrorInfo(status=status, code=code or _STATUS_CODES.get(status, "error"), message=message, fields=fields)
+    body = {"error": {**err.model_dump(), **extra}, "detail": fields or message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _fields_message(fields: list[dict[str, Any]]) -> str:
+    """'engine.max_model_len: must be ≤ ...' for the first field error (and how many more)."""
+    if not fields:
+        return "invalid request"
+    first = fields[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header"))
+    msg = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    return msg + (f" (and {len(fields) - 1} more)" if len(fields) > 1 else "")
 
 
 class EndpointList(BaseModel):
@@ -145,13 +186,35 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
                                      "(printed by `hubdeploy up` at first start, or HUBDEPLOY_ADMIN_TOKEN)",
                                 headers={"WWW-Authenticate": "Bearer"})
 
+    # --- one error shape for every answer that is not a success (see error_response) ---
     @app.exception_handler(SpecError)
     async def _spec_error(_: Request, e: SpecError) -> JSONResponse:
-        return JSONResponse({"detail": e.detail()}, status_code=422)
+        return error_response(422, _fields_message(e.detail()), code="invalid_spec", fields=e.detail())
 
     @app.exception_handler(HubUnavailable)
     async def _hub_down(_: Request, e: HubUnavailable) -> JSONResponse:
-        return JSONResponse({"detail": str(e)}, status_code=503)
+        return error_response(503, str(e), code="hub_unavailable")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        fields = [{"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
+                  for err in e.errors()]
+        return error_response(422, _fields_message(fields), code="invalid_request", fields=fields)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        if isinstance(e.detail, list):  # field errors raised by a route (e.g. /api/inspect's model)
+            return error_response(e.status_code, _fields_message(e.detail), fields=e.detail, headers=e.headers)
+        return error_response(e.status_code, str(e.detail), headers=e.headers)
+
+    @app.exception_handler(InspectError)
+    async def _inspect_error(_: Request, e: InspectError) -> JSONResponse:
+        return error_response(e.status, e.message, code=e.code, model=e.repo_id, revision=e.revision)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        return error_response(500, f"internal error ({type(e).__name__}); the service log has the details",
+                              code="internal_error")
 
     def ctx(token: str | None, name_taken: bool) -> SpecContext:
         return SpecContext(allowed_roots=roots, hub_endpoint=hub_endpoint, hf_token=token,
@@ -170,7 +233,7 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
                       revision: str | None = Query(None, max_length=256),
                       x_hf_token: str | None = Header(None, include_in_schema=False)) -> Any:
         """What the model is and whether it can be served (the Hub integration's report)."""
-        from hub_integration.inspect_api import error_body, inspect_payload
+        from hub_integration.inspect_api import inspect_payload
 
         try:
             local = classify_source(model) == "path"
@@ -181,11 +244,7 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
                 model = str(resolve_local_dir(model, roots, "config.json", ("model",)))
             except SpecError as e:
                 raise HTTPException(422, [{"loc": ["query", "model"], "msg": e.msg, "type": e.type}]) from None
-        try:
-            return inspect_payload(model, None if local else revision, token=x_hf_token, endpoint=hub_endpoint)
-        except InspectError as e:
-            status, body = error_body(e)
-            return JSONResponse(body, status_code=status)
+        return inspect_payload(model, None if local else revision, token=x_hf_token, endpoint=hub_endpoint)
 
     @app.get("/api/defaults", dependencies=api, response_model=DefaultsOut, tags=["endpoints"])
     def defaults() -> DefaultsOut:
@@ -204,9 +263,13 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
             raise SpecError(("name",), f"an endpoint named {spec.name!r} already exists") from None
         try:
             prov.provision(spec, Secrets(hf_token=token, api_key=api_key))
-        except SlotUnavailable as e:
+        except SlotUnavailable as e:  # lost the race for the last device: nothing of it remains
             store.remove_endpoint(spec.name)
             raise HTTPException(409, f"cannot start {spec.name!r}: {e}") from None
+        except BaseException:
+            prov.set_api_key(spec.name, None)
+            store.remove_endpoint(spec.name)
+            raise
         return _out(get_rec(spec.name), api_key=api_key, history=True)
 
     @app.get("/api/endpoints", dependencies=api, response_model=EndpointList, tags=["endpoints"])

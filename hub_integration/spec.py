@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
@@ -76,6 +77,10 @@ class DeploymentSpec(BaseModel):
     access: Literal["private", "public"] = "private"
     tags: list[str] = Field(default_factory=list, max_length=16)
     restart_on_failure: bool = False
+    engine_from_plan: list[str] = Field(
+        default_factory=list, max_length=len(EngineOptions.model_fields),
+        description="engine options filled in from the memory plan (not set by the user); set by the "
+                    "service, re-planned when a PATCH changes the GPU, adapters or revision")
 
     @field_validator("model")
     @classmethod
@@ -101,6 +106,14 @@ class DeploymentSpec(BaseModel):
             except ValueError as e:
                 raise ValueError(f"adapter {name!r}: {e}") from None
         return v
+
+    @field_validator("engine_from_plan")
+    @classmethod
+    def _engine_from_plan(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(EngineOptions.model_fields))
+        if unknown:
+            raise ValueError(f"not engine options: {unknown}")
+        return sorted(set(v))
 
     @field_validator("tags")
     @classmethod
@@ -143,9 +156,10 @@ class CreateEndpointRequest(DeploymentSpec):
     """Body of `POST /api/endpoints`: the spec plus an optional HF token that is never stored."""
 
     hf_token: SecretStr | None = Field(None, description="HF token for gated/private repos; used, never stored")
+    engine_from_plan: SkipJsonSchema[list[str]] = Field(default_factory=list, exclude=True)  # the service sets it
 
     def spec(self) -> DeploymentSpec:
-        return DeploymentSpec.model_validate(self.model_dump(exclude={"hf_token"}))
+        return DeploymentSpec.model_validate(self.model_dump(exclude={"hf_token", "engine_from_plan"}))
 
 
 class PatchEndpointRequest(BaseModel):
@@ -163,12 +177,21 @@ class PatchEndpointRequest(BaseModel):
     hf_token: SecretStr | None = None
 
     def apply(self, spec: DeploymentSpec) -> DeploymentSpec:
-        """The spec with these changes; validated again as a whole."""
-        changes: dict[str, Any] = self.model_dump(exclude_unset=True, exclude={"hf_token"})
-        if "engine" in changes and changes["engine"] is not None:
-            changes["engine"] = {**spec.engine.model_dump(), **self.engine.model_dump(exclude_unset=True)}  # type: ignore[union-attr]
+        """The spec with these changes; validated again as a whole.
+
+        Options the memory plan filled in (`spec.engine_from_plan`) are cleared, so that
+        `check_spec` plans them again for the new GPU/adapters: the old GPU's defaults would
+        not fit a smaller one. Options the user set (before or in this patch) are kept.
+        """
+        changes: dict[str, Any] = self.model_dump(exclude_unset=True, exclude={"hf_token", "engine"})
         changes = {k: v for k, v in changes.items() if v is not None or k == "revision"}
-        return DeploymentSpec.model_validate({**spec.model_dump(), **changes})
+        engine = spec.engine.model_dump()
+        for key in spec.engine_from_plan:
+            engine[key] = None
+        if self.engine is not None:
+            engine.update(self.engine.model_dump(exclude_unset=True))
+        return DeploymentSpec.model_validate({**spec.model_dump(), **changes, "engine": engine,
+                                              "engine_from_plan": []})
 
 
 class SpecError(ValueError):
@@ -339,7 +362,7 @@ def apply_plan(spec: DeploymentSpec, model_src: str | Path, adapters: dict[str, 
         raise SpecError(("engine", "max_model_len"), f"max_model_len={engine['max_model_len']} is beyond the "
                                                      f"model's context length {ctx_len}; lower it")
     if spec.gpu == "cpu":
-        return spec
+        return spec.model_copy(update={"engine_from_plan": []})
     from hub_integration.gpus import get_gpu
     from hub_integration.memory_plan import plan
 
@@ -365,7 +388,10 @@ def apply_plan(spec: DeploymentSpec, model_src: str | Path, adapters: dict[str, 
         raise SpecError(("engine", "kv_cache_tokens"),
                         f"kv_cache_tokens={engine['kv_cache_tokens']} is beyond the {mp.kv_tokens} tokens "
                         f"of KV cache that fit on {gpu}; lower it or pick a larger GPU")
+    planned = []
     for key, value in mp.engine_defaults().items():
         if key in engine and engine[key] is None:
             engine[key] = value
-    return spec.model_copy(update={"engine": EngineOptions.model_validate(engine), "gpu": gpu})
+            planned.append(key)
+    return spec.model_copy(update={"engine": EngineOptions.model_validate(engine), "gpu": gpu,
+                                   "engine_from_plan": sorted(planned)})

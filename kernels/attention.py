@@ -27,6 +27,7 @@ __all__ = [
     "store_kv_triton",
     "paged_attention",
     "paged_attention_ref",
+    "paged_attention_torch",
     "paged_attention_triton",
     "paged_attention_decode_triton",
     "paged_attention_prefill_triton",
@@ -186,7 +187,152 @@ def paged_attention_ref(
     return out
 
 
+# ----------------------------------------------------------------------------- torch fast path (CPU)
+
+
+def _gather_kv(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """`cache[blocks]` for a [B, nblk] block index as one `index_select` (2x faster than advanced indexing)."""
+    nb, bs, hkv, d = cache.shape
+    flat = cache.view(nb, bs * hkv * d).index_select(0, blocks.reshape(-1))
+    return flat.view(blocks.shape[0], blocks.shape[1] * bs, hkv, d)
+
+
+def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
+                  block_tables: torch.Tensor, max_context_len: int, scale: float,
+                  sliding_window: int | None) -> torch.Tensor:
+    """Every row of q [B, H, D] is the one new token of sequence b: the whole batch at once.
+
+    One gather of the batch's blocks ([B, L, Hkv, D], L = max context rounded up to blocks),
+    then per KV head one batched GEMM over strided views (no transposed copies of K/V), a
+    masked softmax (positions past a sequence's length or outside the window get -inf) and
+    one batched GEMM with V. The Python cost no longer grows with the batch.
+    """
+    b, h, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    group = h // hkv
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    nblk = max(1, min(-(-max_context_len // bs), block_tables.shape[1]))
+    blocks = block_tables[:, :nblk].to(torch.long).clamp(min=0)  # -1 padding reads block 0, masked below
+    kk = _gather_kv(k_cache, blocks)
+    vv = _gather_kv(v_cache, blocks)
+    if kk.dtype != acc_dtype:
+        kk, vv = kk.to(acc_dtype), vv.to(acc_dtype)
+    length = nblk * bs
+    kpos = torch.arange(length, device=q.device)[None, :]
+    lens = context_lens.to(torch.long)[:, None]
+    invalid = kpos >= lens
+    if sliding_window is not None:
+        invalid |= kpos <= lens - 1 - sliding_window
+    invalid = invalid[:, None, :]  # [B, 1, L], broadcast over the group's heads
+    qq = q.to(acc_dtype).reshape(b, hkv, group, d)
+    out = torch.empty((b, hkv, group, d), dtype=acc_dtype, device=q.device)
+    for j in range(hkv):
+        scores = torch.bmm(qq[:, j], kk[:, :, j, :].transpose(1, 2)).mul_(scale)  # [B, group, L]
+        scores.masked_fill_(invalid, float("-inf"))
+        torch.bmm(torch.softmax(scores, dim=-1), vv[:, :, j, :], out=out[:, j])
+    return out.view(b, h, d).to(q.dtype)
+
+
+def _prefill_seq_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                       ctx: int, scale: float, sliding_window: int | None) -> torch.Tensor:
+    """One sequence's q [qlen, H, D] (its last qlen positions) over its ctx cached tokens, SDPA with GQA."""
+    qlen, h, d = q.shape
+    hkv = k_cache.shape[2]
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kk = _gather_kv(k_cache, blocks[None])[0, :ctx].to(acc_dtype).transpose(0, 1)  # [Hkv, ctx, D]
+    vv = _gather_kv(v_cache, blocks[None])[0, :ctx].to(acc_dtype).transpose(0, 1)
+    qq = q.to(acc_dtype).transpose(0, 1)  # [H, qlen, D]
+    mask = None
+    if qlen != ctx or sliding_window is not None:  # causal, bottom-right aligned
+        qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+        kpos = torch.arange(ctx, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if sliding_window is not None:
+            mask &= kpos > qpos - sliding_window
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qq, kk, vv, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=hkv != h)
+    return o.transpose(0, 1).to(q.dtype)
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    max_context_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The CPU path of `paged_attention` (same contract as `paged_attention_ref`, fp32 math).
+
+    Decode rows (q_len 1) of the whole batch go through one vectorized `_decode_torch`;
+    prefill / chunked-prefill sequences through SDPA one sequence at a time. Agrees with the
+    reference to fp32 rounding (summation order differs), see tests/test_kernels_attention.py.
+    """
+    _check_attn(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables)
+    n = q.shape[0]
+    nseq = context_lens.shape[0]
+    if n == 0 or nseq == 0:
+        return torch.zeros_like(q)
+    if max_seqlen_q == 1 and n == nseq:
+        return _decode_torch(q, k_cache, v_cache, context_lens, block_tables, max_context_len, scale,
+                             sliding_window)
+    cu = cu_seqlens_q.tolist()
+    ctx_lens = context_lens.tolist()
+    out = torch.empty_like(q)
+    dec = [b for b in range(nseq) if cu[b + 1] - cu[b] == 1]
+    if dec:
+        rows = torch.tensor([cu[b] for b in dec], dtype=torch.long, device=q.device)
+        sel = torch.tensor(dec, dtype=torch.long, device=q.device)
+        sub_lens = context_lens.index_select(0, sel)
+        out[rows] = _decode_torch(q.index_select(0, rows), k_cache, v_cache, sub_lens,
+                                  block_tables.index_select(0, sel), max(ctx_lens[b] for b in dec), scale,
+                                  sliding_window)
+    bs = k_cache.shape[1]
+    for b, ctx in enumerate(ctx_lens):
+        q0, q1 = cu[b], cu[b + 1]
+        qlen = q1 - q0
+        if qlen <= 1:
+            continue
+        if qlen > ctx:
+            raise ValueError(f"paged_attention: sequence {b} has {qlen} new tokens but context_len {ctx}")
+        blocks = block_tables[b, :(ctx + bs - 1) // bs].to(torch.long)
+        out[q0:q1] = _prefill_seq_torch(q[q0:q1], k_cache, v_cache, blocks, ctx, scale, sliding_window)
+    return out
+
+
 # ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _load_kv_tile(kc_ptr, vc_ptr, bt_ptr, b, s_bt, tok, tmask, kvh, s_cb, s_cs, s_ch, dd, dmask,
+                  BS: tl.constexpr, F32: tl.constexpr):
+    """K and V [BLOCK_N, BLOCK_D] of tokens `tok` of sequence b, KV head kvh, through the block table."""
+    blk = tl.load(bt_ptr + b * s_bt + tok // BS, mask=tmask, other=0).to(tl.int64)
+    off = blk * s_cb + (tok % BS) * s_cs + kvh * s_ch
+    kv_mask = tmask[:, None] & dmask[None, :]
+    k = tl.load(kc_ptr + off[:, None] + dd[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(vc_ptr + off[:, None] + dd[None, :], mask=kv_mask, other=0.0)
+    if F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, PREC: tl.constexpr):
+    """One K/V tile of flash attention (base-2 online softmax): updated (m_i, l_i, acc)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -230,22 +376,8 @@ def _decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
         tmask = tok < end
-        blk = tl.load(bt_ptr + b * s_bt + tok // BS, mask=tmask, other=0).to(tl.int64)
-        off = blk * s_cb + (tok % BS) * s_cs + kvh * s_ch
-        kv_mask = tmask[:, None] & dmask[None, :]
-        k = tl.load(kc_ptr + off[:, None] + dd[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(vc_ptr + off[:, None] + dd[None, :], mask=kv_mask, other=0.0)
-        if F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = tl.where(tmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        k, v = _load_kv_tile(kc_ptr, vc_ptr, bt_ptr, b, s_bt, tok, tmask, kvh, s_cb, s_cs, s_ch, dd, dmask, BS, F32)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, tmask[None, :], qk_scale, m_i, l_i, acc, PREC)
 
     omask = gmask[:, None] & dmask[None, :]
     if SPLITS == 1:
@@ -324,25 +456,12 @@ def _prefill_kernel(
         for n0 in range(lo, hi, BLOCK_N):
             tok = n0 + tl.arange(0, BLOCK_N)
             tmask = tok < hi
-            blk = tl.load(bt_ptr + b * s_bt + tok // BS, mask=tmask, other=0).to(tl.int64)
-            off = blk * s_cb + (tok % BS) * s_cs + kvh * s_ch
-            kv_mask = tmask[:, None] & dmask[None, :]
-            k = tl.load(kc_ptr + off[:, None] + dd[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(vc_ptr + off[:, None] + dd[None, :], mask=kv_mask, other=0.0)
-            if F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            k, v = _load_kv_tile(kc_ptr, vc_ptr, bt_ptr, b, s_bt, tok, tmask, kvh, s_cb, s_cs, s_ch, dd, dmask,
+                                 BS, F32)
             vis = tmask[None, :] & (tok[None, :] <= qpos[:, None])
             if HAS_WINDOW:
                 vis = vis & (tok[None, :] > qpos[:, None] - window)
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(q, k, v, vis, qk_scale, m_i, l_i, acc, PREC)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + (q0 + rows)[:, None] * s_ot + h * s_oh + dd[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
@@ -358,6 +477,17 @@ def _f32_path(q: torch.Tensor, cache: torch.Tensor) -> bool:
     # loads need an fp32 cast right after tl.load there; FIELD-NOTES) run the dots in fp32.
     return (q.dtype in (torch.float32, torch.float64) or cache.dtype != q.dtype
             or interpreting() or not q.is_cuda)
+
+
+def _paged_strides(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor,
+                   block_tables: torch.Tensor) -> tuple[int, ...]:
+    """The stride arguments both attention kernels take (s_qt, s_qh, s_ot, s_oh, s_cb, s_cs, s_ch, s_bt)."""
+    return (q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
+
+
+def _dot_flags(q: torch.Tensor, k_cache: torch.Tensor) -> dict[str, bool | str]:
+    return {"F32": _f32_path(q, k_cache), "PREC": _prec(q, k_cache)}
 
 
 def _window_args(sliding_window: int | None) -> tuple[int, bool]:
@@ -403,13 +533,11 @@ def paged_attention_decode_triton(
         tmp_o = tmp_ml = out
     triton_launchable(_decode_kernel, q)[(bsz, hkv, splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, tmp_o, tmp_ml,
-        float(scale), window,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        float(scale), window, *_paged_strides(q, out, k_cache, block_tables),
         GROUP=group, BS=bs, D=d,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(d), PART=partition_size, SPLITS=splits,
-        HAS_WINDOW=has_window, F32=_f32_path(q, k_cache), PREC=_prec(q, k_cache),
+        HAS_WINDOW=has_window, **_dot_flags(q, k_cache),
     )
     if splits > 1:
         triton_launchable(_decode_reduce_kernel, q)[(bsz, h)](
@@ -436,12 +564,9 @@ def paged_attention_prefill_triton(
     grid = (triton.cdiv(max(max_seqlen_q, 1), block_m), bsz, h)
     triton_launchable(_prefill_kernel, q)[grid](
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out,
-        float(scale), window,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        float(scale), window, *_paged_strides(q, out, k_cache, block_tables),
         GROUP=h // hkv, BS=bs, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(d), HAS_WINDOW=has_window,
-        F32=_f32_path(q, k_cache), PREC=_prec(q, k_cache),
+        BLOCK_D=triton.next_power_of_2(d), HAS_WINDOW=has_window, **_dot_flags(q, k_cache),
     )
     return out
 
@@ -494,7 +619,7 @@ def paged_attention(
             q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, max_context_len,
             scale, sliding_window,
         )
-    return paged_attention_ref(
+    return paged_attention_torch(
         q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, max_context_len,
         scale, sliding_window,
     )

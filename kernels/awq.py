@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from kernels.awq_format import PACK_FACTOR, awq_unpack_int4, awq_dequantize, awq_quantize  # noqa: F401
-from kernels.dispatch import interpreting, use_triton
+from kernels.dispatch import check_launchable, interpreting, lazy_kernels, use_triton
 
 # ----------------------------------------------------------------------------------------
 # Layout: packing helpers (plain torch)
@@ -180,12 +180,14 @@ def awq_linear_ref(x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None
 # Triton
 # ----------------------------------------------------------------------------------------
 
-_KERNELS: dict[bool, Any] = {}
-
-
 def _build_kernels() -> Any:
     import triton
     import triton.language as tl
+
+    # A module global: Triton's interpreter resolves a kernel's callees through its module's
+    # globals only (it re-executes the rewritten source there; closures are dropped).
+    global _awq_tile_dot
+    from kernels.awq_tile import awq_tile_dot as _awq_tile_dot
 
     @triton.jit
     def awq_gemm_kernel(
@@ -218,33 +220,18 @@ def _build_kernels() -> Any:
             k0 = t * BLOCK_K
             a = tl.load(a_rows + (k0 + offs_k)[None, :] * stride_ak, mask=m_mask[:, None], other=0.0)
             w = tl.load(w_rows + (k0 // 8 + offs_kw)[None, :], mask=n_mask[:, None], other=0)
-            q = (w[:, :, None] >> shifts[None, None, :]) & 0xF
-            q = tl.reshape(q, (BLOCK_N, BLOCK_K))
-            if BLOCK_M < 16:  # GEMV: tl.dot needs 16 rows; broadcast-multiply-reduce on CUDA cores
-                d = tl.sum(a.to(tl.float32)[:, None, :] * q.to(tl.float32)[None, :, :], axis=2)
-            elif COMPUTE_F32:
-                a = a.to(tl.float32)
-                d = tl.dot(a, tl.trans(q.to(tl.float32)), input_precision="ieee")
-            else:
-                d = tl.dot(a, tl.trans(q.to(a.dtype)))
-            suma = tl.sum(a.to(tl.float32), axis=1)
             g = k0 // GROUP
             s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             zw = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=n_mask, other=0)
-            z = ((zw >> z_shift) & 0xF).to(tl.float32)
-            acc += s[None, :] * (d - z[None, :] * suma[:, None])
+            acc += _awq_tile_dot(a, w, s, zw, shifts, z_shift, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE_F32)
         c = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :]
         tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     return awq_gemm_kernel
 
 
-def _kernels() -> Any:
-    mode = interpreting()
-    k = _KERNELS.get(mode)
-    if k is None:
-        k = _KERNELS[mode] = _build_kernels()
-    return k
+_awq_tile_dot: Any = None
+_kernels = lazy_kernels(_build_kernels)
 
 
 @functools.lru_cache(maxsize=None)
@@ -252,21 +239,8 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def check_launchable(kernel: Any, t: torch.Tensor) -> None:
-    """Clear error for a forced Triton call on CPU tensors without Triton's interpreter."""
-    if t.is_cuda:
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(kernel, InterpretedFunction):
-        raise RuntimeError(
-            "Triton kernel called on CPU tensors but Triton runs compiled in this process: set "
-            "TRITON_INTERPRET=1 before the first `import triton`, or unset HUBDEPLOY_FORCE_TRITON "
-            "to use the torch reference."
-        )
-
-
 def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for the interpreter): sizes split-K."""
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4

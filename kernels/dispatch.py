@@ -7,8 +7,12 @@ tests prove the Triton path on a machine with no GPU.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def force_triton() -> bool:
@@ -33,3 +37,33 @@ def use_triton(t: torch.Tensor) -> bool:
 def interpreting() -> bool:
     """Triton's CPU interpreter is on: kernels cast bf16 loads to fp32 at once (FIELD-NOTES)."""
     return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def check_launchable(kernel: Any, t: torch.Tensor) -> Any:
+    """`kernel`, after checking it can run on `t`'s device (compiled on CUDA, interpreted on
+    CPU): a forced Triton call on CPU tensors without the interpreter fails with what to set."""
+    if t.is_cuda:
+        return kernel
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(kernel, InterpretedFunction):
+        raise RuntimeError(
+            "Triton kernel called on CPU tensors but Triton runs compiled in this process: set "
+            "TRITON_INTERPRET=1 before the first `import triton`, or unset HUBDEPLOY_FORCE_TRITON "
+            "to use the torch reference."
+        )
+    return kernel
+
+
+def lazy_kernels(build: Callable[[], T]) -> Callable[[], T]:
+    """`build()` (which defines `@triton.jit` kernels) run on first use, once per mode
+    (compiled / interpreted), so importing a kernel module never imports triton."""
+    cache: dict[bool, T] = {}
+
+    def get() -> T:
+        mode = interpreting()
+        if mode not in cache:
+            cache[mode] = build()
+        return cache[mode]
+
+    return get

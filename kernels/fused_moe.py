@@ -10,15 +10,13 @@ with the zero point factored out of the inner loop, see kernels/awq.py).
 """
 from __future__ import annotations
 
-import functools
-
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from kernels.awq import AWQPacked, awq_repack, check_launchable, concat_out, stack_packed
-from kernels.dispatch import interpreting, use_triton
+from kernels.awq import AWQPacked, _num_sms, awq_repack, concat_out, stack_packed
+from kernels.dispatch import check_launchable, interpreting, lazy_kernels, use_triton
 
 # ----------------------------------------------------------------------------------------
 # Weights
@@ -185,6 +183,44 @@ def fused_moe_ref(
     return out.to(x.dtype)
 
 
+def fused_moe_torch(
+    x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """The CPU path: `fused_moe_ref`'s math with one sort instead of a scan per expert.
+
+    The M·k slots are sorted by expert once (stable, so each token's contributions stay in
+    ascending expert order), each expert runs its two GEMMs on a contiguous slice, and one
+    `index_add_` sums the weighted rows in that same order: bit-identical to the reference
+    (same GEMM shapes and operands, same fp32 additions in the same order) with fewer ops.
+    """
+    _check(x, weights, topk_weights, topk_ids)
+    w13, w2 = _dense(weights, x.dtype)
+    I = weights.intermediate_size
+    M, k = topk_ids.shape
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.zeros(M, x.shape[1], dtype=acc_dtype, device=x.device)
+    if M == 0:
+        return out.to(x.dtype)
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=weights.num_experts).tolist()
+    tok = order // k
+    xs = x.index_select(0, tok)
+    ys = []
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        h = xs[start:start + c] @ w13[e].t()
+        act = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+        ys.append(act @ w2[e].t())
+        start += c
+    y = torch.cat(ys) if len(ys) > 1 else ys[0]
+    tw = topk_weights.reshape(-1).index_select(0, order).to(acc_dtype)
+    out.index_add_(0, tok, y.to(acc_dtype) * tw[:, None])
+    return out.to(x.dtype)
+
+
 def _check(x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:
     if x.dim() != 2 or x.shape[1] != weights.hidden_size:
         raise ValueError(f"fused_moe: x {tuple(x.shape)} must be [M, {weights.hidden_size}]")
@@ -199,12 +235,14 @@ def _check(x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_i
 # Triton
 # ----------------------------------------------------------------------------------------
 
-_KERNELS: dict[bool, Any] = {}
-
-
 def _build_kernels() -> Any:
     import triton
     import triton.language as tl
+
+    # A module global: Triton's interpreter resolves a kernel's callees through its module's
+    # globals only (it re-executes the rewritten source there; closures are dropped).
+    global _awq_tile_dot
+    from kernels.awq_tile import awq_tile_dot as _awq_tile_dot
 
     @triton.jit
     def moe_gemm_kernel(
@@ -248,20 +286,10 @@ def _build_kernels() -> Any:
                 k0 = t * BLOCK_K
                 a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=t_mask[:, None], other=0.0)
                 w = tl.load(w_rows + (k0 // 8 + offs_kw)[None, :], mask=n_mask[:, None], other=0)
-                q = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))
-                if BLOCK_M < 16:  # GEMV: tl.dot needs 16 rows; broadcast-multiply-reduce on CUDA cores
-                    d = tl.sum(a.to(tl.float32)[:, None, :] * q.to(tl.float32)[None, :, :], axis=2)
-                elif COMPUTE_F32:
-                    a = a.to(tl.float32)
-                    d = tl.dot(a, tl.trans(q.to(tl.float32)), input_precision="ieee")
-                else:
-                    d = tl.dot(a, tl.trans(q.to(a.dtype)))
-                suma = tl.sum(a.to(tl.float32), axis=1)
                 g = k0 // GROUP
                 s = tl.load(s_base + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 zw = tl.load(qz_base + g * stride_zg + offs_n // 8, mask=n_mask, other=0)
-                z = ((zw >> z_shift) & 0xF).to(tl.float32)
-                acc += s[None, :] * (d - z[None, :] * suma[:, None])
+                acc += _awq_tile_dot(a, w, s, zw, shifts, z_shift, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE_F32)
         else:
             for t in range(t0, t1):
                 k = t * BLOCK_K + offs_k
@@ -281,37 +309,11 @@ def _build_kernels() -> Any:
         c = c_ptr + pid_k * stride_cs + offs_tok.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
 
-    @triton.jit
-    def silu_mul_kernel(h_ptr, o_ptr, I, stride_h, stride_o, BLOCK: tl.constexpr):
-        # o[r, :] = silu(h[r, :I]) * h[r, I:], in fp32, one launch (torch needs ~5 for this)
-        r = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < I
-        g = tl.load(h_ptr + r * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(h_ptr + r * stride_h + I + offs, mask=mask, other=0.0).to(tl.float32)
-        out = g / (1.0 + tl.exp(-g)) * u
-        tl.store(o_ptr + r * stride_o + offs, out.to(o_ptr.dtype.element_ty), mask=mask)
-
-    return moe_gemm_kernel, silu_mul_kernel
+    return moe_gemm_kernel
 
 
-def _kernels() -> Any:
-    mode = interpreting()
-    k = _KERNELS.get(mode)
-    if k is None:
-        k = _KERNELS[mode] = _build_kernels()
-    return k
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
+_awq_tile_dot: Any = None
+_kernels = lazy_kernels(_build_kernels)
 
 
 def moe_config(M: int, top_k: int, E: int, N: int, K: int, group_size: int | None, device: torch.device) -> dict[str, int]:
@@ -331,7 +333,7 @@ def moe_config(M: int, top_k: int, E: int, N: int, K: int, group_size: int | Non
     return cfg
 
 
-def _grouped_gemm(
+def grouped_gemm(
     a: torch.Tensor, w: torch.Tensor | AWQPacked, out_rows: int, N: int, K: int, top_k: int,
     sorted_ids: torch.Tensor, expert_ids: torch.Tensor, ntp: torch.Tensor,
     topk_weights: torch.Tensor | None, cfg: dict[str, int], out_dtype: torch.dtype,
@@ -369,7 +371,7 @@ def _grouped_gemm(
         zs = (0, 0, 0, 0)
     tw = topk_weights if topk_weights is not None else a
     grid = (n_tiles, num_blocks, split)
-    kernel = _kernels()[0]
+    kernel = _kernels()
     check_launchable(kernel, a)
     kernel[grid](
         a, b, qz, s, c, tw, sorted_ids, expert_ids, ntp,
@@ -384,17 +386,15 @@ def _grouped_gemm(
     return c if split == 1 else c.sum(0).to(out_dtype)
 
 
+_grouped_gemm = grouped_gemm  # the name serving/lora imports
+
+
 def silu_mul(h: torch.Tensor) -> torch.Tensor:
-    """`silu(h[:, :I]) * h[:, I:]` computed in fp32, output in h's dtype (Triton)."""
-    rows, I2 = h.shape
-    I = I2 // 2
-    out = torch.empty(rows, I, device=h.device, dtype=h.dtype)
-    if rows:
-        block = min(1024, max(16, 1 << (I - 1).bit_length()))
-        kernel = _kernels()[1]
-        check_launchable(kernel, h)
-        kernel[(rows, -(-I // block))](h, out, I, h.stride(0), out.stride(0), BLOCK=block)
-    return out
+    """`silu(h[:, :I]) * h[:, I:]` computed in fp32, output in h's dtype (Triton): the
+    kernel of `kernels.norm_rope_act.silu_and_mul_triton`."""
+    from kernels.norm_rope_act import silu_and_mul_triton
+
+    return silu_and_mul_triton(h)
 
 
 def fused_moe_triton(
@@ -421,20 +421,20 @@ def fused_moe_triton(
     if cfg1["BLOCK_M"] != cfg2["BLOCK_M"]:
         raise ValueError("both grouped GEMMs share one slot alignment; use the same BLOCK_M")
     sorted_ids, expert_ids, ntp = moe_align_block_size(topk_ids, cfg1["BLOCK_M"], E)
-    h = _grouped_gemm(x, w13, M * k, 2 * I, H, k, sorted_ids, expert_ids, ntp, None, cfg1, x.dtype)
+    h = grouped_gemm(x, w13, M * k, 2 * I, H, k, sorted_ids, expert_ids, ntp, None, cfg1, x.dtype)
     act = silu_mul(h)
     tw = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    y = _grouped_gemm(act, w2, M * k, H, I, 1, sorted_ids, expert_ids, ntp, tw, cfg2, torch.float32)
+    y = grouped_gemm(act, w2, M * k, H, I, 1, sorted_ids, expert_ids, ntp, tw, cfg2, torch.float32)
     return y.view(M, k, H).sum(1).to(x.dtype)
 
 
 def fused_moe(
     x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
-    """`sum_j w_j · expert_{id_j}(x)` for each token: Triton on CUDA (or forced), else reference."""
+    """`sum_j w_j · expert_{id_j}(x)` for each token: Triton on CUDA (or forced), else `fused_moe_torch`."""
     if use_triton(x):
         return fused_moe_triton(x, weights, topk_weights, topk_ids)
-    return fused_moe_ref(x, weights, topk_weights, topk_ids)
+    return fused_moe_torch(x, weights, topk_weights, topk_ids)
 
 
 __all__ = [
@@ -444,7 +444,9 @@ __all__ = [
     "topk_route",
     "moe_align_block_size",
     "moe_config",
+    "grouped_gemm",
     "fused_moe_ref",
+    "fused_moe_torch",
     "fused_moe_triton",
     "fused_moe",
     "silu_mul",

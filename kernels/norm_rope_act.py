@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import check_launchable, use_triton
 
 __all__ = [
     "rms_norm",
@@ -37,19 +37,7 @@ __all__ = [
     "triton_launchable",
 ]
 
-def triton_launchable(kernel: Any, t: torch.Tensor) -> Any:
-    """`kernel`, after checking it can run on `t`'s device (compiled on CUDA, interpreted on CPU)."""
-    if t.is_cuda:
-        return kernel
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(kernel, InterpretedFunction):
-        raise RuntimeError(
-            "Triton kernel called on CPU tensors but Triton was imported without its interpreter: "
-            "set TRITON_INTERPRET=1 before the first `import triton` (or unset HUBDEPLOY_FORCE_TRITON "
-            "to use the torch reference)."
-        )
-    return kernel
+triton_launchable = check_launchable  # the name the attention/LoRA launchers use
 
 
 # ----------------------------------------------------------------------------- RMSNorm

@@ -29,4 +29,5 @@ if [ "$with_tests" = 1 ]; then
 else
   "$PY" -m pip install -q -e .
 fi
+command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 echo "hubdeploy is set up: $(command -v hubdeploy || echo "$PY -m hubdeploy")"

@@ -107,6 +107,12 @@ class LLMEngine:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
                              f"{cfg.max_position_embeddings}; lower max_model_len")
         self.max_model_len = max_len
+        # LoRA seam: adapters and their device slots come before the KV cache takes the free memory
+        self.lora_manager: Any | None = None  # serving.lora.LoRAManager
+        if args.max_loras > 0:
+            from serving.lora import create_lora_manager
+
+            self.lora_manager = create_lora_manager(args, model, self.device, self.dtype)
         self.runner = ModelRunner(
             model, cfg, self.device, self.dtype, args.block_size, max_len, args.max_num_seqs,
             args.max_num_batched_tokens, args.kv_cache_tokens, args.gpu_memory_utilization, args.enforce_eager,
@@ -121,11 +127,10 @@ class LLMEngine:
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
         self._stats = EngineStats(num_kv_blocks=self.runner.num_blocks, block_size=args.block_size)
-        self.lora_manager: Any | None = None  # serving.lora.LoRAManager
-        if args.max_loras > 0:  # LoRA seam: adapters from lora_modules now, more at run time
+        if self.lora_manager is not None:  # LoRA seam: scheduler admission, runner batch
             from serving.lora import attach_lora
 
-            self.lora_manager = attach_lora(self)
+            attach_lora(self, self.lora_manager)
 
     # --- requests --------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,

@@ -116,8 +116,10 @@ class Scheduler:
         lora_waiting: list[Sequence] = []  # LoRA seam: their adapter has no device slot yet
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self.lora_admit is not None and seq.lora_name is not None and not self.lora_admit(seq):
-                lora_waiting.append(self.waiting.popleft())  # later requests may still go ahead
+            # FCFS among adapter requests (no starvation), base requests may go ahead
+            if self.lora_admit is not None and seq.lora_name is not None and (
+                    lora_waiting or not self.lora_admit(seq)):
+                lora_waiting.append(self.waiting.popleft())
                 continue
             looked_up = self.bm.allocate_prefix(seq) if not seq.block_table else (0, 0)
             n = min(seq.num_uncomputed_tokens, budget)

@@ -88,7 +88,8 @@ def _err_html(e: Exception) -> str:
 
 
 def _int_or_none(x: Any) -> int | None:
-    if x in (None, "") or (isinstance(x, float) and x != x):
+    """A number field's value; empty or 0 means 'let the memory plan decide' (None in the spec)."""
+    if x in (None, "") or (isinstance(x, float) and x != x) or int(x) == 0:
         return None
     return int(x)
 
@@ -110,7 +111,7 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
         endpoint_state = gr.State(None)
         saved_token = gr.BrowserState("", storage_key="hubdeploy-service-token")
 
-        gr.HTML('<div class="hd-header"><div class="hd-logo">🚀</div><div><h1>Deploy a Hub model</h1>'
+        gr.HTML('<div class="hd-header"><div><h1>Deploy a Hub model</h1>'
                 '<p>An OpenAI-compatible endpoint on one GPU — AWQ Mixture-of-Experts and multi-LoRA, '
                 'with a URL, a key, code snippets and a playground when it is up.</p></div></div>')
         with gr.Accordion("Service access", open=not server_token, visible=not server_token,
@@ -175,20 +176,20 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                     access_radio = gr.Radio([("Private — API key", "private"), ("Public — no key", "public")],
                                             value="private", label="Access", elem_id="hd-access-radio")
                 with gr.Row():
-                    max_len = gr.Number(label="Max context (tokens)", precision=0, value=None, minimum=16,
-                                        info="Empty: the plan's maximum.", elem_id="hd-max-len")
-                    max_seqs = gr.Number(label="Max concurrent sequences", precision=0, value=None, minimum=1,
-                                         info="Empty: what the KV cache allows.", elem_id="hd-max-seqs")
-                    max_loras = gr.Number(label="LoRA slots on the device", precision=0, value=None, minimum=0,
-                                          info="Empty: one per adapter, up to 4.", elem_id="hd-max-loras")
+                    max_len = gr.Number(label="Max context (tokens)", precision=0, value=0,
+                                        info="0 = the plan's maximum.", elem_id="hd-max-len")
+                    max_seqs = gr.Number(label="Max concurrent sequences", precision=0, value=0,
+                                         info="0 = what the KV cache allows.", elem_id="hd-max-seqs")
+                    max_loras = gr.Number(label="LoRA slots on the device", precision=0, value=0,
+                                          info="0 = one per adapter, up to 4.", elem_id="hd-max-loras")
                 if not cfg.on_space:
                     hf_token = gr.Textbox(label="Hugging Face token (gated or private models)", type="password",
                                           placeholder="hf_…  — used to download, never stored",
                                           elem_id="hd-hf-token")
                 with gr.Accordion("Advanced", open=False, elem_id="hd-advanced"):
                     with gr.Row():
-                        max_rank = gr.Number(label="Max LoRA rank", precision=0, value=None, minimum=1)
-                        kv_tokens = gr.Number(label="KV cache tokens", precision=0, value=None, minimum=16)
+                        max_rank = gr.Number(label="Max LoRA rank (0 = largest adapter's)", precision=0, value=0)
+                        kv_tokens = gr.Number(label="KV cache tokens (0 = all that fit)", precision=0, value=0)
                         dtype = gr.Dropdown(["auto", "float16", "bfloat16", "float32"], value="auto",
                                             label="Activation dtype")
                     with gr.Row():
@@ -197,7 +198,7 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
 
                 # ---- Deploy -----------------------------------------------------------------
                 gr.Markdown("## 4 · Deploy", elem_classes="hd-h2")
-                deploy_btn = gr.Button("🚀 Deploy", variant="primary", size="lg", elem_id="hd-deploy")
+                deploy_btn = gr.Button("Deploy", variant="primary", size="lg", elem_id="hd-deploy")
                 progress = gr.HTML(elem_id="hd-progress")
                 with gr.Accordion("Log tail", open=False, elem_id="hd-logs-acc"):
                     log_box = gr.Code(language=None, interactive=False, lines=8, max_lines=20, elem_id="hd-log")
@@ -221,8 +222,9 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                     with gr.Row():
                         with gr.Column(scale=1, min_width=220):
                             chat_model = gr.Dropdown(choices=[], label="Model or adapter", elem_id="hd-chat-model")
-                            system_box = gr.Textbox(label="System prompt", lines=2,
-                                                    value="You are a helpful assistant.")
+                            system_box = gr.Textbox(label="System prompt", lines=2, value="",
+                                                    placeholder="optional (Mixtral/Mistral templates take "
+                                                                "none: it is then put before your first message)")
                             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
                             max_tokens = gr.Slider(1, 1024, value=64, step=1, label="Max tokens")
                         with gr.Column(scale=3):
@@ -235,10 +237,10 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
             with gr.Tab("My endpoints", id="endpoints", elem_id="hd-tab-endpoints"):
                 with gr.Row(equal_height=True):
                     ep_pick = gr.Dropdown(choices=[], label="Endpoint", scale=3, elem_id="hd-ep-pick")
-                    refresh_btn = gr.Button("↻ Refresh", scale=1, elem_id="hd-refresh")
-                    pause_btn = gr.Button("⏸ Pause", scale=1, elem_id="hd-pause")
-                    resume_btn = gr.Button("▶ Resume", scale=1, elem_id="hd-resume")
-                    delete_btn = gr.Button("🗑 Delete", variant="stop", scale=1, elem_id="hd-delete")
+                    refresh_btn = gr.Button("Refresh", scale=1, elem_id="hd-refresh")
+                    pause_btn = gr.Button("Pause", scale=1, elem_id="hd-pause")
+                    resume_btn = gr.Button("Resume", scale=1, elem_id="hd-resume")
+                    delete_btn = gr.Button("Delete", variant="stop", scale=1, elem_id="hd-delete")
                     logs_btn = gr.Button("Logs", scale=1, elem_id="hd-logs-btn")
                 ep_table = gr.Dataframe(headers=view.ENDPOINT_COLUMNS, value=[], interactive=False, wrap=True,
                                         elem_id="hd-endpoints")
@@ -307,7 +309,7 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                        if is_repo else "")
             note = view.notice("info", card.note) if card.note else ""
             return (note, view.card_summary_html(card, report), view.verdict_html(report, plans, payload.get("suggested_gpu")),
-                    view.facts_html(report), card.html or '<div class="hd-muted">No card.</div>', preview, badge_md,
+                    view.facts_html(report), f'<div class="hd-card-body">{card.html}</div>' if card.html else '<div class="hd-muted">No card.</div>', preview, badge_md,
                     badge_html(model, public) if is_repo else "",
                     gr.update(choices=choices, value=gpu), view.plan_html(_plan(plans, gpu), gpu),
                     gr.update(choices=[(f"{a.rstrip('/').split('/')[-1]}  ({a})", a) for a in found], value=checked),
@@ -410,12 +412,22 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                 {"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else str(m["content"])}
                 for m in history]
             history.append({"role": "assistant", "content": ""})
+            kw = {"temperature": 0.7 if temp is None else float(temp), "max_tokens": int(max_new or 64)}
+            target = model or state["served_model_name"]
             try:
-                for delta in stream_chat(state["url"], state.get("api_key"), model or state["served_model_name"],
-                                         msgs, temperature=0.7 if temp is None else float(temp),
-                                         max_tokens=int(max_new or 64)):
-                    history[-1]["content"] += delta
-                    yield history, ""
+                try:
+                    for delta in stream_chat(state["url"], state.get("api_key"), target, msgs, **kw):
+                        history[-1]["content"] += delta
+                        yield history, ""
+                except ServiceError as e:
+                    # Templates such as Mixtral's refuse a system role: fold it into the first user turn.
+                    if e.status != 400 or msgs[0]["role"] != "system" or history[-1]["content"]:
+                        raise
+                    first = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+                    msgs[first] = {"role": "user", "content": f"{msgs[0]['content']}\n\n{msgs[first]['content']}"}
+                    for delta in stream_chat(state["url"], state.get("api_key"), target, msgs[1:], **kw):
+                        history[-1]["content"] += delta
+                        yield history, ""
             except (ServiceError, OSError) as e:
                 history[-1]["content"] += f"\n\n⚠️ {e}"
             except Exception as e:  # noqa: BLE001 - e.g. httpx errors: show them in the chat, not as a crash

@@ -20,8 +20,13 @@ PHASES = (("pending", "Queued"), ("downloading", "Downloading"), ("loading", "Lo
 
 
 def gb(n: float | int | None) -> str:
+    """Bytes for people: GB with the precision that matters, MB/KB for tiny models."""
     if not n:
         return "0 GB"
+    if n < 1e6:
+        return f"{n / 1e3:.0f} KB"
+    if n < 1e9:
+        return f"{n / 1e6:.0f} MB" if n >= 1e7 else f"{n / 1e6:.1f} MB"
     return f"{n / 1e9:.2f} GB" if n < 10e9 else f"{n / 1e9:.1f} GB"
 
 
@@ -156,7 +161,7 @@ def gpu_choices(plans: list[dict[str, Any]]) -> list[tuple[str, str]]:
         if p["fits"]:
             used = p["weights_bytes"] + p["overhead_bytes"]
             label = (f"✓ {p['gpu']} — {gb(used)} of {gb(total)} for weights · ctx {p['max_model_len']:,} · "
-                     f"{p['max_num_seqs']} seqs · ~{p['decode_tok_s']:.0f} tok/s")
+                     f"{p['max_num_seqs']} seqs · ~{_num(p['decode_tok_s'])} tok/s")
         else:
             label = f"✗ {p['gpu']} ({gb(total)}) — does not fit"
         out.append((label, p["gpu"]))
@@ -181,7 +186,7 @@ def plan_html(plan: dict[str, Any] | None, gpu: str | None) -> str:
             f'<div class="hd-plan-facts">max context <b>{plan["max_model_len"]:,}</b> tokens · '
             f'<b>{plan["concurrency_at_max_len"]}</b> sequences at full context '
             f'(<b>{plan["max_num_seqs"]}</b> decoded at once) · <b>{plan["kv_tokens"]:,}</b> KV tokens · '
-            f'est. <b>{plan["decode_tok_s"]:.0f}</b> tok/s at batch 1</div></div>')
+            f'est. <b>{_num(plan["decode_tok_s"])}</b> tok/s at batch 1</div></div>')
 
 
 # -- options -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.tiny", "tests.fixtures.hub", "tests.fixtures.serve"]
+pytest_plugins = ["tests.fixtures.tiny", "tests.fixtures.hub", "tests.fixtures.serve", "tests.fixtures.service"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -5,6 +5,9 @@ creates `.venv-autoawq`); a script run there quantizes a tiny fp16 Mixtral and d
 own dequantization and packing. Here, with `kernels.awq_format`, we check the conclusions:
 shapes, nibble order (our dequantization == AutoAWQ's exactly), zero points in 0..15, router
 gate left unquantized, quantization_config fields, and bit-identical packing of one weight.
+Then the AutoAWQ-made checkpoint, as AutoAWQ saved it, runs through our engine
+(`serving.loader.load_model`, and `LLM` on the CPU): last-position logits equal transformers'
+on the dequantized weights within 1e-4 (float32, logits O(1)) and 32 greedy tokens agree.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from kernels.awq_format import awq_dequantize, awq_quantize, awq_unpack
+from tests.helpers_forward import dequantized_copy, greedy_generate, hf_greedy, hf_last_logits, prefill_last_logits
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PY = Path(os.environ.get("AUTOAWQ_VENV", REPO / ".venv-autoawq")) / "bin" / "python"
@@ -149,3 +153,51 @@ def test_our_quantizer_packs_bit_identically_to_autoawq(autoawq_run) -> None:
     assert torch.equal(scales, theirs["scales"])
     assert torch.equal(qzeros, theirs["qzeros"])
     assert torch.equal(qweight, theirs["qweight"])
+
+
+LOGIT_ATOL = 1e-4  # as tests/test_models.py: float32 on both sides
+PROMPTS = [[1, 57, 203, 88, 14, 311, 92, 7, 150, 61, 33], [1, 12], [1, 100, 3, 250, 21, 90]]
+
+
+def test_autoawq_checkpoint_runs_in_our_engine_like_transformers(autoawq_run, tmp_path: Path) -> None:
+    """Issue 3: a checkpoint quantized by AutoAWQ itself loads in our engine and matches its
+    dequantized reference (transformers on float32 weights (q - z) * s)."""
+    from transformers import AutoModelForCausalLM
+
+    from serving.loader import load_model
+    from serving.models.layers import Linear
+
+    src, out = autoawq_run
+    ckpt = out / "awq"
+    model, cfg = load_model(ckpt)  # exactly the files AutoAWQ wrote
+    assert cfg.quant is not None and cfg.quant.is_awq and cfg.quant.group_size == 32
+    assert model.dtype == torch.float32
+    quantized = [m for m in model.modules() if isinstance(m, Linear) and m.quantized]
+    assert quantized and all(m.packed is not None for m in quantized)
+
+    ref_dir = dequantized_copy(ckpt, tmp_path / "deq")
+    # The reference weights are AutoAWQ's own dequantization (theirs is fp16: the same values rounded).
+    theirs = load_file(str(out / "autoawq_dequant.safetensors"))
+    ref_sd = load_file(str(ref_dir / "model.safetensors"))
+    assert theirs and all(torch.equal(ref_sd[f"{n}.weight"].t().half(), w.half()) for n, w in theirs.items())
+
+    hf = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    prompts = [[t % cfg.vocab_size for t in p] for p in PROMPTS]
+    ours = prefill_last_logits(model, prompts)
+    ref = hf_last_logits(hf, prompts)
+    diff = (ours - ref).abs().max().item()
+    print(f"AutoAWQ checkpoint: max abs logit diff {diff:.2e} (logit scale {ref.abs().max().item():.1f})")
+    assert diff <= LOGIT_ATOL, f"AutoAWQ-made checkpoint: max abs logit diff {diff:.2e}"
+    expect = hf_greedy(hf, prompts, 32)
+    assert greedy_generate(model, prompts, 32) == expect
+
+    # The public entry point: `LLM` on the CPU, no LoRA (tokenizer files copied from the source,
+    # since AutoAWQ's save_quantized writes only config + weights).
+    from serving import LLM, SamplingParams
+
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            (ckpt / f.name).write_bytes(f.read_bytes())
+    llm = LLM(str(ckpt), device="cpu", dtype="float32", max_model_len=128)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expect

@@ -3,12 +3,11 @@
 The reference is checked against `torch.nn.functional.scaled_dot_product_attention` on
 contiguous K/V (fp64); the Triton kernels against the reference (fp32: atol/rtol 2e-5;
 fp16: 2e-3; bf16: 2e-2). Triton runs under its CPU interpreter in a child process, as explained at the
-top of tests/test_kernels_ops.py (`interpreter_results`); with a GPU also in process on CUDA;
+top of tests/fixtures/triton_interp.py; with a GPU also in process on CUDA;
 and every kernel is compiled ahead of time for sm_90 (`aot_compile`, no GPU needed).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -20,19 +19,16 @@ from kernels.attention import (
     paged_attention,
     paged_attention_decode_triton,
     paged_attention_ref,
+    paged_attention_torch,
     paged_attention_triton,
     store_kv,
     store_kv_ref,
     store_kv_triton,
 )
-from tests.test_kernels_ops import aot_compile, interpreter_results, run_cases_main
+from tests.fixtures.triton_interp import Cases, aot_compile, run_cases_main, triton_case_tests
 
-CASES: dict[str, Callable[[str], None]] = {}
-
-
-def case(fn: Callable[[str], None]) -> Callable[[str], None]:
-    CASES[fn.__name__] = fn
-    return fn
+CASES = Cases()
+case = CASES.register
 
 
 @dataclass
@@ -132,6 +128,28 @@ def test_reference_matches_sdpa(ctx_lens, q_lens, heads, kv_heads, block_size, w
     torch.testing.assert_close(out, sdpa_expected(batch, 0.25, window), atol=1e-10, rtol=1e-10)
     # the padding rows with slot -1 wrote nothing: the garbage value 1e4 is nowhere in the cache
     assert batch.k_cache.abs().max() < 1e3 and batch.v_cache.abs().max() < 1e3
+
+
+@pytest.mark.parametrize(
+    "ctx_lens,q_lens,heads,kv_heads,block_size,window",
+    [
+        ([9, 23], [9, 23], 4, 4, 4, None),  # prefill, MHA
+        ([30, 7, 12, 1], [1, 1, 1, 1], 8, 2, 4, None),  # decode, GQA 4
+        ([30, 7, 12], [1, 1, 1], 4, 2, 4, 5),  # decode, sliding window
+        ([40, 17], [6, 17], 8, 1, 16, None),  # chunked prefill over a cached prefix, GQA 8
+        ([40, 17, 25, 3], [1, 17, 1, 3], 4, 2, 4, None),  # decodes mixed with prefills
+        ([40, 17, 25], [1, 17, 2], 4, 2, 4, 5),  # mixed, sliding window
+    ],
+)
+def test_torch_path_matches_sdpa_and_reference(ctx_lens, q_lens, heads, kv_heads, block_size, window) -> None:
+    """The CPU fast path (vectorized decode, SDPA prefill): fp64 against SDPA, fp32 against the reference."""
+    batch = make_batch(ctx_lens, q_lens, heads, kv_heads, 16, block_size, dtype=torch.float64)
+    out = paged_attention_torch(*batch.args(), scale=0.25, sliding_window=window)
+    torch.testing.assert_close(out, sdpa_expected(batch, 0.25, window), atol=1e-10, rtol=1e-10)
+    batch = make_batch(ctx_lens, q_lens, heads, kv_heads, 16, block_size, seed=1)
+    got = paged_attention(*batch.args(), scale=0.25, sliding_window=window)  # CPU dispatcher -> torch path
+    expect = paged_attention_ref(*batch.args(), scale=0.25, sliding_window=window)
+    torch.testing.assert_close(got, expect, atol=2e-6, rtol=2e-6)
 
 
 def test_store_kv_ref_writes_slots_and_skips_minus_one() -> None:
@@ -279,23 +297,7 @@ def test_kernels_compile_for_sm90(dt: str) -> None:
                 dict(BLOCK_H=8, BLOCK_D=128))
 
 
-@pytest.fixture(scope="module")
-def interp_results() -> dict[str, str]:
-    return interpreter_results("tests.test_kernels_attention")
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_triton_interpreted(name: str, interp_results: dict[str, str]) -> None:
-    result = interp_results.get(name, "case did not run")
-    if result != "ok":
-        pytest.fail(result, pytrace=False)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # also under --noconftest
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_triton_cuda(name: str) -> None:
-    CASES[name]("cuda")
+interp_results, test_triton_interpreted, test_triton_cuda = triton_case_tests("tests.test_kernels_attention", CASES)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,14 @@
 """W4A16 AWQ linear: repack round trip, torch reference, Triton kernel vs a float64 reference.
 
-How the Triton cases run without a GPU (the scheme of tests/test_kernels_ops.py, whose
-`interpreter_results` / `run_cases_main` / `aot_compile` are reused): Triton decides
-compiled-vs-interpreted when it is first imported, and pytest imports every test module into
-one process, so the cases in `CASES` run in ONE child process (`python -m
-tests.test_kernels_awq`) started with TRITON_INTERPRET=1 and HUBDEPLOY_FORCE_TRITON=1; a
-parametrized test per case asserts its result. With a GPU the same cases run in process on
-CUDA (`gpu` marker). `aot_compile` proves the same source compiles to an sm_90 cubin.
+The Triton cases (`CASES`) run on the CPU in one child process under Triton's interpreter,
+on CUDA in process (`gpu` marker), and compile to sm_90 cubins without a GPU (`aot_compile`):
+see tests/fixtures/triton_interp.py.
 
 Tolerance: max |y − y_ref| ≤ tol · max |y_ref|, with y_ref in float64 from the exact
 dequantized weight and x rounded to its test dtype; tol = 1e-5 fp32, 4e-3 fp16, 2e-2 bf16
 (output rounding plus fp16/bf16 tensor-core inputs).
 """
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -30,21 +24,11 @@ from kernels.awq import (
     unpack_int4_natural,
 )
 from kernels.awq_format import awq_dequantize, awq_quantize, awq_unpack
-from tests.test_kernels_ops import aot_compile, interpreter_results, run_cases_main
+from tests.fixtures.triton_interp import Cases, aot_compile, assert_rel_close, run_cases_main, triton_case_tests
 
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-CASES: dict[str, Callable[[str], None]] = {}
-
-
-def case(name: str, fn: Callable[..., None], **kw: object) -> None:
-    """Register a Triton case `fn(dev, **kw)`, seeded so the child and a GPU run agree."""
-    seed = len(CASES)
-
-    def run(dev: str) -> None:
-        torch.manual_seed(seed)
-        fn(dev, **kw)
-
-    CASES[name] = run
+CASES = Cases()
+case = CASES.add
 
 
 def _layer(out_f: int, in_f: int, g: int, seed: int = 0, device: str | torch.device = "cpu"):
@@ -60,12 +44,6 @@ def _exact_w(packed: AWQPacked) -> torch.Tensor:
     z = unpack_int4_natural(packed.qzeros.cpu()).double().repeat_interleave(packed.group_size, 0).t()
     s = packed.scales.cpu().double().repeat_interleave(packed.group_size, 0).t()
     return (q - z) * s
-
-
-def _assert_close(y: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
-    err = (y.double().cpu() - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= tol * scale, f"max err {err:.3g} > {tol} * {scale:.3g}"
 
 
 # ---------------------------------------------------------------- layout
@@ -112,7 +90,7 @@ def test_ref_matches_float64_with_bias_and_3d_input(dtype: torch.dtype) -> None:
     y = awq_linear_ref(x, p, bias)
     assert y.shape == (2, 3, 40) and y.dtype == dtype
     ref = x.double() @ _exact_w(p).t() + bias.to(dtype).double()
-    _assert_close(y, ref, TOL[dtype])
+    assert_rel_close(y, ref, TOL[dtype])
 
 
 def test_ref_caches_dense_weight_on_cpu_only_once() -> None:
@@ -146,7 +124,7 @@ def _triton_matches_reference(dev: str, M: int, dtype: torch.dtype, g: int) -> N
     x = torch.randn(M, 256).to(dtype)
     y = awq_linear_triton(x.to(dev), p)
     assert y.shape == (M, 72) and y.dtype == dtype
-    _assert_close(y, x.double() @ _exact_w(p).t(), TOL[dtype])
+    assert_rel_close(y, x.double() @ _exact_w(p).t(), TOL[dtype])
 
 
 for _g in (32, 64, 128):
@@ -161,7 +139,7 @@ def _split_k_and_bias(dev: str, split: int, bm: int) -> None:
     x = torch.randn(2, 256, dtype=torch.float16)
     bias = torch.randn(40, dtype=torch.float16)
     y = awq_linear_triton(x.to(dev), p, bias.to(dev), SPLIT_K=split, BLOCK_M=bm)
-    _assert_close(y, x.double() @ _exact_w(p).t() + bias.double(), TOL[torch.float16])
+    assert_rel_close(y, x.double() @ _exact_w(p).t() + bias.double(), TOL[torch.float16])
 
 
 for _s in (1, 3, 8):
@@ -174,7 +152,7 @@ def _prefill_tiles(dev: str) -> None:
     _, p = _layer(64, 256, 128, seed=4, device=dev)
     x = torch.randn(70, 256, dtype=torch.float16)
     y = awq_linear_triton(x.to(dev), p, BLOCK_M=32, BLOCK_K=32, SPLIT_K=1)
-    _assert_close(y, x.double() @ _exact_w(p).t(), TOL[torch.float16])
+    assert_rel_close(y, x.double() @ _exact_w(p).t(), TOL[torch.float16])
 
 
 case("prefill_tiles", _prefill_tiles)
@@ -189,21 +167,7 @@ def _dispatcher_forced(dev: str) -> None:
 case("dispatcher_forced", _dispatcher_forced)
 
 
-@pytest.fixture(scope="module")
-def interp_results() -> dict[str, str]:
-    return interpreter_results("tests.test_kernels_awq")
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_triton_interpreted(name: str, interp_results: dict[str, str]) -> None:
-    assert interp_results.get(name) == "ok", interp_results.get(name, "case missing from the child's report")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # for --noconftest runs
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_triton_cuda(name: str) -> None:
-    CASES[name]("cuda")
+interp_results, test_triton_interpreted, test_triton_cuda = triton_case_tests("tests.test_kernels_awq", CASES)
 
 
 def test_forced_triton_without_interpreter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

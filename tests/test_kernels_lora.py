@@ -1,13 +1,11 @@
 """Multi-LoRA shrink/expand: references vs PEFT and per-adapter float64 math, Triton vs references.
 
 Triton runs under its CPU interpreter in a child process, as explained at the top of
-tests/test_kernels_ops.py (`interpreter_results`); with a GPU also in process on CUDA;
+tests/fixtures/triton_interp.py; with a GPU also in process on CUDA;
 and every kernel is compiled ahead of time for sm_90 (`aot_compile`, no GPU needed).
 Tolerances: fp32 atol/rtol 1e-4 (sums over up to 96 products); fp16/bf16 outputs 2e-2.
 """
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -28,14 +26,10 @@ from kernels.lora import (
     moe_lora_shrink_ref,
     moe_lora_shrink_triton,
 )
-from tests.test_kernels_ops import aot_compile, interpreter_results, run_cases_main
+from tests.fixtures.triton_interp import Cases, aot_compile, run_cases_main, triton_case_tests
 
-CASES: dict[str, Callable[[str], None]] = {}
-
-
-def case(fn: Callable[[str], None]) -> Callable[[str], None]:
-    CASES[fn.__name__] = fn
-    return fn
+CASES = Cases()
+case = CASES.register
 
 
 def make_slots(ranks: list[int], d_in: int, d_out: int, seed: int, dtype: torch.dtype = torch.float32):
@@ -267,23 +261,7 @@ def test_kernels_compile_for_sm90(dt: str) -> None:
                 dict(BLOCK_M=32, BLOCK_O=64, BLOCK_R=16, F32=False, PREC="tf32"))
 
 
-@pytest.fixture(scope="module")
-def interp_results() -> dict[str, str]:
-    return interpreter_results("tests.test_kernels_lora")
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_triton_interpreted(name: str, interp_results: dict[str, str]) -> None:
-    result = interp_results.get(name, "case did not run")
-    if result != "ok":
-        pytest.fail(result, pytrace=False)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # also under --noconftest
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_triton_cuda(name: str) -> None:
-    CASES[name]("cuda")
+interp_results, test_triton_interpreted, test_triton_cuda = triton_case_tests("tests.test_kernels_lora", CASES)
 
 
 if __name__ == "__main__":

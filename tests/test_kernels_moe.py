@@ -2,8 +2,8 @@
 the reference (dense and AWQ experts).
 
 The Triton cases (`CASES`) run on the CPU in one child process under Triton's interpreter and
-in process on CUDA with the `gpu` marker: the scheme of tests/test_kernels_ops.py, see
-tests/test_kernels_awq.py. `aot_compile` proves the kernels compile to sm_90 cubins.
+in process on CUDA with the `gpu` marker (tests/fixtures/triton_interp.py); `aot_compile`
+proves the kernels compile to sm_90 cubins.
 
 Tolerance: max |y − y_ref| ≤ tol · max |y_ref|; y_ref in float64 from the same (dequantized)
 weights and x rounded to the test dtype. tol = 1e-5 fp32, 5e-3 fp16, 3e-2 bf16 (the
@@ -11,19 +11,18 @@ intermediate SiLU·up activation is rounded to x's dtype, as in vLLM).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
 
 from kernels.awq_format import awq_dequantize, awq_quantize
-from tests.test_kernels_ops import aot_compile, interpreter_results, run_cases_main
+from tests.fixtures.triton_interp import Cases, aot_compile, assert_rel_close, run_cases_main, triton_case_tests
 from kernels.fused_moe import (
     AWQMoEWeights,
     MoEWeights,
     awq_moe_repack,
     fused_moe,
     fused_moe_ref,
+    fused_moe_torch,
     fused_moe_triton,
     moe_align_block_size,
     silu_mul,
@@ -31,18 +30,8 @@ from kernels.fused_moe import (
 )
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-CASES: dict[str, Callable[[str], None]] = {}
-
-
-def case(name: str, fn: Callable[..., None], **kw: object) -> None:
-    """Register a Triton case `fn(dev, **kw)`, seeded so the child and a GPU run agree."""
-    seed = len(CASES)
-
-    def run(dev: str) -> None:
-        torch.manual_seed(seed)
-        fn(dev, **kw)
-
-    CASES[name] = run
+CASES = Cases()
+case = CASES.add
 
 
 def _dense(E: int, H: int, I: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,12 +57,6 @@ def _per_token_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tw: tor
             h = w13[e].double() @ x[t].double()
             out[t] += float(tw[t, j]) * (w2[e].double() @ (torch.nn.functional.silu(h[:I]) * h[I:]))
     return out
-
-
-def _assert_close(y: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
-    err = (y.double().cpu() - ref.double().cpu()).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= tol * scale, f"max err {err:.3g} > {tol} * {scale:.3g}"
 
 
 def _routing(M: int, E: int, k: int, case: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +130,21 @@ def test_ref_matches_per_token_float64(case: str) -> None:
     x = torch.randn(M, H, dtype=torch.float64)
     tw, ti = _routing(M, E, k, case, seed=1)
     y = fused_moe_ref(x, MoEWeights(w13.double(), w2.double()), tw, ti)
-    _assert_close(y, _per_token_ref(x, w13, w2, tw, ti), 1e-12)
+    assert_rel_close(y, _per_token_ref(x, w13, w2, tw, ti), 1e-12)
+
+
+@pytest.mark.parametrize("case", ["random", "one_expert", "some_empty"])
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_path_is_bit_identical_to_reference(case: str, k: int, dtype: torch.dtype) -> None:
+    """The CPU path (one sort, slices per expert) keeps the reference's GEMMs and addition order."""
+    E, H, I, M = 6, 32, 16, 9
+    w13, w2 = _dense(E, H, I)
+    w = MoEWeights(w13.to(dtype), w2.to(dtype))
+    x = torch.randn(M, H, dtype=dtype)
+    tw, ti = _routing(M, E, k, case, seed=2)
+    assert torch.equal(fused_moe_torch(x, w, tw, ti), fused_moe_ref(x, w, tw, ti))
+    assert fused_moe_torch(x[:0], w, tw[:0], ti[:0]).shape == (0, H)
 
 
 def test_awq_moe_repack_concatenates_gate_and_up() -> None:
@@ -190,7 +187,7 @@ def _triton_dense(dev: str, M: int, kind: str, dtype: torch.dtype) -> None:
     y = fused_moe_triton(x.to(dev), MoEWeights(w13, w2).to(dev), tw.to(dev), ti.to(dev))
     assert y.shape == (M, H) and y.dtype == dtype
     ref = fused_moe_ref(x.double(), MoEWeights(w13.double(), w2.double()), tw, ti)
-    _assert_close(y, ref, TOL[dtype])
+    assert_rel_close(y, ref, TOL[dtype])
 
 
 for _dt in (torch.float32, torch.float16, torch.bfloat16):
@@ -204,7 +201,7 @@ def _triton_awq(dev: str, dtype: torch.dtype, g: int) -> None:
     x = torch.randn(M, H).to(dtype)
     tw, ti = _routing(M, E, k, "random", seed=g)
     y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev))
-    _assert_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[dtype])  # float64 from dequantized experts
+    assert_rel_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[dtype])  # float64 from dequantized experts
 
 
 for _dt, _g in ((torch.float32, 32), (torch.float16, 32), (torch.bfloat16, 32), (torch.float16, 64), (torch.bfloat16, 128)):
@@ -219,7 +216,7 @@ def _triton_awq_edge(dev: str, M: int, kind: str, renorm: bool) -> None:
     if not renorm:
         tw, ti = topk_route(torch.randn(M, E), k, renormalize=False)
     y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev))
-    _assert_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[torch.float16])
+    assert_rel_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[torch.float16])
 
 
 for _m, _kind, _rn in ((1, "random", False), (33, "some_empty", True), (12, "one_expert", True)):
@@ -232,7 +229,7 @@ def _triton_split_k(dev: str, split: int) -> None:
     x = torch.randn(M, H, dtype=torch.float16)
     tw, ti = _routing(M, E, k, "random", seed=split)
     y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev), SPLIT_K=split)
-    _assert_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[torch.float16])
+    assert_rel_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[torch.float16])
 
 
 for _s in (1, 2, 4):
@@ -248,7 +245,7 @@ def _triton_gemv_block(dev: str, awq: bool) -> None:
     tw, ti = _routing(M, E, k, "random", seed=5)
     y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev), BLOCK_M=4, BLOCK_N=32)
     ref_w = w if awq else MoEWeights(w13.double(), w2.double())
-    _assert_close(y, fused_moe_ref(x.double(), ref_w, tw, ti), TOL[torch.float16])
+    assert_rel_close(y, fused_moe_ref(x.double(), ref_w, tw, ti), TOL[torch.float16])
 
 
 case("gemv_block_awq", _triton_gemv_block, awq=True)
@@ -262,7 +259,7 @@ def _triton_top1_and_top4(dev: str) -> None:
     for k in (1, 4):
         tw, ti = topk_route(torch.randn(10, E), k, renormalize=k > 1)
         y = fused_moe_triton(x.to(dev), MoEWeights(w13, w2).to(dev), tw.to(dev), ti.to(dev))
-        _assert_close(y, fused_moe_ref(x.double(), MoEWeights(w13.double(), w2.double()), tw, ti), TOL[torch.float32])
+        assert_rel_close(y, fused_moe_ref(x.double(), MoEWeights(w13.double(), w2.double()), tw, ti), TOL[torch.float32])
 
 
 case("top1_and_top4", _triton_top1_and_top4)
@@ -271,27 +268,13 @@ case("top1_and_top4", _triton_top1_and_top4)
 def _silu_mul(dev: str) -> None:
     h = torch.randn(5, 2 * 40, dtype=torch.float16)
     y = silu_mul(h.to(dev))
-    _assert_close(y, torch.nn.functional.silu(h[:, :40].double()) * h[:, 40:].double(), TOL[torch.float16])
+    assert_rel_close(y, torch.nn.functional.silu(h[:, :40].double()) * h[:, 40:].double(), TOL[torch.float16])
 
 
 case("silu_mul", _silu_mul)
 
 
-@pytest.fixture(scope="module")
-def interp_results() -> dict[str, str]:
-    return interpreter_results("tests.test_kernels_moe")
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_triton_interpreted(name: str, interp_results: dict[str, str]) -> None:
-    assert interp_results.get(name) == "ok", interp_results.get(name, "case missing from the child's report")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # for --noconftest runs
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_triton_cuda(name: str) -> None:
-    CASES[name]("cuda")
+interp_results, test_triton_interpreted, test_triton_cuda = triton_case_tests("tests.test_kernels_moe", CASES)
 
 
 # ---------------------------------------------------------------- compiled path, without a GPU
@@ -312,13 +295,14 @@ def test_moe_kernel_compiles_for_sm90(is_awq: bool, dtype: str, bm: int, bn: int
                 ntp_ptr="*i32", **w)
     consts = dict(TOP_K=2, MUL_WEIGHT=mul, IS_AWQ=is_awq, GROUP=128 if is_awq else 1, BLOCK_M=bm,
                   BLOCK_N=bn, BLOCK_K=bk, COMPUTE_F32=False)
-    aot_compile(moe_mod._kernels()[0], ptrs, consts, num_warps=8 if bm == 128 else 4)
+    aot_compile(moe_mod._kernels(), ptrs, consts, num_warps=8 if bm == 128 else 4)
 
 
 def test_silu_mul_kernel_compiles_for_sm90() -> None:
-    import kernels.fused_moe as moe_mod
+    """`silu_mul` launches kernels/norm_rope_act.py's SiLU·mul kernel (BLOCK 256: I = 256 experts)."""
+    from kernels import norm_rope_act as nra
 
-    aot_compile(moe_mod._kernels()[1], dict(h_ptr="*bf16", o_ptr="*bf16"), dict(BLOCK=256))
+    aot_compile(nra._silu_and_mul_kernel, dict(x_ptr="*bf16", out_ptr="*bf16"), dict(BLOCK=256))
 
 
 if __name__ == "__main__":

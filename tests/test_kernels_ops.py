@@ -1,31 +1,9 @@
 """RMSNorm, rotary and SiLU·mul: references vs transformers, Triton kernels vs references.
 
-How the Triton cases run on a CPU (the same scheme in test_kernels_attention.py and
-test_kernels_lora.py, which import `interpreter_results` from here):
-Triton picks compiled-vs-interpreted once, when it is first imported
-(`triton.knobs.runtime.interpret` from TRITON_INTERPRET; its own `tl.sum`/`tl.max` are
-decorated then). pytest imports every test module into one process, so setting the variable
-here would come too late if another module imported triton first, and would turn every
-other module's kernels (and a GPU run's) into interpreted ones if it came first. So each
-file's Triton cases run in ONE child process (`python -m tests.<this module>`) started with
-TRITON_INTERPRET=1 and HUBDEPLOY_FORCE_TRITON=1; the child reports each case as JSON and a
-parametrized test per case asserts it. Nothing in the parent's environment changes. With a
-GPU the same cases also run in process on CUDA (`gpu` marker).
-
-The interpreter accepts code the GPU compiler rejects (dtype mixes in `tl.dot`, shapes), so
-`aot_compile` also compiles each kernel for sm_90 through ptxas in this process, no GPU
-needed, at the fp16/bf16 configurations the GPU runs.
+The Triton cases run on the CPU in one child process under Triton's interpreter, on CUDA in
+process (`gpu` marker), and compile ahead of time for sm_90: see tests/fixtures/triton_interp.py.
 """
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-import traceback
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -43,65 +21,10 @@ from kernels.norm_rope_act import (
     silu_and_mul_ref,
     silu_and_mul_triton,
 )
+from tests.fixtures.triton_interp import Cases, aot_compile, run_cases_main, triton_case_tests
 
-REPO = Path(__file__).resolve().parents[1]
-_CHILD_TIMEOUT_S = 240
-
-
-def interpreter_results(module: str) -> dict[str, str]:
-    """Run `python -m <module>` under Triton's interpreter; {case name: "ok" or traceback}."""
-    env = dict(os.environ, TRITON_INTERPRET="1", HUBDEPLOY_FORCE_TRITON="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", module], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=_CHILD_TIMEOUT_S,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise AssertionError(f"interpreter child {module} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1])
-
-
-def run_cases_main(cases: dict[str, Callable[[str], None]]) -> None:
-    """Child side: run every case on the CPU, print one JSON line of results."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run with TRITON_INTERPRET=1 HUBDEPLOY_FORCE_TRITON=1 (set before triton is imported)")
-    results: dict[str, str] = {}
-    for name, fn in cases.items():
-        try:
-            fn("cpu")
-            results[name] = "ok"
-        except Exception:  # report every failure, not just the first
-            results[name] = traceback.format_exc()
-    print(json.dumps(results))
-
-
-def aot_compile(kernel: Any, ptrs: dict[str, str], constexprs: dict[str, Any], floats: tuple[str, ...] = (),
-                num_warps: int = 4) -> None:
-    """Compile a `@triton.jit` kernel for an H100 (sm_90) down to a cubin, without a GPU.
-
-    Pointer args get the types in `ptrs`, `floats` are fp32 scalars, other args i32.
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if triton.knobs.runtime.interpret or not hasattr(kernel, "arg_names"):
-        pytest.skip("kernels are interpreted in this process; nothing to compile")
-    signature = {
-        name: "constexpr" if name in constexprs else ptrs.get(name, "fp32" if name in floats else "i32")
-        for name in kernel.arg_names
-    }
-    src = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs))
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    assert compiled.asm.get("cubin"), f"{kernel.__name__}: no cubin produced"
-
-
-CASES: dict[str, Callable[[str], None]] = {}
-
-
-def case(fn: Callable[[str], None]) -> Callable[[str], None]:
-    CASES[fn.__name__] = fn
-    return fn
+CASES = Cases()
+case = CASES.register
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float, what: str) -> None:
@@ -281,23 +204,7 @@ def case_silu_and_mul(device: str) -> None:
     _close(silu_and_mul_triton(x3), silu_and_mul_ref(x3), 1e-6, 1e-5, "silu_and_mul 3-D")
 
 
-@pytest.fixture(scope="module")
-def interp_results() -> dict[str, str]:
-    return interpreter_results("tests.test_kernels_ops")
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_triton_interpreted(name: str, interp_results: dict[str, str]) -> None:
-    result = interp_results.get(name, "case did not run")
-    if result != "ok":
-        pytest.fail(result, pytrace=False)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # also under --noconftest
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_triton_cuda(name: str) -> None:
-    CASES[name]("cuda")
+interp_results, test_triton_interpreted, test_triton_cuda = triton_case_tests("tests.test_kernels_ops", CASES)
 
 
 @pytest.mark.parametrize("dt", ["fp16", "bf16"])

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,76 +16,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from hub_integration.service import build_service_app
-
-ADMIN = "hdadm_lifecycle_test_token"
+from tests.fixtures.service import ADMIN, LiveService, chat, closed_port_url, pid_alive, reap, wait_status
 
 pytestmark = pytest.mark.slow
-
-
-class LiveService:
-    """The deploy service app under uvicorn on a loopback port, in a thread."""
-
-    def __init__(self, app: Any) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "deploy service did not start"
-            time.sleep(0.05)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}",
-                                   headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
-
-    def stop(self) -> None:
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def wait_status(svc: LiveService, name: str, want: set[str], timeout: float = 120.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        e = svc.client.get(f"/api/endpoints/{name}").json()
-        if e["status"] in want:
-            return e
-        assert time.monotonic() < deadline, f"{name} still {e['status']}/{e['phase']} after {timeout}s: {e['reason']}"
-        time.sleep(0.2)
-
-
-def chat(e: dict[str, Any], key: str | None, model: str | None = None) -> str:
-    client = openai.OpenAI(base_url=e["url"], api_key=key or "none", max_retries=0, timeout=60)
-    out = client.chat.completions.create(model=model or e["served_model_name"], max_tokens=4, temperature=0.0,
-                                         messages=[{"role": "user", "content": "Hello there"}])
-    assert out.choices[0].finish_reason in ("length", "stop")
-    return out.choices[0].message.content or ""
-
-
-def reap(data_dir: Path) -> None:
-    """Kill any endpoint process a failed test left behind (children outlive the service by design)."""
-    from hub_integration.store import Store
-
-    db = Path(data_dir) / "hubdeploy.db"
-    if not db.exists():
-        return
-    for rec in Store(db).list_endpoints(include_deleted=True):
-        cmd = Path(f"/proc/{rec.pid}/cmdline").read_bytes() if rec.pid and pid_alive(rec.pid) else b""
-        if b"hubdeploy\x00serve" in cmd:
-            os.killpg(rec.pid, signal.SIGKILL)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture(scope="module")

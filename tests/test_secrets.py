@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from hub_integration import auth
 from hub_integration.service import ADMIN_HASH_KEY, build_service_app
-from tests.test_lifecycle import reap
+from tests.fixtures.service import reap
 
 HF_TOKEN = "hf_test_secret_token_e2b7c9"
 

@@ -252,3 +252,38 @@ def test_sse_wire_format(tiny_server) -> None:
     assert events[-1] == "data: [DONE]"
     first = json.loads(events[0][6:])
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_serve_hub_repo_id_with_env_api_key(hub_tiny_model, local_hub) -> None:
+    """MODEL as a repo id: downloaded from the (local) Hub through serving.hub, the key from
+    HUBDEPLOY_API_KEY; the served name defaults to the repo id."""
+    from tests.fixtures.serve import start_serve
+
+    repo = hub_tiny_model("mixtral", "awq")
+    with start_serve(repo, model_name=None, env={"HF_ENDPOINT": local_hub.endpoint, "HUBDEPLOY_API_KEY": "env-key"},
+                     extra_args=["--max-model-len", "128", "--kv-cache-tokens", "512"]) as server:
+        assert httpx.get(server.base_url + "/models").status_code == 401
+        c = openai.OpenAI(base_url=server.base_url, api_key="env-key", max_retries=0)
+        assert [m.id for m in c.models.list().data] == [repo]
+        r = c.completions.create(model=repo, prompt="Hello", max_tokens=2)
+        assert r.usage.completion_tokens == 2
+        out = server.stdout()
+        assert f"phase: downloading {repo}" in out and "phase: ready" in out
+
+
+def test_disconnect_before_non_streamed_answer_aborts(tiny_server) -> None:
+    before = scrape(tiny_server)
+    # 4 x 240 tokens take well over a second here; the client leaves after 0.2 s
+    body = {"model": "tiny", "prompt": "Write a very long story", "max_tokens": 240, "n": 4, "ignore_eos": True,
+            "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(tiny_server.base_url + "/completions", json=body, headers=tiny_server.headers, timeout=0.2)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = scrape(tiny_server)
+        if m["hubdeploy:num_requests_running"] == 0 and m["hubdeploy:num_requests_waiting"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["hubdeploy:engine_requests_aborted_total"] >= before["hubdeploy:engine_requests_aborted_total"] + 1
+    assert m["hubdeploy:generation_tokens_total"] < before["hubdeploy:generation_tokens_total"] + 4 * 240
+    assert m["hubdeploy:kv_cache_usage_perc"] == 0.0

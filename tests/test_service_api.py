@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from hub_integration.service import build_service_app, mount_page
-from tests.test_lifecycle import reap
+from tests.fixtures.service import reap
 
 H = {"Authorization": "Bearer adm"}
 

@@ -117,6 +117,9 @@ def test_badge_to_chat_to_delete(env: tuple[SpaceService, str], page: Any) -> No
                     took_progress_shot = True
             if ph == "running":
                 break
+        toast = page.locator("[data-testid='toast-body'], .toast-body")
+        if toast.count():
+            pytest.fail("error toast: " + toast.first.inner_text() + "\n" + svc.log_tail())
         if page.locator("#hd-progress .hd-error").count():
             pytest.fail(page.locator("#hd-progress").inner_text() + "\n" + svc.log_tail())
         time.sleep(0.1)
@@ -125,7 +128,7 @@ def test_badge_to_chat_to_delete(env: tuple[SpaceService, str], page: Any) -> No
     page.wait_for_selector("#hd-result", state="visible")
     url, key = value(page, "hd-url"), value(page, "hd-key")
     assert url.startswith("http://127.0.0.1:") and url.endswith("/v1") and len(key) >= 20
-    assert url in page.locator("#hd-snippet-openai").inner_text()
+    assert url in page.locator("#hd-snippet-curl").inner_text()
     shot(page, "04-endpoint-ready")
 
     # Playground: a streamed answer from the endpoint.

@@ -167,6 +167,10 @@ def test_inspect_deploy_chat_delete(svc: SpaceService) -> None:
 
     history, _ = client.predict(message="hi", history=[], model=repo, system="", temp=0.0, max_new=8, api_name="/chat")
     assert history[-1]["role"] == "assistant" and history[-1]["content"] and "⚠️" not in history[-1]["content"], history
+    # Mixtral's template refuses a system role: the playground folds it into the first user turn.
+    history, _ = client.predict(message="again", history=history, model=repo, system="Be brief.", temp=0.0, max_new=4,
+                                api_name="/chat")
+    assert len(history) == 4 and history[-1]["content"] and "⚠️" not in history[-1]["content"], history
 
     rows, pick, _ = client.predict(token=svc.token, current=None, api_name="/endpoints")
     assert [name, "running"] == rows["data"][0][:2] if isinstance(rows, dict) else rows[0][:2]

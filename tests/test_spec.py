@@ -189,3 +189,45 @@ def test_real_mixtral_shapes_against_the_plan(shape_only_hub: Any) -> None:
     assert loc(model="gated/Mixtral-8x7B-Instruct-v0.1-AWQ", gpu="H100") == ("hf_token",)
     ok = check_spec(DeploymentSpec(name="m", model=repo, gpu="H100"), ctx)
     assert ok.engine.max_model_len == 32768 and ok.engine.max_num_seqs
+
+
+def test_patch_to_a_smaller_gpu_replans_defaults_but_keeps_user_options(shape_only_hub: Any) -> None:
+    """Qwen3-30B-A3B AWQ planned on an H100 (max_model_len 40960), then moved to an L4 (≈ 31.9k fits).
+
+    Defaults the plan filled in are planned again for the L4; an option the user set stays.
+    """
+    from hub_integration.memory_plan import plan
+    from hub_integration.report import inspect_model
+
+    ctx = SpecContext(allowed_roots=[], hub_endpoint=shape_only_hub.endpoint)
+    repo = "Qwen/Qwen3-30B-A3B-AWQ"
+    on_h100 = check_spec(DeploymentSpec(name="q", model=repo, gpu="H100"), ctx)
+    assert on_h100.engine.max_model_len == 40960
+    assert {"max_model_len", "max_num_seqs"} <= set(on_h100.engine_from_plan)
+    # the bug this guards against: the H100's stored defaults checked against the L4 → 422
+    with pytest.raises(SpecError) as ei:
+        check_spec(on_h100.model_copy(update={"gpu": "L4", "engine_from_plan": []}), ctx)
+    assert ei.value.loc == ("engine", "max_model_len")
+
+    on_l4 = check_spec(PatchEndpointRequest(gpu="L4").apply(on_h100), ctx)
+    report = inspect_model(repo, endpoint=shape_only_hub.endpoint, with_adapters=False)
+    want = plan(report, "L4").engine_defaults()
+    assert on_l4.gpu == "L4"
+    assert (on_l4.engine.max_model_len, on_l4.engine.max_num_seqs) == (want["max_model_len"], want["max_num_seqs"])
+    assert on_l4.engine.max_model_len < 40960
+    # back to the H100: the defaults grow again (they were never the user's)
+    back = check_spec(PatchEndpointRequest(gpu="H100").apply(on_l4), ctx)
+    assert back.engine.max_model_len == 40960
+
+    # a user-set option is kept across the move; the plan fills only the rest
+    mine = check_spec(DeploymentSpec(name="q", model=repo, gpu="H100", engine={"max_model_len": 8192}), ctx)
+    assert "max_model_len" not in mine.engine_from_plan
+    moved = check_spec(PatchEndpointRequest(gpu="L4").apply(mine), ctx)
+    assert moved.engine.max_model_len == 8192
+    assert moved.engine.max_num_seqs == plan(report, "L4", max_model_len=8192).engine_defaults()["max_num_seqs"]
+    # an explicit null in a PATCH hands the option back to the plan
+    freed = check_spec(PatchEndpointRequest(engine={"max_model_len": None}).apply(moved), ctx)
+    assert freed.engine.max_model_len == want["max_model_len"] and "max_model_len" in freed.engine_from_plan
+    # the service fills engine_from_plan; a client cannot set it (not in the create body's schema)
+    assert "engine_from_plan" not in CreateEndpointRequest.model_json_schema()["properties"]
+    assert CreateEndpointRequest(name="x", model=repo, engine_from_plan=["max_model_len"]).spec().engine_from_plan == []

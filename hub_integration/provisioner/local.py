@@ -82,6 +82,22 @@ def port_is_free(host: str, port: int) -> bool:
             return False
 
 
+def hub_cache_dir() -> str:
+    """The Hugging Face cache as the environment says *now* (`HF_HUB_CACHE`, `HF_HOME/hub`).
+
+    huggingface_hub freezes its constant at import; the child reads the environment at its
+    start. Both use this one path (the child gets it as `HF_HUB_CACHE`), so what the
+    service downloads is what the offline child finds.
+    """
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
 def progress_class(report: Callable[[int, int], None]) -> type:
     """A tqdm class for `snapshot_download(tqdm_class=...)` that reports bytes (done, total)."""
 
@@ -433,7 +449,7 @@ class LocalProvisioner(Provisioner):
             self._log(spec.name, f"downloading {repo}@{rev or 'main'}")
             try:
                 path = snapshot_download(repo, revision=rev, token=token or False, endpoint=self.hub_endpoint,
-                                         tqdm_class=progress_class(report))
+                                         cache_dir=hub_cache_dir(), tqdm_class=progress_class(report))
             except Exception as e:
                 self._remove_incomplete(repo)
                 raise EndpointFailed(f"download of {repo}@{rev or 'main'} failed: {type(e).__name__}: {e}") from None
@@ -442,9 +458,7 @@ class LocalProvisioner(Provisioner):
 
     @staticmethod
     def _remove_incomplete(repo: str) -> None:
-        from huggingface_hub import constants
-
-        folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+        folder = Path(hub_cache_dir()) / ("models--" + repo.replace("/", "--"))
         for p in folder.glob("blobs/*.incomplete"):
             p.unlink(missing_ok=True)
 
@@ -455,6 +469,7 @@ class LocalProvisioner(Provisioner):
         env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
         env["PYTHONUNBUFFERED"] = "1"
         env["HF_HUB_OFFLINE"] = "1"  # everything is in the cache now; the child needs no network
+        env["HF_HUB_CACHE"] = hub_cache_dir()  # the very cache `_download` filled
         if self.hub_endpoint:
             env["HF_ENDPOINT"] = self.hub_endpoint
         token = self._hf_tokens.get(spec.name)

@@ -4,7 +4,7 @@
 - `manager`: `LoRAManager` — registry, host cache, device slots, LRU swap-in, pinning.
 - `batch`: the per-step token -> slot mapping (`ForwardContext.lora`).
 - `layers`: the per-module device buffers and hooks (attention, dense MLP, MoE experts).
-`attach_lora(engine)` wires a manager into an `LLMEngine` (hooks on model, scheduler, runner).
+`create_lora_manager` (before the KV cache is sized) and `attach_lora(engine, mgr)` wire it into an `LLMEngine`.
 """
 from __future__ import annotations
 
@@ -15,19 +15,22 @@ from serving.lora.batch import LoRABatch, build_lora_batch
 from serving.lora.manager import LoRAManager, LoRAStats
 
 
-def attach_lora(engine: Any) -> LoRAManager:
-    """Give `engine` (an `LLMEngine`) a `LoRAManager` and register `args.lora_modules`.
-
-    The scheduler admits a sequence only when its adapter holds a device slot
-    (`lora_admit`), unpins it on preemption/finish (`lora_release`); the runner asks the
-    manager for the step's `LoRABatch`. Unloading an adapter drops the prefix cache on the
-    engine thread (a later adapter of the same name must not reuse its K/V).
-    """
-    args = engine.args
-    mgr = LoRAManager(engine.runner.model, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                      max_cpu_loras=args.max_cpu_loras, device=engine.device, dtype=engine.dtype, token=args.token)
+def create_lora_manager(args: Any, model: Any, device: Any, dtype: Any) -> LoRAManager:
+    """A `LoRAManager` for `model` from `EngineArgs` with `args.lora_modules` registered; their
+    device buffers are allocated now, before the engine sizes the KV cache from what is left."""
+    mgr = LoRAManager(model, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                      max_cpu_loras=args.max_cpu_loras, device=device, dtype=dtype, token=args.token)
     for name, source in (args.lora_modules or {}).items():
         mgr.register(name, source)
+    return mgr
+
+
+def attach_lora(engine: Any, mgr: LoRAManager) -> LoRAManager:
+    """Wire `mgr` into an `LLMEngine`: the scheduler admits a sequence only when its adapter
+    holds a device slot (`lora_admit`) and unpins it on preemption/finish (`lora_release`);
+    the runner asks the manager for each step's `LoRABatch`. Unloading an adapter drops the
+    prefix cache on the engine thread (a later adapter of the same name must not reuse its K/V).
+    """
     bm = engine.block_manager
 
     def admit(seq: Any) -> bool:
@@ -42,4 +45,4 @@ def attach_lora(engine: Any) -> LoRAManager:
 
 
 __all__ = ["LoRAAdapter", "LoRABatch", "LoRAConfig", "LoRAError", "LoRAManager", "LoRAStats", "attach_lora",
-           "build_lora_batch", "load_adapter", "parse_source"]
+           "build_lora_batch", "create_lora_manager", "load_adapter", "parse_source"]

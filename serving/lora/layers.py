@@ -17,7 +17,7 @@ site stay zero; a step whose active slots do not touch a site skips it entirely.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,11 @@ class LinearSite:
         self.scalings: torch.Tensor | None = None
         self.slot_parts: list[set[int]] = [set() for _ in range(num_slots)]  # parts each slot touches
 
-    def _alloc(self) -> None:
+    def touches_names(self, names: set[str]) -> bool:
+        return any(n in self.index for n in names)
+
+    def allocate(self) -> None:
+        """The stacked buffers of all slots (zeros); idempotent."""
         if self.a is None:
             P, R, S = len(self.parts), self.R, self.S
             self.a = torch.zeros(S, P * R, self.module.in_features, dtype=self.dtype, device=self.device)
@@ -57,7 +61,7 @@ class LinearSite:
         if self.a is None and not mine:
             self.slot_parts[slot] = set()
             return
-        self._alloc()
+        self.allocate()
         self.clear_slot(slot)
         R = self.R
         for name, w in mine.items():
@@ -82,8 +86,20 @@ class LinearSite:
         parts = set().union(*(self.slot_parts[s] for s in lora.active_slots))
         if not parts:
             return
-        t = lora_shrink(x, self.a, lora.token_slots, lora.segments)
         R = self.R
+        if not use_triton(x):  # torch path: one GEMM pair per active slot (not per token)
+            for slot in sorted(lora.active_slots):
+                ps = self.slot_parts[slot] & parts
+                if not ps:
+                    continue
+                rows = (lora.token_slots == slot).nonzero()[:, 0]
+                t = x[rows].float() @ self.a[slot].float().t()
+                for p in sorted(ps):
+                    sl = self.parts[p][1]
+                    d = (t[:, p * R:(p + 1) * R] @ self.b[p][slot].float().t()) * self.scalings[p, slot]
+                    y[rows, sl] += d.to(y.dtype)
+            return
+        t = lora_shrink(x, self.a, lora.token_slots, lora.segments)
         for p in sorted(parts):
             lora_expand(y, t[:, p * R:(p + 1) * R], self.b[p], lora.token_slots, self.scalings[p],
                         out_offset=self.parts[p][1].start, segments=lora.segments)
@@ -103,7 +119,11 @@ class MoESite:
         self.a13: torch.Tensor | None = None
         self.used: list[bool] = [False] * num_slots
 
-    def _alloc(self) -> None:
+    def touches_names(self, names: set[str]) -> bool:
+        return any(n in self.names for n in names)
+
+    def allocate(self) -> None:
+        """The stacked buffers of all slots (zeros); idempotent."""
         if self.a13 is None:
             S, E, R, H, I = self.S, self.E, self.R, self.H, self.I
             z = dict(dtype=self.dtype, device=self.device)
@@ -119,7 +139,7 @@ class MoESite:
         if self.a13 is None and not mine:
             self.used[slot] = False
             return
-        self._alloc()
+        self.allocate()
         self.clear_slot(slot)
         R = self.R
         for (e, role), w in mine.items():
@@ -168,6 +188,11 @@ class MoESite:
         d = torch.zeros(act.shape[0], self.H, dtype=torch.float32, device=act.device)
         return moe_lora_expand(d, t, e_rows, s_rows, self.b2, self.ones)
 
+    def _grouped(self, fn: Callable[[torch.Tensor, int], None], s: torch.Tensor) -> None:
+        """Call `fn(rows, slot)` for each slot present in `s` (rows: indices into `s`)."""
+        for slot in torch.unique(s[s >= 0]).tolist():
+            fn((s == slot).nonzero()[:, 0], slot)
+
     def _reference(self, x: torch.Tensor, weights: MoEWeights | AWQMoEWeights, topk_weights: torch.Tensor,
                    topk_ids: torch.Tensor, slot_rows: torch.Tensor) -> torch.Tensor:
         """Per-expert loop in x's dtype, as `fused_moe_ref`, with the LoRA terms on adapter rows."""
@@ -185,14 +210,25 @@ class MoESite:
             h = x[tok] @ w13[e].t()
             s = slots[tok, j]
             lora_rows = s >= 0
-            e_rows = torch.full_like(s, e)
-            if lora_rows.any():
+            R = self.R
+            xe = x[tok]
+            if lora_rows.any():  # per slot present: x·A13 then ·B1, ·B3 (scaling folded into B)
                 h = h.clone()
-                self._add_w13(h, x[tok], e_rows, s)
+
+                def add_w13(rows: torch.Tensor, slot: int) -> None:
+                    t = xe[rows].to(acc) @ self.a13[slot, e].to(acc).t()
+                    h[rows, :I] += (t[:, :R] @ self.b1[slot, e].to(acc).t()).to(h.dtype)
+                    h[rows, I:] += (t[:, R:] @ self.b3[slot, e].to(acc).t()).to(h.dtype)
+
+                self._grouped(add_w13, s)
             act = F.silu(h[:, :I]) * h[:, I:]
             y = (act @ w2[e].t()).to(acc)
             if lora_rows.any():
-                y = y + self._w2_delta(act, e_rows, s).to(acc)
+                def add_w2(rows: torch.Tensor, slot: int) -> None:
+                    t = act[rows].to(acc) @ self.a2[slot, e].to(acc).t()
+                    y[rows] += t @ self.b2[slot, e].to(acc).t()
+
+                self._grouped(add_w2, s)
             out.index_add_(0, tok, y * topk_weights[tok, j, None].to(acc))
         return out.to(x.dtype)
 

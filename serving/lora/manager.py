@@ -105,11 +105,24 @@ class LoRAManager:
         with self._lock:
             if adapter.name in self.sources:
                 raise LoRAError(f"an adapter named {adapter.name!r} is already loaded")
+            self._reserve(adapter)
             self.sources[adapter.name] = adapter.source
             self._cache(adapter)
         log.info("LoRA adapter %r registered from %s (rank %d, %d modules)", adapter.name, adapter.source,
                  adapter.max_rank, len(adapter.modules))
         return adapter
+
+    def _reserve(self, adapter: LoRAAdapter) -> None:
+        """Allocate the device buffers (all slots) of every site the adapter touches, now."""
+        names = set(adapter.modules)
+        try:
+            for site in self.sites:
+                if site.touches_names(names):
+                    site.allocate()
+        except torch.OutOfMemoryError as e:
+            raise LoRAError(f"adapter {adapter.name!r}: no device memory left for its LoRA slots ({e}); pass it "
+                            "with --lora at start (slots are allocated before the KV cache), or lower "
+                            "--max-loras / --max-lora-rank / gpu_memory_utilization") from e
 
     def unregister(self, name: str) -> None:
         """Forget an adapter; refused while a request still uses it."""

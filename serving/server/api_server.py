@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serving.chat_template import ChatTemplateError, render_chat
 from serving.sampling_params import SamplingParams
-from serving.server.errors import OpenAIError, error_response, install_error_handlers
+from serving.server.errors import ClientGone, OpenAIError, error_response, install_error_handlers
 from serving.server.metrics import CONTENT_TYPE, ServerMetrics
 from serving.server.protocol import (
     ChatChoiceLogprobs,
@@ -268,7 +268,8 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         rid = random_id("chatcmpl")
         if body.stream:
             return _sse(_chat_stream(state, engine, body, rid, prompt_ids, params, lora))
-        finals = await _run_all(state, engine, rid, [prompt_ids] * body.n, params, lora, body.model)
+        finals = await _unless_disconnected(request, _run_all(state, engine, rid, [prompt_ids] * body.n, params,
+                                                              lora, body.model))
         choices = [ChatCompletionChoice(
             index=i, message=ChatResponseMessage(content=o.text), finish_reason=_finish(o),
             logprobs=_chat_logprobs(engine.tokenizer, o.logprobs) if params[i].logprobs is not None else None,
@@ -315,7 +316,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
                       for p in prompts for _ in range(body.n)]
         if body.stream:
             return _sse(_completion_stream(state, engine, body, rid, all_ids, params, lora, echo_texts))
-        finals = await _run_all(state, engine, rid, all_ids, params, lora, body.model)
+        finals = await _unless_disconnected(request, _run_all(state, engine, rid, all_ids, params, lora, body.model))
         choices = [CompletionChoice(
             index=i, text=echo_texts[i] + o.text, finish_reason=_finish(o),
             logprobs=_completion_logprobs(engine.tokenizer, o.logprobs) if params[i].logprobs is not None else None,
@@ -495,6 +496,29 @@ async def _run_all(state: ServerState, engine: Any, rid: str, prompts: list[list
         for r in ids:
             if r not in done:
                 _abort(engine, r)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any], poll_s: float = 0.1) -> Any:
+    """Await `work`, cancelling it (which aborts its sequences) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(poll_s)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        logger.info("client went away; request aborted")
+        raise ClientGone()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
 
 
 def _engine_error(e: BaseException) -> OpenAIError:

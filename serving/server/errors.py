@@ -47,6 +47,10 @@ class OpenAIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its (non-streamed) answer was ready."""
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -136,6 +140,11 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             err = OpenAIError(str(exc.detail), exc.status_code)
         return error_response(err)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> JSONResponse:
+        # nobody is listening any more; 499 as nginx logs it
+        return JSONResponse(error_body("client closed the request", "invalid_request_error"), status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

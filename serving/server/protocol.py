@@ -84,8 +84,8 @@ class _SamplingRequest(_Lenient):
         if v is None:
             return []
         stops = [v] if isinstance(v, str) else list(v)
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
+        if len(stops) > 16:  # OpenAI allows 4; vLLM-targeting clients often send more
+            raise ValueError("at most 16 stop sequences are allowed")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops

@@ -1,0 +1,138 @@
+"""Offline engine step micro-benchmark: decode step time and tokens/s at batch 1, 8, 32.
+
+Drives `LLMEngine` directly (no HTTP) on the CPU with the serving benchmark's tiny Mixtral
+(benchmarks/out/serving_vs_peers/tiny-mixtral-hd64, built by benchmarks/serving_vs_peers.sh;
+the test fixture's tiny Mixtral otherwise). For each batch size: B greedy requests with
+`--prompt-len`-token prompts, prefill until every sequence decodes, then time `--steps`
+decode steps. Two variants run in the same process so their numbers compare:
+
+  reference  the kernels' plain-torch contracts (`paged_attention_ref`, `fused_moe_ref`)
+  optimized  what the engine runs on the CPU (`paged_attention_torch`, `fused_moe_torch`)
+
+and the script checks that both produce the same greedy tokens. The machine this runs on
+is shared: it reports the median and the minimum step time.
+
+    python benchmarks/engine_step.py                 # --batch 1,8,32 --steps 30 --threads 1
+    python benchmarks/engine_step.py --variants optimized --batch 32
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# run as a script, benchmarks/ is sys.path[0] and its kernels.py would shadow the kernels package
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+BENCH_MODEL = ROOT / "benchmarks/out/serving_vs_peers/tiny-mixtral-hd64"
+
+
+def default_model() -> str:
+    if (BENCH_MODEL / "model.safetensors").is_file():
+        return str(BENCH_MODEL)
+    from tests.fixtures.tiny import build_tiny_cached
+
+    return str(build_tiny_cached("mixtral", "none"))
+
+
+@contextlib.contextmanager
+def variant(name: str) -> Iterator[None]:
+    """Route the model's attention and MoE calls through the reference or the optimized path."""
+    from kernels import attention, fused_moe
+    from serving.models import layers
+
+    if name == "optimized":
+        yield
+        return
+    if name != "reference":
+        raise ValueError(f"unknown variant {name!r}; use reference or optimized")
+    saved = layers.paged_attention, layers.fused_moe
+    layers.paged_attention = attention.paged_attention_ref
+    layers.fused_moe = fused_moe.fused_moe_ref
+    try:
+        yield
+    finally:
+        layers.paged_attention, layers.fused_moe = saved
+
+
+def run_batch(engine, batch: int, prompt_len: int, steps: int, warmup: int, seed: int) -> dict:
+    """Prefill `batch` requests, then time `steps` decode steps; returns timings and the tokens."""
+    from serving.sampling_params import SamplingParams
+
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=warmup + steps + 1, temperature=0.0, ignore_eos=True)
+    ids = [f"b{batch}-{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, [rng.randrange(3, vocab) for _ in range(prompt_len)], params)
+    tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+    t0 = time.perf_counter()
+    while any(not s.output_token_ids for s in engine.seqs.values()):  # prefill (maybe chunked)
+        for out in engine.step():
+            tokens[out.request_id] += out.delta_token_ids
+    prefill_s = time.perf_counter() - t0
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        outs = engine.step()
+        dt = time.perf_counter() - t
+        if i >= warmup:
+            times.append(dt)
+        for out in outs:
+            tokens[out.request_id] += out.delta_token_ids
+        if len(outs) != batch:
+            raise RuntimeError(f"step {i} returned {len(outs)} outputs for a batch of {batch}")
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.delta_token_ids
+    med = statistics.median(times)
+    return {"batch": batch, "prefill_ms": prefill_s * 1e3, "step_ms_p50": med * 1e3, "step_ms_min": min(times) * 1e3,
+            "tok_s": batch / med, "tokens": [tokens[r] for r in ids]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model directory (default: the serving benchmark's tiny Mixtral)")
+    ap.add_argument("--batch", default="1,8,32", help="comma-separated decode batch sizes")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=30, help="timed decode steps per batch size")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the serving benchmark uses 1)")
+    ap.add_argument("--variants", default="reference,optimized")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from serving.engine import EngineArgs, LLMEngine
+
+    model = args.model or default_model()
+    batches = [int(b) for b in args.batch.split(",")]
+    need = args.prompt_len + args.warmup + args.steps + 8
+    engine = LLMEngine(EngineArgs(model=model, device="cpu", dtype="float32", max_model_len=max(512, need),
+                                  max_num_seqs=max(batches), max_loras=0,
+                                  kv_cache_tokens=max(batches) * need + 256))
+    print(f"model {model}; {args.threads} thread(s); prompt {args.prompt_len} tokens; {args.steps} timed decode steps")
+    results: dict[str, list[dict]] = {}
+    for name in args.variants.split(","):
+        with variant(name):
+            results[name] = [run_batch(engine, b, args.prompt_len, args.steps, args.warmup, seed=b) for b in batches]
+    print("| variant | batch | prefill ms | decode step p50 ms | step min ms | decode tok/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, rows in results.items():
+        for r in rows:
+            print(f"| {name} | {r['batch']} | {r['prefill_ms']:.1f} | {r['step_ms_p50']:.2f} | {r['step_ms_min']:.2f} "
+                  f"| {r['tok_s']:.0f} |")
+    if "reference" in results and "optimized" in results:
+        for ref, opt in zip(results["reference"], results["optimized"]):
+            same = ref["tokens"] == opt["tokens"]
+            print(f"batch {ref['batch']}: optimized/reference decode speed-up {ref['step_ms_p50'] / opt['step_ms_p50']:.2f}x, "
+                  f"greedy tokens identical: {'yes' if same else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
