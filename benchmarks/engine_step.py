@@ -6,8 +6,10 @@ the test fixture's tiny Mixtral otherwise). For each batch size: B greedy reques
 `--prompt-len`-token prompts, prefill until every sequence decodes, then time `--steps`
 decode steps. Two variants run in the same process so their numbers compare:
 
-  reference  the kernels' plain-torch contracts (`paged_attention_ref`, `fused_moe_ref`)
-  optimized  what the engine runs on the CPU (`paged_attention_torch`, `fused_moe_torch`)
+  reference  the engine before the CPU work: the kernels' plain-torch contracts
+             (`paged_attention_ref`, `fused_moe_ref`), weights stored `[out, in]`
+  optimized  what the engine runs on the CPU now (`paged_attention_torch`, `fused_moe_torch`,
+             weights stored transposed for NN GEMMs: `serving.model_runner.cpu_gemm_layout`)
 
 and the script checks that both produce the same greedy tokens. The machine this runs on
 is shared: it reports the median and the minimum step time.
@@ -43,9 +45,11 @@ def default_model() -> str:
 
 
 @contextlib.contextmanager
-def variant(name: str) -> Iterator[None]:
-    """Route the model's attention and MoE calls through the reference or the optimized path."""
+def variant(name: str, model: torch.nn.Module) -> Iterator[None]:
+    """`reference`: the engine as it was before the CPU work (reference kernels, weights stored
+    `[out, in]`); `optimized`: as it runs now."""
     from kernels import attention, fused_moe
+    from serving.model_runner import cpu_gemm_layout
     from serving.models import layers
 
     if name == "optimized":
@@ -56,10 +60,13 @@ def variant(name: str) -> Iterator[None]:
     saved = layers.paged_attention, layers.fused_moe
     layers.paged_attention = attention.paged_attention_ref
     layers.fused_moe = fused_moe.fused_moe_ref
+    for p in model.parameters():
+        p.data = p.data.contiguous()
     try:
         yield
     finally:
         layers.paged_attention, layers.fused_moe = saved
+        cpu_gemm_layout(model)
 
 
 def run_batch(engine, batch: int, prompt_len: int, steps: int, warmup: int, seed: int) -> dict:
@@ -119,7 +126,7 @@ def main() -> None:
     print(f"model {model}; {args.threads} thread(s); prompt {args.prompt_len} tokens; {args.steps} timed decode steps")
     results: dict[str, list[dict]] = {}
     for name in args.variants.split(","):
-        with variant(name):
+        with variant(name, engine.runner.model):
             results[name] = [run_batch(engine, b, args.prompt_len, args.steps, args.warmup, seed=b) for b in batches]
     print("| variant | batch | prefill ms | decode step p50 ms | step min ms | decode tok/s |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -164,7 +164,7 @@ def main() -> int:
                        (args.device if args.device != "auto" else "cpu"))
     cuda = dev.type == "cuda"
     if not cuda:
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        torch.set_num_threads(1)  # the shared 2-core box: one thread is the least disturbed
     dtype = torch.float16 if cuda else torch.float32
     shape, group = (MIXTRAL_8X7B, 128) if cuda else (TINY, 64)
     B = args.batch or (32 if cuda else 16)

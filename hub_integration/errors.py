@@ -1,6 +1,7 @@
 """Typed errors of Hub inspection; each carries the HTTP status the deploy service answers.
 
-The message says what is wrong and what to do; `to_dict()` is the service's error body.
+The message says what is wrong and what to do; `to_dict()` is the deploy service's error body
+(its one error shape: `{"error": {status, code, message, fields, ...}, "detail": message}`).
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ class InspectError(Exception):
         self.revision = revision
 
     def to_dict(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "model": self.repo_id,
-                          "revision": self.revision}}
+        """The deploy service's one error shape (docs/deploy-service.md), with the model and revision."""
+        return {"error": {"status": self.status, "code": self.code, "message": self.message, "fields": [],
+                          "model": self.repo_id, "revision": self.revision},
+                "detail": self.message}
 
 
 class RepoNotFoundError(InspectError):

@@ -70,6 +70,17 @@ class ErrorInfo(BaseModel):
                                          description="FastAPI-style [{loc, msg, type}] for 422s, else empty")
 
 
+class ErrorOut(BaseModel):
+    """Body of every error answer."""
+
+    error: ErrorInfo
+    detail: Any = Field(None, description="FastAPI-compatible mirror: the `fields` list for a 422, else the message")
+
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorOut, "description": "client error (the one error shape)"},
+    "5XX": {"model": ErrorOut, "description": "server or Hub error (the one error shape)"}}
+
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  405: "method_not_allowed", 409: "conflict", 422: "invalid_request", 500: "internal_error",
                  502: "hub_unreachable", 503: "hub_unavailable"}
@@ -173,7 +184,7 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
         yield
         prov.close()
 
-    app = FastAPI(title="hubdeploy deploy service", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="hubdeploy deploy service", version="0.1.0", lifespan=lifespan, responses=_ERROR_RESPONSES,
                   description="Deploy Hugging Face Hub models to OpenAI-compatible endpoints.")
     app.state.store, app.state.provisioner, app.state.new_admin_token = store, prov, new_token
     app.state.data_dir, app.state.allowed_model_roots, app.state.hub_endpoint = data_dir, roots, hub_endpoint

@@ -7,7 +7,8 @@ sequence `b` are the last `q_len_b` positions of its `context_lens[b]` tokens (t
 stored first with `store_kv`), each attends causally (and within `sliding_window`, Mistral
 style: a query at position p sees keys at positions > p - window). GQA by `H // Hkv`.
 
-Three layers, side by side: `*_ref` (plain torch, fp32 math; the contract), the Triton
+Layers, side by side: `*_ref` (plain torch, fp32 math; the contract), `*_torch` (the CPU
+path the dispatchers take without Triton: the same contract vectorized over the batch), the Triton
 kernels (a decode kernel, one program per (sequence, KV head, context split) covering the
 whole GQA group with an online softmax and a split-reduce for long contexts; a prefill
 kernel, flash-attention tiles over q and over paged K/V), and the dispatchers.
@@ -18,12 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import interpreting, use_triton
+from kernels.dispatch import dot_flags, use_triton
 from kernels.norm_rope_act import triton_launchable
 
 __all__ = [
     "store_kv",
     "store_kv_ref",
+    "store_kv_torch",
     "store_kv_triton",
     "paged_attention",
     "paged_attention_ref",
@@ -115,7 +117,21 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if use_triton(k):
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
-        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+
+
+def store_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """The CPU path: `index_copy_` into the flat [slots, Hkv, D] view (the reference's boolean
+    mask and 2-D advanced indexing cost more than the copy at decode sizes). Same result."""
+    _check_store(k, v, k_cache, v_cache, slot_mapping)
+    if k.shape[0] and int(slot_mapping.min()) < 0:
+        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)  # padding rows: the masked path
+        return
+    nb, bs, hkv, d = k_cache.shape
+    slots = slot_mapping.to(torch.long)
+    k_cache.view(nb * bs, hkv, d).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, hkv, d).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 # ----------------------------------------------------------------------------- reference
@@ -203,13 +219,12 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """Every row of q [B, H, D] is the one new token of sequence b: the whole batch at once.
 
     One gather of the batch's blocks ([B, L, Hkv, D], L = max context rounded up to blocks),
-    then per KV head one batched GEMM over strided views (no transposed copies of K/V), a
-    masked softmax (positions past a sequence's length or outside the window get -inf) and
-    one batched GEMM with V. The Python cost no longer grows with the batch.
+    then one SDPA call with GQA over strided views and a key mask (positions past a
+    sequence's length or outside its window). The Python cost no longer grows with the
+    batch (the reference loops over sequences).
     """
     b, h, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    group = h // hkv
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     nblk = max(1, min(-(-max_context_len // bs), block_tables.shape[1]))
     blocks = block_tables[:, :nblk].to(torch.long).clamp(min=0)  # -1 padding reads block 0, masked below
@@ -217,20 +232,15 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     vv = _gather_kv(v_cache, blocks)
     if kk.dtype != acc_dtype:
         kk, vv = kk.to(acc_dtype), vv.to(acc_dtype)
-    length = nblk * bs
-    kpos = torch.arange(length, device=q.device)[None, :]
+    kpos = torch.arange(nblk * bs, device=q.device)[None, :]
     lens = context_lens.to(torch.long)[:, None]
-    invalid = kpos >= lens
+    valid = kpos < lens
     if sliding_window is not None:
-        invalid |= kpos <= lens - 1 - sliding_window
-    invalid = invalid[:, None, :]  # [B, 1, L], broadcast over the group's heads
-    qq = q.to(acc_dtype).reshape(b, hkv, group, d)
-    out = torch.empty((b, hkv, group, d), dtype=acc_dtype, device=q.device)
-    for j in range(hkv):
-        scores = torch.bmm(qq[:, j], kk[:, :, j, :].transpose(1, 2)).mul_(scale)  # [B, group, L]
-        scores.masked_fill_(invalid, float("-inf"))
-        torch.bmm(torch.softmax(scores, dim=-1), vv[:, :, j, :], out=out[:, j])
-    return out.view(b, h, d).to(q.dtype)
+        valid &= kpos > lens - 1 - sliding_window
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.to(acc_dtype).view(b, h, 1, d), kk.transpose(1, 2), vv.transpose(1, 2),
+        attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=hkv != h)
+    return o.view(b, h, d).to(q.dtype)
 
 
 def _prefill_seq_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
@@ -467,27 +477,11 @@ def _prefill_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
-def _prec(q: torch.Tensor, cache: torch.Tensor) -> str:
-    # fp32 dots in IEEE precision (no silent tf32); fp16/bf16 dots ignore the setting.
-    return "ieee" if _f32_path(q, cache) else "tf32"
-
-
-def _f32_path(q: torch.Tensor, cache: torch.Tensor) -> bool:
-    # fp32/fp64 inputs, a cache dtype unlike q's, and every dtype under the interpreter (bf16
-    # loads need an fp32 cast right after tl.load there; FIELD-NOTES) run the dots in fp32.
-    return (q.dtype in (torch.float32, torch.float64) or cache.dtype != q.dtype
-            or interpreting() or not q.is_cuda)
-
-
 def _paged_strides(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor,
                    block_tables: torch.Tensor) -> tuple[int, ...]:
     """The stride arguments both attention kernels take (s_qt, s_qh, s_ot, s_oh, s_cb, s_cs, s_ch, s_bt)."""
     return (q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
-
-
-def _dot_flags(q: torch.Tensor, k_cache: torch.Tensor) -> dict[str, bool | str]:
-    return {"F32": _f32_path(q, k_cache), "PREC": _prec(q, k_cache)}
 
 
 def _window_args(sliding_window: int | None) -> tuple[int, bool]:
@@ -537,7 +531,7 @@ def paged_attention_decode_triton(
         GROUP=group, BS=bs, D=d,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(d), PART=partition_size, SPLITS=splits,
-        HAS_WINDOW=has_window, **_dot_flags(q, k_cache),
+        HAS_WINDOW=has_window, **dot_flags(q, k_cache),
     )
     if splits > 1:
         triton_launchable(_decode_reduce_kernel, q)[(bsz, h)](
@@ -566,7 +560,7 @@ def paged_attention_prefill_triton(
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out,
         float(scale), window, *_paged_strides(q, out, k_cache, block_tables),
         GROUP=h // hkv, BS=bs, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(d), HAS_WINDOW=has_window, **_dot_flags(q, k_cache),
+        BLOCK_D=triton.next_power_of_2(d), HAS_WINDOW=has_window, **dot_flags(q, k_cache),
     )
     return out
 

@@ -67,3 +67,14 @@ def lazy_kernels(build: Callable[[], T]) -> Callable[[], T]:
         return cache[mode]
 
     return get
+
+
+def dot_flags(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    """`F32` / `PREC` constexprs for kernels whose `tl.dot` inputs are `a` and `b`.
+
+    fp32/fp64 inputs, mixed dtypes, and every dtype under the interpreter (bf16 loads need
+    an fp32 cast right after tl.load there; FIELD-NOTES) run the dots in fp32, in IEEE
+    precision (no silent tf32); fp16/bf16 dots on CUDA ignore PREC.
+    """
+    f32 = a.dtype in (torch.float32, torch.float64) or b.dtype != a.dtype or interpreting() or not a.is_cuda
+    return {"F32": f32, "PREC": "ieee" if f32 else "tf32"}

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import interpreting, use_triton
+from kernels.dispatch import dot_flags, use_triton
 from kernels.norm_rope_act import triton_launchable
 
 __all__ = [
@@ -117,12 +117,22 @@ def lora_expand_ref(out: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, to
     return out
 
 
-def moe_lora_shrink_ref(x_rows: torch.Tensor, expert_of_row: torch.Tensor, slot_of_row: torch.Tensor,
-                        lora_a: torch.Tensor) -> torch.Tensor:
-    """Per (token, k) row: x_rows[t] @ A[slot, expert]^T -> [T, r] fp32; slot -1 rows are zero."""
+def _check_moe_shrink(x_rows: torch.Tensor, lora_a: torch.Tensor) -> None:
     if lora_a.dim() != 4 or x_rows.dim() != 2 or lora_a.shape[3] != x_rows.shape[1]:
         raise ValueError(f"moe_lora_shrink: need x_rows [T, in], lora_a [S, E, r, in]; got "
                          f"{tuple(x_rows.shape)}, {tuple(lora_a.shape)}")
+
+
+def _check_moe_expand(out: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor) -> None:
+    if lora_b.dim() != 4 or out.shape[1] != lora_b.shape[2] or t.shape[1] != lora_b.shape[3]:
+        raise ValueError(f"moe_lora_expand: need out [T, o], t [T, r], lora_b [S, E, o, r]; got "
+                         f"{tuple(out.shape)}, {tuple(t.shape)}, {tuple(lora_b.shape)}")
+
+
+def moe_lora_shrink_ref(x_rows: torch.Tensor, expert_of_row: torch.Tensor, slot_of_row: torch.Tensor,
+                        lora_a: torch.Tensor) -> torch.Tensor:
+    """Per (token, k) row: x_rows[t] @ A[slot, expert]^T -> [T, r] fp32; slot -1 rows are zero."""
+    _check_moe_shrink(x_rows, lora_a)
     acc = _acc(x_rows)
     out = torch.zeros((x_rows.shape[0], lora_a.shape[2]), dtype=acc, device=x_rows.device)
     valid = slot_of_row >= 0
@@ -135,9 +145,7 @@ def moe_lora_shrink_ref(x_rows: torch.Tensor, expert_of_row: torch.Tensor, slot_
 def moe_lora_expand_ref(out: torch.Tensor, t: torch.Tensor, expert_of_row: torch.Tensor, slot_of_row: torch.Tensor,
                         lora_b: torch.Tensor, scalings: torch.Tensor) -> torch.Tensor:
     """out[row] += scaling[slot] * t[row] @ B[slot, expert]^T in place; slot -1 rows untouched."""
-    if lora_b.dim() != 4 or out.shape[1] != lora_b.shape[2] or t.shape[1] != lora_b.shape[3]:
-        raise ValueError(f"moe_lora_expand: need out [T, o], t [T, r], lora_b [S, E, o, r]; got "
-                         f"{tuple(out.shape)}, {tuple(t.shape)}, {tuple(lora_b.shape)}")
+    _check_moe_expand(out, t, lora_b)
     valid = slot_of_row >= 0
     if valid.any():
         acc = _acc(out)
@@ -220,22 +228,29 @@ def _bgmv_expand_kernel(
 
 
 @triton.jit
+def _segment_tile(seg_start_ptr, seg_len_ptr, seg_slot_ptr, BLOCK_M: tl.constexpr):
+    """This SGMV program's token tile (grid axes 0, 1 = segment, tile): (rows, row mask, the
+    segment's slot, whether the tile holds any token)."""
+    seg = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    start = tl.load(seg_start_ptr + seg)
+    length = tl.load(seg_len_ptr + seg)
+    slot = tl.load(seg_slot_ptr + seg)
+    rows = start + m0 + tl.arange(0, BLOCK_M)
+    mmask = (m0 + tl.arange(0, BLOCK_M)) < length
+    return rows, mmask, slot, m0 < length
+
+
+@triton.jit
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, t_ptr,
     K, R, s_xn, s_as, s_ar, s_tn,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
 ):
     # One program per (segment, token tile, rank block): tiled x[M, K] @ A[slot]^T[K, R].
-    seg = tl.program_id(0)
-    mt = tl.program_id(1)
     rb = tl.program_id(2)
-    start = tl.load(seg_start_ptr + seg)
-    length = tl.load(seg_len_ptr + seg)
-    slot = tl.load(seg_slot_ptr + seg)
-    m0 = mt * BLOCK_M
-    if m0 < length:
-        rows = start + m0 + tl.arange(0, BLOCK_M)
-        mmask = (m0 + tl.arange(0, BLOCK_M)) < length
+    rows, mmask, slot, live = _segment_tile(seg_start_ptr, seg_len_ptr, seg_slot_ptr, BLOCK_M)
+    if live:
         r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = r < R
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
@@ -262,16 +277,9 @@ def _sgmv_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
 ):
     # One program per (segment, token tile, output block): out += scale * t[M, R] @ B[slot]^T[R, O].
-    seg = tl.program_id(0)
-    mt = tl.program_id(1)
     ob = tl.program_id(2)
-    start = tl.load(seg_start_ptr + seg)
-    length = tl.load(seg_len_ptr + seg)
-    slot = tl.load(seg_slot_ptr + seg)
-    m0 = mt * BLOCK_M
-    if (m0 < length) & (slot >= 0):
-        rows = start + m0 + tl.arange(0, BLOCK_M)
-        mmask = (m0 + tl.arange(0, BLOCK_M)) < length
+    rows, mmask, slot, live = _segment_tile(seg_start_ptr, seg_len_ptr, seg_slot_ptr, BLOCK_M)
+    if live & (slot >= 0):
         o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
         omask = o < O
         rr = tl.arange(0, BLOCK_R)
@@ -290,15 +298,37 @@ def _sgmv_expand_kernel(
         tl.store(optr, (cur + delta).to(out_ptr.dtype.element_ty), mask=m2)
 
 
-def _prec(t: torch.Tensor, w: torch.Tensor) -> str:
-    # fp32 dots in IEEE precision (no silent tf32); fp16/bf16 dots ignore the setting.
-    return "ieee" if _f32_path(t, w) else "tf32"
+def _bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, experts: torch.Tensor | None,
+                 t: torch.Tensor) -> None:
+    """BGMV shrink launch into `t`: `lora_a [S, r, in]`, or `[S, E, r, in]` with each row's expert."""
+    n, k = x.shape
+    r = lora_a.shape[-2]
+    has_e = experts is not None
+    s_as, s_ae, s_ar = (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)) if has_e else \
+        (lora_a.stride(0), 0, lora_a.stride(1))
+    slots = slots.contiguous()
+    block_r = min(triton.next_power_of_2(r), 16)
+    triton_launchable(_bgmv_shrink_kernel, x)[(n, triton.cdiv(r, block_r))](
+        x, lora_a, slots, experts.contiguous() if has_e else slots, t, k, r, x.stride(0), s_as, s_ae, s_ar,
+        t.stride(0), HAS_E=has_e, BLOCK_R=block_r, BLOCK_K=min(triton.next_power_of_2(k), 256),
+    )
 
 
-def _f32_path(t: torch.Tensor, w: torch.Tensor) -> bool:
-    # fp32 dots for fp32/fp64, mixed dtypes, and under the interpreter (bf16 loads; FIELD-NOTES)
-    return (t.dtype in (torch.float32, torch.float64) or w.dtype != t.dtype
-            or interpreting() or not t.is_cuda)
+def _bgmv_expand(out: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
+                 experts: torch.Tensor | None, scalings: torch.Tensor, out_offset: int) -> None:
+    """BGMV expand launch into `out` in place: `lora_b [S, o, r]`, or `[S, E, o, r]` with each row's expert."""
+    n = out.shape[0]
+    o, r = lora_b.shape[-2], lora_b.shape[-1]
+    has_e = experts is not None
+    s_bs, s_be, s_bo = (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)) if has_e else \
+        (lora_b.stride(0), 0, lora_b.stride(1))
+    slots = slots.contiguous()
+    block_o = min(triton.next_power_of_2(o), 64 if not out.is_cuda else 128)
+    triton_launchable(_bgmv_expand_kernel, out)[(n, triton.cdiv(o, block_o))](
+        out, t, lora_b, slots, experts.contiguous() if has_e else slots, scalings.to(torch.float32).contiguous(),
+        o, r, out.stride(0), t.stride(0), s_bs, s_be, s_bo, out_offset,
+        HAS_E=has_e, BLOCK_O=block_o, BLOCK_R=triton.next_power_of_2(r),
+    )
 
 
 def _use_sgmv(n: int, segments: LoRASegments | None) -> bool:
@@ -326,15 +356,10 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch
         triton_launchable(_sgmv_shrink_kernel, x)[grid](
             x, lora_a, starts, lens, slots, t, k, r, x.stride(0), lora_a.stride(0), lora_a.stride(1), t.stride(0),
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=32 if not x.is_cuda else 64,
-            F32=_f32_path(x, lora_a), PREC=_prec(x, lora_a),
+            **dot_flags(x, lora_a),
         )
         return t
-    block_r = min(triton.next_power_of_2(r), 16)
-    triton_launchable(_bgmv_shrink_kernel, x)[(n, triton.cdiv(r, block_r))](
-        x, lora_a, token_slots.contiguous(), token_slots, t, k, r, x.stride(0), lora_a.stride(0), 0,
-        lora_a.stride(1), t.stride(0),
-        HAS_E=False, BLOCK_R=block_r, BLOCK_K=min(triton.next_power_of_2(k), 256),
-    )
+    _bgmv_shrink(x, lora_a, token_slots, None, t)
     return t
 
 
@@ -361,59 +386,36 @@ def lora_expand_triton(out: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor,
             out, t, lora_b, starts, lens, slots, scalings, o, r, out.stride(0), t.stride(0),
             lora_b.stride(0), lora_b.stride(1), out_offset,
             BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_R=max(16, triton.next_power_of_2(r)),
-            F32=_f32_path(out, lora_b), PREC=_prec(out, lora_b),
+            **dot_flags(out, lora_b),
         )
         return out
-    block_o = min(triton.next_power_of_2(o), 64 if not out.is_cuda else 128)
-    triton_launchable(_bgmv_expand_kernel, out)[(n, triton.cdiv(o, block_o))](
-        out, t, lora_b, token_slots.contiguous(), token_slots, scalings, o, r, out.stride(0), t.stride(0),
-        lora_b.stride(0), 0, lora_b.stride(1), out_offset,
-        HAS_E=False, BLOCK_O=block_o, BLOCK_R=triton.next_power_of_2(r),
-    )
+    _bgmv_expand(out, t, lora_b, token_slots, None, scalings, out_offset)
     return out
 
 
 def moe_lora_shrink_triton(x_rows: torch.Tensor, expert_of_row: torch.Tensor, slot_of_row: torch.Tensor,
                            lora_a: torch.Tensor) -> torch.Tensor:
     """BGMV over (token, k) rows, the expert id picking the expert's A in the slot."""
-    if lora_a.dim() != 4 or x_rows.dim() != 2 or lora_a.shape[3] != x_rows.shape[1]:
-        raise ValueError(f"moe_lora_shrink: need x_rows [T, in], lora_a [S, E, r, in]; got "
-                         f"{tuple(x_rows.shape)}, {tuple(lora_a.shape)}")
+    _check_moe_shrink(x_rows, lora_a)
     x_rows = x_rows.contiguous()
     lora_a = lora_a.contiguous()
-    n, k = x_rows.shape
-    r = lora_a.shape[2]
+    n, r = x_rows.shape[0], lora_a.shape[2]
     t = torch.empty((n, r), dtype=torch.float32, device=x_rows.device)
     if n:
-        block_r = min(triton.next_power_of_2(r), 16)
-        triton_launchable(_bgmv_shrink_kernel, x_rows)[(n, triton.cdiv(r, block_r))](
-            x_rows, lora_a, slot_of_row.contiguous(), expert_of_row.contiguous(), t, k, r, x_rows.stride(0),
-            lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), t.stride(0),
-            HAS_E=True, BLOCK_R=block_r, BLOCK_K=min(triton.next_power_of_2(k), 256),
-        )
+        _bgmv_shrink(x_rows, lora_a, slot_of_row, expert_of_row, t)
     return t
 
 
 def moe_lora_expand_triton(out: torch.Tensor, t: torch.Tensor, expert_of_row: torch.Tensor, slot_of_row: torch.Tensor,
                            lora_b: torch.Tensor, scalings: torch.Tensor) -> torch.Tensor:
     """BGMV expand over (token, k) rows into out [T, o] in place."""
-    if lora_b.dim() != 4 or out.shape[1] != lora_b.shape[2] or t.shape[1] != lora_b.shape[3]:
-        raise ValueError(f"moe_lora_expand: need out [T, o], t [T, r], lora_b [S, E, o, r]; got "
-                         f"{tuple(out.shape)}, {tuple(t.shape)}, {tuple(lora_b.shape)}")
+    _check_moe_expand(out, t, lora_b)
     if out.stride(-1) != 1:
         raise ValueError("moe_lora_expand: out must have a contiguous last dim (it is written in place)")
     t = t.contiguous()
     lora_b = lora_b.contiguous()
-    n, o = out.shape
-    r = lora_b.shape[3]
-    if n:
-        block_o = min(triton.next_power_of_2(o), 64 if not out.is_cuda else 128)
-        triton_launchable(_bgmv_expand_kernel, out)[(n, triton.cdiv(o, block_o))](
-            out, t, lora_b, slot_of_row.contiguous(), expert_of_row.contiguous(),
-            scalings.to(torch.float32).contiguous(), o, r, out.stride(0), t.stride(0),
-            lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), 0,
-            HAS_E=True, BLOCK_O=block_o, BLOCK_R=triton.next_power_of_2(r),
-        )
+    if out.shape[0]:
+        _bgmv_expand(out, t, lora_b, slot_of_row, expert_of_row, scalings, 0)
     return out
 
 

@@ -22,6 +22,29 @@ log = logging.getLogger(__name__)
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
+def cpu_gemm_layout(model: torch.nn.Module) -> int:
+    """Store every plain linear / expert weight `[out, in]` as the transpose of a contiguous `[in, out]`.
+
+    Same shapes and values, other strides: `x @ W.t()` then runs MKL's NN GEMM, 25-45% faster
+    than the NT one at decode sizes on the CPU (bit-identical results for M >= 16; M = 1 takes
+    a GEMV whose rounding differs). Weights shared with an embedding are left alone (row
+    lookups want rows). Returns the number of tensors changed.
+    """
+    from serving.models.layers import Linear, MoE
+
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    params: list[torch.nn.Parameter] = []
+    for m in model.modules():
+        if isinstance(m, Linear) and isinstance(m.weight, torch.nn.Parameter) and id(m.weight) not in shared:
+            params.append(m.weight)
+        elif isinstance(m, MoE) and not m.quantized:
+            params += [m.w13, m.w2]
+    for p in params:
+        if p.dim() >= 2 and p.is_contiguous():
+            p.data = p.data.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return len(params)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -48,6 +71,8 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: dict[int, Any] = {}
+        if device.type == "cpu":
+            cpu_gemm_layout(model)
         self.num_blocks = self._decide_num_blocks(kv_cache_tokens, gpu_memory_utilization)
         self._allocate_kv_cache(self.num_blocks)
         if device.type == "cuda" and not enforce_eager:

@@ -20,6 +20,7 @@ from typing import Any
 import gradio as gr
 
 from hub_integration.badge import badge_html, badge_markdown
+from hub_integration.gpus import catalog
 from space import view
 from space.client import TOKEN_ENV, URL_ENV, ServiceClient, ServiceError, stream_chat
 from space.hub import card_view, search_models
@@ -37,7 +38,7 @@ class PageConfig:
     token: str | None = None  # else $HUBDEPLOY_TOKEN, else the "Service access" box
     hub_endpoint: str | None = None  # else $HF_ENDPOINT, else huggingface.co
     badge_url: str | None = None  # public URL for badges; else the page's own URL
-    on_space: bool | None = None  # else: $SPACE_ID is set
+    on_space: bool | None = None  # else: running on a Space ($SYSTEM=spaces, as Gradio decides)
     read_local_cards: bool = True  # show README.md of local model folders (mounted use)
     poll_interval: float = 1.0
     deploy_timeout: float = 1800.0
@@ -48,7 +49,8 @@ class PageConfig:
             token=self.token or os.environ.get(TOKEN_ENV) or None,
             hub_endpoint=self.hub_endpoint or os.environ.get("HF_ENDPOINT") or None,
             badge_url=self.badge_url or os.environ.get("HUBDEPLOY_PUBLIC_URL") or None,
-            on_space=bool(os.environ.get("SPACE_ID")) if self.on_space is None else self.on_space,
+            on_space=(os.environ.get("SYSTEM") == "spaces" and bool(os.environ.get("SPACE_ID")))
+            if self.on_space is None else self.on_space,
             read_local_cards=self.read_local_cards, poll_interval=self.poll_interval,
             deploy_timeout=self.deploy_timeout)
 
@@ -84,7 +86,8 @@ def _err_html(e: Exception) -> str:
     if isinstance(e, ServiceError):
         title = f"The deploy service refused ({e.status})" if e.status < 500 else f"Service problem ({e.status})"
         return view.notice("error", title, e.message, e.hint)
-    return view.notice("error", "Unexpected error", f"{type(e).__name__}: {e}", "Try again; if it persists, read the service log.")
+    return view.notice("error", "Unexpected error", f"{type(e).__name__}: {e}",
+                       "Try again; if it persists, read the service log.")
 
 
 def _int_or_none(x: Any) -> int | None:
@@ -156,7 +159,8 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
 
                 # ---- Hardware ---------------------------------------------------------------
                 gr.Markdown("## 2 · Hardware", elem_classes="hd-h2")
-                gpu_radio = gr.Radio(choices=[("⚙ cpu — this machine's CPU", view.CPU)], value=view.CPU,
+                gpu_radio = gr.Radio(choices=[(g.name, g.name) for g in catalog()] + [(view.CPU, view.CPU)],
+                                     value=view.CPU,
                                      label="Target", elem_id="hd-gpu", elem_classes="hd-gpu-list",
                                      info="✓ fits · memory for weights of the GPU's total · longest context · "
                                           "sequences at once · estimated batch-1 decode speed")
@@ -235,13 +239,14 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                                 send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="hd-send")
 
             with gr.Tab("My endpoints", id="endpoints", elem_id="hd-tab-endpoints"):
-                with gr.Row(equal_height=True):
-                    ep_pick = gr.Dropdown(choices=[], label="Endpoint", scale=3, elem_id="hd-ep-pick")
-                    refresh_btn = gr.Button("Refresh", scale=1, elem_id="hd-refresh")
-                    pause_btn = gr.Button("Pause", scale=1, elem_id="hd-pause")
-                    resume_btn = gr.Button("Resume", scale=1, elem_id="hd-resume")
-                    delete_btn = gr.Button("Delete", variant="stop", scale=1, elem_id="hd-delete")
-                    logs_btn = gr.Button("Logs", scale=1, elem_id="hd-logs-btn")
+                with gr.Row(equal_height=False, elem_classes="hd-ep-actions"):
+                    ep_pick = gr.Dropdown(choices=[], label="Endpoint", scale=3, min_width=220, elem_id="hd-ep-pick")
+                    refresh_btn = gr.Button("Refresh", size="md", scale=1, min_width=90, elem_id="hd-refresh")
+                    pause_btn = gr.Button("Pause", size="md", scale=1, min_width=90, elem_id="hd-pause")
+                    resume_btn = gr.Button("Resume", size="md", scale=1, min_width=90, elem_id="hd-resume")
+                    delete_btn = gr.Button("Delete", variant="stop", size="md", scale=1, min_width=90,
+                                           elem_id="hd-delete")
+                    logs_btn = gr.Button("Logs", size="md", scale=1, min_width=90, elem_id="hd-logs-btn")
                 ep_table = gr.Dataframe(headers=view.ENDPOINT_COLUMNS, value=[], interactive=False, wrap=True,
                                         elem_id="hd-endpoints")
                 ep_status = gr.HTML(elem_id="hd-ep-status")
@@ -252,8 +257,9 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
         def on_load(saved: str | None, request: gr.Request) -> tuple[Any, ...]:
             q = dict(request.query_params) if request is not None else {}
             model = (q.get("model") or "").strip()
-            pre = {k: q[k] for k in ("gpu", "adapters", "name", "access", "max_model_len", "max_num_seqs",
-                                     "max_loras") if q.get(k)}
+            pre = {k: q[k] for k in ("gpu", "adapters", "name", "access") if q.get(k)}
+            numbers = [_int_or_none(q[k]) if (q.get(k) or "").isdigit() else None
+                       for k in ("max_model_len", "max_num_seqs", "max_loras")]
             token = saved or ""
             if not model and (server_token or token):
                 try:
@@ -261,13 +267,15 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                         model = c.defaults().get("model") or ""
                 except ServiceError:
                     model = ""
+            pre["model"] = model
             model_upd = gr.update(value=model or None, choices=[model] if model else [])
             need_token = not server_token and not token
             status = (view.notice("info", "Connect to the deploy service",
                                   "Paste its admin token under Service access, then press Connect.")
                       if need_token else "")
             return (model_upd, q.get("revision") or "", pre, token, gr.update(open=need_token), status,
-                    pre.get("access") or "private")
+                    pre.get("access") if pre.get("access") in ("private", "public") else "private",
+                    *(n or 0 for n in numbers))
 
         def on_connect(token: str) -> tuple[str, str]:
             return token, view.notice("ok", "Token saved in this browser.") if token else ""
@@ -276,12 +284,16 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
             hits = search_models(data.input_value, endpoint=cfg.hub_endpoint, token=hf_token or None)
             return gr.update(choices=hits) if hits else gr.update()
 
-        def inspect(model: str | None, revision: str | None = None, hf_token: str | None = None, token: str | None = None,
-                    pre: dict[str, Any] | None = None, request: gr.Request | None = None) -> tuple[Any, ...]:
+        def inspect(model: str | None, revision: str | None = None, hf_token: str | None = None,
+                    token: str | None = None, pre: dict[str, Any] | None = None,
+                    request: gr.Request | None = None) -> tuple[Any, ...]:
             """Inspect a model through the service; fill the Model, Hardware and Options sections."""
-            pre = pre or {}
-            keep = tuple(gr.update() for _ in range(14))
             model = (model or "").strip()
+            pre = pre if pre and pre.get("model") == model else {}  # the badge's choices apply to its model only
+            keep = tuple(gr.update() for _ in range(14))
+            if not server_token and not (token or "").strip():
+                return (view.notice("info", "Connect to the deploy service",
+                                    "Paste its admin token under Service access, then press Connect."), *keep)
             if not model:
                 return (view.notice("info", "Enter a model id", "For example org/name, then press Inspect."),
                         *keep)
@@ -297,7 +309,8 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
             choices = view.gpu_choices(plans)
             names = {v for _, v in choices}
             want = pre.get("gpu")
-            gpu = next((n for n in names if want and n.lower() == want.lower()), None) or payload.get("suggested_gpu") or view.CPU
+            gpu = (next((n for n in names if want and n.lower() == want.lower()), None)
+                   or payload.get("suggested_gpu") or view.CPU)
             found = [a["repo_id"] for a in report.get("adapters") or [] if not a.get("error")]
             asked = [a.strip() for a in (pre.get("adapters") or "").split(",") if a.strip()]
             checked = [a for a in asked if a in found]
@@ -308,12 +321,15 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
             preview = (f'{badge_html(model, public)} <span class="hd-muted">← opens this page prefilled</span>'
                        if is_repo else "")
             note = view.notice("info", card.note) if card.note else ""
-            return (note, view.card_summary_html(card, report), view.verdict_html(report, plans, payload.get("suggested_gpu")),
-                    view.facts_html(report), f'<div class="hd-card-body">{card.html}</div>' if card.html else '<div class="hd-muted">No card.</div>', preview, badge_md,
-                    badge_html(model, public) if is_repo else "",
+            card_body = (f'<div class="hd-card-body">{card.html}</div>' if card.html
+                         else '<div class="hd-muted">No card.</div>')
+            adapter_choices = [(f"{a.rstrip('/').split('/')[-1]}  ({a})", a) for a in found]
+            return (note, view.card_summary_html(card, report),
+                    view.verdict_html(report, plans, payload.get("suggested_gpu")), view.facts_html(report),
+                    card_body, preview, badge_md, badge_html(model, public) if is_repo else "",
                     gr.update(choices=choices, value=gpu), view.plan_html(_plan(plans, gpu), gpu),
-                    gr.update(choices=[(f"{a.rstrip('/').split('/')[-1]}  ({a})", a) for a in found], value=checked),
-                    extra or gr.update(), pre.get("name") or view.suggest_name(model, taken), payload,
+                    gr.update(choices=adapter_choices, value=checked), extra,
+                    pre.get("name") or view.suggest_name(model, taken), payload,
                     gr.update(choices=[model], value=model))
 
         def _plan(plans: list[dict[str, Any]], gpu: str | None) -> dict[str, Any] | None:
@@ -326,8 +342,9 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                    adapters: list[str] | None = None, adapters_more: str | None = None,
                    max_model_len: float | None = None, max_num_seqs: float | None = None,
                    lora_slots: float | None = None, access: str | None = None, name: str | None = None,
-                   max_lora_rank: float | None = None, kv_cache_tokens: float | None = None, act_dtype: str | None = None,
-                   tags: str | None = None, restart: bool | None = None, hf_token: str | None = None, token: str | None = None,
+                   max_lora_rank: float | None = None, kv_cache_tokens: float | None = None,
+                   act_dtype: str | None = None, tags: str | None = None, restart: bool | None = None,
+                   hf_token: str | None = None, token: str | None = None,
                    request: gr.Request | None = None) -> Iterator[tuple[Any, ...]]:
             """Create the endpoint, then follow its phases until it runs or fails."""
             hidden = gr.update(visible=False)
@@ -405,7 +422,8 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                 return
             history.append({"role": "user", "content": message})
             if not state or not state.get("url"):
-                history.append({"role": "assistant", "content": "Deploy an endpoint first: the playground talks to it."})
+                history.append({"role": "assistant",
+                                "content": "Deploy an endpoint first: the playground talks to it."})
                 yield history, ""
                 return
             msgs = ([{"role": "system", "content": system}] if (system or "").strip() else []) + [
@@ -436,7 +454,8 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                 history[-1]["content"] = "(empty answer)"
             yield history, ""
 
-        def list_endpoints(token: str | None = None, current: str | None = None, request: gr.Request | None = None) -> tuple[Any, ...]:
+        def list_endpoints(token: str | None = None, current: str | None = None,
+                           request: gr.Request | None = None) -> tuple[Any, ...]:
             try:
                 with client(request, token) as c:
                     eps = c.list()
@@ -493,7 +512,8 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
         gr.on([inspect_btn.click, model_box.select, revision_box.submit], inspect, inspect_inputs, inspect_outputs,
               api_name="inspect", concurrency_limit=8)
         demo.load(on_load, [saved_token], [model_box, revision_box, prefill, token_box, access_box, status_html,
-                                           access_radio], api_visibility="private", queue=False).then(
+                                           access_radio, max_len, max_seqs, max_loras],
+                  api_visibility="private", queue=False).then(
             inspect, inspect_inputs, inspect_outputs, api_name="inspect_on_load", api_visibility="private").then(
             list_endpoints, [token_box, ep_pick], ep_outputs, api_name="list_on_load", api_visibility="private")
         if cfg.on_space:

@@ -67,8 +67,10 @@ def card_summary_html(card: CardView, report: dict[str, Any]) -> str:
         chips.append(f'<span class="hd-chip hd-chip-license">⚖️ {e(card.license)}</span>')
     if card.pipeline_tag:
         chips.append(f'<span class="hd-chip">{e(card.pipeline_tag)}</span>')
-    for t in card.tags[:12]:
-        if not t.startswith(("base_model:", "license:", "region:")):
+    seen = {card.pipeline_tag, card.license}
+    for t in card.tags[:16]:
+        if t not in seen and not t.startswith(("base_model:", "license:", "region:")):
+            seen.add(t)
             chips.append(f'<span class="hd-chip">{e(t)}</span>')
     meta = []
     if card.base_model:

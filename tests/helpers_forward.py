@@ -190,14 +190,17 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 
 def awq_quantize_checkpoint(src: Path, dst: Path, group_size: int = 32,
                             modules_to_not_convert: list[str] | None = None) -> Path:
-    """Write an AutoAWQ-GEMM copy of an unquantized checkpoint (router gates and lm_head stay plain)."""
+    """Write an AutoAWQ-GEMM copy of an unquantized checkpoint (router gates and lm_head stay
+    plain, and so does every module whose name contains a `modules_to_not_convert` entry:
+    AutoAWQ's substring rule)."""
     src, dst = Path(src), Path(dst)
     _copy_side_files(src, dst)
+    skip = modules_to_not_convert or []
     out: dict[str, torch.Tensor] = {}
     for name, t in _read_all(src).items():
         mod = name[: -len(".weight")]
         if (name.endswith(".weight") and t.dim() == 2 and "embed_tokens" not in name
-                and mod != "lm_head" and not mod.endswith(".gate")):
+                and mod != "lm_head" and not mod.endswith(".gate") and not any(k in mod for k in skip)):
             qw, qz, sc = awq_quantize(t.float(), group_size)
             out[mod + ".qweight"], out[mod + ".qzeros"], out[mod + ".scales"] = qw, qz, sc
         else:

@@ -88,6 +88,8 @@ def test_inspect_api_function(shape_only_hub) -> None:
         inspect_payload("nobody/nothing", endpoint=shape_only_hub.endpoint)
     status, body = error_body(e.value)
     assert status == 404 and body["error"]["code"] == "repo_not_found"
+    assert body["error"]["status"] == 404 and "nobody/nothing" in body["error"]["message"]
+    assert body["detail"] == body["error"]["message"] and body["error"]["model"] == "nobody/nothing"
 
 
 def test_local_directory(tiny_models, capsys: pytest.CaptureFixture[str]) -> None:

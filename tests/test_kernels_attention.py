@@ -23,6 +23,7 @@ from kernels.attention import (
     paged_attention_triton,
     store_kv,
     store_kv_ref,
+    store_kv_torch,
     store_kv_triton,
 )
 from tests.fixtures.triton_interp import Cases, aot_compile, run_cases_main, triton_case_tests
@@ -163,6 +164,16 @@ def test_store_kv_ref_writes_slots_and_skips_minus_one() -> None:
     assert int((kc != 0).any(-1).any(-1).sum()) == 2  # exactly two slots written
 
 
+@pytest.mark.parametrize("slots", [[9, 0, 2, 5], [9, -1, 2, -1]])
+def test_store_kv_torch_equals_reference(slots: list[int]) -> None:
+    """The CPU path writes exactly what the reference writes (padding slots -1 included)."""
+    k, v = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    caches = [torch.zeros(3, 4, 2, 8) for _ in range(4)]
+    store_kv_ref(k, v, caches[0], caches[1], torch.tensor(slots))
+    store_kv_torch(k, v, caches[2], caches[3], torch.tensor(slots))
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
 def test_errors_name_the_problem() -> None:
     batch = make_batch([5], [5], 4, 2, 8, 4)
     with pytest.raises(ValueError, match="not a multiple"):
@@ -229,6 +240,14 @@ def case_decode_sliding_window(device: str) -> None:
 def case_prefill(device: str) -> None:
     batch = make_batch([20, 5, 33], [20, 5, 33], 4, 2, 16, 4, seed=4, device=device)
     _check(batch, None, "prefill")
+
+
+@case
+def case_prefill_gqa_ratios(device: str) -> None:
+    # GQA 1 / 4 / 8 in the prefill kernel too, over a cached prefix (chunked prefill)
+    for h, hkv in [(4, 4), (8, 2), (8, 1)]:
+        batch = make_batch([26, 11], [9, 11], h, hkv, 16, 4, seed=20 + h + hkv, device=device)
+        _check(batch, None, f"prefill GQA {h // hkv}")
 
 
 @case

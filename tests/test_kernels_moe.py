@@ -223,6 +223,25 @@ for _m, _kind, _rn in ((1, "random", False), (33, "some_empty", True), (12, "one
     case(f"awq_edge_M{_m}_{_kind}_renorm{int(_rn)}", _triton_awq_edge, M=_m, kind=_kind, renorm=_rn)
 
 
+def _triton_all_on_one_expert(dev: str, awq: bool) -> None:
+    """top-1 with every token on expert 2: one expert spans several blocks, the others get none."""
+    E, H, I, M, g = 4, 64, 32, 33, 32
+    w13, w2 = _dense(E, H, I, seed=11)
+    w = _awq(E, H, I, g, seed=11)[0] if awq else MoEWeights(w13, w2)
+    logits = torch.randn(M, E)
+    logits[:, 2] += 100.0
+    tw, ti = topk_route(logits, 1, renormalize=True)
+    assert (ti == 2).all()
+    x = torch.randn(M, H, dtype=torch.float16)
+    y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev))
+    ref_w = w if awq else MoEWeights(w13.double(), w2.double())
+    assert_rel_close(y, fused_moe_ref(x.double(), ref_w, tw, ti), TOL[torch.float16])
+
+
+case("all_on_one_expert_awq", _triton_all_on_one_expert, awq=True)
+case("all_on_one_expert_dense", _triton_all_on_one_expert, awq=False)
+
+
 def _triton_split_k(dev: str, split: int) -> None:
     E, H, I, k, M, g = 4, 128, 64, 2, 3, 32
     w, _ = _awq(E, H, I, g, seed=split)

@@ -169,16 +169,12 @@ def test_restart_on_failure(tmp_path: Path, tiny_models: Any) -> None:
 
 def test_failed_download_leaves_no_half_state(tmp_path: Path) -> None:
     """The Hub goes away between validation and download: `failed` with the reason, slot free, no partial blobs."""
-    from huggingface_hub import constants
-
     from hub_integration.provisioner.base import Secrets
-    from hub_integration.provisioner.local import LocalProvisioner
+    from hub_integration.provisioner.local import LocalProvisioner, hub_cache_dir
     from hub_integration.spec import DeploymentSpec
     from hub_integration.store import Store
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed once the block ends
+    dead = closed_port_url()
     store = Store(tmp_path / "db.sqlite")
     prov = LocalProvisioner(store, tmp_path, hub_endpoint=dead)
     spec = DeploymentSpec(name="dl", model="nobody/unreachable")
@@ -192,11 +188,62 @@ def test_failed_download_leaves_no_half_state(tmp_path: Path) -> None:
         rec = store.get_endpoint("dl")
         assert "download of nobody/unreachable@main failed" in rec.reason
         assert rec.pid is None and store.claimed_slots() == {}
-        folder = Path(constants.HF_HUB_CACHE) / "models--nobody--unreachable"
+        folder = Path(hub_cache_dir()) / "models--nobody--unreachable"
         assert not list(folder.glob("blobs/*.incomplete"))
         assert "failed: download" in "\n".join(prov.logs("dl"))
     finally:
         prov.close()
+
+
+def test_download_failing_midway_through_the_api(tmp_path: Path, local_hub: Any, tiny_models: Any) -> None:
+    """One file of the repo cannot be fetched (its LFS object is gone), after others arrived.
+
+    The endpoint ends `failed` naming the download, with no process, no claimed slot, no key
+    left in use, no `.incomplete` blob; once the file is back, `resume` brings it up.
+    """
+    import hashlib
+    import shutil
+
+    from hub_integration.provisioner.local import hub_cache_dir
+
+    repo = "broken/missing-lfs-object"
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models("mixtral", "awq"), src)
+    (src / "training_state.pt").write_bytes(b"not needed to serve, but part of the repo" * 64)
+    local_hub.add_repo(repo, src)
+    oid = hashlib.sha256((src / "training_state.pt").read_bytes()).hexdigest()
+    obj = local_hub.repo_path(repo) / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+    kept = tmp_path / "kept-object"
+    shutil.move(str(obj), str(kept))  # the Hub now fails on this one file (HTTP 500, after retries)
+
+    data = tmp_path / "svc"
+    svc = LiveService(build_service_app(data, hub_endpoint=local_hub.endpoint, admin_token=ADMIN))
+    try:
+        r = svc.client.post("/api/endpoints", json={"name": "half", "model": repo})
+        assert r.status_code == 201, r.text
+        key = r.json()["api_key"]
+        f = wait_status(svc, "half", {"failed", "running"}, timeout=90)
+        assert f["status"] == "failed"
+        assert f["reason"].startswith(f"download of {repo}@main failed"), f["reason"]
+        assert f["phase"] == "downloading" and f["url"] is None
+        rec = svc.app.state.store.get_endpoint("half")
+        assert rec.pid is None and svc.app.state.store.claimed_slots() == {}
+        folder = Path(hub_cache_dir()) / ("models--" + repo.replace("/", "--"))
+        assert (folder / "blobs").is_dir()  # other files did arrive: the failure was midway
+        assert not list(folder.glob("blobs/*.incomplete"))
+        assert any("failed: download" in line for line in svc.client.get("/api/endpoints/half/logs").json()["lines"])
+        assert not any(ev["kind"] == "start" for ev in svc.app.state.store.events("half"))  # no server started
+
+        shutil.move(str(kept), str(obj))  # the Hub is whole again: resume completes the download and runs
+        assert svc.client.post("/api/endpoints/half/resume").status_code == 200
+        e = wait_status(svc, "half", {"running", "failed"})
+        assert e["status"] == "running", e["reason"]
+        assert e["progress"]["bytes_done"] == e["progress"]["bytes_total"] > 0
+        assert chat(e, key)
+        assert svc.client.delete("/api/endpoints/half").json()["status"] == "deleted"
+    finally:
+        svc.stop()
+        reap(data)
 
 
 def test_endpoint_with_hub_adapter(tmp_path: Path, local_hub: Any, hub_repo: str) -> None:

@@ -1,7 +1,8 @@
 """The loader on bad and unusual checkpoints: each bad one gets a clear error naming what is
 wrong (file, tensor, expected vs found); each unusual but valid layout (legacy
 quant_config.json, gptqmodel's expert naming, shards, dropped lm_head) loads to the very
-same model as the plain layout.
+same model as the plain layout; partly-quantized (`modules_to_not_convert`) and bf16
+checkpoints match transformers.
 """
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ from safetensors.torch import save_file
 from serving.config import ConfigError
 from serving.hub import HubError, resolve_model_dir
 from serving.loader import CheckpointError, load_model
-from tests.helpers_forward import awq_quantize_checkpoint, make_hf_checkpoint, prefill_last_logits
+from tests.helpers_forward import (
+    awq_quantize_checkpoint,
+    dequantized_copy,
+    hf_last_logits,
+    make_hf_checkpoint,
+    prefill_last_logits,
+)
 
 PROMPTS = [[5, 17, 3, 99, 42], [11, 12]]
 
@@ -238,6 +245,51 @@ def test_sharded_checkpoint(base, tmp_path: Path) -> None:
     hf.save_pretrained(d, max_shard_size="40KB")
     assert (d / "model.safetensors.index.json").is_file() and len(list(d.glob("*.safetensors"))) > 1
     assert torch.equal(logits(d), logits(base["qwen2"]))
+
+
+def test_modules_to_not_convert_stay_plain_and_match_transformers(base, tmp_path: Path) -> None:
+    """AWQ checkpoints with whole modules left in fp16 (`modules_to_not_convert`): those load as
+    plain linears / experts, the rest as AWQ, and logits match transformers on the dequantized
+    weights (float32, 1e-4 as in tests/test_models.py)."""
+    transformers = pytest.importorskip("transformers")
+    keep = ["gate", "model.layers.1.self_attn", "model.layers.0.block_sparse_moe.experts"]
+    d = awq_quantize_checkpoint(base["mixtral"], tmp_path / "partial", 32, keep)
+    cfg_q = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert cfg_q["modules_to_not_convert"] == keep
+    model, cfg = load_model(d)
+    assert cfg.quant.is_awq
+    l0, l1 = model.layers
+    assert l0.self_attn.qkv_proj.quantized and not l1.self_attn.qkv_proj.quantized
+    assert not l0.mlp.quantized and l1.mlp.quantized
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dequantized_copy(d, tmp_path / "deq"),
+                                                           dtype=torch.float32).eval()
+    diff = (prefill_last_logits(model, PROMPTS) - hf_last_logits(hf, PROMPTS)).abs().max().item()
+    assert diff <= 1e-4, f"max abs logit diff {diff:.2e}"
+
+
+def test_bf16_checkpoint(base, tmp_path: Path) -> None:
+    """A checkpoint saved in bfloat16 (config torch_dtype bfloat16): float32 compute matches
+    transformers on the same bf16 weights (1e-4); dtype="auto" computes in bf16 and lands within
+    4e-2 (a few bf16 ulps at logits ~2) of transformers' own bf16 forward, and no further from
+    float32 than transformers' bf16 is (plus 1e-2)."""
+    transformers = pytest.importorskip("transformers")
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(base["mixtral"], dtype=torch.bfloat16)
+    d = tmp_path / "bf16"
+    hf16.save_pretrained(d)
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+    model, cfg = load_model(d)
+    assert model.dtype == torch.float32
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ref = hf_last_logits(hf, PROMPTS)
+    ours = prefill_last_logits(model, PROMPTS)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    model_bf16, _ = load_model(d, dtype="auto")
+    assert model_bf16.embed_tokens.weight.dtype == torch.bfloat16
+    ours_bf16 = prefill_last_logits(model_bf16, PROMPTS)
+    hf_bf16 = hf_last_logits(transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval(), PROMPTS)
+    assert (ours_bf16 - hf_bf16).abs().max().item() <= 4e-2
+    assert (ours_bf16 - ref).abs().max().item() <= 1.5 * (hf_bf16 - ref).abs().max().item() + 1e-2
 
 
 def test_lm_head_absent_means_tied(base, tmp_path: Path) -> None:

@@ -267,10 +267,12 @@ def test_linear_site_mixes_slots_like_merged_weights(mixtral) -> None:
         qkv = model.layers[0].self_attn.qkv_proj
         torch.manual_seed(0)
         x = torch.randn(7, 64)
-        lora = mgr.build_batch([("a1", 3), (None, 2), ("a0", 2)])
+        x = torch.cat([x, torch.randn(33, 64)])  # + a long run: the per-slot GEMM path
+        lora = mgr.build_batch([("a1", 3), (None, 2), ("a0", 2), ("a1", 33)])
         y = qkv(x, lora)
         w = qkv.weight.double()
-        rows = [1, 1, 1, None, None, 0, 0]
+        rows = [1, 1, 1, None, None, 0, 0] + [1] * 33
+        assert qkv(x[:7], mgr.build_batch([("a1", 3), (None, 2), ("a0", 2)])).allclose(y[:7], atol=1e-5)
         for n, which in enumerate(rows):
             wn = w.clone()
             if which is not None:
@@ -324,6 +326,11 @@ def test_moe_site_matches_merged_experts(mixtral) -> None:
         base = moe(x, SimpleNamespace(lora=None))
         assert torch.equal(got[:2], base[:2])  # base tokens untouched
         assert (got[2:] - base[2:]).abs().max() > 1e-2  # the adapter did change the others
+        # prefill-shaped: many rows per (expert, slot) take the per-slot GEMM path
+        x = torch.randn(48, 64)
+        got = moe(x, SimpleNamespace(lora=mgr.build_batch([("e", 40), (None, 8)])))
+        ref = _moe_reference(moe, x, {0: ad}, [0] * 40 + [None] * 8)
+        torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)
     finally:
         for site in mgr.sites:
             site.module.lora_hook = None

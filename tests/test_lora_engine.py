@@ -206,3 +206,33 @@ def test_no_lora_work_without_adapters_in_the_step(llm_for, monkeypatch) -> None
     monkeypatch.setattr(mgr, "build_batch", lambda chunks: calls.append(r := orig(chunks)) or r)
     llm.generate(PROMPTS[:2], SamplingParams(max_tokens=3, temperature=0.0))
     assert calls and all(c is None for c in calls)  # ctx.lora None: no hook runs
+
+
+def test_whole_model_with_adapters_through_triton_interpreter(tiny_models) -> None:
+    """AWQ Mixtral + an expert adapter and an attention adapter in one batch, every kernel on
+    its Triton path (interpreter, child process) vs the torch path: same greedy tokens."""
+    import os
+    import subprocess
+    import sys
+
+    d = tiny_models("mixtral", "awq", adapters=3)
+    want = _mixed_tokens(str(d))
+    env = dict(os.environ, TRITON_INTERPRET="1", HUBDEPLOY_FORCE_TRITON="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "tests.test_lora_engine", str(d)], cwd=Path(__file__).parents[1],
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    assert json.loads(lines[-1]) == want
+
+
+def _mixed_tokens(model_dir: str) -> list[list[int]]:
+    llm = make_llm(Path(model_dir), max_model_len=64, kv_cache_tokens=256)
+    sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    return [o.token_ids for o in llm.generate(PROMPTS[:2] + PROMPTS[:1], sp, lora=["a2", "a0", None])]
+
+
+if __name__ == "__main__":
+    import sys
+
+    torch.set_num_threads(1)
+    print(json.dumps(_mixed_tokens(sys.argv[1])))

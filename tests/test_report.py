@@ -201,3 +201,85 @@ def test_legacy_quant_config_and_missing_tokenizer(tiny_models, tmp_path: Path) 
     (d / "tokenizer.model").unlink(missing_ok=True)
     v = next(c for c in inspect_model(str(d)).compat if c.capability == "tokenizer")
     assert v.status == "error" and "tokenizer" in v.action
+
+
+def test_report_never_downloads_the_weights(hub_tiny_model, local_hub) -> None:
+    """Every request `inspect_model` makes for a `.safetensors` file is a HEAD or a ranged GET of its
+    header, reading far less than the file (test_inspect_cli checks the cache stays free of weights)."""
+    import re
+
+    import huggingface_hub.utils._http as hf_http
+
+    repo = hub_tiny_model("mixtral", "awq")
+    seen: list[tuple[str, str, str | None]] = []
+
+    def factory():  # huggingface_hub's own client, with one more request hook that records
+        client = hf_http.default_client_factory()
+        client.event_hooks["request"] = [*client.event_hooks["request"],
+                                         lambda req: seen.append((req.method, str(req.url), req.headers.get("range")))]
+        return client
+
+    hf_http.set_client_factory(factory)
+    try:
+        r = inspect_model(repo, endpoint=local_hub.endpoint, with_adapters=False)
+    finally:
+        hf_http.set_client_factory(hf_http.default_client_factory)
+    weights = [(m, u, rng) for m, u, rng in seen if u.split("?")[0].endswith(".safetensors")]
+    assert weights, seen  # the headers were read from the Hub
+    read = 0
+    for method, url, rng in weights:
+        if method == "HEAD":
+            continue
+        assert method == "GET" and rng, (method, url, "a GET of weights without a Range header")
+        m = re.fullmatch(r"bytes=(\d+)-(\d+)", rng)
+        assert m, rng
+        read += int(m[2]) - int(m[1]) + 1
+    size = r.weights.file_bytes
+    assert size and size > r.weights.total_bytes > 0  # file sizes from the Hub listing, tensor bytes from headers
+    assert 0 < read < size / 2, (read, size)  # header bytes only (the tiny file is ~300 kB, its header a few kB)
+
+
+ARCH_NAMES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_NAMES))
+def test_every_tiny_architecture_and_quantization_from_the_hub(arch: str, hub_tiny_model, tiny_models,
+                                                              local_hub) -> None:
+    """AWQ and unquantized tiny models of each architecture, read from the local Hub with their adapter.
+
+    AWQ packs 8 weights per int32: its real parameter count must equal the unquantized twin's,
+    which torch counts from the tensors themselves."""
+    repo_awq, repo_dense = hub_tiny_model(arch, "awq", adapters=1), hub_tiny_model(arch, "none")
+    awq = inspect_model(repo_awq, endpoint=local_hub.endpoint)
+    dense = inspect_model(repo_dense, endpoint=local_hub.endpoint)
+    assert awq.arch.architecture == dense.arch.architecture == ARCH_NAMES[arch]
+    assert (awq.quant.method, awq.quant.bits, awq.quant.version) == ("awq", 4, "gemm")
+    assert dense.quant.method == "none" and dense.quant.bits is None
+    n = 0
+    for f in tiny_models(arch, "none").glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            n += sum(st.get_tensor(k).numel() for k in st.keys())
+    assert awq.weights.param_count == dense.weights.param_count == n
+    assert awq.weights.total_bytes < dense.weights.total_bytes and awq.weights.sizes_consistent is True
+    assert (awq.moe is None) == (arch == "llama")
+    assert awq.servable and dense.servable, [c for c in awq.compat + dense.compat if c.status == "error"]
+    assert awq.sha and len(awq.sha) == 40 and awq.has_tokenizer and awq.has_chat_template
+    assert f"{repo_awq}-lora-0" in [a.repo_id for a in awq.adapters]  # (other tests may push more)
+    assert all(a.repo_id.startswith(f"{repo_awq}-lora-") and a.rank and a.target_modules for a in awq.adapters)
+
+
+def test_card_metadata_and_private_repo(local_hub, tiny_models) -> None:
+    """License, base model and relation, tags, pipeline_tag, library_name from the card; private flag."""
+    repo = "cards/tiny-private"
+    local_hub.add_repo(repo, tiny_models("llama", "awq"), private=True, card_data={
+        "license": "mit", "base_model": "test/tiny-llama-base", "base_model_relation": "quantized",
+        "tags": ["awq", "tiny"], "pipeline_tag": "text-generation", "library_name": "transformers"})
+    local_hub.grant("hf_card_reader", repo)
+    with pytest.raises(errors.RepoNotFoundError, match="token"):  # private: invisible without a token
+        inspect_model(repo, endpoint=local_hub.endpoint)
+    r = inspect_model(repo, endpoint=local_hub.endpoint, token="hf_card_reader")
+    c = r.card
+    assert (c.license, c.base_model, c.base_model_relation, c.pipeline_tag, c.library_name) == (
+        "mit", ["test/tiny-llama-base"], "quantized", "text-generation", "transformers")
+    assert {"awq", "tiny"} <= set(c.tags)
+    assert r.private is True

@@ -63,8 +63,13 @@ def _all_bytes(root: Path) -> bytes:
 
 
 @pytest.mark.slow
-def test_hf_token_and_api_key_never_leak(tmp_path: Path, local_hub: Any, tiny_models: Any) -> None:
+def test_hf_token_and_api_key_never_leak(tmp_path: Path, local_hub: Any, tiny_models: Any,
+                                        caplog: pytest.LogCaptureFixture) -> None:
     """A gated repo deployed with an HF token: the token reaches the child only via its env."""
+    import logging
+    import subprocess
+
+    caplog.set_level(logging.DEBUG)  # everything the service process logs, at every level
     repo = "gatedtiny/mixtral-awq"
     local_hub.add_repo(repo, tiny_models("mixtral", "awq"), gated=True)
     local_hub.grant(HF_TOKEN, repo)
@@ -75,6 +80,9 @@ def test_hf_token_and_api_key_never_leak(tmp_path: Path, local_hub: Any, tiny_mo
     try:
         r = c.post("/api/endpoints", json={"name": "g", "model": repo}, headers=H)
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "hf_token"]
+        wrong = "hf_wrong_token_never_echoed"
+        r = c.post("/api/endpoints", json={"name": "g", "model": repo, "hf_token": wrong}, headers=H)
+        assert r.status_code == 422 and wrong.encode() not in r.content
         r = c.post("/api/endpoints", json={"name": "g", "model": repo, "hf_token": HF_TOKEN}, headers=H)
         assert r.status_code == 201, r.text
         key = r.json()["api_key"]
@@ -93,6 +101,8 @@ def test_hf_token_and_api_key_never_leak(tmp_path: Path, local_hub: Any, tiny_mo
         assert f"HUBDEPLOY_API_KEY={key}".encode() in environ
         cmdlines = _all_cmdlines()
         assert b"hubdeploy\x00serve" in cmdlines
+        ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, timeout=30).stdout
+        assert b"hubdeploy serve" in ps and HF_TOKEN.encode() not in ps and key.encode() not in ps
         bodies += [c.get(u, headers=H).content for u in ("/api/endpoints", "/api/endpoints/g/logs?tail=1000")]
         on_disk = _all_bytes(data)
         for secret in (HF_TOKEN.encode(), key.encode()):
@@ -101,6 +111,7 @@ def test_hf_token_and_api_key_never_leak(tmp_path: Path, local_hub: Any, tiny_mo
         assert HF_TOKEN.encode() not in b"".join(bodies)
         assert key.encode() not in b"".join(bodies[1:])  # the key only in the create answer
         assert HF_TOKEN.encode() not in b"".join(p.read_bytes() for p in data.rglob("*") if p.is_file())
+        assert caplog.records and HF_TOKEN not in caplog.text and key not in caplog.text
         key_file = data / "secrets" / "g.key"
         assert key_file.stat().st_mode & 0o077 == 0
     finally:

@@ -143,6 +143,14 @@ def test_duplicate_patch_rotate(svc: TestClient) -> None:
                                 "messages": [{"role": "user", "content": "hi"}]}).status_code
 
     assert chat_status(key) == 200
+    # the URL rejects everything but its key: none, a wrong one, another scheme, the admin token
+    assert chat_status(None) == 401 and chat_status("hdk_wrong") == 401 and chat_status("adm") == 401
+    r = httpx.get(e["url"] + "/models", headers={"Authorization": f"Basic {key}"}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(e["url"] + "/models", timeout=30).json()["error"]["code"] == "missing_api_key"
+    # GET gives a ready-to-use OpenAI base URL, the phase and the progress
+    assert e["url"].startswith("http://127.0.0.1:") and e["url"].endswith("/v1") and e["phase"] == "ready"
+    assert set(e["progress"]) == {"bytes_done", "bytes_total", "fraction"}
     r = svc.post("/api/endpoints/dup/rotate_key", headers=H)
     new_key = r.json()["api_key"]
     assert r.status_code == 200 and new_key and new_key != key
@@ -179,7 +187,10 @@ def _start_up(data: Path, port: int) -> tuple[Any, list[str]]:
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("HUBDEPLOY_ADMIN_TOKEN", "HF_ENDPOINT")}
+    # as on a laptop with no network: no Hub endpoint, offline, an empty Hugging Face cache, no token
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HUBDEPLOY_ADMIN_TOKEN", "HF_ENDPOINT", "HF_TOKEN", "HF_HUB_CACHE")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(data / "hf-home"))
     proc = subprocess.Popen([sys.executable, "-m", "hubdeploy", "up", "--data-dir", str(data), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
@@ -209,6 +220,13 @@ def _stop(proc: Any) -> None:
     proc.stdout.close()
 
 
+def _pid_of(data: Path, name: str) -> int | None:
+    from hub_integration.store import Store
+
+    rec = Store(data / "hubdeploy.db").get_endpoint(name)
+    return rec.pid if rec else None
+
+
 @pytest.mark.slow
 def test_hubdeploy_up_with_no_arguments_but_a_data_dir(tmp_path: Path) -> None:
     import socket
@@ -226,6 +244,7 @@ def test_hubdeploy_up_with_no_arguments_but_a_data_dir(tmp_path: Path) -> None:
         assert d["adapters"] == {f"lora-{i}": str(tmp_path / "models" / f"tiny-mixtral-awq-lora-{i}") for i in (0, 1)}
         assert (tmp_path / "models" / "tiny-mixtral-awq" / "config.json").is_file()
         assert (tmp_path / "models" / "tiny-mixtral-awq-lora-1" / "adapter_config.json").is_file()
+        built = {p: p.stat().st_mtime_ns for p in (tmp_path / "models").rglob("*") if p.is_file()}
         r = httpx.get(f"http://127.0.0.1:{port}/deploy?model=org/m", follow_redirects=True)
         assert r.status_code == 200 and "hubdeploy" in r.text
         # the whole flow with the demo defaults: deploy, then chat with the base model and an adapter
@@ -252,9 +271,122 @@ def test_hubdeploy_up_with_no_arguments_but_a_data_dir(tmp_path: Path) -> None:
     try:
         assert not any("admin token" in l for l in lines)
         H2 = {"Authorization": f"Bearer {token}"}
+        assert built == {p: p.stat().st_mtime_ns for p in (tmp_path / "models").rglob("*") if p.is_file()}
         e = httpx.get(f"http://127.0.0.1:{port}/api/endpoints/demo", headers=H2).json()
         assert e["status"] == "running"  # re-adopted across the service restart
-        httpx.delete(f"http://127.0.0.1:{port}/api/endpoints/demo", headers=H2, timeout=60)
+        pid = _pid_of(tmp_path, "demo")
+        d = httpx.delete(f"http://127.0.0.1:{port}/api/endpoints/demo", headers=H2, timeout=60)
+        assert d.status_code == 200 and d.json()["status"] == "deleted"
+        assert httpx.get(f"http://127.0.0.1:{port}/api/endpoints", headers=H2).json()["endpoints"] == []
+        from tests.fixtures.service import pid_alive
+
+        assert pid is not None and not pid_alive(pid)
     finally:
         _stop(proc)
         reap(tmp_path)
+
+
+def _assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    """The service's one error shape: {"error": {status, code, message, fields}, "detail": ...}."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    err = body["error"]
+    assert err["status"] == status and isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["code"], str) and isinstance(err["fields"], list)
+    if code is not None:
+        assert err["code"] == code, err
+    assert body["detail"] == (err["fields"] or err["message"])
+    return err
+
+
+def test_one_error_shape_across_the_service(svc: TestClient) -> None:
+    schema = svc.get("/openapi.json").json()
+    assert set(schema["components"]["schemas"]["ErrorOut"]["properties"]) == {"error", "detail"}
+    assert {"4XX", "5XX"} <= set(schema["paths"]["/api/endpoints"]["post"]["responses"])
+    _assert_error(svc.get("/api/endpoints"), 401, "unauthorized")
+    _assert_error(svc.get("/api/endpoints/nope", headers=H), 404, "not_found")
+    _assert_error(svc.put("/api/endpoints", headers=H), 405, "method_not_allowed")
+    err = _assert_error(svc.post("/api/endpoints", json={"name": "Bad_Name", "model": "org/m"}, headers=H), 422,
+                        "invalid_request")
+    assert err["fields"][0]["loc"] == ["body", "name"] and err["message"].startswith("name: ")
+    err = _assert_error(svc.post("/api/endpoints", json={"name": "v", "model": "/etc"}, headers=H), 422,
+                        "invalid_spec")
+    assert err["fields"][0]["loc"] == ["body", "model"] and "allowed model roots" in err["message"]
+    err = _assert_error(svc.get("/api/endpoints/x/logs", params={"tail": 0}, headers=H), 422, "invalid_request")
+    assert err["fields"][0]["loc"] == ["query", "tail"]
+    _assert_error(svc.get("/api/inspect", params={"model": "nobody/nothing"}, headers=H), 404, "repo_not_found")
+    err = _assert_error(svc.get("/api/inspect", params={"model": "/etc"}, headers=H), 422)
+    assert err["fields"][0]["loc"] == ["query", "model"]
+
+
+def test_inspect_errors_each_their_own(svc: TestClient, shape_only_hub: Any, tmp_path: Path) -> None:
+    """Missing repo, missing revision, no access, Hub down: distinct status, code and an actionable message."""
+    from tests.fixtures.hub import GATED_REPO, GATED_TOKEN
+    from tests.fixtures.service import closed_port_url
+
+    def inspect(client: TestClient, **params: Any) -> httpx.Response:
+        token = params.pop("token", None)
+        return client.get("/api/inspect", params=params, headers={**H, **({"X-HF-Token": token} if token else {})})
+
+    repo = "TheBloke/Mixtral-8x7B-Instruct-v0.1-AWQ"
+    err = _assert_error(inspect(svc, model="nobody/nothing"), 404, "repo_not_found")
+    assert "nobody/nothing" in err["message"] and err["model"] == "nobody/nothing"
+    err = _assert_error(inspect(svc, model=repo, revision="no-such-branch"), 404, "revision_not_found")
+    assert "no-such-branch" in err["message"] and err["revision"] == "no-such-branch"
+    err = _assert_error(inspect(svc, model=GATED_REPO), 401, "gated_repo")
+    assert "token" in err["message"].lower()
+    err = _assert_error(inspect(svc, model=GATED_REPO, token="hf_not_granted"), 403, "gated_repo")
+    ok = inspect(svc, model=GATED_REPO, token=GATED_TOKEN)
+    assert ok.status_code == 200 and ok.json()["report"]["gated"] == "manual"
+    err = _assert_error(inspect(svc, model="broken/no-config"), 422, "invalid_repo")
+    assert "config.json" in err["message"]
+    assert ok.json()["report"]["repo_id"] == GATED_REPO
+    assert b"hf_test_granted_token" not in ok.content
+
+    down = build_service_app(tmp_path / "down", hub_endpoint=closed_port_url(), admin_token="adm")
+    try:
+        err = _assert_error(inspect(TestClient(down), model=repo), 502, "hub_unreachable")
+        assert "127.0.0.1" in err["message"]
+    finally:
+        down.state.provisioner.close()
+
+
+@pytest.mark.slow
+def test_two_creates_racing_for_the_last_slot(tmp_path: Path, tiny_models: Any) -> None:
+    """Two POSTs at once with one CPU slot: one 201, the other 409, and nothing of the loser remains."""
+    import threading
+
+    from tests.fixtures.service import ADMIN, LiveService
+
+    model = tiny_models("mixtral", "awq")
+    data = tmp_path / "svc"
+    live = LiveService(build_service_app(data, admin_token=ADMIN, allowed_model_roots=[model.parent], cpu_slots=1))
+    try:
+        barrier = threading.Barrier(2)
+        answers: dict[str, httpx.Response] = {}
+
+        def create(name: str) -> None:
+            with httpx.Client(base_url=live.base_url, headers={"Authorization": f"Bearer {ADMIN}"},
+                              timeout=120) as c:
+                barrier.wait(timeout=30)
+                answers[name] = c.post("/api/endpoints", json={"name": name, "model": str(model), "gpu": "cpu"})
+
+        threads = [threading.Thread(target=create, args=(n,)) for n in ("racer-a", "racer-b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=150)
+        assert sorted(r.status_code for r in answers.values()) == [201, 409], {n: r.text for n, r in answers.items()}
+        winner = next(n for n, r in answers.items() if r.status_code == 201)
+        loser = next(n for n, r in answers.items() if r.status_code == 409)
+        err = _assert_error(answers[loser], 409, "conflict")
+        assert "pause or delete" in err["message"]
+        assert live.client.get(f"/api/endpoints/{loser}").status_code == 404
+        assert [e["name"] for e in live.client.get("/api/endpoints").json()["endpoints"]] == [winner]
+        assert live.app.state.store.claimed_slots() == {"cpu:0": winner}
+        assert not (data / "secrets" / f"{loser}.key").exists()
+        assert live.client.delete(f"/api/endpoints/{winner}").json()["status"] == "deleted"
+        assert live.app.state.store.claimed_slots() == {}
+    finally:
+        live.stop()
+        reap(data)

@@ -71,16 +71,21 @@ def assert_inert(page: Any) -> None:
     assert "click for prizes" in card.inner_text()
 
 
-def test_badge_to_chat_to_delete(env: tuple[SpaceService, str], page: Any) -> None:
-    svc, repo = env
-    # First visit: give the service token once (kept in this browser's local storage).
+def connect(page: Any, svc: SpaceService) -> None:
+    """First visit: give the service token once (kept, encrypted, in this browser's local storage)."""
     page.goto(svc.url + "/")
+    page.wait_for_function("() => document.querySelector('#hd-status')?.innerText.includes('Connect to the deploy')")
     page.locator("#hd-service-token input").fill(svc.token)
     page.locator("#hd-connect").click()
     page.wait_for_function("() => document.querySelector('#hd-status')?.innerText.includes('Token saved')")
 
+
+def test_badge_to_chat_to_delete(env: tuple[SpaceService, str], page: Any) -> None:
+    svc, repo = env
+    connect(page, svc)
+
     # The badge link: everything prefilled from the query, report and card shown.
-    page.goto(f"{svc.url}/deploy?model={repo}&adapters={repo}-lora-0&gpu=cpu")
+    page.goto(f"{svc.url}/deploy?model={repo}&adapters={repo}-lora-0&gpu=cpu&max_model_len=512")
     page.wait_for_function("() => document.querySelector('#hd-facts')?.innerText.includes('MixtralForCausalLM')")
     assert value(page, "hd-model") == repo
     assert "?model=" in page.url  # /deploy kept the query string
@@ -91,7 +96,7 @@ def test_badge_to_chat_to_delete(env: tuple[SpaceService, str], page: Any) -> No
     page.locator("#hd-card a", has_text="click for prizes").click()  # a link without href: nothing happens
     assert_inert(page)
     assert page.locator("#hd-adapters input[type=checkbox]:checked").count() == 1
-    assert value(page, "hd-name") == "mixtral-awq-card"
+    assert value(page, "hd-name") == "mixtral-awq-card" and value(page, "hd-max-len") == "512"
     shot(page, "01-prefilled-report")
 
     # Hardware: the CPU target (the badge asked for it; pick it again as a user would).
@@ -153,6 +158,7 @@ def test_badge_to_chat_to_delete(env: tuple[SpaceService, str], page: Any) -> No
     page.locator("button[role=tab]", has_text="My endpoints").click()
     page.wait_for_function("() => document.querySelector('#hd-endpoints')?.innerText.includes('running')")
     assert "mixtral-awq-card" in page.locator("#hd-endpoints").inner_text()
+    page.wait_for_timeout(700)  # let the refresh spinners settle for the screenshot
     shot(page, "06-my-endpoints")
     page.locator("#hd-delete").click()
     page.wait_for_function("() => document.querySelector('#hd-ep-status')?.innerText.includes('deleted')")
@@ -163,6 +169,10 @@ def test_badge_to_chat_to_delete(env: tuple[SpaceService, str], page: Any) -> No
 
 def test_badge_link_opens_prefilled_page(env: tuple[SpaceService, str], page: Any) -> None:
     svc, repo = env
+    page.context.clear_cookies()
+    page.goto(svc.url + "/gradio_api/info")
+    page.evaluate("() => localStorage.clear()")  # a fresh browser: no saved token
+    connect(page, svc)
     page.goto(f"{svc.url}/?model={repo}")
     page.wait_for_function("() => document.querySelector('#hd-facts')?.innerText.includes('MixtralForCausalLM')")
     page.locator("#hd-badge-acc button").first.click()
@@ -171,9 +181,17 @@ def test_badge_link_opens_prefilled_page(env: tuple[SpaceService, str], page: An
     assert href == f"{svc.url}/deploy?model={repo}", href
     img = page.locator("#hd-badge-preview img").first
     page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=img.element_handle())
+    # Search suggestions from the Hub while typing in the model box.
+    box = page.locator("#hd-model input")
+    box.fill("")
+    box.press_sequentially("mixtral-awq-ca", delay=30)
+    page.wait_for_selector(f"ul[role=listbox] li:has-text('{repo}')", timeout=30_000)
+    shot(page, "09-search-suggestions")
     page.goto("about:blank")
     page.goto(href)
     page.wait_for_function("() => document.querySelector('#hd-facts')?.innerText.includes('MixtralForCausalLM')")
     assert value(page, "hd-model") == repo
+    page.locator("#hd-card-acc button").first.click()
+    page.wait_for_function("() => document.querySelector('#hd-card')?.innerText.includes('Hostile section')")
     shot(page, "08-badge-target")
     assert_inert(page)

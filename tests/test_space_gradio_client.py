@@ -173,13 +173,64 @@ def test_inspect_deploy_chat_delete(svc: SpaceService) -> None:
     assert len(history) == 4 and history[-1]["content"] and "⚠️" not in history[-1]["content"], history
 
     rows, pick, _ = client.predict(token=svc.token, current=None, api_name="/endpoints")
-    assert [name, "running"] == rows["data"][0][:2] if isinstance(rows, dict) else rows[0][:2]
+    assert [name, "running"] == _rows(rows)[0][:2] and pick["value"] == name
     logs = client.predict(name=name, token=svc.token, api_name="/logs")[0]
     assert logs["value"] if isinstance(logs, dict) else logs
+
+    paused = client.predict(name=name, token=svc.token, hf_token="", api_name="/pause")
+    assert "paused" in paused[2] and [name, "paused"] == _rows(paused[0])[0][:2]
+    resumed = client.predict(name=name, token=svc.token, hf_token="", api_name="/resume")
+    assert "starting again" in resumed[2], resumed[2]
+    deadline = time.monotonic() + 120
+    while (ep := httpx.get(f"{svc.url}/api/endpoints/{name}", headers=svc.headers).json())["status"] != "running":
+        assert ep["status"] != "failed" and time.monotonic() < deadline, ep
+        time.sleep(0.3)
+    r = httpx.post(ep["url"] + "/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                   json={"model": repo, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text  # same key after resume
 
     deleted = client.predict(name=name, token=svc.token, hf_token="", api_name="/delete")
     assert "deleted" in deleted[2]
     assert httpx.get(f"{svc.url}/api/endpoints/{name}", headers=svc.headers).status_code == 404
+
+
+def _rows(table: Any) -> list[list[Any]]:
+    return table["data"] if isinstance(table, dict) else table
+
+
+def test_deploy_errors_show_the_service_reason(svc: SpaceService) -> None:
+    """A refused deploy shows the service's own reason and what to do, and leaves nothing behind."""
+    import torch
+    from gradio_client import Client
+
+    client = Client(svc.url + "/", verbose=False, download_files=False)
+    bad_name = client.predict(model="tiny/mixtral-awq", gpu="cpu", name="Bad_Name", token=svc.token, api_name="/deploy")[0]
+    assert "name" in bad_name and "hd-error" in bad_name, bad_name
+    if not torch.cuda.is_available():
+        no_gpu = client.predict(model="tiny/mixtral-awq", gpu="T4", name="gpu-one", token=svc.token, api_name="/deploy")[0]
+        assert "409" in no_gpu and "What to do" in no_gpu, no_gpu
+    assert httpx.get(svc.url + "/api/endpoints", headers=svc.headers).json()["endpoints"] == []
+
+
+def test_standalone_page_against_a_remote_service(svc: SpaceService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a Space runs: the page in its own server, told the service URL and token by secrets."""
+    from gradio_client import Client
+
+    from space.page import PageConfig, build_page
+
+    monkeypatch.setenv("HUBDEPLOY_URL", svc.url)
+    monkeypatch.setenv("HUBDEPLOY_TOKEN", svc.token)
+    demo = build_page(PageConfig())
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        out = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False).predict(
+            model="tiny/mixtral-awq", api_name="/inspect")  # no token from the browser: the secret is used
+        assert "MixtralForCausalLM" in out[3], out[0]
+        access = [c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "hd-access"]
+        assert access and access[0]["props"]["visible"] is False  # no token box when the secret is set
+    finally:
+        demo.close()
 
 
 def test_badge_svg_and_deploy_redirect(svc: SpaceService) -> None:
@@ -187,3 +238,26 @@ def test_badge_svg_and_deploy_redirect(svc: SpaceService) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml") and "<svg" in r.text
     r = httpx.get(svc.url + "/deploy?model=org/m&gpu=cpu", follow_redirects=False)
     assert r.status_code in (302, 303, 307) and r.headers["location"].endswith("?model=org/m&gpu=cpu")
+
+
+def test_form_helpers() -> None:
+    """Adapter entry, name suggestion and the progress view (pure functions of space.view)."""
+    from space import view
+
+    assert view.parse_adapters(["org/lora-a"], "b=org/other, org/lora-a\n./local-lora") == {
+        "lora-a": "org/lora-a", "b": "org/other", "local-lora": "./local-lora"}
+    with pytest.raises(ValueError, match="served as 'x'"):
+        view.parse_adapters(["a/x", "b/x"], "")
+    assert view.suggest_name("Org/Mixtral-8x7B-Instruct-v0.1-AWQ") == "mixtral-8x7b-instruct-v0-1"
+    assert view.suggest_name("org/m", {"m", "m-2"}) == "m-3"
+    ep = {"name": "e", "status": "initializing", "phase": "downloading",
+          "progress": {"bytes_done": 6_000_000_000, "bytes_total": 24_000_000_000}}
+    html = view.progress_html(ep)
+    assert 'data-phase="downloading"' in html and "6.00 GB of 24.0 GB (25%)" in html
+    report = {"compat": [{"capability": "quantization", "status": "error", "reason": "GPTQ is not served",
+                          "action": "use an AWQ 4-bit variant"}], "awq_variants": ["org/m-AWQ"]}
+    verdict = view.verdict_html(report, [], None)
+    assert "cannot be served" in verdict and "GPTQ is not served" in verdict and "use an AWQ 4-bit variant" in verdict
+    assert '<a class="hd-alt" href="/deploy?model=org/m-AWQ">org/m-AWQ</a>' in verdict  # reloads the form with it
+    failed = view.progress_html({"name": "e", "status": "failed", "reason": "out of memory <b>"})
+    assert "out of memory &lt;b&gt;" in failed and "What to do" in failed

@@ -29,6 +29,11 @@ from serving.lora.adapter import LoRAModuleWeights
 from serving.lora.batch import LoRABatch
 
 
+# torch path: loop over slots when they average this many rows each; else gather each row's
+# A/B (the kernels' torch references), cheaper for decode-shaped batches of many adapters
+_ROWS_PER_SLOT = 8
+
+
 class LinearSite:
     """LoRA buffers and hook for one `Linear` (fused parts share one shrink)."""
 
@@ -87,7 +92,8 @@ class LinearSite:
         if not parts:
             return
         R = self.R
-        if not use_triton(x):  # torch path: one GEMM pair per active slot (not per token)
+        if not use_triton(x) and x.shape[0] >= _ROWS_PER_SLOT * len(lora.active_slots):
+            # torch path, long runs per slot (prefill): one GEMM pair per slot, not per token
             for slot in sorted(lora.active_slots):
                 ps = self.slot_parts[slot] & parts
                 if not ps:
@@ -188,48 +194,63 @@ class MoESite:
         d = torch.zeros(act.shape[0], self.H, dtype=torch.float32, device=act.device)
         return moe_lora_expand(d, t, e_rows, s_rows, self.b2, self.ones)
 
-    def _grouped(self, fn: Callable[[torch.Tensor, int], None], s: torch.Tensor) -> None:
-        """Call `fn(rows, slot)` for each slot present in `s` (rows: indices into `s`)."""
-        for slot in torch.unique(s[s >= 0]).tolist():
-            fn((s == slot).nonzero()[:, 0], slot)
+    def _lora_rows(self, fn_gathered: Callable[[], None], fn_group: Callable[[torch.Tensor, int, int], None],
+                   s: torch.Tensor, e_rows: torch.Tensor) -> None:
+        """Apply a LoRA term to the adapter rows: per (slot, expert) group with a GEMM pair when
+        groups are long (prefill), else once over all rows with per-row gathered A/B (decode)."""
+        lora = (s >= 0).nonzero()[:, 0]
+        if lora.numel() == 0:
+            return
+        key = s[lora].long() * self.E + e_rows[lora].long()
+        groups = torch.unique(key)
+        if lora.numel() < _ROWS_PER_SLOT * groups.numel():
+            fn_gathered()
+            return
+        for g in groups.tolist():
+            fn_group(lora[key == g], g // self.E, g % self.E)
 
     def _reference(self, x: torch.Tensor, weights: MoEWeights | AWQMoEWeights, topk_weights: torch.Tensor,
                    topk_ids: torch.Tensor, slot_rows: torch.Tensor) -> torch.Tensor:
-        """Per-expert loop in x's dtype, as `fused_moe_ref`, with the LoRA terms on adapter rows."""
+        """`fused_moe_ref`'s per-expert loop (same rows, same order, x's dtype) over all (token, k)
+        rows at once, with the LoRA terms added to the adapter rows between the two GEMMs."""
         from kernels.fused_moe import _dense  # the reference's own dense (cached) expert weights
 
         w13, w2 = _dense(weights, x.dtype)
-        I = self.I
+        I, R = self.I, self.R
         M, k = topk_ids.shape
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        e_rows = topk_ids.reshape(-1)
+        ids = e_rows.long()
+        tok_of_row = torch.arange(M * k, device=x.device) // k
+        experts = [(e, (ids == e).nonzero()[:, 0]) for e in torch.unique(ids).tolist()]
+        x_rows = x[tok_of_row]
+        h = torch.empty(M * k, 2 * I, dtype=x.dtype, device=x.device)
+        for e, rows in experts:
+            h[rows] = x_rows[rows] @ w13[e].t()
+
+        def w13_group(rows: torch.Tensor, slot: int, e: int) -> None:
+            t = x_rows[rows].to(acc) @ self.a13[slot, e].to(acc).t()
+            h[rows, :I] += (t[:, :R] @ self.b1[slot, e].to(acc).t()).to(h.dtype)
+            h[rows, I:] += (t[:, R:] @ self.b3[slot, e].to(acc).t()).to(h.dtype)
+
+        self._lora_rows(lambda: self._add_w13(h, x_rows, e_rows, slot_rows), w13_group, slot_rows, e_rows)
+        act = F.silu(h[:, :I]) * h[:, I:]
+        y = torch.empty(M * k, self.H, dtype=acc, device=x.device)
+        for e, rows in experts:
+            y[rows] = (act[rows] @ w2[e].t()).to(acc)
+
+        def w2_group(rows: torch.Tensor, slot: int, e: int) -> None:
+            t = act[rows].to(acc) @ self.a2[slot, e].to(acc).t()
+            y[rows] += t @ self.b2[slot, e].to(acc).t()
+
+        def w2_gathered() -> None:
+            y.add_(self._w2_delta(act, e_rows, slot_rows).to(acc))
+
+        self._lora_rows(w2_gathered, w2_group, slot_rows, e_rows)
         out = torch.zeros(M, x.shape[1], dtype=acc, device=x.device)
-        ids = topk_ids.to(torch.int64)
-        slots = slot_rows.view(M, k)
-        for e in torch.unique(ids).tolist():
-            tok, j = torch.nonzero(ids == e, as_tuple=True)
-            h = x[tok] @ w13[e].t()
-            s = slots[tok, j]
-            lora_rows = s >= 0
-            R = self.R
-            xe = x[tok]
-            if lora_rows.any():  # per slot present: x·A13 then ·B1, ·B3 (scaling folded into B)
-                h = h.clone()
-
-                def add_w13(rows: torch.Tensor, slot: int) -> None:
-                    t = xe[rows].to(acc) @ self.a13[slot, e].to(acc).t()
-                    h[rows, :I] += (t[:, :R] @ self.b1[slot, e].to(acc).t()).to(h.dtype)
-                    h[rows, I:] += (t[:, R:] @ self.b3[slot, e].to(acc).t()).to(h.dtype)
-
-                self._grouped(add_w13, s)
-            act = F.silu(h[:, :I]) * h[:, I:]
-            y = (act @ w2[e].t()).to(acc)
-            if lora_rows.any():
-                def add_w2(rows: torch.Tensor, slot: int) -> None:
-                    t = act[rows].to(acc) @ self.a2[slot, e].to(acc).t()
-                    y[rows] += t @ self.b2[slot, e].to(acc).t()
-
-                self._grouped(add_w2, s)
-            out.index_add_(0, tok, y * topk_weights[tok, j, None].to(acc))
+        tw = topk_weights.reshape(-1).to(acc)
+        for _, rows in experts:
+            out.index_add_(0, tok_of_row[rows], y[rows] * tw[rows, None])
         return out.to(x.dtype)
 
     def _triton(self, x: torch.Tensor, weights: MoEWeights | AWQMoEWeights, topk_weights: torch.Tensor,
