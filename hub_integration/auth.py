@@ -11,6 +11,8 @@ import hashlib
 import hmac
 import secrets
 import threading
+import time
+from collections.abc import Iterable
 
 ADMIN_PREFIX = "hdadm_"
 ENDPOINT_KEY_PREFIX = "hdk_"
@@ -61,6 +63,48 @@ def verify_secret(secret: str | None, encoded: str | None) -> bool:
         with _verified_lock:
             _verified.add(cache_key)
     return ok
+
+
+class HubUsers:
+    """Hugging Face accounts let into the service with their own HF token (OAuth on a Space).
+
+    A bearer token that is not the admin token is checked with the Hub's `whoami`: the user
+    is in if their name, or one of their organisations, is in `allowed`. Verdicts are kept
+    for `ttl` seconds, keyed by a SHA-256 of the token; a Hub that does not answer lets no one in.
+    """
+
+    def __init__(self, allowed: Iterable[str], endpoint: str | None = None, ttl: float = 300.0) -> None:
+        self.allowed = {a.strip() for a in allowed if a and a.strip()}
+        self.endpoint = endpoint
+        self.ttl = ttl
+        self._verdicts: dict[str, tuple[bool, float]] = {}
+        self._lock = threading.Lock()
+
+    def allows(self, token: str | None) -> bool:
+        if not token or not self.allowed:
+            return False
+        key = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
+        with self._lock:
+            hit = self._verdicts.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            me = HfApi(endpoint=self.endpoint).whoami(token=token)
+        except HfHubHTTPError as e:
+            if getattr(e.response, "status_code", None) != 401:
+                return False  # the Hub failed: no verdict to remember
+            me = {}
+        except Exception:  # noqa: BLE001 - connection refused, timeouts (httpx errors are not OSErrors)
+            return False
+        names = {me.get("name")} | {o.get("name") for o in me.get("orgs") or [] if isinstance(o, dict)}
+        ok = bool(names & self.allowed)
+        with self._lock:
+            self._verdicts[key] = (ok, now + self.ttl)
+        return ok
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -64,7 +64,7 @@ class ErrorInfo(BaseModel):
     """The one error shape of the service (every 4xx/5xx answer): `{"error": {...}, "detail": ...}`."""
 
     status: int = Field(..., description="the HTTP status, repeated")
-    code: str = Field(..., description="machine-readable kind, e.g. invalid_spec, not_found, no_free_device")
+    code: str = Field(..., description="machine-readable kind, e.g. invalid_spec, not_found, conflict")
     message: str = Field(..., description="what is wrong and what to do; names the field when one is to blame")
     fields: list[dict[str, Any]] = Field(default_factory=list,
                                          description="FastAPI-style [{loc, msg, type}] for 422s, else empty")
@@ -158,11 +158,13 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
                       allowed_model_roots: list[str | Path] | None = None, provisioner: Provisioner | None = None,
                       cpu_slots: int = 1, default_model: str | None = None,
                       default_adapters: dict[str, str] | None = None, check_plan: bool = True,
-                      **provisioner_options: Any) -> FastAPI:
+                      hf_users: list[str] | None = None, **provisioner_options: Any) -> FastAPI:
     """The deploy service for `data_dir` (store, logs, models). Reconciles endpoints before returning.
 
     `app.state.new_admin_token` is the admin token made at this start (None when it came from
     the argument/`HUBDEPLOY_ADMIN_TOKEN` or was made before): print it once.
+    `hf_users` (or `HUBDEPLOY_HF_USERS`, comma-separated): Hugging Face users or organisations
+    also let in with their own HF token, e.g. the OAuth token of a Space visitor.
     """
     data_dir = Path(data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -190,11 +192,18 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
     app.state.data_dir, app.state.allowed_model_roots, app.state.hub_endpoint = data_dir, roots, hub_endpoint
     app.state.default_model, app.state.default_adapters = default_model, default_adapters or {}
 
+    if hf_users is None:
+        hf_users = [u for u in os.environ.get("HUBDEPLOY_HF_USERS", "").split(",") if u.strip()]
+    hub_users = auth.HubUsers(hf_users, endpoint=hub_endpoint) if hf_users else None
+    app.state.hub_users = hub_users
+
     def require_admin(authorization: str | None = Header(None)) -> None:
         token = auth.bearer_token(authorization)
-        if not auth.verify_secret(token, store.get_meta(ADMIN_HASH_KEY)):
+        if not auth.verify_secret(token, store.get_meta(ADMIN_HASH_KEY)) and \
+                not (hub_users is not None and hub_users.allows(token)):
+            also = (f", or the Hugging Face token of a user in {sorted(hub_users.allowed)}" if hub_users else "")
             raise HTTPException(401, "missing or wrong admin token: send 'Authorization: Bearer <admin token>' "
-                                     "(printed by `hubdeploy up` at first start, or HUBDEPLOY_ADMIN_TOKEN)",
+                                     "(printed by `hubdeploy up` at first start, or HUBDEPLOY_ADMIN_TOKEN)" + also,
                                 headers={"WWW-Authenticate": "Bearer"})
 
     # --- one error shape for every answer that is not a success (see error_response) ---

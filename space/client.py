@@ -46,8 +46,11 @@ def _reason(resp: httpx.Response) -> tuple[str, list[Any]]:
     except ValueError:
         return (resp.text.strip()[:500] or resp.reason_phrase), []
     if isinstance(body, dict):
-        if isinstance(body.get("error"), dict):  # inspection errors: {"error": {"code", "message"}}
-            return str(body["error"].get("message") or body["error"]), []
+        err = body.get("error")
+        if isinstance(err, dict):  # the service's one error shape: {"error": {"message", "fields", ...}}
+            fields = err.get("fields") or []
+            loc = list(fields[0].get("loc") or []) if fields and isinstance(fields[0], dict) else []
+            return str(err.get("message") or err), loc
         detail = body.get("detail")
         if isinstance(detail, list) and detail and isinstance(detail[0], dict):  # FastAPI 422
             first = detail[0]

@@ -102,8 +102,11 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
     cfg = (config or PageConfig()).resolved()
     server_token = cfg.token
 
-    def client(request: gr.Request | None, box_token: str | None) -> ServiceClient:
-        token = server_token or (box_token or "").strip() or None
+    def client(request: gr.Request | None, box_token: str | None, hf_token: str | None = None) -> ServiceClient:
+        """A client for this request: the page's secret, else the pasted admin token, else (on a
+        Space) the visitor's own Hugging Face token, which a service started with
+        `HUBDEPLOY_HF_USERS` accepts for the users and organisations it lists."""
+        token = server_token or (box_token or "").strip() or ((hf_token or None) if cfg.on_space else None)
         if token is None:
             raise ServiceError(401, "no service token: this deploy service needs its admin token")
         return ServiceClient(cfg.service_url or _own_url(request), token)
@@ -127,7 +130,7 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                 connect_btn = gr.Button("Connect", scale=1, elem_id="hd-connect")
         if cfg.on_space:
             with gr.Row():
-                gr.LoginButton(value="Sign in with Hugging Face (gated and private models)")
+                gr.LoginButton(value="Sign in with Hugging Face")
             hf_token: gr.components.Component = gr.State(None)
         status_html = gr.HTML(elem_id="hd-status")
 
@@ -254,24 +257,28 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                                   elem_id="hd-ep-logs")
 
         # ---- handlers ---------------------------------------------------------------------------
-        def on_load(saved: str | None, request: gr.Request) -> tuple[Any, ...]:
+        def on_load(saved: str | None, hf_token: str | None, request: gr.Request) -> tuple[Any, ...]:
             q = dict(request.query_params) if request is not None else {}
             model = (q.get("model") or "").strip()
             pre = {k: q[k] for k in ("gpu", "adapters", "name", "access") if q.get(k)}
             numbers = [_int_or_none(q[k]) if (q.get(k) or "").isdigit() else None
                        for k in ("max_model_len", "max_num_seqs", "max_loras")]
             token = saved or ""
-            if not model and (server_token or token):
+            signed_in = bool(cfg.on_space and hf_token)
+            if not model and (server_token or token or signed_in):
                 try:
-                    with client(request, token) as c:
+                    with client(request, token, hf_token) as c:
                         model = c.defaults().get("model") or ""
                 except ServiceError:
                     model = ""
+                if model and "gpu" not in pre:
+                    pre["gpu"] = view.CPU  # the built-in demo model is there to try things without a GPU
             pre["model"] = model
             model_upd = gr.update(value=model or None, choices=[model] if model else [])
-            need_token = not server_token and not token
-            status = (view.notice("info", "Connect to the deploy service",
-                                  "Paste its admin token under Service access, then press Connect.")
+            need_token = not server_token and not token and not signed_in
+            how = ("Sign in with Hugging Face above (if this service lets your account in), or paste its "
+                   "admin token under Service access" if cfg.on_space else "Paste its admin token under Service access")
+            status = (view.notice("info", "Connect to the deploy service", how + ", then press Connect.")
                       if need_token else "")
             return (model_upd, q.get("revision") or "", pre, token, gr.update(open=need_token), status,
                     pre.get("access") if pre.get("access") in ("private", "public") else "private",
@@ -291,14 +298,14 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
             model = (model or "").strip()
             pre = pre if pre and pre.get("model") == model else {}  # the badge's choices apply to its model only
             keep = tuple(gr.update() for _ in range(14))
-            if not server_token and not (token or "").strip():
+            if not server_token and not (token or "").strip() and not (cfg.on_space and hf_token):
                 return (view.notice("info", "Connect to the deploy service",
                                     "Paste its admin token under Service access, then press Connect."), *keep)
             if not model:
                 return (view.notice("info", "Enter a model id", "For example org/name, then press Inspect."),
                         *keep)
             try:
-                with client(request, token) as c:
+                with client(request, token, hf_token) as c:
                     payload = c.inspect(model, revision or None, hf_token=hf_token or None)
                     taken = {ep["name"] for ep in c.list()}
             except ServiceError as e:
@@ -364,7 +371,7 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                     spec["engine"]["dtype"] = act_dtype
                 if not spec["model"]:
                     raise ServiceError(422, "model: enter a model id first", ["body", "model"])
-                c = client(request, token)
+                c = client(request, token, hf_token)
             except (ServiceError, ValueError) as e:
                 yield (_err_html(e if isinstance(e, ServiceError) else ServiceError(422, str(e))), "", hidden, *nothing)
                 return
@@ -454,10 +461,10 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                 history[-1]["content"] = "(empty answer)"
             yield history, ""
 
-        def list_endpoints(token: str | None = None, current: str | None = None,
+        def list_endpoints(token: str | None = None, current: str | None = None, hf_token: str | None = None,
                            request: gr.Request | None = None) -> tuple[Any, ...]:
             try:
-                with client(request, token) as c:
+                with client(request, token, hf_token) as c:
                     eps = c.list()
             except ServiceError as e:
                 return gr.update(), gr.update(), _err_html(e)
@@ -472,7 +479,7 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                 if not name:
                     return gr.update(), gr.update(), view.notice("info", "Pick an endpoint first")
                 try:
-                    with client(request, token) as c:
+                    with client(request, token, hf_token) as c:
                         if action == "pause":
                             ep = c.pause(name)
                         elif action == "resume":
@@ -489,11 +496,12 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
             handler.__name__ = action
             return handler
 
-        def show_logs(name: str | None, token: str | None = None, request: gr.Request | None = None) -> tuple[Any, ...]:
+        def show_logs(name: str | None, token: str | None = None, hf_token: str | None = None,
+                      request: gr.Request | None = None) -> tuple[Any, ...]:
             if not name:
                 return gr.update(visible=False), view.notice("info", "Pick an endpoint first")
             try:
-                with client(request, token) as c:
+                with client(request, token, hf_token) as c:
                     lines = c.logs(name, 200)
             except ServiceError as e:
                 return gr.update(visible=False), _err_html(e)
@@ -511,19 +519,23 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
         ep_outputs = [ep_table, ep_pick, ep_status]
         gr.on([inspect_btn.click, model_box.select, revision_box.submit], inspect, inspect_inputs, inspect_outputs,
               api_name="inspect", concurrency_limit=8)
-        demo.load(on_load, [saved_token], [model_box, revision_box, prefill, token_box, access_box, status_html,
-                                           access_radio, max_len, max_seqs, max_loras],
-                  api_visibility="private", queue=False).then(
-            inspect, inspect_inputs, inspect_outputs, api_name="inspect_on_load", api_visibility="private").then(
-            list_endpoints, [token_box, ep_pick], ep_outputs, api_name="list_on_load", api_visibility="private")
-        if cfg.on_space:
+        if cfg.on_space:  # the visitor's OAuth token first: it may be what lets them into the service
             def from_oauth(oauth_token: gr.OAuthToken | None) -> str | None:
                 return oauth_token.token if oauth_token is not None else None
 
-            demo.load(from_oauth, None, [hf_token], api_visibility="private")
+            first = demo.load(from_oauth, None, [hf_token], api_visibility="private", queue=False).then
+        else:
+            first = demo.load
+        first(on_load, [saved_token, hf_token], [model_box, revision_box, prefill, token_box, access_box, status_html,
+                                                access_radio, max_len, max_seqs, max_loras],
+              api_visibility="private", queue=False).then(
+            inspect, inspect_inputs, inspect_outputs, api_name="inspect_on_load", api_visibility="private").then(
+            list_endpoints, [token_box, ep_pick, hf_token], ep_outputs, api_name="list_on_load",
+            api_visibility="private")
         connect_btn.click(on_connect, [token_box], [saved_token, status_html], api_visibility="private").then(
             inspect, inspect_inputs, inspect_outputs, api_name="inspect_on_connect", api_visibility="private").then(
-            list_endpoints, [token_box, ep_pick], ep_outputs, api_name="list_on_connect", api_visibility="private")
+            list_endpoints, [token_box, ep_pick, hf_token], ep_outputs, api_name="list_on_connect",
+            api_visibility="private")
         model_box.key_up(suggest, [hf_token], [model_box], trigger_mode="always_last", show_progress="hidden",
                          api_visibility="private")
         gpu_radio.change(on_gpu, [gpu_radio, report_state], [plan_box], api_visibility="private", queue=False)
@@ -532,15 +544,17 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                      access_radio, name_box, max_rank, kv_tokens, dtype, tags_box, restart_cb, hf_token, token_box],
             [progress, log_box, result_group, url_box, key_box, curl_code, openai_code, ic_code, chat_model,
              endpoint_state], api_name="deploy", concurrency_limit=8).then(
-            list_endpoints, [token_box, ep_pick], ep_outputs, api_name="list_after_deploy", api_visibility="private")
+            list_endpoints, [token_box, ep_pick, hf_token], ep_outputs, api_name="list_after_deploy",
+            api_visibility="private")
         gr.on([send_btn.click, chat_in.submit], chat,
               [chat_in, chatbot, endpoint_state, chat_model, system_box, temperature, max_tokens],
               [chatbot, chat_in], api_name="chat", concurrency_limit=8)
-        refresh_btn.click(list_endpoints, [token_box, ep_pick], ep_outputs, api_name="endpoints")
-        tabs.select(list_endpoints, [token_box, ep_pick], ep_outputs, api_name="list_on_tab", api_visibility="private")
+        refresh_btn.click(list_endpoints, [token_box, ep_pick, hf_token], ep_outputs, api_name="endpoints")
+        tabs.select(list_endpoints, [token_box, ep_pick, hf_token], ep_outputs, api_name="list_on_tab",
+                    api_visibility="private")
         for btn, action in ((pause_btn, "pause"), (resume_btn, "resume"), (delete_btn, "delete")):
             btn.click(act(action), [ep_pick, token_box, hf_token], ep_outputs, api_name=action)
-        logs_btn.click(show_logs, [ep_pick, token_box], [ep_logs, ep_status], api_name="logs")
+        logs_btn.click(show_logs, [ep_pick, token_box, hf_token], [ep_logs, ep_status], api_name="logs")
         ep_table.select(pick_row, None, [ep_pick], api_visibility="private", queue=False)
 
     demo.mount_kwargs = launch_kwargs()  # type: ignore[attr-defined]

@@ -279,3 +279,31 @@ def test_download_progress_counts_bytes(tmp_path: Path, local_hub: Any, tiny_mod
     assert len(seen) > 2
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert seen[-1] == (size, size)
+
+
+def test_restart_keeps_paused_and_failed_endpoints_as_they_were(tmp_path: Path) -> None:
+    """A new service process on the same data dir: paused stays paused, failed keeps its reason,
+    nothing is started and no device is claimed for them."""
+    from fastapi.testclient import TestClient
+
+    from hub_integration.spec import DeploymentSpec
+    from hub_integration.store import Store
+
+    data = tmp_path / "svc"
+    store = Store(data / "hubdeploy.db")
+    for name, status in (("sleepy", "paused"), ("broken", "failed")):
+        store.create_endpoint(name, DeploymentSpec(name=name, model="org/m").model_dump(), None)
+        store.update_endpoint(name, status=status, desired="paused" if status == "paused" else "running",
+                              reason="it broke" if status == "failed" else None, port=1, device="cpu:0")
+    store.claim_slot("broken", ["cpu:0"])  # a stale claim from before the restart
+    app = build_service_app(data, admin_token=ADMIN)
+    try:
+        c = TestClient(app)
+        got = {e["name"]: e for e in c.get("/api/endpoints", headers={"Authorization": f"Bearer {ADMIN}"})
+               .json()["endpoints"]}
+        assert {n: e["status"] for n, e in got.items()} == {"sleepy": "paused", "broken": "failed"}
+        assert got["broken"]["reason"] == "it broke" and got["sleepy"]["url"] is None
+        assert app.state.store.claimed_slots() == {}  # the stale claim is released
+        assert not [ev for ev in app.state.store.events() if ev["kind"] in ("restart", "start", "provision")]
+    finally:
+        app.state.provisioner.close()

@@ -420,6 +420,36 @@ def test_lora_sites_compiled_on_cuda_match_cpu(tmp_path) -> None:
         torch.testing.assert_close(b.float().cpu(), a, atol=3e-2, rtol=3e-2, msg=name)
 
 
+@pytest.mark.gpu
+def test_engine_on_cuda_with_adapters_matches_cpu(tmp_path) -> None:
+    """On a GPU: base + three adapters in one batch, two device slots (swaps), fp16 AWQ on CUDA
+    vs float32 on the CPU: the first greedy token equal, log-probs within 5e-2 while tokens agree."""
+    from serving import LLM, SamplingParams
+    from serving.tiny import make_tiny
+
+    d = make_tiny(tmp_path / "m", arch="mixtral", quant="awq", adapters=3)
+    loras = {f"a{i}": str(adapter_dir(d, i)) for i in range(3)}
+    prompts = [[1, 50, 60, 70, 80, 90, 100, 110], [1, 5, 300, 7, 9]]
+    names = [None, "a0", "a1", "a2"]
+    ps = [p for p in prompts for _ in names]
+    ls = [n for _ in prompts for n in names]
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
+    outs = {}
+    for dev, dt, slots in (("cpu", "float32", 3), ("cuda", "float16", 2)):
+        llm = LLM(str(d), device=dev, dtype=dt, max_model_len=64, kv_cache_tokens=512, lora_modules=loras,
+                  max_loras=slots)
+        outs[dev] = llm.generate(ps, sp, lora=ls)
+        if dev == "cuda":
+            assert llm.engine.stats().lora_swaps_total >= 3
+        del llm
+    for k, (c, g) in enumerate(zip(outs["cpu"], outs["cuda"])):
+        assert c.token_ids[0] == g.token_ids[0], (k, ls[k], c.token_ids, g.token_ids)
+        for tc, tg, lc, lg in zip(c.token_ids, g.token_ids, c.logprobs, g.logprobs):
+            if tc != tg:
+                break
+            assert abs(lc.logprob - lg.logprob) < 5e-2, (k, ls[k])
+
+
 if __name__ == "__main__":
     import sys
 

@@ -171,6 +171,23 @@ def test_max_loras_1_swaps_and_every_request_finishes_correctly(tiny_models) -> 
     assert not one.engine.has_unfinished()
 
 
+def test_preemption_with_adapters_and_one_slot(llm_for, tiny_models) -> None:
+    """A KV cache for ~2 sequences and one device slot: preempted sequences give up their
+    pin, come back and still produce their alone-outputs; nothing stays pinned at the end."""
+    ref = llm_for("mixtral")
+    loras = ["a0", "a0", None, "a0", "a2", None, "a2", "a1"]
+    prompts = [(PROMPTS[k % 3] * 3)[:28] for k in range(len(loras))]
+    want = [ref.generate([p], GREEDY, lora=lo)[0].token_ids for p, lo in zip(prompts, loras)]
+    small = make_llm(tiny_models("mixtral", "none", adapters=3), max_model_len=64, kv_cache_tokens=96,
+                     max_loras=1)
+    got = small.generate(prompts, GREEDY, lora=loras)
+    s = small.engine.stats()
+    assert [o.token_ids for o in got] == want
+    assert s.preemptions_total > 0 and s.lora_swaps_total >= 3
+    mgr = small.engine.lora_manager
+    assert not mgr._pins and not any(mgr._users.values())
+
+
 def test_awq_base_with_adapters_matches_dequantized_merged(tiny_models, tmp_root) -> None:
     d = tiny_models("mixtral", "awq", adapters=3)
     llm = make_llm(d)

@@ -118,3 +118,38 @@ def test_hf_token_and_api_key_never_leak(tmp_path: Path, local_hub: Any, tiny_mo
         c.delete("/api/endpoints/g", headers=H)
         app.state.provisioner.close()
         reap(data)
+
+
+def test_hugging_face_users_let_in_by_their_own_token(tmp_path: Path, local_hub: Any) -> None:
+    """The OAuth mode (a Space): an HF token whose user, or one of whose orgs, is allowed works like the
+    admin token; other HF tokens, junk and no token get 401. Checked against the Hub's whoami."""
+    local_hub.add_user("hf_alice_oauth", "alice", orgs=("team-a",))
+    local_hub.add_user("hf_bob_oauth", "bob")
+    local_hub.add_user("hf_carol_oauth", "carol", orgs=("other-org",))
+    app = build_service_app(tmp_path / "svc", hub_endpoint=local_hub.endpoint, admin_token="adm",
+                            hf_users=["team-a", "bob"])
+    try:
+        c = TestClient(app)
+
+        def status(token: str | None) -> int:
+            return c.get("/api/endpoints", headers={"Authorization": f"Bearer {token}"} if token else {}).status_code
+
+        assert status("adm") == 200
+        assert status("hf_alice_oauth") == 200  # through her organisation
+        assert status("hf_bob_oauth") == 200  # by name
+        assert status("hf_carol_oauth") == 401 and status("hf_unknown") == 401 and status(None) == 401
+        r = c.get("/api/endpoints", headers={"Authorization": "Bearer hf_carol_oauth"})
+        assert "team-a" in r.json()["error"]["message"]  # says who may come in
+        assert b"hf_carol_oauth" not in r.content
+    finally:
+        app.state.provisioner.close()
+    from tests.fixtures.service import closed_port_url
+
+    assert not auth.HubUsers(["team-a"], endpoint=closed_port_url()).allows("hf_alice_oauth")  # Hub down: no one
+    # without the option, HF tokens are not admin tokens
+    plain = build_service_app(tmp_path / "svc2", hub_endpoint=local_hub.endpoint, admin_token="adm")
+    try:
+        r = TestClient(plain).get("/api/endpoints", headers={"Authorization": "Bearer hf_alice_oauth"})
+        assert r.status_code == 401
+    finally:
+        plain.state.provisioner.close()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 import pytest
 
 from tests.fixtures.local_hub import LocalHub
@@ -135,6 +136,9 @@ def test_badge_to_chat_to_delete(env: tuple[SpaceService, str], page: Any) -> No
     assert url.startswith("http://127.0.0.1:") and url.endswith("/v1") and len(key) >= 20
     assert url in page.locator("#hd-snippet-curl").inner_text()
     shot(page, "04-endpoint-ready")
+    spec = httpx.get(f"{svc.url}/api/endpoints/mixtral-awq-card", headers=svc.headers).json()["spec"]
+    assert spec["gpu"] == "cpu" and spec["engine"]["max_model_len"] == 512  # the badge's choices were deployed
+    assert spec["adapters"] == {"mixtral-awq-card-lora-0": f"{repo}-lora-0"}
 
     # Playground: a streamed answer from the endpoint.
     page.locator("#hd-chat-input textarea, #hd-chat-input input").first.fill("Hello there")

@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a folder local models may be deployed from (repeatable; default DATA_DIR/models)")
     p.add_argument("--cpu-slots", type=int, default=1, help="endpoints that may run on the CPU at once (default 1)")
     p.add_argument("--no-demo", action="store_true", help="do not build the tiny demo model")
+    p.add_argument("--hf-user", action="append", default=None, metavar="NAME",
+                   help="a Hugging Face user or organisation let in with its own HF token (OAuth on a Space); "
+                        "repeatable (default $HUBDEPLOY_HF_USERS, comma-separated)")
     p.set_defaults(func=run)
 
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     roots = args.allowed_model_root or [data_dir / "models"]
     app = build_service_app(data_dir, hub_endpoint=args.hub_endpoint, allowed_model_roots=roots,
                             cpu_slots=args.cpu_slots, default_model=default_model,
-                            default_adapters=default_adapters)
+                            default_adapters=default_adapters, hf_users=args.hf_user)
     mount_page(app, _page_blocks())
     print(f"hubdeploy: deploy service at http://{args.host}:{args.port}/  (API: /api, docs: /docs)", flush=True)
     if app.state.new_admin_token:

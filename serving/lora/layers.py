@@ -11,9 +11,10 @@ A site owns the stacked, zero-padded weights of every device slot for one of our
   + LoRA(w1|w3) on each (token, k) row, SiLU·up, base grouped GEMM w2, + routing weight ·
   LoRA(w2), sum over k. Rows are those of fused MoE (`token·k + j`), so the LoRA terms
   use the MoE LoRA kernels with `expert_of_row = topk_ids` and the row's slot.
-Buffers are allocated when the first adapter touching the site is loaded into a slot
-(attention-only adapters never pay for expert buffers). Slots with no weights for a
-site stay zero; a step whose active slots do not touch a site skips it entirely.
+Buffers (all slots) are allocated when the first adapter touching the site is registered
+(attention-only adapters never pay for expert buffers). Slots with no weights for a site
+stay zero; a step whose active slots do not touch a site skips it entirely, and MoE rows
+of adapters without expert weights are left to the base path (slot -1).
 """
 from __future__ import annotations
 
@@ -178,6 +179,10 @@ class MoESite:
         if not self.touches(lora):
             return None
         slot_rows = lora.slot_of_rows(topk_ids.shape[1])
+        if not all(self.used[s] for s in lora.active_slots):  # e.g. an attention-only adapter beside
+            used = torch.tensor(self.used, device=slot_rows.device)  # an expert one: no LoRA work for it
+            slot_rows = torch.where(used[slot_rows.clamp(min=0).long()] & (slot_rows >= 0), slot_rows,
+                                    torch.full_like(slot_rows, -1))
         if use_triton(x):
             return self._triton(x, weights, topk_weights, topk_ids, slot_rows)
         return self._reference(x, weights, topk_weights, topk_ids, slot_rows)
