@@ -219,8 +219,8 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """Every row of q [B, H, D] is the one new token of sequence b: the whole batch at once.
 
     One gather of the batch's blocks ([B, L, Hkv, D], L = max context rounded up to blocks),
-    then one SDPA call with GQA over strided views and a key mask (positions past a
-    sequence's length or outside its window). The Python cost no longer grows with the
+    then one SDPA call over strided views with a key mask (positions past a sequence's
+    length or outside its window). The Python cost no longer grows with the
     batch (the reference loops over sequences).
     """
     b, h, d = q.shape
@@ -237,10 +237,12 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     valid = kpos < lens
     if sliding_window is not None:
         valid &= kpos > lens - 1 - sliding_window
+    # GQA folded into the query axis: the group's heads are `group` queries of one KV head
+    # ([B, Hkv, group, D] against [B, Hkv, L, D]), so SDPA never repeats K/V per query head.
     o = torch.nn.functional.scaled_dot_product_attention(
-        q.to(acc_dtype).view(b, h, 1, d), kk.transpose(1, 2), vv.transpose(1, 2),
-        attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=hkv != h)
-    return o.view(b, h, d).to(q.dtype)
+        q.to(acc_dtype).view(b, hkv, h // hkv, d), kk.transpose(1, 2), vv.transpose(1, 2),
+        attn_mask=valid[:, None, None, :], scale=scale)
+    return o.reshape(b, h, d).to(q.dtype)
 
 
 def _prefill_seq_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,

@@ -90,6 +90,17 @@ def _err_html(e: Exception) -> str:
                        "Try again; if it persists, read the service log.")
 
 
+def _text(content: Any) -> str:
+    """A chat message's text: Gradio 6 may hand history back as a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or content.get("content") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(_text(p) for p in content)
+    return "" if content is None else str(content)
+
+
 def _int_or_none(x: Any) -> int | None:
     """A number field's value; empty or 0 means 'let the memory plan decide' (None in the spec)."""
     if x in (None, "") or (isinstance(x, float) and x != x) or int(x) == 0:
@@ -208,7 +219,8 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                 deploy_btn = gr.Button("Deploy", variant="primary", size="lg", elem_id="hd-deploy")
                 progress = gr.HTML(elem_id="hd-progress")
                 with gr.Accordion("Log tail", open=False, elem_id="hd-logs-acc"):
-                    log_box = gr.Code(language=None, interactive=False, lines=8, max_lines=20, elem_id="hd-log")
+                    log_box = gr.Code(language=None, label="Endpoint log (last lines)", interactive=False, lines=8,
+                                      max_lines=20, elem_id="hd-log")
 
                 # ---- Result -----------------------------------------------------------------
                 with gr.Group(visible=False, elem_id="hd-result") as result_group:
@@ -220,11 +232,13 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                                              buttons=["copy"], elem_id="hd-key")
                     with gr.Tabs():
                         with gr.Tab("curl"):
-                            curl_code = gr.Code(language="shell", interactive=False, elem_id="hd-snippet-curl")
+                            curl_code = gr.Code(language="shell", label="curl", interactive=False, elem_id="hd-snippet-curl")
                         with gr.Tab("openai"):
-                            openai_code = gr.Code(language="python", interactive=False, elem_id="hd-snippet-openai")
+                            openai_code = gr.Code(language="python", label="Python · openai", interactive=False,
+                                                  elem_id="hd-snippet-openai")
                         with gr.Tab("InferenceClient"):
-                            ic_code = gr.Code(language="python", interactive=False, elem_id="hd-snippet-ic")
+                            ic_code = gr.Code(language="python", label="Python · huggingface_hub.InferenceClient",
+                                              interactive=False, elem_id="hd-snippet-ic")
                     gr.Markdown("### Playground", elem_classes="hd-h3")
                     with gr.Row():
                         with gr.Column(scale=1, min_width=220):
@@ -253,7 +267,7 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                 ep_table = gr.Dataframe(headers=view.ENDPOINT_COLUMNS, value=[], interactive=False, wrap=True,
                                         elem_id="hd-endpoints")
                 ep_status = gr.HTML(elem_id="hd-ep-status")
-                ep_logs = gr.Code(language=None, interactive=False, lines=10, max_lines=30, visible=False,
+                ep_logs = gr.Code(language=None, label="Endpoint log", interactive=False, lines=10, max_lines=30, visible=False,
                                   elem_id="hd-ep-logs")
 
         # ---- handlers ---------------------------------------------------------------------------
@@ -433,9 +447,9 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                                 "content": "Deploy an endpoint first: the playground talks to it."})
                 yield history, ""
                 return
+            history = [{"role": m["role"], "content": _text(m.get("content"))} for m in history]
             msgs = ([{"role": "system", "content": system}] if (system or "").strip() else []) + [
-                {"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else str(m["content"])}
-                for m in history]
+                dict(m) for m in history]
             history.append({"role": "assistant", "content": ""})
             kw = {"temperature": 0.7 if temp is None else float(temp), "max_tokens": int(max_new or 64)}
             target = model or state["served_model_name"]
@@ -543,7 +557,7 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
             deploy, [model_box, revision_box, gpu_radio, adapters_cb, adapters_extra, max_len, max_seqs, max_loras,
                      access_radio, name_box, max_rank, kv_tokens, dtype, tags_box, restart_cb, hf_token, token_box],
             [progress, log_box, result_group, url_box, key_box, curl_code, openai_code, ic_code, chat_model,
-             endpoint_state], api_name="deploy", concurrency_limit=8).then(
+             endpoint_state], api_name="deploy", concurrency_limit=8, trigger_mode="once").then(
             list_endpoints, [token_box, ep_pick, hf_token], ep_outputs, api_name="list_after_deploy",
             api_visibility="private")
         gr.on([send_btn.click, chat_in.submit], chat,

@@ -122,6 +122,30 @@ def test_other_expert_naming_is_mapped(mixtral, tmp_path) -> None:
     assert torch.equal(a.modules[key].b, orig.modules[key].b)
 
 
+def test_layers_to_transform_rank_pattern_and_fan_in_fan_out_on_real_files(mixtral, tmp_path) -> None:
+    d, model = mixtral
+    src = adapter_dir(d, 0)  # q/v, r=4, alpha=8
+    lt = _copy(src, tmp_path / "lt")
+    _edit_config(lt, layers_to_transform=[1])
+    a = load_adapter("lt", str(lt), _targets(model), 16)
+    assert sorted(a.modules) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    rp = _copy(src, tmp_path / "rp")
+    sd = load_file(str(rp / "adapter_model.safetensors"))
+    sd = {k: (v[:2] if ".v_proj.lora_A" in k else v[:, :2] if ".v_proj.lora_B" in k else v).contiguous()
+          for k, v in sd.items()}
+    save_file(sd, str(rp / "adapter_model.safetensors"))
+    _edit_config(rp, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 1})
+    b = load_adapter("rp", str(rp), _targets(model), 16)
+    v, q = b.modules["model.layers.0.self_attn.v_proj"], b.modules["model.layers.0.self_attn.q_proj"]
+    assert (v.rank, v.scaling, q.rank, q.scaling) == (2, 0.5, 4, 2.0)
+    # fan_in_fan_out only transposes Conv1D base weights; on nn.Linear PEFT turns it off: same math
+    ff = _copy(src, tmp_path / "ff")
+    _edit_config(ff, fan_in_fan_out=True)
+    c = load_adapter("ff", str(ff), _targets(model), 16)
+    plain = load_adapter("plain", str(src), _targets(model), 16)
+    assert all(torch.equal(c.modules[n].a, plain.modules[n].a) for n in plain.modules)
+
+
 BAD = {
     "dora": ("DoRA", lambda d: _edit_config(d, use_dora=True)),
     "modules_to_save": ("modules_to_save", lambda d: _edit_config(d, modules_to_save=["lm_head"])),

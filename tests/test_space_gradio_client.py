@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from tests.fixtures.local_hub import LocalHub, free_port
+from tests.fixtures.service import reap
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "adm-space-test-token"
@@ -91,6 +92,7 @@ def start_space_service(hub: LocalHub, data_dir: Path, timeout: float = 180.0) -
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
+        reap(data_dir)  # endpoint processes outlive the service by design
 
 
 def push_hostile_repo(hub: LocalHub, model_dir: Path, work: Path, repo_id: str = "tiny/mixtral-awq-card") -> str:
@@ -165,8 +167,11 @@ def test_inspect_deploy_chat_delete(svc: SpaceService) -> None:
     models = {m["id"] for m in httpx.get(url + "/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]}
     assert {repo, "mixtral-awq-lora-0"} <= models, models
 
-    history, _ = client.predict(message="hi", history=[], model=repo, system="", temp=0.0, max_new=8, api_name="/chat")
+    chat_job = client.submit(message="hi", history=[], model=repo, system="", temp=0.0, max_new=8, api_name="/chat")
+    history, _ = chat_job.result(timeout=120)
     assert history[-1]["role"] == "assistant" and history[-1]["content"] and "⚠️" not in history[-1]["content"], history
+    partial = [_text(o[0][-1]["content"]) for o in chat_job.outputs() if o[0] and o[0][-1]["role"] == "assistant"]
+    assert len(set(partial)) >= 3, partial  # streamed: the answer grew delta by delta
     # Mixtral's template refuses a system role: the playground folds it into the first user turn.
     history, _ = client.predict(message="again", history=history, model=repo, system="Be brief.", temp=0.0, max_new=4,
                                 api_name="/chat")
@@ -192,6 +197,12 @@ def test_inspect_deploy_chat_delete(svc: SpaceService) -> None:
     deleted = client.predict(name=name, token=svc.token, hf_token="", api_name="/delete")
     assert "deleted" in deleted[2]
     assert httpx.get(f"{svc.url}/api/endpoints/{name}", headers=svc.headers).status_code == 404
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return str(content)
 
 
 def _rows(table: Any) -> list[list[Any]]:

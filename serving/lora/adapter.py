@@ -55,6 +55,8 @@ class LoRAConfig:
     lora_alpha: float
     target_modules: list[str] | str | None
     use_rslora: bool = False
+    # only transposes Conv1D (GPT-2 style) base weights; the saved A [r, in] / B [out, r] and our
+    # nn.Linear-style bases are the same either way (PEFT itself turns it off for nn.Linear)
     fan_in_fan_out: bool = False
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None

@@ -125,6 +125,8 @@ class MoESite:
         self.names = {module.expert_name(e, role): (e, role) for e in range(self.E) for role in _ROLES}
         self.a13: torch.Tensor | None = None
         self.used: list[bool] = [False] * num_slots
+        # the same on the device, written only when a slot changes (no host copy per step)
+        self.used_t = torch.zeros(num_slots, dtype=torch.bool, device=device)
 
     def touches_names(self, names: set[str]) -> bool:
         return any(n in self.names for n in names)
@@ -162,12 +164,14 @@ class MoESite:
                 self.a2[slot, e, :r].copy_(w.a)
                 self.b2[slot, e, :, :r].copy_(b)
         self.used[slot] = bool(mine)
+        self.used_t[slot] = bool(mine)
 
     def clear_slot(self, slot: int) -> None:
         if self.a13 is not None:
             for t in (self.a13, self.b1, self.b3, self.a2, self.b2):
                 t[slot].zero_()
         self.used[slot] = False
+        self.used_t[slot] = False
 
     def touches(self, lora: LoRABatch) -> bool:
         return self.a13 is not None and any(self.used[s] for s in lora.active_slots)
@@ -180,8 +184,8 @@ class MoESite:
             return None
         slot_rows = lora.slot_of_rows(topk_ids.shape[1])
         if not all(self.used[s] for s in lora.active_slots):  # e.g. an attention-only adapter beside
-            used = torch.tensor(self.used, device=slot_rows.device)  # an expert one: no LoRA work for it
-            slot_rows = torch.where(used[slot_rows.clamp(min=0).long()] & (slot_rows >= 0), slot_rows,
+            # an expert one: no LoRA work for its rows
+            slot_rows = torch.where(self.used_t[slot_rows.clamp(min=0).long()] & (slot_rows >= 0), slot_rows,
                                     torch.full_like(slot_rows, -1))
         if use_triton(x):
             return self._triton(x, weights, topk_weights, topk_ids, slot_rows)

@@ -53,12 +53,14 @@ class LoRAManager:
             raise ValueError(f"max_lora_rank must be at least 1, got {max_lora_rank}")
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
-        self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
+        # host cache: at least the device slots; default 4 (an expert adapter of Mixtral-8x7B at rank 16 is ~0.45 GB)
+        self.max_cpu_loras = max(max_cpu_loras or 4, max_loras)
         self.device = torch.device(device)
         self.dtype = dtype
         self.token = token
         self._lock = threading.RLock()
         self.sources: dict[str, str] = {}
+        self._paths: dict[str, Any] = {}  # name -> resolved local dir (re-reads never go to the Hub)
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()  # LRU order, oldest first
         self.slot_names: list[str | None] = [None] * max_loras
         self._slot_lru: OrderedDict[int, None] = OrderedDict()  # slot use order, oldest first
@@ -107,6 +109,7 @@ class LoRAManager:
                 raise LoRAError(f"an adapter named {adapter.name!r} is already loaded")
             self._reserve(adapter)
             self.sources[adapter.name] = adapter.source
+            self._paths[adapter.name] = adapter.path
             self._cache(adapter)
         log.info("LoRA adapter %r registered from %s (rank %d, %d modules)", adapter.name, adapter.source,
                  adapter.max_rank, len(adapter.modules))
@@ -133,6 +136,7 @@ class LoRAManager:
             if users:
                 raise LoRAError(f"adapter {name!r} is in use by {len(users)} request(s); retry when they finish")
             del self.sources[name]
+            self._paths.pop(name, None)
             self._users.pop(name, None)
             self._host.pop(name, None)
             for slot, n in enumerate(self.slot_names):
@@ -164,8 +168,10 @@ class LoRAManager:
 
     def _host_adapter(self, name: str) -> LoRAAdapter:
         a = self._host.get(name)
-        if a is None:  # dropped from the host cache: read it again
-            a = self._read(name, self.sources[name])
+        if a is None:  # dropped from the host cache: read it again from its local copy
+            path = self._paths.get(name)
+            a = self._read(name, str(path) if path is not None else self.sources[name])
+            a.source = self.sources[name]
             self._cache(a)
         else:
             self._host.move_to_end(name)

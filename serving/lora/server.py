@@ -8,7 +8,7 @@ answers 409.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from serving.lora.adapter import LoRAError
 from serving.lora.manager import LoRAManager
@@ -33,11 +33,4 @@ def lora_hooks(mgr: LoRAManager) -> tuple[Callable[[str, str], Awaitable[None]],
     return load, unload
 
 
-def adapters_of(engine: Any) -> dict[str, str]:
-    """name -> source of the adapters an (async) engine serves now."""
-    inner = getattr(engine, "engine", engine)
-    mgr = getattr(inner, "lora_manager", None)
-    return dict(mgr.sources) if mgr is not None else {}
-
-
-__all__ = ["adapters_of", "lora_hooks"]
+__all__ = ["lora_hooks"]
