@@ -223,8 +223,11 @@ class AsyncEngine:
                         engine.abort_request(rid)
                         self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
                     outputs = []
+                # snapshot first: a client that has its last token also sees it counted in stats()
+                self._stats = engine.stats()
                 self._deliver_step(outputs)
-            self._stats = engine.stats()
+            else:
+                self._stats = engine.stats()
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -355,33 +355,44 @@ def load_model(
 def _stream(
     plan: dict[str, Slot], files: list[Path], group: int | None, model: CausalLM, device: torch.device
 ) -> None:
-    """Read tensors one at a time into their slots; finish fused AWQ modules as they complete."""
+    """Read tensors one at a time into their slots; finish fused AWQ modules as they complete.
+
+    A progress bar on stderr (huggingface_hub's tqdm, so HF_HUB_DISABLE_PROGRESS_BARS turns it
+    off) shows the load of a large checkpoint moving.
+    """
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    bar = hf_tqdm(total=len(plan), desc="Loading weights", unit="tensor", mininterval=0.5)
     pending: dict[int, _Pending] = {}
     for module in model.modules():
         if isinstance(module, Linear) and module.quantized:
             pending[id(module)] = _Pending(needed=3 * len(module.hf_parts))
         elif isinstance(module, MoE) and module.quantized:
             pending[id(module)] = _Pending(needed=9 * module.num_experts)
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                slot = plan.get(name)
-                if slot is None:
-                    continue
-                try:
-                    t = f.get_tensor(name)
-                except Exception as e:
-                    raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
-                if slot.kind in ("param", "linear", "moe"):
-                    with torch.no_grad():
-                        slot.target.copy_(t)
-                    continue
-                pend = pending[id(slot.target)]
-                pend.got.setdefault(slot.part, {})[slot.leaf] = t.to(device)
-                pend.count += 1
-                if pend.count == pend.needed:
-                    _finish(slot.target, pend, group)
-                    del pending[id(slot.target)]
+    try:
+        for path in files:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    slot = plan.get(name)
+                    if slot is None:
+                        continue
+                    bar.update(1)
+                    try:
+                        t = f.get_tensor(name)
+                    except Exception as e:
+                        raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+                    if slot.kind in ("param", "linear", "moe"):
+                        with torch.no_grad():
+                            slot.target.copy_(t)
+                        continue
+                    pend = pending[id(slot.target)]
+                    pend.got.setdefault(slot.part, {})[slot.leaf] = t.to(device)
+                    pend.count += 1
+                    if pend.count == pend.needed:
+                        _finish(slot.target, pend, group)
+                        del pending[id(slot.target)]
+    finally:
+        bar.close()
     if pending:  # cannot happen after the missing-tensor check; guard the invariant anyway
         raise CheckpointError(f"{len(pending)} AWQ module(s) incomplete after reading every file")
 

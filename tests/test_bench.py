@@ -78,7 +78,7 @@ def test_bench_cli_against_server(tiny_server, tmp_path) -> None:
         assert run["output_token_throughput"] == pytest.approx(run["total_output_tokens"] / run["duration_s"])
         assert run["goodput"] == pytest.approx(run["request_throughput"])  # generous SLOs: every request is good
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    assert "TTFT" in p.stdout
+    assert "TTFT" in p.stdout and "TPOT" in p.stdout and "goodput" in p.stdout
 
 
 def test_bench_poisson_rate(tiny_server) -> None:

@@ -204,14 +204,16 @@ def test_embedding_lora_is_refused(mixtral, tmp_path) -> None:
         load_adapter("head", str(head), _targets(model), 16)
 
 
-def test_adapter_from_the_local_hub_by_repo_id(hub_tiny_model, local_hub, mixtral, monkeypatch) -> None:
+def test_adapter_from_the_local_hub_by_repo_id(hub_tiny_model, local_hub, mixtral, monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HF_ENDPOINT", local_hub.endpoint)
-    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", local_hub.endpoint)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # a fresh cache: the download really happens
+    # no patching of huggingface_hub.constants: load_adapter must read HF_ENDPOINT at call time
     repo = hub_tiny_model("mixtral", "none", adapters=2)
     _, model = mixtral
     a = load_adapter("hub", f"{repo}-lora-1", _targets(model), 16)
     local = load_adapter("loc", str(adapter_dir(mixtral[0], 1)), _targets(model), 16)
     assert set(a.modules) == set(local.modules) and a.max_rank == 8
+    assert any((tmp_path / "hf-home" / "hub").glob("models--tiny--mixtral-none-lora-1/snapshots/*/adapter_config.json"))
     with pytest.raises(LoRAError, match="not found"):
         load_adapter("nope", "tiny/does-not-exist-lora", _targets(model), 16)
 
@@ -416,6 +418,7 @@ def _interpreter_child(model_dir: str) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_lora_sites_compiled_on_cuda_match_cpu(tmp_path) -> None:
     """On a GPU: the compiled Triton LoRA path (fp16, AWQ base) vs the CPU fp32 torch path,
     decode (BGMV), prefill (SGMV) and MoE rows (grouped GEMMs + MoE LoRA kernels)."""
@@ -445,6 +448,7 @@ def test_lora_sites_compiled_on_cuda_match_cpu(tmp_path) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_engine_on_cuda_with_adapters_matches_cpu(tmp_path) -> None:
     """On a GPU: base + three adapters in one batch, two device slots (swaps), fp16 AWQ on CUDA
     vs float32 on the CPU: the first greedy token equal, log-probs within 5e-2 while tokens agree."""

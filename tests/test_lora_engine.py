@@ -253,3 +253,66 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     print(json.dumps(_mixed_tokens(sys.argv[1])))
+
+
+# ---------------------------------------------------------------- PEFT config semantics vs PEFT itself
+PEFT_VARIANTS = {
+    # layers_to_transform picks layer 1 only; per-module ranks and alphas; rsLoRA scaling;
+    # fan_in_fan_out on nn.Linear (PEFT turns it off with a warning: same math)
+    "layers_rank_alpha_rslora_fifo": dict(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], layers_to_transform=[1],
+        rank_pattern={"v_proj": 2, "down_proj": 4}, alpha_pattern={"q_proj": 3, r"layers\.1\.mlp\.gate_proj": 40},
+        use_rslora=True, fan_in_fan_out=True),
+    # target_modules as one regex over the full module name
+    "regex_targets": dict(r=4, lora_alpha=8, target_modules=r".*\.layers\.0\.(self_attn\.(k|o)_proj|mlp\.up_proj)"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(PEFT_VARIANTS))
+def test_peft_config_variants_match_peft_itself(variant: str, tiny_models, tmp_path) -> None:
+    """Adapters written by PEFT's own `save_pretrained` with the config features above: the
+    engine's greedy tokens and log-probs equal `PeftModel` (unmerged) on the same base."""
+    import warnings
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tiny_models("llama", "none")
+    opts = dict(PEFT_VARIANTS[variant])
+    fifo = opts.pop("fan_in_fan_out", False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **opts))
+    with torch.no_grad():  # PEFT's non-zero init is small; make the effect plain
+        for n, p in peft_model.named_parameters():
+            if ".lora_B." in n:
+                p.mul_(4.0)
+    ad = tmp_path / variant
+    peft_model.save_pretrained(str(ad))
+    if fifo:
+        cfg = json.loads((ad / "adapter_config.json").read_text())
+        cfg["fan_in_fan_out"] = True
+        (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    del peft_model, model
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_model = PeftModel.from_pretrained(base, str(ad)).eval()
+    wrapped = {n.removeprefix("base_model.model.") for n, m in ref_model.named_modules() if hasattr(m, "lora_A")}
+    refs = []
+    with torch.no_grad():
+        for p in PROMPTS:
+            g = ref_model.generate(input_ids=torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW,
+                                   do_sample=False, pad_token_id=0)
+            toks = g[0, len(p):].tolist()
+            logits = ref_model(input_ids=g).logits[0, len(p) - 1:-1].float()
+            refs.append((toks, torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None])[:, 0].tolist()))
+        ids = torch.tensor([PROMPTS[0]])
+        with ref_model.disable_adapter():
+            plain = ref_model(input_ids=ids).logits
+        assert float((ref_model(input_ids=ids).logits - plain).abs().max()) > 0.05, "the adapter changes nothing"
+
+    llm = make_llm(base_dir, lora_modules={"v": str(ad)}, max_loras=1)
+    assert set(llm.engine.lora_manager._host_adapter("v").modules) == wrapped  # the same modules as PEFT
+    _check(llm.generate(PROMPTS, GREEDY, lora="v"), refs, f"PEFT variant {variant}")

@@ -1,6 +1,7 @@
 """Multi-LoRA through the real endpoint: a `hubdeploy serve --lora ...` child process of the
 tiny Mixtral (fp16 checkpoint) on loopback, adapters from a local directory and from the
-local Hub by repo id, `--max-loras 1` so that three adapters in use at once must swap.
+local Hub by repo id, `--max-loras 1` so that three adapters in use at once must swap, and
+`--max-cpu-loras 1` so that the host cache evicts too (adapters are re-read from disk).
 
 Reference: transformers on the base with the adapter merged in float64
 (tests/test_lora_engine.py); greedy text equal, chosen-token log-probs within LOGPROB_ATOL.
@@ -42,7 +43,7 @@ def model_dir(tiny_models) -> Path:
 def server(hub_env, hub_tiny_model, model_dir):
     repo = hub_tiny_model("mixtral", "none", adapters=3)
     args = ["--lora", f"a0={adapter_dir(model_dir, 0)}", "--lora", f"a1={repo}-lora-1",
-            "--lora", f"a2={adapter_dir(model_dir, 2)}", "--max-loras", "1", "--max-lora-rank", "16",
+            "--lora", f"a2={adapter_dir(model_dir, 2)}", "--max-loras", "1", "--max-cpu-loras", "1", "--max-lora-rank", "16",
             "--max-model-len", "128", "--kv-cache-tokens", "2048"]
     with start_serve(model_dir, api_key=TEST_API_KEY, extra_args=args) as s:
         s.hub_repo = repo
@@ -138,7 +139,10 @@ def test_unknown_model_is_404(server) -> None:
 
 def test_run_time_load_use_unload_from_the_hub(server, refs) -> None:
     url = server.base_url
-    body = {"lora_name": "hubx", "lora_path": f"{server.hub_repo}-lora-2"}
+    body = {"lora_name": "hubx", "lora_path": f"{server.hub_repo}-lora-2@main"}  # REPO_ID@revision
+    r = httpx.post(url + "/load_lora_adapter", headers=server.headers, timeout=60,
+                   json={"lora_name": "hubrev", "lora_path": f"{server.hub_repo}-lora-2@no-such-branch"})
+    assert 400 <= r.status_code < 500 and "no-such-branch" in r.json()["error"]["message"], r.text
     assert httpx.post(url + "/load_lora_adapter", json=body).status_code == 401  # admin needs the key
     r = httpx.post(url + "/load_lora_adapter", json=body, headers=server.headers, timeout=60)
     assert r.status_code == 200, r.text

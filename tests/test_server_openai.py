@@ -254,21 +254,66 @@ def test_sse_wire_format(tiny_server) -> None:
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
 
 
-def test_serve_hub_repo_id_with_env_api_key(hub_tiny_model, local_hub) -> None:
-    """MODEL as a repo id: downloaded from the (local) Hub through serving.hub, the key from
-    HUBDEPLOY_API_KEY; the served name defaults to the repo id."""
+def test_serve_hub_repo_id_with_env_api_key(tiny_models, local_hub) -> None:
+    """MODEL as a repo id of a private repo: downloaded from the (local) Hub through serving.hub
+    with HF_TOKEN, the key from HUBDEPLOY_API_KEY, the served name the repo id, huggingface_hub's
+    progress bar on stderr and the phase lines on stdout. Its KV cache (512 tokens) is too small
+    for six 120-token requests at once: they are preempted and still give their alone-outputs."""
     from tests.fixtures.serve import start_serve
 
-    repo = hub_tiny_model("mixtral", "awq")
-    with start_serve(repo, model_name=None, env={"HF_ENDPOINT": local_hub.endpoint, "HUBDEPLOY_API_KEY": "env-key"},
-                     extra_args=["--max-model-len", "128", "--kv-cache-tokens", "512"]) as server:
+    repo, token = "private-org/tiny-mixtral-awq", "hf_audit_private_token"
+    local_hub.add_repo(repo, tiny_models("mixtral", "awq"), private=True)
+    local_hub.grant(token, repo)
+    args = ["--max-model-len", "128", "--kv-cache-tokens", "512"]
+    no_token = launch_serve_failing(repo, {"HF_ENDPOINT": local_hub.endpoint}, args)
+    assert "private repos need a token" in no_token and "HF_TOKEN" in no_token
+    with start_serve(repo, model_name=None, extra_args=args,
+                     env={"HF_ENDPOINT": local_hub.endpoint, "HUBDEPLOY_API_KEY": "env-key", "HF_TOKEN": token,
+                          "HF_HOME": str(local_hub.root / "serve-hf-home")}) as server:
         assert httpx.get(server.base_url + "/models").status_code == 401
-        c = openai.OpenAI(base_url=server.base_url, api_key="env-key", max_retries=0)
+        c = openai.OpenAI(base_url=server.base_url, api_key="env-key", max_retries=0, timeout=120)
         assert [m.id for m in c.models.list().data] == [repo]
         r = c.completions.create(model=repo, prompt="Hello", max_tokens=2)
         assert r.usage.completion_tokens == 2
         out = server.stdout()
-        assert f"phase: downloading {repo}" in out and "phase: ready" in out
+        phases = [line.split()[1] for line in out.splitlines() if line.startswith("phase: ")]
+        assert phases == ["downloading", "loading", "warming_up", "ready"]
+        assert f"phase: downloading {repo}" in out
+        assert "Fetching" in server.stderr() and "100%" in server.stderr()  # the download progress bar
+        assert "Loading weights" in server.stderr()  # and the loading one
+        assert token not in out + server.stderr()
+
+        prompts = _mixed_prompts(6, seed=21)
+        prompts = [p[:20] for p in prompts]
+        kw = dict(model=repo, max_tokens=100, temperature=0, extra_body={"ignore_eos": True})
+
+        async def together() -> list:
+            ac = openai.AsyncOpenAI(base_url=server.base_url, api_key="env-key", max_retries=0, timeout=120)
+            try:
+                return list(await asyncio.gather(*(ac.completions.create(prompt=p, **kw) for p in prompts)))
+            finally:
+                await ac.close()
+
+        before = scrape(server)
+        batched = asyncio.run(together())
+        after = scrape(server)
+        assert after["hubdeploy:preemptions_total"] > before["hubdeploy:preemptions_total"]
+        alone = [c.completions.create(prompt=p, **kw) for p in prompts]
+        assert [r.choices[0].text for r in batched] == [r.choices[0].text for r in alone]
+        assert all(r.usage.completion_tokens == 100 for r in batched)
+        assert scrape(server)["hubdeploy:kv_cache_usage_perc"] == 0.0
+
+
+def launch_serve_failing(model: str, env: dict[str, str], args: list[str]) -> str:
+    """Run `hubdeploy serve` that must fail to load; its stdout (the phase lines)."""
+    from tests.fixtures.serve import launch_serve
+
+    server = launch_serve(model, model_name=None, env=env, extra_args=args)
+    try:
+        assert server.proc.wait(90) != 0
+    finally:
+        server.stop()
+    return server.stdout()
 
 
 def test_disconnect_before_non_streamed_answer_aborts(tiny_server) -> None:
@@ -287,3 +332,157 @@ def test_disconnect_before_non_streamed_answer_aborts(tiny_server) -> None:
     assert m["hubdeploy:engine_requests_aborted_total"] >= before["hubdeploy:engine_requests_aborted_total"] + 1
     assert m["hubdeploy:generation_tokens_total"] < before["hubdeploy:generation_tokens_total"] + 4 * 240
     assert m["hubdeploy:kv_cache_usage_perc"] == 0.0
+
+
+# ---------------------------------------------------------------- audit additions (issue 4)
+
+
+def _vocab_ids(server) -> dict[str, int]:
+    """Token string (as the endpoint's logprobs show it) -> id, for strings one id decodes to."""
+    from serving.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(server.model_dir)
+    seen: dict[str, list[int]] = defaultdict(list)
+    for i in range(tok.vocab_size):
+        seen[tok.decode([i], skip_special_tokens=False)].append(i)
+    return {s: ids[0] for s, ids in seen.items() if len(ids) == 1}
+
+
+def test_request_fields_clients_send(tiny_server, client: openai.OpenAI) -> None:
+    """max_completion_tokens, user, and vLLM's top_k / min_tokens / stop_token_ids each change
+    what is generated the way vLLM documents."""
+    chat = client.chat.completions.create(model="tiny", messages=USER, max_completion_tokens=3, temperature=0,
+                                          user="user-42")
+    assert chat.usage.completion_tokens == 3 and chat.choices[0].finish_reason == "length"
+    prompt = "Once upon a time"
+    greedy = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=0,
+                                       extra_body={"ignore_eos": True})
+    # top_k=1 leaves only the argmax, whatever the temperature and seed
+    k1 = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=1.5, seed=3,
+                                   extra_body={"top_k": 1, "ignore_eos": True})
+    assert k1.choices[0].text == greedy.choices[0].text
+    first = greedy.choices[0].logprobs.tokens[0]
+    ids = _vocab_ids(tiny_server)
+    if first not in ids:
+        pytest.skip(f"first greedy token {first!r} is not a unique vocabulary string")
+    stop_id = ids[first]
+    stopped = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                        extra_body={"stop_token_ids": [stop_id]})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 1
+    # min_tokens keeps stop ids (and EOS) from ending the sequence early
+    held = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                     extra_body={"stop_token_ids": [stop_id], "min_tokens": 4})
+    assert held.usage.completion_tokens >= 4
+
+
+def test_streaming_logprobs_match_non_streaming(client: openai.OpenAI) -> None:
+    full = client.chat.completions.create(model="tiny", messages=USER, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    streamed = []
+    for chunk in client.chat.completions.create(model="tiny", messages=USER, max_tokens=4, temperature=0,
+                                                logprobs=True, top_logprobs=2, stream=True):
+        for c in chunk.choices:
+            if c.logprobs is not None and c.logprobs.content:
+                streamed.extend(c.logprobs.content)
+    want = full.choices[0].logprobs.content
+    assert [t.token for t in streamed] == [t.token for t in want]
+    for s, w in zip(streamed, want):
+        assert s.logprob == pytest.approx(w.logprob, abs=1e-5)
+        assert [t.token for t in s.top_logprobs] == [t.token for t in w.top_logprobs] and len(s.top_logprobs) == 2
+    comp = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0, logprobs=1)
+    tokens, text = [], ""
+    for chunk in client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0, logprobs=1,
+                                           stream=True):
+        c = chunk.choices[0]
+        text += c.text
+        if c.logprobs is not None:
+            tokens += c.logprobs.tokens
+            assert all(len(t) == 1 for t in c.logprobs.top_logprobs)
+    assert tokens == comp.choices[0].logprobs.tokens and text == comp.choices[0].text
+    # completions stream with n=2 and include_usage: the last chunk counts the prompt once
+    chunks = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0, n=2,
+                                            stream=True, stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert usage.completion_tokens == 6 and usage.prompt_tokens == comp.usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def _mixed_prompts(n: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, 600) for _ in range(rng.randrange(2, 60))] for _ in range(n)]
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
+def test_batch_invariance_32_concurrent_over_http(tiny_server, client: openai.OpenAI, seeded: bool) -> None:
+    """32 concurrent requests of mixed lengths (batched, chunked) give exactly what each gives alone."""
+    prompts = _mixed_prompts(32, seed=11 if seeded else 12)
+
+    def kw(i: int) -> dict:
+        sampling = dict(temperature=0.9, top_p=0.9, seed=1000 + i) if seeded else dict(temperature=0)
+        return dict(model="tiny", prompt=prompts[i], max_tokens=6, logprobs=0, extra_body={"ignore_eos": True},
+                    **sampling)
+
+    async def together() -> list:
+        aclient = openai.AsyncOpenAI(base_url=tiny_server.base_url, api_key=TEST_API_KEY, max_retries=0, timeout=120)
+        try:
+            return list(await asyncio.gather(*(aclient.completions.create(**kw(i)) for i in range(32))))
+        finally:
+            await aclient.close()
+
+    before = scrape(tiny_server)
+    batched = asyncio.run(together())
+    alone = [client.completions.create(**kw(i)) for i in range(32)]
+    got = [(r.choices[0].logprobs.tokens, r.choices[0].text) for r in batched]
+    assert got == [(r.choices[0].logprobs.tokens, r.choices[0].text) for r in alone]
+    assert all(r.usage.completion_tokens == 6 for r in batched)
+    after = scrape(tiny_server)
+    assert after["hubdeploy:request_success_total"] >= before["hubdeploy:request_success_total"] + 64
+    assert after["hubdeploy:kv_cache_usage_perc"] == 0.0
+
+
+def test_repeated_system_prompt_hits_prefix_cache_over_http(tiny_server, client: openai.OpenAI) -> None:
+    """The Mixtral template has no system role, so the shared instructions open the first user
+    turn (what Mixtral clients do): the second request reuses its KV blocks (metric) and a
+    repeat of the first request, now served from the cache, answers exactly as before."""
+    import uuid
+
+    system = (f"[{uuid.uuid4().hex[:8]}] You are a careful assistant. Answer briefly, cite no sources, "
+              "and keep every reply under forty words please.")
+
+    def ask(question: str) -> str:
+        msgs = [{"role": "user", "content": f"{system}\n\n{question}"}]
+        return client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0,
+                                              ).choices[0].message.content
+
+    m0 = scrape(tiny_server)
+    first = ask("What is a fox?")
+    m1 = scrape(tiny_server)
+    assert m1["hubdeploy:prefix_cache_hits_total"] == m0["hubdeploy:prefix_cache_hits_total"]  # a new prefix
+    ask("Why is the sky blue?")
+    m2 = scrape(tiny_server)
+    assert m2["hubdeploy:prefix_cache_hits_total"] >= m1["hubdeploy:prefix_cache_hits_total"] + 3  # >= 48 tokens
+    assert m2["hubdeploy:prefix_cache_hit_rate"] > 0.0
+    assert ask("What is a fox?") == first  # from the cache, same answer
+    m3 = scrape(tiny_server)
+    assert m3["hubdeploy:prefix_cache_hits_total"] > m2["hubdeploy:prefix_cache_hits_total"]
+
+
+def test_utf8_split_across_tokens_never_broken_in_the_stream(tiny_server, client: openai.OpenAI) -> None:
+    """The tiny byte-level vocabulary spells non-ASCII characters with several byte tokens. With
+    hot seeded sampling the model emits such bytes; the streamed pieces must add up to the same
+    text as the non-streamed answer (a character cut in half would show up as U+FFFD in one
+    and not the other), and no piece may start with a UTF-8 continuation left over."""
+    body = dict(model="tiny", prompt=" héllo 日本語 🙂", max_tokens=48, temperature=2.0, logprobs=0,
+                extra_body={"ignore_eos": True})
+    for seed in range(4):
+        full = client.completions.create(seed=seed, **body)
+        partial = [t for t in full.choices[0].logprobs.tokens if "\ufffd" in t]
+        if partial:
+            break
+    else:
+        pytest.skip("no byte token of a multi-byte character was sampled")
+    pieces = [chunk.choices[0].text for chunk in client.completions.create(seed=seed, stream=True, **body)]
+    assert "".join(pieces) == full.choices[0].text

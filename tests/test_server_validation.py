@@ -76,11 +76,24 @@ def test_wrong_type(tiny_server) -> None:
     assert "hot" in err["message"]
     assert_error(post(tiny_server, "/chat/completions", {"model": "tiny", "messages": "hi"}), 400, "messages")
     assert_error(post(tiny_server, "/completions", {"model": "tiny", "prompt": "hi", "n": 0}), 400, "n")
+    assert_error(post(tiny_server, "/completions", {"model": "tiny", "prompt": "hi", "top_k": -2}), 400, "top_k")
+    assert_error(post(tiny_server, "/chat/completions", {"model": "tiny", "messages": USER, "min_tokens": -1}), 400,
+                 "min_tokens")
+    assert_error(post(tiny_server, "/chat/completions", {"model": "tiny", "messages": USER, "top_logprobs": 21,
+                                                         "logprobs": True}), 400, "top_logprobs")
     assert_error(post(tiny_server, "/completions", {"model": "tiny"}), 400, "prompt")
 
 
 def test_empty_messages(tiny_server) -> None:
     assert_error(post(tiny_server, "/chat/completions", {"model": "tiny", "messages": []}), 400, "messages")
+
+
+def test_non_text_content_part(tiny_server) -> None:
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]
+    err = assert_error(post(tiny_server, "/chat/completions", {"model": "tiny", "messages": msgs}), 400,
+                       "messages[0].content")
+    assert "'text'" in err["message"] and "image_url" in err["message"]
 
 
 def test_system_message_rejected_by_mixtral_template_is_400(tiny_server) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,8 +208,11 @@ def resolve_adapter_dir(source: str, revision: str | None = None, token: str | N
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-        d = snapshot_download(src, revision=rev, token=token,
-                              allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, "adapter_model.bin"])
+        from serving.hub import _cache_dir  # HF_ENDPOINT / HF_HOME as set now, not at import
+
+        d = snapshot_download(src, revision=rev, token=token or os.environ.get("HF_TOKEN") or None,
+                              allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, "adapter_model.bin"],
+                              endpoint=os.environ.get("HF_ENDPOINT") or None, cache_dir=_cache_dir())
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise LoRAError(f"adapter repo {src!r}{'@' + rev if rev else ''} was not found on the Hub "
                         f"(or needs a token): {type(e).__name__}") from e

@@ -45,6 +45,17 @@ class ChatMessage(_Lenient):
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for p in v:
+                kind = p.get("type") if isinstance(p, dict) else None
+                if kind != "text":
+                    raise ValueError(f"only content parts of type 'text' are supported (got {kind!r}); this "
+                                     "endpoint serves a text-only model")
+        return v
+
     def text(self) -> str:
         """Content as one string: text parts are concatenated as OpenAI does."""
         if self.content is None:
@@ -72,7 +83,7 @@ class _SamplingRequest(_Lenient):
     # vLLM extras
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
-    top_k: int | None = None
+    top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: off, as vLLM
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     stop_token_ids: list[int] | None = None
