@@ -220,8 +220,8 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
     One gather of the batch's blocks ([B, L, Hkv, D], L = max context rounded up to blocks),
     then one SDPA call over strided views with a key mask (positions past a sequence's
-    length or outside its window). The Python cost no longer grows with the
-    batch (the reference loops over sequences).
+    length or outside its window). The Python cost no longer grows with the batch (the
+    reference loops over sequences).
     """
     b, h, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -240,7 +240,7 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     # GQA folded into the query axis: the group's heads are `group` queries of one KV head
     # ([B, Hkv, group, D] against [B, Hkv, L, D]), so SDPA never repeats K/V per query head.
     o = torch.nn.functional.scaled_dot_product_attention(
-        q.to(acc_dtype).view(b, hkv, h // hkv, d), kk.transpose(1, 2), vv.transpose(1, 2),
+        q.to(acc_dtype).reshape(b, hkv, h // hkv, d), kk.transpose(1, 2), vv.transpose(1, 2),
         attn_mask=valid[:, None, None, :], scale=scale)
     return o.reshape(b, h, d).to(q.dtype)
 
