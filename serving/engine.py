@@ -90,17 +90,27 @@ def _model_dir(args: EngineArgs) -> Path:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, *, model: torch.nn.Module | None = None,
+                 model_config: ModelConfig | None = None, tokenizer: Tokenizer | None = None) -> None:
+        """Load `args.model`; or serve an already built `model` on `args.device` with its
+        `model_config` and `tokenizer` (benchmarks with random weights; no checkpoint read)."""
         from serving.loader import load_model
 
         self.args = args
         torch.manual_seed(args.seed)
         self.device = resolve_device(args.device)
-        self.model_dir: Path = _model_dir(args)
-        self.dtype = resolve_dtype(args.dtype, ModelConfig.from_dir(self.model_dir), self.device)
-        model, cfg = load_model(self.model_dir, self.device, self.dtype)
+        if model is None:
+            self.model_dir: Path | None = _model_dir(args)
+            self.dtype = resolve_dtype(args.dtype, ModelConfig.from_dir(self.model_dir), self.device)
+            model, cfg = load_model(self.model_dir, self.device, self.dtype)
+            tokenizer = load_tokenizer(self.model_dir)
+        elif model_config is None or tokenizer is None:
+            raise ValueError("LLMEngine(args, model=...) also needs model_config= and tokenizer=")
+        else:
+            self.model_dir, cfg = None, model_config
+            self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.model_config: ModelConfig = cfg
-        self.tokenizer: Tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer: Tokenizer = tokenizer
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys([*self.tokenizer.eos_token_ids, *cfg.eos_token_id]))
         max_len = args.max_model_len or min(cfg.max_position_embeddings, 4096)
         if max_len > cfg.max_position_embeddings:

@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.tiny", "tests.fixtures.hub", "tests.fixtures.serve", "tests.fixtures.service"]
+pytest_plugins = ["tests.fixtures.tiny", "tests.fixtures.hub", "tests.fixtures.serve", "tests.fixtures.service",
+                  "tests.fixtures.engine"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,5 +1,6 @@
 """Test helpers: run our decoder with a temporary paged KV cache, and build reference
-checkpoints (AWQ-quantized / dequantized copies) for comparison against transformers.
+checkpoints (AWQ-quantized / dequantized copies, LoRA-merged copies) for comparison against
+transformers.
 
 `prefill_last_logits` and `greedy_generate` build `ForwardContext`s by hand, the way the
 engine's runner does, so model tests need neither scheduler nor runner.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from kernels.awq_format import awq_dequantize, awq_quantize
 from serving.config import ModelConfig
@@ -241,4 +242,27 @@ def dequantized_copy(src: Path, dst: Path) -> Path:
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     cfg["torch_dtype"] = "float32"
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def merged_reference(base: Path, adapter: Path, dst: Path) -> Path:
+    """Write an fp32 copy of `base` with scaling · B @ A merged into each adapted weight in
+    float64 (PEFT's `merge_and_unload` math, Hub key layout): the reference an adapter served
+    by our engine is compared against. An existing `dst` is reused as is."""
+    if (dst / "model.safetensors").is_file():
+        return dst
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    scaling = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+    sd = {k: v.double() for k, v in load_file(str(base / "model.safetensors")).items()}
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    for k, a in lora.items():
+        if k.endswith(".lora_A.weight"):
+            module = k[len("base_model.model."): -len(".lora_A.weight")]
+            b = lora[k.replace(".lora_A.", ".lora_B.")]
+            sd[f"{module}.weight"] += scaling * b.double() @ a.double()
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in base.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            shutil.copyfile(f, dst / f.name)
+    save_file({k: v.float() for k, v in sd.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst

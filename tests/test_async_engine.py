@@ -5,7 +5,6 @@ import asyncio
 import time
 
 import pytest
-import torch
 
 from serving.async_engine import AsyncEngine, EngineDeadError
 from serving.engine import EngineArgs, LLMEngine
@@ -14,12 +13,7 @@ from serving.sampling_params import SamplingParams
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/fixtures/engine.py
 
 
 @pytest.fixture(scope="module")

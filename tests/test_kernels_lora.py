@@ -186,6 +186,19 @@ def case_expand_into_fused_qkv_columns(device: str) -> None:
     _close(got, expect, "qkv slices")
 
 
+def _shrink_expand_both_paths(x, base, lora_a, lora_b, slots, sc, what: str, shrink_tol: float,
+                              expand_atol: float, expand_rtol: float) -> None:
+    """Half-precision Triton shrink/expand vs the references, per token (bgmv) and per segment (sgmv)."""
+    for seg in (None, lora_segments(slots)):
+        t = lora_shrink_triton(x, lora_a, slots, seg)
+        _close(t, lora_shrink_ref(x, lora_a, slots), f"{what} shrink", tol=shrink_tol)
+        got, expect = base.clone(), base.clone()
+        lora_expand_triton(got, t, lora_b, slots, sc, segments=seg)
+        lora_expand_ref(expect, t, lora_b, slots, sc)
+        torch.testing.assert_close(got.float(), expect.float(), atol=expand_atol, rtol=expand_rtol,
+                                   msg=lambda m: f"{what} expand: {m}")
+
+
 @case
 def case_fp16_output(device: str) -> None:
     lora_a, lora_b, sc, _ = make_slots([8, 8], 64, 48, seed=11, dtype=torch.float16)
@@ -194,13 +207,8 @@ def case_fp16_output(device: str) -> None:
     slots = torch.tensor([0] * 18 + [1] * 14, dtype=torch.int32, device=device)
     x = (torch.randn(32, 64, generator=g) * 0.1).half().to(device)
     base = torch.randn(32, 48, generator=g).half().to(device)
-    for seg in (None, lora_segments(slots)):
-        t = lora_shrink_triton(x, lora_a, slots, seg)
-        _close(t, lora_shrink_ref(x, lora_a, slots), "fp16 shrink", tol=2e-3)
-        got, expect = base.clone(), base.clone()
-        lora_expand_triton(got, t, lora_b, slots, sc, segments=seg)
-        lora_expand_ref(expect, t, lora_b, slots, sc)
-        _close(got, expect, "fp16 expand", tol=2e-2)
+    _shrink_expand_both_paths(x, base, lora_a, lora_b, slots, sc, "fp16", shrink_tol=2e-3, expand_atol=2e-2,
+                              expand_rtol=2e-2)
 
 
 @case
@@ -212,13 +220,8 @@ def case_bf16(device: str) -> None:
     slots = torch.tensor([0] * 20 + [-1] * 4 + [1] * 12, dtype=torch.int32, device=device)
     x = (torch.randn(36, 64, generator=g) * 0.1).to(torch.bfloat16).to(device)
     base = torch.randn(36, 48, generator=g).to(torch.bfloat16).to(device)
-    for seg in (None, lora_segments(slots)):
-        t = lora_shrink_triton(x, lora_a, slots, seg)
-        _close(t, lora_shrink_ref(x, lora_a, slots), "bf16 shrink", tol=1e-3)
-        got, expect = base.clone(), base.clone()
-        lora_expand_triton(got, t, lora_b, slots, sc, segments=seg)
-        lora_expand_ref(expect, t, lora_b, slots, sc)
-        torch.testing.assert_close(got.float(), expect.float(), atol=2e-2, rtol=2**-6)
+    _shrink_expand_both_paths(x, base, lora_a, lora_b, slots, sc, "bf16", shrink_tol=1e-3, expand_atol=2e-2,
+                              expand_rtol=2**-6)
 
 
 @case

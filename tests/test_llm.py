@@ -18,13 +18,7 @@ ARCH = "mixtral"
 NEW = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny shapes on a shared 2-core box: torch's intra-op threads cost 10x (contention)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/fixtures/engine.py
 
 
 @pytest.fixture(scope="module")

@@ -79,62 +79,41 @@ def logits(model_dir: Path) -> torch.Tensor:
 # ----------------------------------------------------------------------------- config errors
 
 
-def test_unsupported_architecture_lists_supported(base, tmp_path: Path) -> None:
-    d = copy_of(base["qwen2"], tmp_path)
-    edit_config(d, architectures=["GPT2LMHeadModel"])
-    with pytest.raises(ConfigError, match=r"GPT2LMHeadModel is not supported.*MixtralForCausalLM.*Qwen3ForCausalLM"):
-        load_model(d)
+# Each bad config: (checkpoint, how it is edited, the changes, what the ConfigError must say).
+BAD_CONFIGS = {
+    "unsupported_architecture_lists_supported": (
+        "qwen2", edit_config, dict(architectures=["GPT2LMHeadModel"]),
+        r"GPT2LMHeadModel is not supported.*MixtralForCausalLM.*Qwen3ForCausalLM"),
+    "trust_remote_code_only": (
+        "qwen2", edit_config,
+        dict(architectures=["MyFancyForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling.MyFancy"}),
+        r"trust_remote_code"),
+    "awq_bits_other_than_4": ("mixtral-awq", edit_quant, dict(bits=8), r"config\.json.*bits=8.*only 4-bit"),
+    "group_size_not_dividing_in_features": (  # a multiple of 8 that does not divide hidden 64
+        "mixtral-awq", edit_quant, dict(group_size=48),
+        r"group_size 48 does not divide in_features 64 of model\.layers\.0\.self_attn\.q_proj"),
+    "group_size_not_multiple_of_8": (
+        "mixtral-awq", edit_quant, dict(group_size=12), r"group_size 12 is not supported.*multiple of 8"),
+    "compressed_tensors_not_served_yet": (
+        "qwen2", edit_config, dict(quantization_config={
+            "quant_method": "compressed-tensors", "format": "pack-quantized",
+            "config_groups": {"group_0": {"format": "pack-quantized", "weights": {"num_bits": 4}}},
+        }),
+        r"compressed-tensors \(pack-quantized.*not served yet"),
+    "gptq_not_supported": (
+        "qwen2", edit_config,
+        dict(quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False}),
+        r"method 'gptq' is not supported.*AWQ"),
+    "awq_gemv_not_supported": ("mixtral-awq", edit_quant, dict(version="gemv"), r"version 'gemv' is not supported"),
+}
 
 
-def test_trust_remote_code_only(base, tmp_path: Path) -> None:
-    d = copy_of(base["qwen2"], tmp_path)
-    edit_config(d, architectures=["MyFancyForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling.MyFancy"})
-    with pytest.raises(ConfigError, match=r"trust_remote_code"):
-        load_model(d)
-
-
-def test_awq_bits_other_than_4(base, tmp_path: Path) -> None:
-    d = copy_of(base["mixtral-awq"], tmp_path)
-    edit_quant(d, bits=8)
-    with pytest.raises(ConfigError, match=r"config\.json.*bits=8.*only 4-bit"):
-        load_model(d)
-
-
-def test_group_size_not_dividing_in_features(base, tmp_path: Path) -> None:
-    d = copy_of(base["mixtral-awq"], tmp_path)
-    edit_quant(d, group_size=48)  # a multiple of 8 that does not divide hidden 64
-    with pytest.raises(ConfigError, match=r"group_size 48 does not divide in_features 64 of model\.layers\.0\.self_attn\.q_proj"):
-        load_model(d)
-
-
-def test_group_size_not_multiple_of_8(base, tmp_path: Path) -> None:
-    d = copy_of(base["mixtral-awq"], tmp_path)
-    edit_quant(d, group_size=12)
-    with pytest.raises(ConfigError, match=r"group_size 12 is not supported.*multiple of 8"):
-        load_model(d)
-
-
-def test_compressed_tensors_not_served_yet(base, tmp_path: Path) -> None:
-    d = copy_of(base["qwen2"], tmp_path)
-    edit_config(d, quantization_config={
-        "quant_method": "compressed-tensors", "format": "pack-quantized",
-        "config_groups": {"group_0": {"format": "pack-quantized", "weights": {"num_bits": 4}}},
-    })
-    with pytest.raises(ConfigError, match=r"compressed-tensors \(pack-quantized.*not served yet"):
-        load_model(d)
-
-
-def test_gptq_not_supported(base, tmp_path: Path) -> None:
-    d = copy_of(base["qwen2"], tmp_path)
-    edit_config(d, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False})
-    with pytest.raises(ConfigError, match=r"method 'gptq' is not supported.*AWQ"):
-        load_model(d)
-
-
-def test_awq_gemv_not_supported(base, tmp_path: Path) -> None:
-    d = copy_of(base["mixtral-awq"], tmp_path)
-    edit_quant(d, version="gemv")
-    with pytest.raises(ConfigError, match=r"version 'gemv' is not supported"):
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_is_named(case: str, base, tmp_path: Path) -> None:
+    src, edit, changes, match = BAD_CONFIGS[case]
+    d = copy_of(base[src], tmp_path)
+    edit(d, **changes)
+    with pytest.raises(ConfigError, match=match):
         load_model(d)
 
 

@@ -19,12 +19,7 @@ from serving.lora.adapter import TargetShape, parse_source
 from serving.tiny import adapter_dir
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/fixtures/engine.py
 
 
 @pytest.fixture(scope="module")

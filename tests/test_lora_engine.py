@@ -9,16 +9,14 @@ chosen tokens' log-probabilities within LOGPROB_ATOL.
 from __future__ import annotations
 
 import json
-import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from serving import LLM, SamplingParams
 from serving.tiny import adapter_dir, dequantize_awq_dir
+from tests.helpers_forward import merged_reference
 
 ARCHS = ("mixtral", "qwen3_moe", "llama")
 NEW = 10
@@ -30,36 +28,10 @@ PROMPTS = [[1, 50, 60, 70, 80, 90, 100, 110], [1, 5, 300, 7, 9], [1, 222, 17, 40
 GREEDY = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/fixtures/engine.py
 
 
 # ---------------------------------------------------------------- the reference
-def merged_reference(base: Path, adapter: Path, dst: Path) -> Path:
-    """fp32 copy of `base` with scaling · B @ A merged into each adapted weight in float64."""
-    if (dst / "model.safetensors").is_file():
-        return dst
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    scaling = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
-    sd = {k: v.double() for k, v in load_file(str(base / "model.safetensors")).items()}
-    lora = load_file(str(adapter / "adapter_model.safetensors"))
-    for k, a in lora.items():
-        if k.endswith(".lora_A.weight"):
-            module = k[len("base_model.model."): -len(".lora_A.weight")]
-            b = lora[k.replace(".lora_A.", ".lora_B.")]
-            sd[f"{module}.weight"] += scaling * b.double() @ a.double()
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in base.iterdir():
-        if f.is_file() and f.name != "model.safetensors":
-            shutil.copyfile(f, dst / f.name)
-    save_file({k: v.float() for k, v in sd.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
 def hf_greedy(model_dir: Path, prompts: list[list[int]], n: int) -> list[tuple[list[int], list[float]]]:
     """transformers greedy tokens and their log-probs, one prompt at a time (fp32)."""
     from transformers import AutoModelForCausalLM

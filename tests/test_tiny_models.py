@@ -3,28 +3,21 @@ builds are byte-deterministic, adapters are real and match a merged-weights refe
 from __future__ import annotations
 
 import json
-import math
-import shutil
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from serving.config import ModelConfig
 from serving.tiny import GROUP_SIZE, adapter_dir, dequantize_awq_dir, make_tiny
+from tests.helpers_forward import merged_reference
 
 ARCHS = ["mixtral", "qwen3_moe", "llama"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny matmuls: one thread is faster than two fighting over a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/fixtures/engine.py
 
 
 PROMPTS = ["Hello, the experts", "Tell me a story about a robot", "The sea is wide and"]
@@ -194,25 +187,6 @@ def test_same_seed_byte_identical_different_seed_differs(tmp_path, arch: str, qu
 
 
 # ---------------------------------------------------------------- adapters
-def _merged_reference(base: Path, adapter: Path, dst: Path) -> Path:
-    """fp32 copy of `base` with W + scaling * B @ A merged in float64 (Hub key layout)."""
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    scaling = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
-    sd = {k: v.double() for k, v in load_file(str(base / "model.safetensors")).items()}
-    lora = load_file(str(adapter / "adapter_model.safetensors"))
-    for k, a in lora.items():
-        if k.endswith(".lora_A.weight"):
-            module = k[len("base_model.model."): -len(".lora_A.weight")]
-            b = lora[k.replace(".lora_A.", ".lora_B.")]
-            sd[f"{module}.weight"] += scaling * b.double() @ a.double()
-    dst.mkdir(parents=True)
-    save_file({k: v.float() for k, v in sd.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    for f in base.iterdir():
-        if f.name != "model.safetensors":
-            shutil.copyfile(f, dst / f.name)
-    return dst
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adapters_load_in_peft_and_match_merged_reference(tiny_models, tmp_path, arch: str) -> None:
     from peft import PeftModel
@@ -246,7 +220,7 @@ def test_adapters_load_in_peft_and_match_merged_reference(tiny_models, tmp_path,
         assert not missing, missing
         with torch.no_grad():
             out = peft_model(ids).logits
-        merged = _load(_merged_reference(base_dir, ad, tmp_path / f"merged{i}"), dtype=torch.float32)
+        merged = _load(merged_reference(base_dir, ad, tmp_path / f"merged{i}"), dtype=torch.float32)
         with torch.no_grad():
             ref = merged(ids).logits
         assert float((out - ref_base).abs().max()) > 0.5, f"adapter {i} has no visible effect"

@@ -336,17 +336,13 @@ def _install_lora_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
-        if state.disable_lora_admin:
-            raise OpenAIError("adapter loading is disabled on this endpoint (--disable-lora-admin)", 403,
-                              code="lora_admin_disabled")
-        if state.lora_load is None:
-            raise OpenAIError("loading LoRA adapters at run time is not available in this server build; "
-                              "start the server with --lora NAME=PATH instead", 501, code="not_implemented")
+        load = _lora_admin_hook(state, "loading", state.lora_load,
+                                "; start the server with --lora NAME=PATH instead")
         if body.lora_name == state.served_model_name or body.lora_name in state.adapters:
             raise OpenAIError(f"an adapter or model named '{body.lora_name}' is already served", 400,
                               param="lora_name", code="adapter_exists")
         try:
-            await state.lora_load(body.lora_name, body.lora_path)
+            await load(body.lora_name, body.lora_path)
         except ValueError as e:
             raise OpenAIError(f"cannot load adapter '{body.lora_name}' from {body.lora_path}: {e}", 400,
                               param="lora_path", code="invalid_adapter") from e
@@ -355,21 +351,29 @@ def _install_lora_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
-        if state.disable_lora_admin:
-            raise OpenAIError("adapter unloading is disabled on this endpoint (--disable-lora-admin)", 403,
-                              code="lora_admin_disabled")
-        if state.lora_unload is None:
-            raise OpenAIError("unloading LoRA adapters at run time is not available in this server build", 501,
-                              code="not_implemented")
+        unload = _lora_admin_hook(state, "unloading", state.lora_unload)
         if body.lora_name not in state.adapters:
             raise OpenAIError(f"no adapter named '{body.lora_name}' is loaded; see /v1/models", 404,
                               param="lora_name", code="model_not_found")
-        await state.lora_unload(body.lora_name)
+        await unload(body.lora_name)
         state.adapters.pop(body.lora_name, None)
         return JSONResponse({"status": "ok", "lora_name": body.lora_name})
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _lora_admin_hook(state: ServerState, verb: str, hook: Callable[..., Awaitable[Any]] | None,
+                     hint: str = "") -> Callable[..., Awaitable[Any]]:
+    """The adapter-admin `hook` ready to call, or the OpenAI error saying why it cannot run:
+    403 when admin is switched off, 501 when this build has no LoRA manager behind it."""
+    if state.disable_lora_admin:
+        raise OpenAIError(f"adapter {verb} is disabled on this endpoint (--disable-lora-admin)", 403,
+                          code="lora_admin_disabled")
+    if hook is None:
+        raise OpenAIError(f"{verb} LoRA adapters at run time is not available in this server build{hint}", 501,
+                          code="not_implemented")
+    return hook
 
 
 def _require_engine(state: ServerState) -> Any:
