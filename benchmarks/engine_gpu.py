@@ -30,6 +30,7 @@ import platform
 import signal
 import statistics
 import sys
+import threading
 import time
 from typing import Any, Iterator
 
@@ -416,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     def on_term(signum: int, frame: Any) -> None:
         raise TimeoutError(f"signal {signum} (the check's timeout?)")
 
-    signal.signal(signal.SIGTERM, on_term)  # a timeout still gets the partial table
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, on_term) if main_thread else None  # a timeout still gets the table
     rc = 0
     try:
         run(args, r)
@@ -428,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         r["notes"].append(f"failed: {type(e).__name__}: {e}")
         rc = 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
     r["total_s"] = time.perf_counter() - t0
     if args.json:
         with open(args.json, "w") as f:
