@@ -24,8 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _scaled(n: float, unit: str) -> str:
+    """1234567 -> '1.23 M' + unit: tiny test models and 46.7 B-parameter ones both read well."""
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}"
+
+
 def _gb(n: float | None) -> str:
-    return "?" if n is None else f"{n / 1e9:.2f} GB"
+    return "?" if n is None else _scaled(n, "B")
 
 
 def _print_tables(payload: dict) -> None:
@@ -45,7 +53,7 @@ def _print_tables(payload: dict) -> None:
         ("heads / KV heads / head dim", f"{a['num_attention_heads']} / {a['num_key_value_heads']} / {a['head_dim']}"),
         ("vocab / context", f"{a['vocab_size']} / {a['context_length']}"),
         ("rope", f"theta {a['rope_theta']:g}" + (f", scaling {a['rope_scaling']}" if a["rope_scaling"] else "")),
-        ("parameters", f"{w['param_count'] / 1e9:.2f} B"),
+        ("parameters", _scaled(w["param_count"], "").replace("G", "B").strip()),
         ("weights", f"{_gb(w['total_bytes'])} in {len(w['files'])} file(s) (Hub: {_gb(w['file_bytes'])})"),
         ("license", str(card["license"])),
         ("base model", ", ".join(card["base_model"]) + (f" ({card['base_model_relation']})"

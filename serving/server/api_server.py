@@ -429,12 +429,11 @@ def _finish(out: Any) -> str | None:
     return reason if reason in ("stop", "length", "abort", None) else str(reason)
 
 
-async def _generate(engine: Any, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                    lora: str | None) -> AsyncIterator[Any]:
-    gen = engine.generate(prompt_ids, params, request_id, lora=lora) if lora else \
+def _generate(engine: Any, prompt_ids: list[int], params: SamplingParams, request_id: str,
+              lora: str | None) -> AsyncIterator[Any]:
+    """The engine's own stream (no wrapping generator: one fewer hop per token)."""
+    return engine.generate(prompt_ids, params, request_id, lora=lora) if lora else \
         engine.generate(prompt_ids, params, request_id)
-    async for out in gen:
-        yield out
 
 
 class _Tracker:
@@ -445,22 +444,20 @@ class _Tracker:
         self.last: float | None = None
 
     def on_output(self, out: Any) -> None:
-        if not getattr(out, "delta_token_ids", None) and not getattr(out, "finished", False):
-            return
-        t = time.perf_counter()
         m = self.state.metrics
         if m is None:
             return
+        delta = getattr(out, "delta_token_ids", None)
         if self.last is None:
-            if out.token_ids:
+            if (delta or getattr(out, "finished", False)) and out.token_ids:
+                t = time.perf_counter()
                 m.observe_ttft(t - self.start)
                 self.last = t
-        else:
-            n = max(1, len(getattr(out, "delta_token_ids", None) or ()))
-            if getattr(out, "delta_token_ids", None):
-                for _ in range(n):
-                    m.observe_itl((t - self.last) / n)
-                self.last = t
+        elif delta:
+            t = time.perf_counter()
+            n = len(delta)
+            m.observe_itl((t - self.last) / n, count=n)
+            self.last = t
 
     def on_finished(self, out: Any) -> None:
         if self.state.metrics is not None:
@@ -552,6 +549,21 @@ async def _merged(state: ServerState, engine: Any, rid: str, prompts: list[list[
     """(choice index, RequestOutput) from all sequences as they come; aborts leftovers on exit."""
     start = time.perf_counter()
     ids = [f"{rid}-{i}" for i in range(len(prompts))]
+    if len(prompts) == 1:  # the common n=1 case: read the engine's stream directly, no queue/task hop
+        tracker = _Tracker(state, model, start)
+        final = None
+        try:
+            async for out in _generate(engine, prompts[0], params[0], ids[0], lora):
+                tracker.on_output(out)
+                final = out
+                yield 0, out
+            ids.clear()  # finished: nothing to abort
+            if final is not None:
+                tracker.on_finished(final)
+        finally:
+            for r in ids:
+                _abort(engine, r)
+        return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     done: set[str] = set()
     _END = object()
@@ -602,6 +614,32 @@ def _data(obj: Any) -> str:
     return f"data: {payload}\n\n"
 
 
+def _dumps(obj: Any) -> str:
+    """Compact JSON with raw UTF-8: byte-identical to pydantic's `model_dump_json` for dicts
+    of str and int (pydantic-core escapes strings the same way)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class _Chunks:
+    """The SSE events of one stream. The constant head (`id`, `object`, `created`, `model`) is
+    encoded once; plain choices (no logprobs) are small dicts through `json.dumps`, which
+    costs a fraction of building and dumping the pydantic models per token. Chunks with
+    logprobs or usage still go through the models (`full`)."""
+
+    def __init__(self, model_cls: Any, rid: str, created: int, model: str) -> None:
+        self._cls, self._rid, self._created, self._model = model_cls, rid, created, model
+        head = _dumps({"id": rid, "object": model_cls.model_fields["object"].default, "created": created,
+                       "model": model})
+        self._head = f"data: {head[:-1]},\"choices\":["
+
+    def choice(self, choice: dict[str, Any]) -> str:
+        """One chunk holding one choice; keys in the model's field order, no None values."""
+        return f"{self._head}{_dumps(choice)}]}}\n\n"
+
+    def full(self, choices: list[Any], usage: UsageInfo | None = None) -> str:
+        return _data(self._cls(id=self._rid, created=self._created, model=self._model, choices=choices, usage=usage))
+
+
 def _stream_error(e: Exception) -> str:
     """An error that happens after the 200 went out travels as one SSE event (as vLLM does)."""
     return f"data: {json.dumps(_engine_error(e).body())}\n\n"
@@ -609,48 +647,47 @@ def _stream_error(e: Exception) -> str:
 
 async def _chat_stream(state: ServerState, engine: Any, body: ChatCompletionRequest, rid: str,
                        prompt_ids: list[int], params: list[SamplingParams], lora: str | None) -> AsyncIterator[str]:
-    created = now()
     n = len(params)
     tok = engine.tokenizer
-
-    def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
-        return _data(ChatCompletionChunk(id=rid, created=created, model=body.model, choices=choices, usage=usage))
+    chunks = _Chunks(ChatCompletionChunk, rid, now(), body.model)
 
     for i in range(n):
-        yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        yield chunks.choice({"index": i, "delta": {"role": "assistant", "content": ""}})
     completion = [0] * n
     try:
         async for i, out in _merged(state, engine, rid, [prompt_ids] * n, params, lora, body.model):
             completion[i] = len(out.token_ids)
             delta = out.delta_text or ""
-            lp = None
+            events = ""
             if params[i].logprobs is not None and out.delta_token_ids and out.logprobs:
                 lp = _chat_logprobs(tok, list(out.logprobs)[-len(out.delta_token_ids):])
-            if delta or lp is not None:
-                yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=delta), logprobs=lp)])
-            if out.finished:
-                yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(), finish_reason=_finish(out))])
+                events = chunks.full([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=delta), logprobs=lp)])
+            elif delta:
+                events = chunks.choice({"index": i, "delta": {"content": delta}})
+            if out.finished:  # the last text and the finish event leave in one write (same bytes)
+                reason = _finish(out)
+                events += chunks.choice({"index": i, "delta": {}} if reason is None else
+                                        {"index": i, "delta": {}, "finish_reason": reason})
+            if events:
+                yield events
     except asyncio.CancelledError:
         raise
     except Exception as e:
         yield _stream_error(e)
     if body.include_usage:
         total = sum(completion)
-        yield chunk([], UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=total,
-                                  total_tokens=len(prompt_ids) + total))
+        yield chunks.full([], UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=total,
+                                        total_tokens=len(prompt_ids) + total))
     yield "data: [DONE]\n\n"
 
 
 async def _completion_stream(state: ServerState, engine: Any, body: CompletionRequest, rid: str,
                              prompts: list[list[int]], params: list[SamplingParams], lora: str | None,
                              echo_texts: list[str]) -> AsyncIterator[str]:
-    created = now()
     tok = engine.tokenizer
     completion = [0] * len(prompts)
     echoed = [False] * len(prompts)
-
-    def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
-        return _data(CompletionStreamResponse(id=rid, created=created, model=body.model, choices=choices, usage=usage))
+    chunks = _Chunks(CompletionStreamResponse, rid, now(), body.model)
 
     try:
         async for i, out in _merged(state, engine, rid, prompts, params, lora, body.model):
@@ -658,12 +695,13 @@ async def _completion_stream(state: ServerState, engine: Any, body: CompletionRe
             text = out.delta_text or ""
             if not echoed[i]:
                 text, echoed[i] = echo_texts[i] + text, True
-            lp = None
+            reason = _finish(out) if out.finished else None
             if params[i].logprobs is not None and out.delta_token_ids and out.logprobs:
                 lp = _completion_logprobs(tok, list(out.logprobs)[-len(out.delta_token_ids):])
-            if text or lp is not None or out.finished:
-                yield chunk([CompletionChoice(index=i, text=text, logprobs=lp,
-                                              finish_reason=_finish(out) if out.finished else None)])
+                yield chunks.full([CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=reason)])
+            elif text or out.finished:
+                yield chunks.choice({"index": i, "text": text} if reason is None else
+                                    {"index": i, "text": text, "finish_reason": reason})
     except asyncio.CancelledError:
         raise
     except Exception as e:
@@ -671,7 +709,7 @@ async def _completion_stream(state: ServerState, engine: Any, body: CompletionRe
     if body.include_usage:
         p = _unique_prompt_tokens(prompts, body.n)
         total = sum(completion)
-        yield chunk([], UsageInfo(prompt_tokens=p, completion_tokens=total, total_tokens=p + total))
+        yield chunks.full([], UsageInfo(prompt_tokens=p, completion_tokens=total, total_tokens=p + total))
     yield "data: [DONE]\n\n"
 
 

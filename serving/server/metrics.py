@@ -105,20 +105,34 @@ class ServerMetrics:
         self.errors = Counter("hubdeploy:request_errors", "Requests answered with an error, by HTTP status.",
                               labels + ["status"], registry=self.registry)
         self.registry.register(_EngineCollector(get_stats))
+        # the served model's children, resolved once: `labels()` takes a lock and builds a
+        # tuple key, which the streaming path would otherwise pay once per token
+        self._ttft = self.ttft.labels(model_name)
+        self._itl = self.itl.labels(model_name)
+        self._e2e = self.e2e.labels(model_name)
+        self._prompt_tokens = self.request_prompt_tokens.labels(model_name)
+        self._generation_tokens = self.request_generation_tokens.labels(model_name)
 
     def observe_ttft(self, seconds: float, model: str | None = None) -> None:
-        self.ttft.labels(model or self.model_name).observe(seconds)
+        (self._ttft if model is None else self.ttft.labels(model)).observe(seconds)
 
-    def observe_itl(self, seconds: float, model: str | None = None) -> None:
-        self.itl.labels(model or self.model_name).observe(seconds)
+    def observe_itl(self, seconds: float, model: str | None = None, count: int = 1) -> None:
+        """`count` equal gaps of `seconds` (several tokens that arrived in one engine output)."""
+        child = self._itl if model is None else self.itl.labels(model)
+        for _ in range(count):
+            child.observe(seconds)
 
     def observe_finished(self, e2e_s: float, prompt_tokens: int, completion_tokens: int,
                          finish_reason: str | None, model: str | None = None) -> None:
-        m = model or self.model_name
-        self.e2e.labels(m).observe(e2e_s)
-        self.request_prompt_tokens.labels(m).observe(prompt_tokens)
-        self.request_generation_tokens.labels(m).observe(completion_tokens)
-        self.requests.labels(m, finish_reason or "abort").inc()
+        if model is None:
+            self._e2e.observe(e2e_s)
+            self._prompt_tokens.observe(prompt_tokens)
+            self._generation_tokens.observe(completion_tokens)
+        else:
+            self.e2e.labels(model).observe(e2e_s)
+            self.request_prompt_tokens.labels(model).observe(prompt_tokens)
+            self.request_generation_tokens.labels(model).observe(completion_tokens)
+        self.requests.labels(model or self.model_name, finish_reason or "abort").inc()
 
     def observe_error(self, status: int, model: str | None = None) -> None:
         self.errors.labels(model or self.model_name, str(status)).inc()
