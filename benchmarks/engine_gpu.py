@@ -34,9 +34,10 @@ import threading
 import time
 from typing import Any, Iterator
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # benchmarks/kernels.py shadows kernels
-sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for _common, also when loaded by path
+from _common import MIXTRAL_8X7B, use_source_tree  # noqa: E402
+
+use_source_tree()
 
 import torch  # noqa: E402
 
@@ -48,9 +49,6 @@ from serving.models.layers import Linear  # noqa: E402
 from serving.sampling_params import SamplingParams  # noqa: E402
 from serving.tokenizer import Tokenizer  # noqa: E402
 
-MIXTRAL_8X7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=8, head_dim=128, num_local_experts=8, num_experts_per_tok=2,
-                    vocab_size=32000)
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, num_local_experts=4, num_experts_per_tok=2, vocab_size=512)
 
