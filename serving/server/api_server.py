@@ -492,11 +492,16 @@ async def _run_all(state: ServerState, engine: Any, rid: str, prompts: list[list
     except Exception as e:
         raise _engine_error(e) from e
     finally:
-        for t in tasks:
-            t.cancel()
-        for r in ids:
-            if r not in done:
-                _abort(engine, r)
+        _cancel_and_abort(engine, tasks, ids, done)
+
+
+def _cancel_and_abort(engine: Any, tasks: list[asyncio.Task], ids: list[str], done: set[str]) -> None:
+    """Leaving a request early (error, disconnect, client gone): stop its tasks, free its KV blocks."""
+    for t in tasks:
+        t.cancel()
+    for r in ids:
+        if r not in done:
+            _abort(engine, r)
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[Any], poll_s: float = 0.1) -> Any:
@@ -597,11 +602,7 @@ async def _merged(state: ServerState, engine: Any, rid: str, prompts: list[list[
                 raise item
             yield i, item
     finally:
-        for t in tasks:
-            t.cancel()
-        for r in ids:
-            if r not in done:
-                _abort(engine, r)
+        _cancel_and_abort(engine, tasks, ids, done)
 
 
 def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
