@@ -145,7 +145,11 @@ BAD = {
     "dora": ("DoRA", lambda d: _edit_config(d, use_dora=True)),
     "modules_to_save": ("modules_to_save", lambda d: _edit_config(d, modules_to_save=["lm_head"])),
     "bias": ("bias='all'", lambda d: _edit_config(d, bias="all")),
-    "target_parameters": ("target_parameters", lambda d: _edit_config(d, target_parameters=["experts.gate_up_proj"])),
+    # fused expert parameters are served (tests/test_lora_target_parameters.py); other parameters are not
+    "target_parameters_router": ("target_parameters entry 'mlp.gate.weight': LoRA on the MoE router",
+                                 lambda d: _edit_config(d, target_parameters=["mlp.gate.weight"])),
+    "target_parameters_2d": ("'self_attn.q_proj.weight': only the fused MoE expert parameters",
+                             lambda d: _edit_config(d, target_parameters=["self_attn.q_proj.weight"])),
     "missing_config": ("missing adapter_config.json", lambda d: (d / "adapter_config.json").unlink()),
     "missing_weights": ("missing adapter_model.safetensors", lambda d: (d / "adapter_model.safetensors").unlink()),
     "bin_only": ("never unpickle", lambda d: (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")),
