@@ -14,15 +14,11 @@ import threading
 from typing import Any, AsyncIterator
 
 from serving.engine import EngineArgs, LLMEngine
-from serving.outputs import RequestOutput
+from serving.outputs import EngineDeadError, RequestOutput
 from serving.sampling_params import SamplingParams
 from serving.stats import EngineStats
 
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped (shut down or failed to load); the request cannot run."""
 
 
 class AsyncEngine:
@@ -120,6 +116,27 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         """Abort a request: its stream ends with finish_reason "abort" and its blocks are freed."""
         self._inbox.put(("abort", request_id))
+
+    @property
+    def lora_sources(self) -> dict[str, str] | None:
+        """Adapters the engine serves (name -> source); None without a LoRA manager."""
+        mgr = self.engine.lora_manager
+        return dict(mgr.sources) if mgr is not None else None
+
+    async def load_lora(self, name: str, source: str) -> None:
+        """Register an adapter (LoRAError when it cannot be served); read in a worker thread,
+        since it may download, so the event loop and the engine keep serving."""
+        await asyncio.to_thread(self._lora_manager().register, name, source)
+
+    async def unload_lora(self, name: str) -> None:
+        """Forget an adapter (KeyError if unknown, LoRAError while requests use it)."""
+        self._lora_manager().unregister(name)
+
+    def _lora_manager(self) -> Any:
+        mgr = self.engine.lora_manager
+        if mgr is None:
+            raise RuntimeError("this engine has no LoRA manager (started with max_loras=0)")
+        return mgr
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop thread; in-flight streams end with EngineDeadError."""

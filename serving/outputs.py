@@ -1,13 +1,18 @@
 """`RequestOutput`: what the engine hands back for a request after each step.
 
 Cumulative fields (`token_ids`, `text`, `logprobs`) hold everything so far; the `delta_*`
-fields hold what is new since the previous output, for streaming.
+fields hold what is new since the previous output, for streaming. `EngineDeadError` is what
+a stream raises instead when the engine cannot run it any more.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from serving.sequence import TokenLogprob
+
+
+class EngineDeadError(RuntimeError):
+    """The engine stopped (shut down, failed to load or exited); the request cannot run."""
 
 
 @dataclass

@@ -1,13 +1,17 @@
-"""AsyncEngine: the step loop in its own thread, streams, aborts, client disconnects."""
+"""The engine fronts: `AsyncEngine` (step loop in a thread) and `EngineProcess` (in a child
+process, talked to over a pipe) — the same streams, aborts, disconnects and failures."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
 
 from serving.async_engine import AsyncEngine, EngineDeadError
 from serving.engine import EngineArgs, LLMEngine
+from serving.engine_process import EngineProcess
 from serving.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -22,9 +26,17 @@ def args(tiny_models) -> EngineArgs:
                       kv_cache_tokens=2048)
 
 
+FRONTS = {"thread": AsyncEngine, "process": EngineProcess}
+
+
+@pytest.fixture(scope="module", params=sorted(FRONTS))
+def front(request):
+    return FRONTS[request.param]
+
+
 @pytest.fixture(scope="module")
-def engine(args):
-    eng = AsyncEngine(args)
+def engine(args, front):
+    eng = front(args)
     yield eng
     eng.shutdown()
 
@@ -107,14 +119,41 @@ def test_bad_request_raises_in_its_stream_only(engine: AsyncEngine) -> None:
     assert outs[-1].finish_reason == "length"
 
 
-def test_background_load_and_failures(args: EngineArgs, tmp_path) -> None:
-    eng = AsyncEngine(args, load_in_background=True)
+def test_background_load_and_failures(args: EngineArgs, front, tmp_path) -> None:
+    eng = front(args, load_in_background=True)
     assert eng.wait_ready(60) and eng.is_ready
     eng.shutdown()
     assert not eng.is_ready
     with pytest.raises(EngineDeadError):
         asyncio.run(collect(eng, [1, 2], "late"))
-    broken = AsyncEngine(EngineArgs(str(tmp_path), device="cpu"), load_in_background=True)
+    broken = front(EngineArgs(str(tmp_path), device="cpu"), load_in_background=True)
     assert not broken.wait_ready(30)
     assert broken.load_error is not None and "config.json" in str(broken.load_error)
     broken.shutdown()
+
+
+def test_engine_process_death_fails_streams_and_reports(args: EngineArgs) -> None:
+    """A killed engine process (e.g. by the OOM killer): in-flight streams end with
+    EngineDeadError, `on_exit` is told once, new requests are refused, nothing hangs."""
+    exits: list[str] = []
+    eng = EngineProcess(args, on_exit=exits.append)
+
+    async def main():
+        gen = eng.generate([1, 2, 3], SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True), "victim")
+        await gen.__anext__()
+        os.kill(eng.pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError):
+            async for _ in gen:
+                pass
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+        deadline = time.monotonic() + 10
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(exits) == 1 and "exit code -9" in exits[0]
+        assert not eng.is_ready
+        with pytest.raises(EngineDeadError):
+            asyncio.run(collect(eng, [1, 2], "after"))
+    finally:
+        eng.shutdown()

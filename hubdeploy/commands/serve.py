@@ -1,7 +1,9 @@
 """`hubdeploy serve MODEL`: the OpenAI-compatible endpoint for one model (+ LoRA adapters).
 
 The HTTP server starts first and answers `/health` with 503 while the model downloads and
-loads in a background thread, so a deploy service can poll it. Phases go to stdout as
+loads, so a deploy service can poll it. The engine runs in its own process (the HTTP side's
+per-token Python never takes turns with the engine's under one GIL); `--single-process`
+runs it in a thread of this one instead. Phases go to stdout as
 `phase: downloading|loading|warming_up|ready|failed` lines (the deploy service reads them).
 fastapi/uvicorn are imported here, lazily: `serving` itself must import without them.
 """
@@ -44,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--disable-lora-admin", action="store_true",
                    help="refuse /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    p.add_argument("--single-process", action="store_true",
+                   help="run the engine in a thread of the server process (default: in its own process)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -98,6 +102,31 @@ async def _warm_up(engine: Any) -> None:
         pass
 
 
+def _start_engine(app: Any, args: argparse.Namespace, engine_args: Any, server: Any) -> Any:
+    """The engine in a child process (default) or a thread; stored on the app for shutdown."""
+    if args.single_process:
+        from serving.async_engine import AsyncEngine
+
+        app.state.engine = AsyncEngine(engine_args)
+        return app.state.engine
+    from serving.engine_process import EngineProcess
+
+    def on_exit(reason: str) -> None:  # the engine died while serving: fail loudly, let the supervisor restart
+        from serving.server.api_server import set_phase
+
+        set_phase(app, "failed", failure=reason)
+        phase("failed", reason)
+        app.state.exit_code = 1
+        server.should_exit = True
+
+    engine = EngineProcess(engine_args, load_in_background=True, log_level=args.log_level, on_exit=on_exit)
+    app.state.engine = engine  # set before waiting: a shutdown while loading stops the child too
+    engine.wait_ready()
+    if engine.load_error is not None:
+        raise engine.load_error
+    return engine
+
+
 def _load(app: Any, args: argparse.Namespace, loras: dict[str, str], server: Any) -> None:
     """Background thread: download, load, warm up, then attach the engine to the app."""
     from serving.server.api_server import attach_engine, set_phase
@@ -108,22 +137,20 @@ def _load(app: Any, args: argparse.Namespace, loras: dict[str, str], server: Any
         model_dir = _resolve(args.model, args.revision)
         set_phase(app, "loading")
         phase("loading", str(model_dir))
-        from serving.async_engine import AsyncEngine
         from serving.chat_template import load_chat_template
 
         t0 = time.perf_counter()
-        engine = AsyncEngine(_engine_args(args, model_dir, loras))
-        app.state.engine = engine
-        if loras and getattr(engine.engine, "lora_manager", None) is None:
+        engine = _start_engine(app, args, _engine_args(args, model_dir, loras), server)
+        lora_sources = engine.lora_sources
+        if loras and lora_sources is None:
             raise RuntimeError(f"--lora was given ({', '.join(loras)}) but this engine build loaded no LoRA "
                                "manager, so adapter requests would silently run the base model; "
                                "serve without --lora or use a build with serving.lora")
-        lora_mgr = getattr(engine.engine, "lora_manager", None)
-        if lora_mgr is not None:  # LoRA seam: the manager serves the adapter admin routes
+        if lora_sources is not None:  # LoRA seam: the engine's manager serves the adapter admin routes
             from serving.lora.server import lora_hooks
             from serving.server.api_server import set_lora_hooks
 
-            set_lora_hooks(app, *lora_hooks(lora_mgr), adapters=dict(lora_mgr.sources))
+            set_lora_hooks(app, *lora_hooks(engine), adapters=lora_sources)
         set_phase(app, "warming_up")
         phase("warming_up", f"loaded in {time.perf_counter() - t0:.1f}s")
         asyncio.run(_warm_up(engine))
@@ -133,7 +160,10 @@ def _load(app: Any, args: argparse.Namespace, loras: dict[str, str], server: Any
         phase("ready", f"http://{args.host}:{args.port}/v1 model={app.state.server.served_model_name}")
     except BaseException as e:  # noqa: BLE001 - every failure is reported, then the process exits
         log.exception("loading %s failed", args.model)
-        reason = f"{type(e).__name__}: {e}"
+        from serving.outputs import EngineDeadError
+
+        # the engine process already named the failure ("ValueError: ..."): keep its words
+        reason = str(e) if isinstance(e, EngineDeadError) else f"{type(e).__name__}: {e}"
         set_phase(app, "failed", failure=reason)
         phase("failed", reason.replace("\n", " "))
         server.should_exit = True
