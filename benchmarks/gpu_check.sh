@@ -27,12 +27,14 @@ timeout 126 python benchmarks/kernels.py --json "$OUT/kernels.json" > "$OUT/kern
 rc_bench=$?
 tail -n 15 "$OUT/kernels.err"
 
-# LoRA bench at 8 of Mixtral's 32 layers to fit the check's time (each layer costs the same; lm_head weighs more)
+# LoRA bench at 8 of Mixtral's 32 layers to fit the check's time (each layer costs the same; lm_head weighs more);
+# decode timed eager and as CUDA graphs (base-only and LoRA graphs, as the engine replays them); 10 rounds each
+# to leave time for the two graph captures; rows are printed per phase, so a timeout keeps the decode ones
 echo "== LoRA: pytest -m gpu tests/test_lora_adapter.py, then benchmarks/lora.py (Mixtral-8x7B AWQ shapes, rank 16) =="
 timeout 58 python -m pytest --noconftest -p no:cacheprovider -m gpu -q tests/test_lora_adapter.py 2>&1 \
     | tee "$OUT/lora_pytest.txt" | tail -n 15
 rc_lora_tests=${PIPESTATUS[0]}
-timeout 97 python benchmarks/lora.py --layers 8 --json "$OUT/lora.json" > "$OUT/lora.txt" 2> "$OUT/lora.err"
+timeout 97 python benchmarks/lora.py --layers 8 --iters 10 --json "$OUT/lora.json" > "$OUT/lora.txt" 2> "$OUT/lora.err"
 rc_lora_bench=$?
 tail -n 5 "$OUT/lora.err"; cat "$OUT/lora.txt"
 [ "$rc_lora_tests" -eq 0 ] && [ "$rc_lora_bench" -eq 0 ] || rc_bench=1

@@ -90,30 +90,45 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _rows_of(token_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot clamped to 0 as int64, row uses an adapter): gather indices with no host sync."""
+    return token_slots.clamp(min=0).long(), token_slots >= 0
+
+
 def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """t[n] = x[n] @ A[slot[n]]^T in fp32 (fp64 for fp64 inputs); rows with slot -1 are zero."""
+    """t[n] = x[n] @ A[slot[n]]^T in fp32 (fp64 for fp64 inputs); rows with slot -1 are zero.
+
+    BGMV in torch: each row's A is gathered (`index_select`) and one batched matmul runs
+    them all, so the cost does not grow with the number of distinct slots, and nothing
+    waits on the device (no data-dependent shapes): CUDA-graph safe.
+    """
     _check_shrink(x, lora_a, token_slots)
     acc = _acc(x)
-    out = torch.zeros((x.shape[0], lora_a.shape[1]), dtype=acc, device=x.device)
-    valid = token_slots >= 0
-    if valid.any():
-        a = lora_a[token_slots[valid].long()].to(acc)  # [n, r, in]
-        out[valid] = torch.einsum("ni,nri->nr", x[valid].to(acc), a)
-    return out
+    idx, valid = _rows_of(token_slots)
+    a = lora_a.index_select(0, idx).to(acc)  # [N, r, in]
+    t = torch.bmm(a, x.to(acc).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid[:, None], t, 0.0)
+
+
+def _add_rows(out: torch.Tensor, delta: torch.Tensor) -> None:
+    """out += delta in place, through the accumulation dtype when out is narrower."""
+    if out.dtype == delta.dtype:
+        out.add_(delta)
+    else:
+        out.copy_(out.to(delta.dtype) + delta)
 
 
 def lora_expand_ref(out: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor,
                     scalings: torch.Tensor, out_offset: int = 0) -> torch.Tensor:
-    """out[n, off:off+o] += scaling[slot] * t[n] @ B[slot]^T (in place, slot -1 rows untouched)."""
+    """out[n, off:off+o] += scaling[slot] * t[n] @ B[slot]^T (in place, slot -1 rows untouched:
+    their scaling is 0, and x + 0 == x). BGMV in torch as `lora_shrink_ref`."""
     _check_expand(out, t, lora_b, token_slots, scalings, out_offset)
-    valid = token_slots >= 0
-    if valid.any():
-        acc = _acc(out)
-        slots = token_slots[valid].long()
-        b = lora_b[slots].to(acc)  # [n, o, r]
-        delta = torch.einsum("nr,nor->no", t[valid].to(acc), b) * scalings[slots].to(acc)[:, None]
-        cols = slice(out_offset, out_offset + lora_b.shape[1])
-        out[valid, cols] = (out[valid, cols].to(acc) + delta).to(out.dtype)
+    acc = _acc(out)
+    idx, valid = _rows_of(token_slots)
+    b = lora_b.index_select(0, idx).to(acc)  # [n, o, r]
+    sc = torch.where(valid, scalings.index_select(0, idx).to(acc), 0.0)
+    delta = torch.bmm(b, t.to(acc).unsqueeze(-1)).squeeze(-1) * sc[:, None]
+    _add_rows(out[:, out_offset:out_offset + lora_b.shape[1]], delta)
     return out
 
 
@@ -129,30 +144,35 @@ def _check_moe_expand(out: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor) 
                          f"{tuple(out.shape)}, {tuple(t.shape)}, {tuple(lora_b.shape)}")
 
 
+def _expert_rows(lora_w: torch.Tensor, expert_of_row: torch.Tensor, slot_of_row: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's [slot, expert] matrix of `lora_w [S, E, a, b]` gathered -> ([T, a, b], valid rows)."""
+    idx, valid = _rows_of(slot_of_row)
+    S, E = lora_w.shape[:2]
+    key = idx * E + expert_of_row.long()
+    return lora_w.reshape(S * E, *lora_w.shape[2:]).index_select(0, key), valid
+
+
 def moe_lora_shrink_ref(x_rows: torch.Tensor, expert_of_row: torch.Tensor, slot_of_row: torch.Tensor,
                         lora_a: torch.Tensor) -> torch.Tensor:
-    """Per (token, k) row: x_rows[t] @ A[slot, expert]^T -> [T, r] fp32; slot -1 rows are zero."""
+    """Per (token, k) row: x_rows[t] @ A[slot, expert]^T -> [T, r] fp32; slot -1 rows are zero.
+    BGMV in torch (gather + batched matmul), no host sync."""
     _check_moe_shrink(x_rows, lora_a)
     acc = _acc(x_rows)
-    out = torch.zeros((x_rows.shape[0], lora_a.shape[2]), dtype=acc, device=x_rows.device)
-    valid = slot_of_row >= 0
-    if valid.any():
-        a = lora_a[slot_of_row[valid].long(), expert_of_row[valid].long()].to(acc)
-        out[valid] = torch.einsum("ni,nri->nr", x_rows[valid].to(acc), a)
-    return out
+    a, valid = _expert_rows(lora_a, expert_of_row, slot_of_row)
+    t = torch.bmm(a.to(acc), x_rows.to(acc).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid[:, None], t, 0.0)
 
 
 def moe_lora_expand_ref(out: torch.Tensor, t: torch.Tensor, expert_of_row: torch.Tensor, slot_of_row: torch.Tensor,
                         lora_b: torch.Tensor, scalings: torch.Tensor) -> torch.Tensor:
     """out[row] += scaling[slot] * t[row] @ B[slot, expert]^T in place; slot -1 rows untouched."""
     _check_moe_expand(out, t, lora_b)
-    valid = slot_of_row >= 0
-    if valid.any():
-        acc = _acc(out)
-        slots = slot_of_row[valid].long()
-        b = lora_b[slots, expert_of_row[valid].long()].to(acc)
-        delta = torch.einsum("nr,nor->no", t[valid].to(acc), b) * scalings[slots].to(acc)[:, None]
-        out[valid] = (out[valid].to(acc) + delta).to(out.dtype)
+    acc = _acc(out)
+    b, valid = _expert_rows(lora_b, expert_of_row, slot_of_row)
+    sc = torch.where(valid, scalings.index_select(0, slot_of_row.clamp(min=0).long()).to(acc), 0.0)
+    delta = torch.bmm(b.to(acc), t.to(acc).unsqueeze(-1)).squeeze(-1) * sc[:, None]
+    _add_rows(out, delta)
     return out
 
 

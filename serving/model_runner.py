@@ -4,7 +4,8 @@ Each step it flattens the scheduled chunks into one token vector, builds the
 `ForwardContext` once (slots, block tables, context lengths), runs the model, and computes
 logits only at the last position of each sequence that samples. On CUDA it sizes the KV
 cache from what a warm-up forward leaves of `gpu_memory_utilization`, and replays CUDA
-graphs for decode batches (padded to 1, 2, 4, 8, 16, 32, ...; padding slots are -1).
+graphs for decode batches (padded to 1, 2, 4, 8, 16, 32, ...; padding slots are -1),
+also for decode steps with LoRA adapters (a static `LoRABatch`, see `_lora_graph`).
 """
 from __future__ import annotations
 
@@ -213,15 +214,26 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, idx)).float()
 
     # --- CUDA graphs (decode only) -----------------------------------------------------
+    # Base-only decode steps replay `graphs`; decode steps with adapters replay `lora_graphs`,
+    # captured per batch size on first use (the LoRA manager is attached after start-up) over a
+    # static `LoRABatch` whose slot buffer `g_lora_slots` each replay overwrites in place.
+    # Adapter swaps copy into the preallocated slot stacks, so graphs keep reading the right
+    # addresses; only an adapter that allocates a site no earlier one touched (new buffers)
+    # invalidates them (`_lora_layout`), and they are captured again.
     def _graph_batch_size(self, ctx: ForwardContext, n: int) -> int | None:
-        if not self.graphs or ctx.is_prefill or ctx.lora is not None:
+        if not self.graphs or ctx.is_prefill or (ctx.lora is not None and self._lora_graphs_off):
             return None
         return next((b for b in sorted(self.graphs) if b >= n), None)
 
-    @torch.inference_mode()
-    def _capture_graphs(self) -> None:  # pragma: no cover - needs a GPU
-        max_bs = min(self.max_num_seqs, GRAPH_BATCH_SIZES[-1])
-        sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_bs]
+    _lora_graphs_off = False  # set when a LoRA graph capture failed: such steps run eagerly
+
+    def _lora_layout(self) -> tuple[bool, ...]:
+        """Which LoRA sites hold device buffers: what a captured LoRA graph depends on."""
+        mgr = getattr(self, "lora_manager", None)
+        return () if mgr is None else tuple(site.allocated for site in mgr.sites)
+
+    def _alloc_graph_buffers(self, max_bs: int) -> None:
+        """The static inputs every captured graph reads (written in place before each replay)."""
         dev = self.device
         self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self.g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
@@ -229,34 +241,92 @@ class ModelRunner:
         self.g_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
         self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.g_cu = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self.g_lora_slots = torch.full((max_bs,), -1, dtype=torch.int32, device=dev)  # -1 = base model
         self.g_out: dict[int, torch.Tensor] = {}
-        pool = None
+        self.lora_graphs: dict[int, Any] = {}
+        self.g_lora_out: dict[int, torch.Tensor] = {}
+        self._lora_graph_layout: tuple[bool, ...] = ()
+        self._graph_pool: Any = None
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:  # pragma: no cover - needs a GPU
+        max_bs = min(self.max_num_seqs, GRAPH_BATCH_SIZES[-1])
+        sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_bs]
+        self._alloc_graph_buffers(max_bs)
         for b in reversed(sizes):
-            ctx = self._graph_ctx(b)
-            self.model(self.g_ids[:b], self.g_pos[:b], ctx)  # warm up (Triton autotune, allocations)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.g_out[b] = self.model(self.g_ids[:b], self.g_pos[:b], ctx)
-            pool = graph.pool()
-            self.graphs[b] = graph
-        torch.cuda.synchronize(dev)
+            self._capture_one(b, lora=False)
+        torch.cuda.synchronize(self.device)
         log.info("captured CUDA graphs for decode batch sizes %s", sizes)
 
-    def _graph_ctx(self, b: int) -> ForwardContext:  # pragma: no cover - needs a GPU
+    def _capture_one(self, b: int, lora: bool) -> None:  # pragma: no cover - needs a GPU
+        """Warm up (Triton compiles, allocations), then record one decode step of `b` rows."""
+        self._fill_graph_inputs(0, None, None, None)
+        self.model(self.g_ids[:b], self.g_pos[:b], self._graph_ctx(b, lora))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            out = self.model(self.g_ids[:b], self.g_pos[:b], self._graph_ctx(b, lora))
+        self._graph_pool = graph.pool()
+        (self.lora_graphs if lora else self.graphs)[b] = graph
+        (self.g_lora_out if lora else self.g_out)[b] = out
+
+    def _lora_graph(self, b: int) -> Any | None:  # pragma: no cover - needs a GPU
+        """Batch size `b`'s LoRA decode graph, captured now if missing or stale; None = run eagerly."""
+        layout = self._lora_layout()
+        if layout != self._lora_graph_layout:
+            self.lora_graphs.clear()
+            self.g_lora_out.clear()
+            self._lora_graph_layout = layout
+        if b not in self.lora_graphs:
+            try:
+                with torch.inference_mode():
+                    self._capture_one(b, lora=True)
+                torch.cuda.synchronize(self.device)
+                log.info("captured the CUDA graph for LoRA decode steps of batch size %d", b)
+            except Exception as e:  # a LoRA op that cannot be captured: stay correct, decode eagerly
+                log.warning("CUDA graph capture of a LoRA decode step failed (%s); LoRA steps run eagerly", e)
+                self._lora_graphs_off = True
+                self.lora_graphs.clear()
+                torch.cuda.synchronize(self.device)
+                return None
+        return self.lora_graphs[b]
+
+    def _graph_ctx(self, b: int, lora: bool = False) -> ForwardContext:
+        """The context a graph is captured with: views of the static buffers (LoRA: a static batch)."""
+        from serving.lora.batch import static_lora_batch
+
+        mgr = getattr(self, "lora_manager", None)
         return ForwardContext(
             is_prefill=False, cu_seqlens_q=self.g_cu[:b + 1], context_lens=self.g_lens[:b],
             block_tables=self.g_tables[:b], slot_mapping=self.g_slots[:b], max_seqlen_q=1,
             max_context_len=self.max_model_len, kv_caches=self.kv_caches,
+            lora=static_lora_batch(self.g_lora_slots[:b], mgr.max_loras) if lora and mgr is not None else None,
         )
 
-    def _replay(self, b: int, ids: torch.Tensor, pos: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # pragma: no cover
-        n = ids.shape[0]
+    def _fill_graph_inputs(self, n: int, ids: torch.Tensor | None, pos: torch.Tensor | None,
+                           ctx: ForwardContext | None) -> None:
+        """Write a step's `n` rows into the static buffers; the padding rows read slot -1 (no K/V
+        store), context 1, block 0 and no adapter. n = 0 leaves only that neutral state."""
         self.g_ids.zero_(); self.g_pos.zero_(); self.g_slots.fill_(-1); self.g_lens.fill_(1); self.g_tables.zero_()
+        self.g_lora_slots.fill_(-1)
+        if n == 0 or ctx is None:
+            return
         self.g_ids[:n] = ids
         self.g_pos[:n] = pos
         self.g_slots[:n] = ctx.slot_mapping
         self.g_lens[:n] = ctx.context_lens
         w = ctx.block_tables.shape[1]
         self.g_tables[:n, :w] = ctx.block_tables.clamp(min=0)
-        self.graphs[b].replay()
-        return self.g_out[b][:n]
+        if ctx.lora is not None:
+            self.g_lora_slots[:n] = ctx.lora.token_slots
+
+    def _replay(self, b: int, ids: torch.Tensor, pos: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # pragma: no cover
+        graph, out = self.graphs[b], self.g_out[b]
+        if ctx.lora is not None:
+            graph = self._lora_graph(b)
+            if graph is None:
+                return self.model(ids, pos, ctx)
+            out = self.g_lora_out[b]
+        n = ids.shape[0]
+        self._fill_graph_inputs(n, ids, pos, ctx)
+        graph.replay()
+        return out[:n]

@@ -12,13 +12,21 @@ A site owns the stacked, zero-padded weights of every device slot for one of our
   LoRA(w2), sum over k. Rows are those of fused MoE (`token·k + j`), so the LoRA terms
   use the MoE LoRA kernels with `expert_of_row = topk_ids` and the row's slot.
 Buffers (all slots) are allocated when the first adapter touching the site is registered
-(attention-only adapters never pay for expert buffers). Slots with no weights for a site
-stay zero; a step whose active slots do not touch a site skips it entirely, and MoE rows
-of adapters without expert weights are left to the base path (slot -1).
+(attention-only adapters never pay for expert buffers) and never reallocated: `set_slot`
+/ `clear_slot` copy into them in place, so captured CUDA graphs keep reading valid
+addresses. Slots with no weights for a site stay zero; a step whose active slots do not
+touch a site skips it entirely, and MoE rows of adapters without expert weights are left
+to the base path (slot -1).
+
+Paths: Triton (CUDA) runs BGMV for decode, SGMV for long runs. The torch (CPU) path picks
+plain GEMMs for a step of one adapter, per-run / per-(expert, slot) GEMMs on contiguous
+slices for prefill, and the kernels' gathered BGMV references for decode (cost independent
+of the number of distinct adapters). A static batch (`LoRABatch.static`, CUDA-graph decode)
+always takes the BGMV form over every row and every part, with no host sync in the LoRA work.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +38,9 @@ from serving.lora.adapter import LoRAModuleWeights
 from serving.lora.batch import LoRABatch
 
 
-# torch path: loop over slots when they average this many rows each; else gather each row's
-# A/B (the kernels' torch references), cheaper for decode-shaped batches of many adapters
-_ROWS_PER_SLOT = 8
+# torch path, prefill-shaped steps: one GEMM pair per run of one slot when runs average this many
+# rows; else gather each row's A/B (the kernels' torch references, BGMV), cheaper for short runs
+_ROWS_PER_RUN = 8
 
 
 class LinearSite:
@@ -86,30 +94,65 @@ class LinearSite:
             self.scalings[:, slot] = 0
         self.slot_parts[slot] = set()
 
+    @property
+    def allocated(self) -> bool:
+        return self.a is not None
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lora: LoRABatch) -> None:
         if self.a is None:
             return
-        parts = set().union(*(self.slot_parts[s] for s in lora.active_slots))
-        if not parts:
-            return
+        if lora.static:  # graph form: every part, every row; zero weights add exactly nothing
+            parts = list(range(len(self.parts)))
+        else:
+            parts = sorted(set().union(*(self.slot_parts[s] for s in lora.active_slots)))
+            if not parts:
+                return
+        if not use_triton(x) and not lora.static:
+            if len(lora.active_slots) == 1:
+                self._one_slot(x, y, lora, parts)
+                return
+            if lora.segments is not None and x.shape[0] >= _ROWS_PER_RUN * int(lora.segments[0].shape[0]):
+                self._per_run(x, y, lora, parts)
+                return
+        # BGMV/SGMV (Triton), or their torch references: gather each row's A/B, batched matmul;
+        # no host sync, cost independent of how many distinct adapters the batch holds
         R = self.R
-        if not use_triton(x) and x.shape[0] >= _ROWS_PER_SLOT * len(lora.active_slots):
-            # torch path, long runs per slot (prefill): one GEMM pair per slot, not per token
-            for slot in sorted(lora.active_slots):
-                ps = self.slot_parts[slot] & parts
-                if not ps:
-                    continue
-                rows = (lora.token_slots == slot).nonzero()[:, 0]
-                t = x[rows].float() @ self.a[slot].float().t()
-                for p in sorted(ps):
-                    sl = self.parts[p][1]
-                    d = (t[:, p * R:(p + 1) * R] @ self.b[p][slot].float().t()) * self.scalings[p, slot]
-                    y[rows, sl] += d.to(y.dtype)
-            return
         t = lora_shrink(x, self.a, lora.token_slots, lora.segments)
-        for p in sorted(parts):
+        for p in parts:
             lora_expand(y, t[:, p * R:(p + 1) * R], self.b[p], lora.token_slots, self.scalings[p],
                         out_offset=self.parts[p][1].start, segments=lora.segments)
+
+    def _one_slot(self, x: torch.Tensor, y: torch.Tensor, lora: LoRABatch, parts: list[int]) -> None:
+        """torch path, one adapter in the step (maybe beside base rows): plain GEMMs with its
+        weights over all rows, base rows masked to zero; no gather, no host sync."""
+        (slot,) = lora.active_slots
+        R = self.R
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        t = x.to(acc) @ self.a[slot].to(acc).t()
+        t = torch.where((lora.token_slots >= 0)[:, None], t, 0.0)
+        for p in parts:
+            if p not in self.slot_parts[slot]:
+                continue
+            sl = self.parts[p][1]
+            d = (t[:, p * R:(p + 1) * R] @ self.b[p][slot].to(acc).t()) * self.scalings[p, slot]
+            if y.dtype == acc:
+                y[:, sl] += d
+            else:
+                y[:, sl] = (y[:, sl].to(acc) + d).to(y.dtype)
+
+    def _per_run(self, x: torch.Tensor, y: torch.Tensor, lora: LoRABatch, parts: list[int]) -> None:
+        """torch path, long runs of one slot (prefill): one GEMM pair per run, on row slices."""
+        R = self.R
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        for a, b, slot in lora.host_segments():
+            ps = [p for p in parts if slot >= 0 and p in self.slot_parts[slot]]
+            if not ps:
+                continue
+            t = x[a:b].to(acc) @ self.a[slot].to(acc).t()
+            for p in ps:
+                sl = self.parts[p][1]
+                d = (t[:, p * R:(p + 1) * R] @ self.b[p][slot].to(acc).t()) * self.scalings[p, slot]
+                y[a:b, sl] += d.to(y.dtype)
 
 
 _ROLES = ("w1", "w3", "w2")
@@ -173,8 +216,13 @@ class MoESite:
         self.used[slot] = False
         self.used_t[slot] = False
 
+    @property
+    def allocated(self) -> bool:
+        return self.a13 is not None
+
     def touches(self, lora: LoRABatch) -> bool:
-        return self.a13 is not None and any(self.used[s] for s in lora.active_slots)
+        """Whether this step runs the MoE with LoRA (a static batch always does, once allocated)."""
+        return self.a13 is not None and (lora.static or any(self.used[s] for s in lora.active_slots))
 
     def __call__(self, x: torch.Tensor, weights: MoEWeights | AWQMoEWeights, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor, lora: LoRABatch) -> torch.Tensor | None:
@@ -183,13 +231,13 @@ class MoESite:
         if not self.touches(lora):
             return None
         slot_rows = lora.slot_of_rows(topk_ids.shape[1])
-        if not all(self.used[s] for s in lora.active_slots):  # e.g. an attention-only adapter beside
-            # an expert one: no LoRA work for its rows
+        if lora.static or not all(self.used[s] for s in lora.active_slots):
+            # rows of slots with no expert weights here (e.g. an attention-only adapter) do no LoRA work
             slot_rows = torch.where(self.used_t[slot_rows.clamp(min=0).long()] & (slot_rows >= 0), slot_rows,
                                     torch.full_like(slot_rows, -1))
         if use_triton(x):
             return self._triton(x, weights, topk_weights, topk_ids, slot_rows)
-        return self._reference(x, weights, topk_weights, topk_ids, slot_rows)
+        return self._torch(x, weights, topk_weights, topk_ids, slot_rows, lora)
 
     # --- the LoRA terms on (token, k) rows -------------------------------------------
     def _add_w13(self, h: torch.Tensor, x_rows: torch.Tensor, e_rows: torch.Tensor, s_rows: torch.Tensor) -> None:
@@ -203,63 +251,76 @@ class MoESite:
         d = torch.zeros(act.shape[0], self.H, dtype=torch.float32, device=act.device)
         return moe_lora_expand(d, t, e_rows, s_rows, self.b2, self.ones)
 
-    def _lora_rows(self, fn_gathered: Callable[[], None], fn_group: Callable[[torch.Tensor, int, int], None],
-                   s: torch.Tensor, e_rows: torch.Tensor) -> None:
-        """Apply a LoRA term to the adapter rows: per (slot, expert) group with a GEMM pair when
-        groups are long (prefill), else once over all rows with per-row gathered A/B (decode)."""
-        lora = (s >= 0).nonzero()[:, 0]
-        if lora.numel() == 0:
-            return
-        key = s[lora].long() * self.E + e_rows[lora].long()
-        groups = torch.unique(key)
-        if lora.numel() < _ROWS_PER_SLOT * groups.numel():
-            fn_gathered()
-            return
-        for g in groups.tolist():
-            fn_group(lora[key == g], g // self.E, g % self.E)
-
-    def _reference(self, x: torch.Tensor, weights: MoEWeights | AWQMoEWeights, topk_weights: torch.Tensor,
-                   topk_ids: torch.Tensor, slot_rows: torch.Tensor) -> torch.Tensor:
-        """`fused_moe_ref`'s per-expert loop (same rows, same order, x's dtype) over all (token, k)
-        rows at once, with the LoRA terms added to the adapter rows between the two GEMMs."""
+    def _torch(self, x: torch.Tensor, weights: MoEWeights | AWQMoEWeights, topk_weights: torch.Tensor,
+               topk_ids: torch.Tensor, slot_rows: torch.Tensor, lora: LoRABatch) -> torch.Tensor:
+        """`fused_moe_torch`'s math (rows sorted by expert once, one GEMM per expert, fp32 sums)
+        with the LoRA terms added between the two GEMMs, in one of three ways:
+        - one adapter in the step: per-expert GEMMs with its weights, base rows masked;
+        - prefill-shaped steps of several adapters: rows sorted by (expert, slot), so each
+          (slot, expert) group is a contiguous slice with one GEMM pair;
+        - decode steps and static batches: the gathered BGMV terms over all rows (cost
+          independent of the number of adapters, no host sync in the LoRA work).
+        Rows keep `fused_moe_torch`'s order except in the grouped case: bit-identical to it
+        when the LoRA terms are zero."""
         from kernels.fused_moe import _dense  # the reference's own dense (cached) expert weights
 
         w13, w2 = _dense(weights, x.dtype)
-        I, R = self.I, self.R
+        I, R, H, E = self.I, self.R, self.H, self.E
         M, k = topk_ids.shape
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        e_rows = topk_ids.reshape(-1)
-        ids = e_rows.long()
-        tok_of_row = torch.arange(M * k, device=x.device) // k
-        experts = [(e, (ids == e).nonzero()[:, 0]) for e in torch.unique(ids).tolist()]
-        x_rows = x[tok_of_row]
-        h = torch.empty(M * k, 2 * I, dtype=x.dtype, device=x.device)
-        for e, rows in experts:
-            h[rows] = x_rows[rows] @ w13[e].t()
-
-        def w13_group(rows: torch.Tensor, slot: int, e: int) -> None:
-            t = x_rows[rows].to(acc) @ self.a13[slot, e].to(acc).t()
-            h[rows, :I] += (t[:, :R] @ self.b1[slot, e].to(acc).t()).to(h.dtype)
-            h[rows, I:] += (t[:, R:] @ self.b3[slot, e].to(acc).t()).to(h.dtype)
-
-        self._lora_rows(lambda: self._add_w13(h, x_rows, e_rows, slot_rows), w13_group, slot_rows, e_rows)
+        out = torch.zeros(M, H, dtype=acc, device=x.device)
+        if M == 0:
+            return out.to(x.dtype)
+        one = None if lora.static or len(lora.active_slots) != 1 else next(iter(lora.active_slots))
+        grouped = one is None and not lora.static and lora.segments is not None
+        flat = topk_ids.reshape(-1).long()
+        G = self.S + 1 if grouped else 1  # sub-groups per expert: base rows, then one per slot
+        key = flat * G + (slot_rows.long() + 1) if grouped else flat
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=E * G).tolist()  # the CPU path's one host sync
+        spans: list[tuple[int, int, int]] = []  # (expert, start, end) of the sorted rows
+        groups: list[tuple[int, int, int, int]] = []  # (slot, expert, start, end), grouped only
+        start = 0
+        for e in range(E):
+            c0 = start
+            for g in range(G):
+                c = counts[e * G + g]
+                if c and g > 0:
+                    groups.append((g - 1, e, start, start + c))
+                start += c
+            if start > c0:
+                spans.append((e, c0, start))
+        tok = order // k
+        xs = x.index_select(0, tok)
+        e_s = flat.index_select(0, order)
+        s_s = slot_rows.index_select(0, order)
+        h = torch.cat([xs[a:b] @ w13[e].t() for e, a, b in spans])
+        if one is not None:
+            keep = (s_s >= 0)[:, None]
+            for e, a, b in spans:
+                t = torch.where(keep[a:b], xs[a:b].to(acc) @ self.a13[one, e].to(acc).t(), 0.0)
+                h[a:b, :I] += (t[:, :R] @ self.b1[one, e].to(acc).t()).to(h.dtype)
+                h[a:b, I:] += (t[:, R:] @ self.b3[one, e].to(acc).t()).to(h.dtype)
+        elif grouped:
+            for slot, e, a, b in groups:
+                t = xs[a:b].to(acc) @ self.a13[slot, e].to(acc).t()
+                h[a:b, :I] += (t[:, :R] @ self.b1[slot, e].to(acc).t()).to(h.dtype)
+                h[a:b, I:] += (t[:, R:] @ self.b3[slot, e].to(acc).t()).to(h.dtype)
+        else:
+            self._add_w13(h, xs, e_s, s_s)
         act = F.silu(h[:, :I]) * h[:, I:]
-        y = torch.empty(M * k, self.H, dtype=acc, device=x.device)
-        for e, rows in experts:
-            y[rows] = (act[rows] @ w2[e].t()).to(acc)
-
-        def w2_group(rows: torch.Tensor, slot: int, e: int) -> None:
-            t = act[rows].to(acc) @ self.a2[slot, e].to(acc).t()
-            y[rows] += t @ self.b2[slot, e].to(acc).t()
-
-        def w2_gathered() -> None:
-            y.add_(self._w2_delta(act, e_rows, slot_rows).to(acc))
-
-        self._lora_rows(w2_gathered, w2_group, slot_rows, e_rows)
-        out = torch.zeros(M, x.shape[1], dtype=acc, device=x.device)
-        tw = topk_weights.reshape(-1).to(acc)
-        for _, rows in experts:
-            out.index_add_(0, tok_of_row[rows], y[rows] * tw[rows, None])
+        y = torch.cat([act[a:b] @ w2[e].t() for e, a, b in spans]).to(acc)
+        if one is not None:
+            for e, a, b in spans:
+                t = torch.where(keep[a:b], act[a:b].to(acc) @ self.a2[one, e].to(acc).t(), 0.0)
+                y[a:b] += t @ self.b2[one, e].to(acc).t()
+        elif grouped:
+            for slot, e, a, b in groups:
+                y[a:b] += (act[a:b].to(acc) @ self.a2[slot, e].to(acc).t()) @ self.b2[slot, e].to(acc).t()
+        else:
+            y.add_(self._w2_delta(act, e_s, s_s).to(acc))
+        tw = topk_weights.reshape(-1).index_select(0, order).to(acc)
+        out.index_add_(0, tok, y * tw[:, None])
         return out.to(x.dtype)
 
     def _triton(self, x: torch.Tensor, weights: MoEWeights | AWQMoEWeights, topk_weights: torch.Tensor,
