@@ -77,10 +77,10 @@ PYEOF
 fi
 echo "model: $MODEL_DIR (tiny Mixtral, unquantized, head_dim 64, dtype $DTYPE)"
 
-bench() {  # label url [json name]
+bench() {  # label url server-pid [json name]
   $PY -m hubdeploy bench "$2" --model tiny --num-prompts "$NUM_PROMPTS" --concurrency "$CONC" \
-      --tokenizer "$MODEL_DIR" --max-input-len "$MAX_IN" --max-output-len "$MAX_OUT" \
-      --label "$1" --json "$OUT/${3:-$1}.json" --plot "$OUT/$1.png" --quiet
+      --tokenizer "$MODEL_DIR" --max-input-len "$MAX_IN" --max-output-len "$MAX_OUT" --server-pid "$3" \
+      --label "$1" --json "$OUT/${4:-$1}.json" --plot "$OUT/$1.png" --quiet
 }
 rm -f "$OUT"/hubdeploy.r*.json "$OUT"/vllm.r*.json
 
@@ -123,9 +123,9 @@ for r in $(seq 1 "$ROUNDS"); do
   [ $((r % 2)) -eq 0 ] && order="vllm hubdeploy"
   for who in $order; do
     if [ "$who" = hubdeploy ]; then
-      echo "round $r/$ROUNDS: hubdeploy"; bench hubdeploy "$OURS_URL" "hubdeploy.r$r"
+      echo "round $r/$ROUNDS: hubdeploy"; bench hubdeploy "$OURS_URL" "$OURS_PID" "hubdeploy.r$r"
     elif [ "$VLLM_OK" = 1 ]; then
-      echo "round $r/$ROUNDS: vllm"; bench vllm "$VLLM_URL" "vllm.r$r"
+      echo "round $r/$ROUNDS: vllm"; bench vllm "$VLLM_URL" "$VLLM_PID" "vllm.r$r"
     fi
   done
 done
@@ -138,7 +138,7 @@ $PY benchmarks/transformers_server.py "$MODEL_DIR" --port "$PORT" --dtype "$DTYP
     >"$OUT/transformers.log" 2>&1 &
 PID=$!; PIDS+=("$PID")
 wait_health "http://127.0.0.1:$PORT" "$PID" 300 || { echo "transformers baseline did not start; see $OUT/transformers.log"; exit 1; }
-bench transformers "http://127.0.0.1:$PORT"
+bench transformers "http://127.0.0.1:$PORT" "$PID"
 stop "$PID"
 
 # ratios + RESULTS.md
@@ -165,6 +165,8 @@ def median_runs(per_round):
         m["output_token_throughput"] = statistics.median(r["output_token_throughput"] for r in runs)
         m["request_throughput"] = statistics.median(r["request_throughput"] for r in runs)
         m["failed"] = sum(r["failed"] for r in runs)
+        cpu = [r["server_cpu_ms_per_output_token"] for r in runs if r.get("server_cpu_ms_per_output_token")]
+        m["server_cpu_ms_per_output_token"] = statistics.median(cpu) if cpu else None
         for key in ("ttft_ms", "tpot_ms"):
             for q in ("p50", "p99"):
                 vals = [r[key][q] for r in runs if r[key][q] is not None]
@@ -183,15 +185,16 @@ try:
 except OSError:
     pass
 machine = f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
-rows = ["| server | concurrency | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | failed |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+rows = ["| server | concurrency | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | server CPU ms/token | failed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 for l in labels:
     for r in res[l]["runs"]:
         f = lambda d, k: "-" if d[k] is None else f"{d[k]:.1f}"
         rows.append(f"| {l} | {r['concurrency']} | {r['output_token_throughput']:.1f} | {r['request_throughput']:.2f} | "
-                    f"{f(r['ttft_ms'],'p50')} | {f(r['ttft_ms'],'p99')} | {f(r['tpot_ms'],'p50')} | {f(r['tpot_ms'],'p99')} | {r['failed']} |")
+                    f"{f(r['ttft_ms'],'p50')} | {f(r['ttft_ms'],'p99')} | {f(r['tpot_ms'],'p50')} | {f(r['tpot_ms'],'p99')} | "
+                    f"{'-' if r.get('server_cpu_ms_per_output_token') is None else format(r['server_cpu_ms_per_output_token'], '.3f')} | {r['failed']} |")
 def ratio(a, b, key, q=None, inverse=False):
-    x, y = (a[key][q], b[key][q]) if q else (a[key], b[key])
+    x, y = (a[key][q], b[key][q]) if q else (a.get(key), b.get(key))
     if not x or not y:
         return float("nan")
     return y / x if inverse else x / y
@@ -216,7 +219,8 @@ for peer in labels[1:]:
         thr = cell([ratio(a, b, "output_token_throughput") for a, b in pairs])
         ttft = cell([ratio(a, b, "ttft_ms", "p50", inverse=True) for a, b in pairs])
         tpot = cell([ratio(a, b, "tpot_ms", "p50", inverse=True) for a, b in pairs])
-        ratios.append(f"| hubdeploy vs {peer} | {conc_runs[0]['concurrency']} | {thr} | {ttft} | {tpot} |")
+        cpu = cell([ratio(a, b, "server_cpu_ms_per_output_token", inverse=True) for a, b in pairs])
+        ratios.append(f"| hubdeploy vs {peer} | {conc_runs[0]['concurrency']} | {thr} | {ttft} | {tpot} | {cpu} |")
 text = "\n".join([
     "## Serving vs peers (CPU)", "",
     f"Measured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {machine} (shared with other jobs: absolute numbers are noisy; "
@@ -224,9 +228,10 @@ text = "\n".join([
     f"{n} prompts per run, Dolly-shaped lengths clipped to {max_in} in / {max_out} out, streaming completions with ignore_eos. "
     "Reproduce: `bash benchmarks/serving_vs_peers.sh`." + ("" if vllm_ok == "1" else " The vLLM leg was skipped (see the script's output)."),
     "", *rows, "",
-    "Ratios (>1 means hubdeploy is better): output throughput, TTFT p50 (peer / ours), TPOT p50 (peer / ours); "
-    "median over rounds (each round's ratio from back-to-back runs), min–max in brackets.", "",
-    "| pair | concurrency | throughput | TTFT | TPOT |", "| --- | --- | --- | --- | --- |", *ratios, ""])
+    "Ratios (>1 means hubdeploy is better): output throughput, TTFT p50 (peer / ours), TPOT p50 (peer / ours), "
+    "server CPU time per output token (peer / ours: the servers' whole process trees, the figure other jobs on "
+    "the machine disturb least); median over rounds (each round's ratio from back-to-back runs), min–max in brackets.", "",
+    "| pair | concurrency | throughput | TTFT | TPOT | CPU per token |", "| --- | --- | --- | --- | --- | --- |", *ratios, ""])
 print(text)
 p = Path("benchmarks/RESULTS.md")
 old = p.read_text() if p.exists() else "# Benchmark results\n\n"

@@ -2,4 +2,5 @@ import sys
 
 from hubdeploy.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # a spawned child (the engine process) imports this module too
+    sys.exit(main())

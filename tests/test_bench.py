@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -62,7 +65,7 @@ def test_bench_cli_against_server(tiny_server, tmp_path) -> None:
     cmd = [sys.executable, "-m", "hubdeploy", "bench", tiny_server.url, "--num-prompts", "6",
            "--concurrency", "1,3", "--api-key", TEST_API_KEY, "--json", str(out), "--plot", str(png),
            "--tokenizer", str(tiny_server.model_dir), "--max-input-len", "24", "--max-output-len", "6",
-           "--quiet", "--ttft-slo", "30", "--tpot-slo", "5"]
+           "--quiet", "--ttft-slo", "30", "--tpot-slo", "5", "--server-pid", str(tiny_server.proc.pid)]
     p = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -77,8 +80,31 @@ def test_bench_cli_against_server(tiny_server, tmp_path) -> None:
         assert run["tpot_ms"]["p50"] > 0
         assert run["output_token_throughput"] == pytest.approx(run["total_output_tokens"] / run["duration_s"])
         assert run["goodput"] == pytest.approx(run["request_throughput"])  # generous SLOs: every request is good
+        # the server (front end + engine child) did the work: some CPU per token, less than all of the run
+        assert 0 < run["server_cpu_s"] <= 2 * run["duration_s"] + 0.5
+        assert run["server_cpu_ms_per_output_token"] == pytest.approx(1000 * run["server_cpu_s"] / sum(expected))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "TTFT" in p.stdout and "TPOT" in p.stdout and "goodput" in p.stdout
+
+
+def test_process_tree_cpu_counts_children() -> None:
+    """A busy grandchild's CPU time counts toward the tree of its ancestor."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\ntime.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               f"subprocess.Popen([sys.executable, '-c', {burn!r}]); time.sleep(30)"],
+                              start_new_session=True)  # its own process group: one killpg ends both
+    try:
+        deadline = time.monotonic() + 20
+        total = 0.0
+        while time.monotonic() < deadline and total < 0.4:
+            time.sleep(0.1)
+            total = bench.process_tree_cpu_seconds(parent.pid) or 0.0
+        assert total >= 0.4  # the grandchild's 0.4 s of busy loop
+        assert (bench.process_tree_cpu_seconds(os.getpid()) or 0.0) >= total  # ours includes it too
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+    assert bench.process_tree_cpu_seconds(parent.pid) is None  # gone
 
 
 def test_bench_poisson_rate(tiny_server) -> None:

@@ -49,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-output-len", type=int, default=512, help="clip sampled output lengths (tokens)")
     p.add_argument("--label", default="", help="name of the system under test (in JSON and plot)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--server-pid", type=int, default=None, metavar="PID",
+                   help="a local server's PID: also report its CPU time (process tree) per output token")
     p.set_defaults(func=run)
 
 
@@ -85,16 +87,24 @@ def run(args: argparse.Namespace) -> int:
         with Progress(TextColumn(f"[bold]{desc or 'run'}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, disable=args.quiet, transient=False) as progress:
             task = progress.add_task("requests", total=len(requests))
+            cpu0 = bench.process_tree_cpu_seconds(args.server_pid) if args.server_pid else None
             summary = asyncio.run(bench.run_load(
                 base, model, requests, concurrency=conc, request_rate=rate, api_key=args.api_key, seed=args.seed,
                 ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo,
                 on_done=lambda r: progress.advance(task)))
+        cpu1 = bench.process_tree_cpu_seconds(args.server_pid) if args.server_pid else None
+        if cpu0 is not None and cpu1 is not None:
+            summary["server_cpu_s"] = cpu1 - cpu0
+            toks = summary["total_output_tokens"]
+            summary["server_cpu_ms_per_output_token"] = 1000 * (cpu1 - cpu0) / toks if toks else None
         runs.append(summary)
         if summary["failed"]:
             console.print(f"[yellow]{summary['failed']} request(s) failed: {summary['errors']}[/yellow]")
 
     table = Table(title=f"{args.label or base} — {model} — {args.num_prompts} prompts")
-    for col in ("load", "req/s", "out tok/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms", "goodput req/s", "failed"):
+    cpu_col = any("server_cpu_ms_per_output_token" in r for r in runs)
+    for col in ("load", "req/s", "out tok/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms", "goodput req/s", "failed",
+                *(["server CPU ms/token"] if cpu_col else [])):
         table.add_column(col)
 
     def f3(d: dict) -> str:
@@ -105,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         if r["request_rate"]:
             load += f" rate={r['request_rate']:g}"
         table.add_row(load, f"{r['request_throughput']:.2f}", f"{r['output_token_throughput']:.1f}",
-                      f3(r["ttft_ms"]), f3(r["tpot_ms"]), f"{r['goodput']:.2f}", str(r["failed"]))
+                      f3(r["ttft_ms"]), f3(r["tpot_ms"]), f"{r['goodput']:.2f}", str(r["failed"]),
+                      *([f"{r.get('server_cpu_ms_per_output_token') or float('nan'):.3f}"] if cpu_col else []))
     Console().print(table)
 
     report = {"url": base, "model": model, "label": args.label, "num_prompts": args.num_prompts, "seed": args.seed,
