@@ -225,18 +225,33 @@ def read_safetensors_header(path: Path) -> Header:
             for k, v in header.items() if k != "__metadata__"}
 
 
-def _adapter_from_config(repo_id: str, text: str | None) -> AdapterInfo:
+# PEFT `target_parameters` on transformers 5's fused expert tensors -> the per-expert module names
+# the memory plan sizes (gate_up_proj carries both halves)
+_FUSED_EXPERT_TARGETS = {"gate_up_proj": ["gate_proj", "up_proj"], "down_proj": ["down_proj"]}
+
+
+def adapter_info_from_config(repo_id: str, text: str | None) -> AdapterInfo:
+    """`AdapterInfo` from an adapter_config.json's text (None: the file is missing).
+
+    Raises nothing: a config that is not JSON or has the wrong types becomes `error`.
+    `target_parameters` on fused experts count as the expert projections they adapt.
+    """
     if text is None:
         return AdapterInfo(repo_id=repo_id, error="adapter_config.json is missing")
     try:
         c = json.loads(text)
-    except json.JSONDecodeError as e:
-        return AdapterInfo(repo_id=repo_id, error=f"adapter_config.json is not JSON: {e}")
-    tm = c.get("target_modules") or []
-    return AdapterInfo(repo_id=repo_id, rank=c.get("r"), alpha=c.get("lora_alpha"),
-                       target_modules=sorted(tm) if isinstance(tm, list) else [str(tm)],
-                       use_rslora=bool(c.get("use_rslora")), use_dora=bool(c.get("use_dora")),
-                       base_model=c.get("base_model_name_or_path"))
+        if not isinstance(c, dict):
+            raise ValueError("not a JSON object")
+        tm = c.get("target_modules") or []
+        targets = [tm] if isinstance(tm, str) else [str(t) for t in tm]
+        for param in c.get("target_parameters") or []:
+            targets += _FUSED_EXPERT_TARGETS.get(str(param).rsplit(".", 1)[-1], [])
+        r = c.get("r")
+        return AdapterInfo(repo_id=repo_id, rank=r if isinstance(r, int) else None, alpha=c.get("lora_alpha"),
+                           target_modules=sorted(set(targets)), use_rslora=bool(c.get("use_rslora")),
+                           use_dora=bool(c.get("use_dora")), base_model=c.get("base_model_name_or_path"))
+    except (ValueError, TypeError, AttributeError) as e:
+        return AdapterInfo(repo_id=repo_id, error=f"adapter_config.json is not a valid PEFT config: {e}")
 
 
 class LocalSource:
@@ -265,7 +280,7 @@ class LocalSource:
         out = []
         for d in sorted(self.path.parent.glob(self.path.name + "-lora-*")):
             p = d / "adapter_config.json"
-            out.append(_adapter_from_config(str(d), p.read_text() if p.is_file() else None))
+            out.append(adapter_info_from_config(str(d), p.read_text() if p.is_file() else None))
         return out
 
 
@@ -372,7 +387,7 @@ class HubSource:
         for rid in self.search(f"base_model:adapter:{self.repo_id}"):
             try:
                 p = self.api.hf_hub_download(rid, "adapter_config.json")
-                out.append(_adapter_from_config(rid, Path(p).read_text()))
+                out.append(adapter_info_from_config(rid, Path(p).read_text()))
             except Exception as e:  # one unreadable adapter must not hide the model
                 out.append(AdapterInfo(repo_id=rid, error=f"{type(e).__name__}: {str(e).splitlines()[0]}"))
         return out

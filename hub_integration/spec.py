@@ -8,7 +8,6 @@ adapters exist, options within the memory plan) are `check_spec` below, which ra
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -275,7 +274,7 @@ def check_hub_repo(repo: str, revision: str | None, ctx: SpecContext, loc: tuple
 
 def _adapter_info(src: str, ctx: SpecContext, loc: tuple[str | int, ...]) -> Any:
     """The adapter's `AdapterInfo` (rank, targets) from its adapter_config.json, after checking it exists."""
-    from hub_integration.report import AdapterInfo
+    from hub_integration.report import adapter_info_from_config
 
     if classify_source(src) == "path":
         cfg_path = resolve_local_dir(src, ctx.allowed_roots, "adapter_config.json", loc) / "adapter_config.json"
@@ -292,15 +291,12 @@ def _adapter_info(src: str, ctx: SpecContext, loc: tuple[str | int, ...]) -> Any
         except Exception as e:  # noqa: BLE001
             raise HubUnavailable(f"could not read {src}/adapter_config.json: {e}") from None
     try:
-        cfg = json.loads(cfg_path.read_text())
-        r = cfg.get("r")
-        targets = cfg.get("target_modules") or []
-        return AdapterInfo(repo_id=src, rank=int(r) if isinstance(r, int) else None,
-                           alpha=cfg.get("lora_alpha"), target_modules=[targets] if isinstance(targets, str)
-                           else list(targets), use_rslora=bool(cfg.get("use_rslora")),
-                           use_dora=bool(cfg.get("use_dora")), base_model=cfg.get("base_model_name_or_path"))
-    except (OSError, ValueError, TypeError, AttributeError):
-        raise SpecError(loc, f"{src}: adapter_config.json is not a valid PEFT config") from None
+        info = adapter_info_from_config(src, cfg_path.read_text())
+    except OSError as e:
+        raise SpecError(loc, f"{src}: adapter_config.json cannot be read: {e}") from None
+    if info.error:
+        raise SpecError(loc, f"{src}: {info.error}")
+    return info
 
 
 def check_spec(spec: DeploymentSpec, ctx: SpecContext) -> DeploymentSpec:

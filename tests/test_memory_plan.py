@@ -84,6 +84,26 @@ def test_lora_slots_take_memory_from_kv(awq: ModelReport) -> None:
         plan(awq, "H100", adapters=["nobody/lora"])
 
 
+def test_fused_expert_adapters_are_sized_as_expert_lora(awq: ModelReport) -> None:
+    """PEFT `target_parameters` on transformers 5's fused experts adapt every expert's gate, up
+    and down projections: the plan sizes them so, not as attention-only adapters."""
+    import json
+
+    from hub_integration.report import adapter_info_from_config
+
+    cfg = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj"],
+           "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+    ad = adapter_info_from_config("x/experts-lora", json.dumps(cfg))
+    assert ad.error is None and ad.target_modules == ["down_proj", "gate_proj", "q_proj", "up_proj"]
+    per_expert = lora_adapter_bytes(awq, 16, ["gate_proj", "up_proj", "down_proj"])
+    assert per_expert == 3 * (4096 + 14336) * 16 * 8 * 32 * 2
+    assert plan(awq, "H100", adapters=[ad], max_loras=1).lora_bytes == \
+        per_expert + lora_adapter_bytes(awq, 16, ["q_proj"])
+    for bad in ("not json", "[1, 2]", json.dumps({"r": 8, "target_modules": 5})):
+        assert "not a valid PEFT config" in (adapter_info_from_config("x/bad", bad).error or "")
+    assert adapter_info_from_config("x/none", None).error == "adapter_config.json is missing"
+
+
 def test_requested_lengths(awq: ModelReport) -> None:
     assert plan(awq, "H100", max_model_len=8192).max_model_len == 8192
     p = plan(awq, "H100", max_model_len=65536)
