@@ -14,7 +14,7 @@ import threading
 from typing import Any, AsyncIterator
 
 from serving.engine import EngineArgs, LLMEngine
-from serving.outputs import EngineDeadError, RequestOutput
+from serving.outputs import EngineDeadError, RequestOutput, outputs_until_finished
 from serving.sampling_params import SamplingParams
 from serving.stats import EngineStats
 
@@ -95,18 +95,11 @@ class AsyncEngine:
                 raise ValueError(f"request id {request_id!r} is already in flight")
             self._streams[request_id] = (loop, q)
         self._inbox.put(("add", request_id, list(prompt_token_ids), params, lora))
-        finished = False
+        finished = False  # else (client gone, cancelled, engine error) abort: harmless if already dropped
         try:
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                if item.finished:
-                    finished = True
+            async for item in outputs_until_finished(q):
+                finished = item.finished
                 yield item
-                if finished:
-                    return
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)

@@ -126,6 +126,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if num_full <= len(seq.block_hashes):  # no block completed since the last commit (most steps)
+            return
         prev = seq.block_hashes[-1] if seq.block_hashes else None
         for i in range(len(seq.block_hashes), num_full):
             tokens = tuple(seq.block_tokens(i, self.block_size))

@@ -189,22 +189,28 @@ class LLMEngine:
         if not batch:
             return []
         logits = self.runner.run(batch)
-        self._stats.steps_total += 1
-        sampling = [item for item in batch if item.samples]
+        stats = self._stats
+        stats.steps_total += 1
+        sampling: list[Sequence] = []
+        commit = self.block_manager.commit
         for item in batch:
             seq = item.seq
             start = seq.num_computed_tokens
-            self._stats.prompt_tokens_total += max(0, min(start + item.num_tokens, seq.num_prompt_tokens) - start)
-            seq.num_computed_tokens += item.num_tokens
-            self.block_manager.commit(seq)
+            end = start + item.num_tokens
+            if start < len(seq.prompt_token_ids):
+                stats.prompt_tokens_total += max(0, min(end, len(seq.prompt_token_ids)) - start)
+            if end == len(seq.token_ids):  # item.samples
+                sampling.append(seq)
+            seq.num_computed_tokens = end
+            commit(seq)
         outputs: list[RequestOutput] = []
         if not sampling:
             return outputs
-        rows = [SampleInput(it.seq.params, it.seq.prompt_token_ids, it.seq.output_token_ids,
-                            it.seq.generator, self.eos_token_ids) for it in sampling]
+        eos = self.eos_token_ids
+        rows = [SampleInput(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator, eos)
+                for seq in sampling]
         tokens, lps = self.sampler(logits, rows)
-        for item, tok, lp in zip(sampling, tokens, lps):
-            seq = item.seq
+        for seq, tok, lp in zip(sampling, tokens, lps):
             seq.append_token(tok, lp)
             self._stats.generation_tokens_total += 1
             reason = self._check_stop(seq, tok)

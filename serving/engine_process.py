@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from serving.config import ModelConfig
-from serving.outputs import EngineDeadError, RequestMetrics, RequestOutput
+from serving.outputs import EngineDeadError, RequestMetrics, RequestOutput, outputs_until_finished
 from serving.sampling_params import SamplingParams
 from serving.stats import EngineStats
 
@@ -284,23 +284,20 @@ class EngineProcess:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in flight")
             self._streams[request_id] = stream
-        finished = False
+        finished = False  # else (client gone, cancelled, engine error) abort: harmless if already dropped
         try:
             self._send(("add", request_id, ids, params, lora))
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
+            async for item in outputs_until_finished(stream.queue):
                 finished = item.finished
                 yield item
-                if finished:
-                    return
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
             if not finished and self._dead is None:
-                self._send(("abort", request_id))
+                try:
+                    self._send(("abort", request_id))
+                except EngineDeadError:  # died meanwhile: nothing left to abort
+                    pass
 
     async def abort(self, request_id: str) -> None:
         """Abort a request: its stream ends with finish_reason "abort" and its blocks are freed."""

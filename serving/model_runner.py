@@ -162,7 +162,12 @@ class ModelRunner:
         return mgr.build_batch((item.seq.lora_name, item.num_tokens) for item in batch)
 
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[int]]:
-        """Flatten a step into (input_ids, positions, ctx, indices of the positions to sample)."""
+        """Flatten a step into (input_ids, positions, ctx, indices of the positions to sample).
+
+        Runs every step, so it is plain list work and two tensor constructions: the int64
+        vectors (ids | positions | slots) and the int32 ones (cu_seqlens | context lens |
+        block tables) are each built from one flat list and handed out as views.
+        """
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -170,34 +175,54 @@ class ModelRunner:
         cu = [0]
         ctx_lens: list[int] = []
         sample_idx: list[int] = []
+        width = 0
+        max_q = 0
+        total = 0
         for item in batch:
             seq, n = item.seq, item.num_tokens
             start = seq.num_computed_tokens
-            ids += seq.token_ids[start:start + n]
-            pos += range(start, start + n)
+            end = start + n
             table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            cu.append(cu[-1] + n)
-            ctx_lens.append(start + n)
-            if item.samples:
-                sample_idx.append(cu[-1] - 1)
-        width = max(len(item.seq.block_table) for item in batch)
-        tables = [item.seq.block_table + [-1] * (width - len(item.seq.block_table)) for item in batch]
+            tokens = seq.token_ids
+            if n == 1:  # decode: one token
+                ids.append(tokens[start])
+                pos.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                ids += tokens[start:end]
+                pos += range(start, end)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            total += n
+            cu.append(total)
+            ctx_lens.append(end)
+            if end == len(tokens):  # item.samples, before the engine advances num_computed_tokens
+                sample_idx.append(total - 1)
+            if len(table) > width:
+                width = len(table)
+            if n > max_q:
+                max_q = n
+        b = len(batch)
+        flat_tables: list[int] = []
+        for item in batch:
+            table = item.seq.block_table
+            flat_tables += table
+            if len(table) < width:
+                flat_tables += [-1] * (width - len(table))
         dev = self.device
-        max_q = max(item.num_tokens for item in batch)
+        i64 = torch.tensor(ids + pos + slots, dtype=torch.long, device=dev)
+        i32 = torch.tensor(cu + ctx_lens + flat_tables, dtype=torch.int32, device=dev)
         ctx = ForwardContext(
             is_prefill=max_q > 1,
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            cu_seqlens_q=i32[:b + 1],
+            context_lens=i32[b + 1:2 * b + 1],
+            block_tables=i32[2 * b + 1:].view(b, width),
+            slot_mapping=i64[2 * total:],
             max_seqlen_q=max_q,
             max_context_len=max(ctx_lens),
             kv_caches=self.kv_caches,
         )
         ctx.lora = self.build_lora_context(batch)
-        return (torch.tensor(ids, dtype=torch.long, device=dev),
-                torch.tensor(pos, dtype=torch.long, device=dev), ctx, sample_idx)
+        return i64[:total], i64[total:2 * total], ctx, sample_idx
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> torch.Tensor | None:
@@ -210,8 +235,9 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, ctx)
         if not sample_idx:
             return None
-        idx = torch.tensor(sample_idx, dtype=torch.long, device=hidden.device)
-        return self.model.compute_logits(hidden.index_select(0, idx)).float()
+        if len(sample_idx) < hidden.shape[0]:  # else every row samples (decode): no gather
+            hidden = hidden.index_select(0, torch.tensor(sample_idx, dtype=torch.long, device=hidden.device))
+        return self.model.compute_logits(hidden).float()
 
     # --- CUDA graphs (decode only) -----------------------------------------------------
     # Base-only decode steps replay `graphs`; decode steps with adapters replay `lora_graphs`,

@@ -6,7 +6,9 @@ a stream raises instead when the engine cannot run it any more.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from serving.sequence import TokenLogprob
 
@@ -55,3 +57,17 @@ class RequestOutput:
         if self.logprobs is None:
             return None
         return self.logprobs[len(self.logprobs) - len(self.delta_token_ids):]
+
+
+async def outputs_until_finished(q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    """A request's outputs from its queue up to the finished one; an exception put there is raised.
+
+    The engine fronts (`AsyncEngine`, `EngineProcess`) feed the queue from their engine side.
+    """
+    while True:
+        item = await q.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finished:
+            return

@@ -18,7 +18,7 @@ from serving.block_manager import BlockManager
 from serving.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # new tokens fed this step, starting at seq.num_computed_tokens
@@ -89,13 +89,22 @@ class Scheduler:
         out: list[ScheduledSeq] = []
         preempted = False
         # decodes (one token left) first, then running prefills, each group oldest first
-        order = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
+        # (a stable partition: the attribute reads are inlined, this loop runs every step)
+        order = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens <= 1]
+        if len(order) < len(self.running):
+            order += [s for s in self.running if len(s.token_ids) - s.num_computed_tokens > 1]
+        bs = self.bm.block_size
+        running = SequenceStatus.RUNNING
         for seq in order:
             if budget == 0:
                 break
-            if seq.status != SequenceStatus.RUNNING:  # preempted while making room
+            if seq.status is not running:  # preempted while making room
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            if -(-(seq.num_computed_tokens + n) // bs) <= len(seq.block_table):
+                out.append(ScheduledSeq(seq, n))  # its blocks already hold the new tokens
+                budget -= n
+                continue
             while not self.bm.can_allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 for j, item in enumerate(out):  # a victim already in this step's batch leaves it

@@ -102,6 +102,7 @@ class CausalLM(nn.Module):
         self.register_buffer("cos_sin", cos_sin.to(device), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        ctx.step_cache.clear()  # derived from ctx's tensors, which a reused context may have rewritten
         h = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:

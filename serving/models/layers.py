@@ -172,9 +172,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).reshape(n, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).reshape(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, positions, cos_sin)  # strided views of qkv are fine
+        q, k = apply_rotary(q, k, positions, cos_sin, ctx.step_cache)  # strided views of qkv are fine
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, ctx.step_cache)
         o = paged_attention(
             q, k_cache, v_cache,
             cu_seqlens_q=ctx.cu_seqlens_q,
@@ -184,6 +184,7 @@ class Attention(nn.Module):
             max_context_len=ctx.max_context_len,
             scale=self.scale,
             sliding_window=self.sliding_window,
+            step_cache=ctx.step_cache,
         )
         return self.o_proj(o.reshape(n, self.q_size), ctx.lora)
 
