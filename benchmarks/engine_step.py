@@ -7,9 +7,11 @@ the test fixture's tiny Mixtral otherwise). For each batch size: B greedy reques
 decode steps. Two variants run in the same process so their numbers compare:
 
   reference  the engine before the CPU work: the kernels' plain-torch contracts
-             (`paged_attention_ref`, `fused_moe_ref`), weights stored `[out, in]`
-  optimized  what the engine runs on the CPU now (`paged_attention_torch`, `fused_moe_torch`,
-             weights stored transposed for NN GEMMs: `serving.model_runner.cpu_gemm_layout`)
+             (`paged_attention_ref`, `fused_moe_ref`), weights stored `[out, in]` (the rest of
+             the step, norms, rotary, scheduler and runner, is the current code)
+  optimized  what the engine runs on the CPU now (`paged_attention_torch` with the per-step
+             plan and `DecodeKV`, `fused_moe_torch`, weights stored transposed for NN GEMMs:
+             `serving.model_runner.cpu_gemm_layout`)
 
 and the script checks that both produce the same greedy tokens. The machine this runs on
 is shared: it reports the median and the minimum step time, and the step's thread CPU
@@ -59,7 +61,7 @@ def variant(name: str, model: torch.nn.Module) -> Iterator[None]:
     if name != "reference":
         raise ValueError(f"unknown variant {name!r}; use reference or optimized")
     saved = layers.paged_attention, layers.fused_moe
-    layers.paged_attention = attention.paged_attention_ref
+    layers.paged_attention = _without_cpu_extras(attention.paged_attention_ref)
     layers.fused_moe = fused_moe.fused_moe_ref
     for p in model.parameters():
         p.data = p.data.contiguous()
@@ -68,6 +70,13 @@ def variant(name: str, model: torch.nn.Module) -> Iterator[None]:
     finally:
         layers.paged_attention, layers.fused_moe = saved
         cpu_gemm_layout(model)
+
+
+def _without_cpu_extras(fn):
+    """`fn` (a reference kernel) called as the layers call the dispatcher: the CPU-path extras dropped."""
+    def call(*args, step_cache=None, dense_kv=None, **kwargs):
+        return fn(*args, **kwargs)
+    return call
 
 
 def run_batch(engine, batch: int, prompt_len: int, steps: int, warmup: int, seed: int) -> dict:
@@ -123,9 +132,10 @@ def main() -> None:
     model = args.model or default_model()
     batches = [int(b) for b in args.batch.split(",")]
     need = args.prompt_len + args.warmup + args.steps + 8
-    engine = LLMEngine(EngineArgs(model=model, device="cpu", dtype="float32", max_model_len=max(512, need),
+    max_len = max(512, need)
+    engine = LLMEngine(EngineArgs(model=model, device="cpu", dtype="float32", max_model_len=max_len,
                                   max_num_seqs=max(batches), max_loras=0,
-                                  kv_cache_tokens=max(batches) * need + 256))
+                                  kv_cache_tokens=max(max(batches) * need + 256, max_len)))
     print(f"model {model}; {args.threads} thread(s); prompt {args.prompt_len} tokens; {args.steps} timed decode steps")
     results: dict[str, list[dict]] = {}
     for name in args.variants.split(","):

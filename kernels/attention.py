@@ -23,6 +23,7 @@ from kernels.dispatch import dot_flags, use_triton
 from kernels.norm_rope_act import triton_launchable
 
 __all__ = [
+    "DecodeKV",
     "store_kv",
     "store_kv_ref",
     "store_kv_torch",
@@ -112,26 +113,37 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store the step's new K/V [N, Hkv, D] into the paged caches in place (slot -1 = skip)."""
+             slot_mapping: torch.Tensor, step_cache: dict | None = None) -> None:
+    """Store the step's new K/V [N, Hkv, D] into the paged caches in place (slot -1 = skip).
+
+    `step_cache` (optional, `ForwardContext.step_cache`): a dict that lives for one forward
+    step, where the CPU path keeps what every layer would otherwise recompute."""
     if use_triton(k):
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
-        store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+        store_kv_torch(k, v, k_cache, v_cache, slot_mapping, step_cache)
 
 
 def store_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, step_cache: dict | None = None) -> None:
     """The CPU path: `index_copy_` into the flat [slots, Hkv, D] view (the reference's boolean
-    mask and 2-D advanced indexing cost more than the copy at decode sizes). Same result."""
+    mask and 2-D advanced indexing cost more than the copy at decode sizes). Same result.
+    Whether the step has padding slots (-1) is looked at once per step (`step_cache`)."""
     _check_store(k, v, k_cache, v_cache, slot_mapping)
-    if k.shape[0] and int(slot_mapping.min()) < 0:
-        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)  # padding rows: the masked path
+    key = ("store_slots", id(slot_mapping))
+    slots = step_cache.get(key) if step_cache is not None else None
+    if slots is None:
+        slots = slot_mapping.to(torch.long)
+        if k.shape[0] and int(slot_mapping.min()) < 0:
+            slots = False  # padding rows: the masked path
+        if step_cache is not None:
+            step_cache[key] = slots
+    if slots is False:
+        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
         return
     nb, bs, hkv, d = k_cache.shape
-    slots = slot_mapping.to(torch.long)
-    k_cache.view(nb * bs, hkv, d).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(nb * bs, hkv, d).index_copy_(0, slots, v.to(v_cache.dtype))
+    k_cache.view(nb * bs, hkv, d).index_copy_(0, slots, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
+    v_cache.view(nb * bs, hkv, d).index_copy_(0, slots, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
 
 
 # ----------------------------------------------------------------------------- reference
@@ -213,36 +225,149 @@ def _gather_kv(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return flat.view(blocks.shape[0], blocks.shape[1] * bs, hkv, d)
 
 
+def _decode_plan(context_lens: torch.Tensor, block_tables: torch.Tensor, max_context_len: int, bs: int,
+                 sliding_window: int | None, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a decode batch's attention needs besides q and the caches, the same in every layer:
+    the block index [B, nblk] (int64; -1 padding reads block 0, masked) and the additive key
+    mask [B, 1, 1, L] (0 where visible, -inf past a sequence's length or outside its window:
+    what SDPA turns a boolean mask into, so passing it is bit-identical and saves the conversion)."""
+    nblk = max(1, min(-(-max_context_len // bs), block_tables.shape[1]))
+    blocks = block_tables[:, :nblk].to(torch.long).clamp(min=0)
+    kpos = torch.arange(nblk * bs, device=context_lens.device)[None, :]
+    lens = context_lens.to(torch.long)[:, None]
+    hidden = kpos >= lens
+    if sliding_window is not None:
+        hidden |= kpos <= lens - 1 - sliding_window
+    mask = torch.zeros(hidden.shape, dtype=acc_dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
+    return blocks, mask[:, None, None, :]
+
+
+class DecodeKV:
+    """Dense copies of a decode batch's K/V, one pair per layer, kept across steps (CPU path).
+
+    Without them, every layer of every decode step gathers each sequence's whole context
+    out of the paged cache (memory traffic that grows with batch x context and dominates the
+    CPU attention). When a step continues the previous one — the same sequences in the same
+    rows (the owner says so in `continues`, checked again here: each context one token longer,
+    the blocks they had unchanged) — each layer appends the one new K/V row per sequence
+    instead. SDPA then reads `[:, :L]` views: the same L and the same values at visible
+    positions as the gather (finite ones at masked positions), so the output is bit-identical.
+    Buffers keep `headroom` tokens of room past L; `max_bytes` bounds them all (over it: gather).
+    """
+
+    def __init__(self, num_layers: int, max_bytes: int = 256 << 20, headroom: int = 64) -> None:
+        self.num_layers = max(1, num_layers)
+        self.max_bytes = max_bytes
+        self.headroom = headroom
+        self.min_gather_bytes = 64 << 10
+        self.continues = False  # set by the owner before each decode step
+        self.step = 0
+        self.cap = 0  # token capacity of the current buffers
+        self.lens: torch.Tensor | None = None  # context lens the buffers hold
+        self.tables: torch.Tensor | None = None  # block tables they were filled through
+        self.layers: dict[int, list] = {}  # id(k_cache) -> [kd, vd, step last filled]
+        self.appended = 0  # layer-steps served by appending (for tests and benchmarks)
+        self.gathered = 0  # layer-steps that gathered the whole context
+
+    def plan(self, context_lens: torch.Tensor, block_tables: torch.Tensor, blocks: torch.Tensor,
+             bs: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Once per step: (flat buffer rows, cache slots) of each sequence's new token when the
+        buffers can be appended to, else None (every layer gathers, into buffers of new capacity)."""
+        self.step += 1
+        b, nblk = blocks.shape
+        lens = context_lens.to(torch.long)
+        prev, ptab = self.lens, self.tables
+        ok = (self.continues and prev is not None and ptab is not None and prev.shape[0] == b
+              and nblk * bs <= self.cap and ptab.shape[1] <= block_tables.shape[1]
+              and torch.equal(lens, prev + 1)
+              and bool(((block_tables[:, :ptab.shape[1]] == ptab) | (ptab < 0)).all()))
+        self.lens, self.tables = lens, block_tables[:, :nblk].clone()
+        if ok:
+            pos = lens - 1
+            src = blocks.gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs
+            return torch.arange(b, device=lens.device) * self.cap + pos, src
+        self.cap = -(-(nblk * bs + self.headroom) // bs) * bs
+        return None
+
+    def worth(self, b: int, length: int, row_bytes: int) -> bool:
+        """Dense buffers for this step: within `max_bytes`, and only when a gather would move
+        enough bytes (>= `min_gather_bytes` per K or V) to pay for the few extra small ops."""
+        cap = max(self.cap, length + self.headroom)
+        return (b * length * row_bytes >= self.min_gather_bytes
+                and 2 * b * cap * row_bytes * self.num_layers <= self.max_bytes)
+
+
 def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
                   block_tables: torch.Tensor, max_context_len: int, scale: float,
-                  sliding_window: int | None) -> torch.Tensor:
+                  sliding_window: int | None, step_cache: dict | None = None,
+                  dense: DecodeKV | None = None) -> torch.Tensor:
     """Every row of q [B, H, D] is the one new token of sequence b: the whole batch at once.
 
     One gather of the batch's blocks ([B, L, Hkv, D], L = max context rounded up to blocks),
     then one SDPA call over strided views with a key mask (positions past a sequence's
     length or outside its window). The Python cost no longer grows with the batch (the
-    reference loops over sequences).
+    reference loops over sequences). The block index and mask are built once per step
+    (`step_cache`) and shared by the layers.
     """
     b, h, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    nblk = max(1, min(-(-max_context_len // bs), block_tables.shape[1]))
-    blocks = block_tables[:, :nblk].to(torch.long).clamp(min=0)  # -1 padding reads block 0, masked below
-    kk = _gather_kv(k_cache, blocks)
-    vv = _gather_kv(v_cache, blocks)
-    if kk.dtype != acc_dtype:
-        kk, vv = kk.to(acc_dtype), vv.to(acc_dtype)
-    kpos = torch.arange(nblk * bs, device=q.device)[None, :]
-    lens = context_lens.to(torch.long)[:, None]
-    valid = kpos < lens
-    if sliding_window is not None:
-        valid &= kpos > lens - 1 - sliding_window
+    key = ("decode_plan", id(context_lens), id(block_tables), max_context_len, bs, sliding_window, acc_dtype)
+    plan = step_cache.get(key) if step_cache is not None else None
+    if plan is None:
+        plan = _decode_plan(context_lens, block_tables, max_context_len, bs, sliding_window, acc_dtype)
+        if step_cache is not None:
+            step_cache[key] = plan
+        # `dense` needs the once-per-step plan (step_cache); a step that does not use it
+        # leaves the buffers stale, and the next one that does gathers them again
+        row_bytes = hkv * d * torch.finfo(acc_dtype).bits // 8
+        if dense is not None and step_cache is not None and dense.worth(b, plan[0].shape[1] * bs, row_bytes):
+            plan = (*plan, dense.plan(context_lens, block_tables, plan[0], bs))
+            step_cache[key] = plan
+    blocks, mask = plan[0], plan[1]
+    if len(plan) == 3:
+        kk, vv = _dense_kv(dense, plan[2], k_cache, v_cache, blocks, acc_dtype)
+    else:
+        kk = _gather_kv(k_cache, blocks)
+        vv = _gather_kv(v_cache, blocks)
+        if kk.dtype != acc_dtype:
+            kk, vv = kk.to(acc_dtype), vv.to(acc_dtype)
     # GQA folded into the query axis: the group's heads are `group` queries of one KV head
     # ([B, Hkv, group, D] against [B, Hkv, L, D]), so SDPA never repeats K/V per query head.
     o = torch.nn.functional.scaled_dot_product_attention(
-        q.to(acc_dtype).reshape(b, hkv, h // hkv, d), kk.transpose(1, 2), vv.transpose(1, 2),
-        attn_mask=valid[:, None, None, :], scale=scale)
-    return o.reshape(b, h, d).to(q.dtype)
+        (q if q.dtype == acc_dtype else q.to(acc_dtype)).reshape(b, hkv, h // hkv, d),
+        kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=mask, scale=scale)
+    o = o.reshape(b, h, d)
+    return o if o.dtype == q.dtype else o.to(q.dtype)
+
+
+def _dense_kv(dense: DecodeKV, append: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, blocks: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """This layer's [B, L, Hkv, D] K/V views of `dense`'s buffers, brought up to date by
+    appending each sequence's new token (`append`) or, when that cannot be done, a gather."""
+    b, nblk = blocks.shape
+    _, bs, hkv, d = k_cache.shape
+    L = nblk * bs
+    entry = dense.layers.get(id(k_cache))
+    if (append is not None and entry is not None and entry[2] == dense.step - 1
+            and tuple(entry[0].shape[:2]) == (b, dense.cap)):
+        dst, src = append
+        for buf, cache in ((entry[0], k_cache), (entry[1], v_cache)):
+            rows = cache.view(-1, hkv, d).index_select(0, src)
+            buf.view(-1, hkv, d).index_copy_(0, dst, rows if rows.dtype == acc_dtype else rows.to(acc_dtype))
+        dense.appended += 1
+    else:
+        if entry is None or tuple(entry[0].shape[:2]) != (b, dense.cap) or entry[0].dtype != acc_dtype:
+            shape = (b, dense.cap, hkv, d)
+            entry = [torch.empty(shape, dtype=acc_dtype, device=k_cache.device),
+                     torch.empty(shape, dtype=acc_dtype, device=k_cache.device), 0]
+            dense.layers[id(k_cache)] = entry
+        for buf, cache in ((entry[0], k_cache), (entry[1], v_cache)):
+            buf[:, :L] = _gather_kv(cache, blocks)
+            buf[:, L:].zero_()  # read (masked) once L grows: must be finite
+        dense.gathered += 1
+    entry[2] = dense.step
+    return entry[0][:, :L], entry[1][:, :L]
 
 
 def _prefill_seq_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
@@ -277,6 +402,8 @@ def paged_attention_torch(
     max_context_len: int,
     scale: float,
     sliding_window: int | None = None,
+    step_cache: dict | None = None,
+    dense_kv: DecodeKV | None = None,
 ) -> torch.Tensor:
     """The CPU path of `paged_attention` (same contract as `paged_attention_ref`, fp32 math).
 
@@ -291,7 +418,7 @@ def paged_attention_torch(
         return torch.zeros_like(q)
     if max_seqlen_q == 1 and n == nseq:
         return _decode_torch(q, k_cache, v_cache, context_lens, block_tables, max_context_len, scale,
-                             sliding_window)
+                             sliding_window, step_cache, dense_kv)
     cu = cu_seqlens_q.tolist()
     ctx_lens = context_lens.tolist()
     out = torch.empty_like(q)
@@ -608,8 +735,14 @@ def paged_attention(
     max_context_len: int,
     scale: float,
     sliding_window: int | None = None,
+    step_cache: dict | None = None,
+    dense_kv: DecodeKV | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the step's new tokens q [N, H, D] over their sequences' paged K/V."""
+    """Causal attention of the step's new tokens q [N, H, D] over their sequences' paged K/V.
+
+    CPU-path extras, both optional: `step_cache` (`ForwardContext.step_cache`), a dict that
+    lives for one forward step, where the CPU path keeps what every layer would otherwise
+    recompute; `dense_kv` (`ForwardContext.dense_kv`), decode K/V kept across steps (`DecodeKV`)."""
     if use_triton(q):
         return paged_attention_triton(
             q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, max_context_len,
@@ -617,5 +750,5 @@ def paged_attention(
         )
     return paged_attention_torch(
         q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, max_context_len,
-        scale, sliding_window,
+        scale, sliding_window, step_cache, dense_kv,
     )

@@ -110,7 +110,9 @@ def topk_route(
     """
     if router_logits.dim() != 2 or not 0 < top_k <= router_logits.shape[1]:
         raise ValueError(f"topk_route: logits {tuple(router_logits.shape)} need [M, E] with 0 < top_k={top_k} <= E")
-    probs = torch.softmax(router_logits.to(torch.float32), dim=-1)
+    if router_logits.dtype != torch.float32:
+        router_logits = router_logits.to(torch.float32)
+    probs = torch.softmax(router_logits, dim=-1)
     w, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
@@ -156,7 +158,10 @@ def moe_align_block_size(
 
 def _dense(weights: Weights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(weights, MoEWeights):
-        return weights.w13.to(dtype), weights.w2.to(dtype)
+        w13, w2 = weights.w13, weights.w2
+        if w13.dtype == dtype and w2.dtype == dtype:  # the usual case: no conversion ops per call
+            return w13, w2
+        return w13.to(dtype), w2.to(dtype)
     return weights.w13.dense_weight(dtype), weights.w2.dense_weight(dtype)
 
 
@@ -192,6 +197,9 @@ def fused_moe_torch(
     ascending expert order), each expert runs its two GEMMs on a contiguous slice, and one
     `index_add_` sums the weighted rows in that same order: bit-identical to the reference
     (same GEMM shapes and operands, same fp32 additions in the same order) with fewer ops.
+    The down GEMMs write into one buffer shared by all experts (no concatenation); at decode
+    sizes the gate|up GEMMs do too and SiLU·up runs once over all slots (element-wise: the
+    same values as per expert), at prefill sizes it runs per expert (cache locality).
     """
     _check(x, weights, topk_weights, topk_ids)
     w13, w2 = _dense(weights, x.dtype)
@@ -201,24 +209,46 @@ def fused_moe_torch(
     out = torch.zeros(M, x.shape[1], dtype=acc_dtype, device=x.device)
     if M == 0:
         return out.to(x.dtype)
-    flat = topk_ids.reshape(-1).to(torch.int64)
+    flat = topk_ids.reshape(-1)
+    if flat.dtype != torch.int64:
+        flat = flat.to(torch.int64)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=weights.num_experts).tolist()
     tok = order // k
     xs = x.index_select(0, tok)
-    ys = []
-    start = 0
-    for e, c in enumerate(counts):
-        if c == 0:
-            continue
-        h = xs[start:start + c] @ w13[e].t()
+    n = M * k
+    runs = [(e, a, a + c) for e, (c, a) in enumerate(zip(counts, _starts(counts))) if c]
+    y = torch.empty(n, x.shape[1], dtype=x.dtype, device=x.device)
+    if n * I < _BATCHED_ACT_MAX:  # decode sizes: SiLU·up once over all slots (fewer ops)
+        h = torch.empty(n, 2 * I, dtype=x.dtype, device=x.device)
+        for e, a, b in runs:
+            torch.mm(xs[a:b], w13[e].t(), out=h[a:b])
         act = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
-        ys.append(act @ w2[e].t())
-        start += c
-    y = torch.cat(ys) if len(ys) > 1 else ys[0]
-    tw = topk_weights.reshape(-1).index_select(0, order).to(acc_dtype)
-    out.index_add_(0, tok, y.to(acc_dtype) * tw[:, None])
-    return out.to(x.dtype)
+        for e, a, b in runs:
+            torch.mm(act[a:b], w2[e].t(), out=y[a:b])
+    else:  # prefill sizes: per expert, so each activation is used while it is still in cache
+        for e, a, b in runs:
+            h = xs[a:b] @ w13[e].t()
+            torch.mm(torch.nn.functional.silu(h[:, :I]) * h[:, I:], w2[e].t(), out=y[a:b])
+    tw = topk_weights.reshape(-1).index_select(0, order)
+    if tw.dtype != acc_dtype:
+        tw = tw.to(acc_dtype)
+    if y.dtype != acc_dtype:
+        y = y.to(acc_dtype)
+    out.index_add_(0, tok, y.mul_(tw[:, None]))  # y (or its fresh cast) is ours: in place
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+_BATCHED_ACT_MAX = 1 << 16  # elements of the SiLU·up activation up to which it runs once for all experts
+
+
+def _starts(counts: list[int]) -> list[int]:
+    """Exclusive prefix sums of `counts`."""
+    out, s = [], 0
+    for c in counts:
+        out.append(s)
+        s += c
+    return out
 
 
 def _check(x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:

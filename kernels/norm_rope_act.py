@@ -26,11 +26,13 @@ __all__ = [
     "rms_norm",
     "rms_norm_ref",
     "rms_norm_triton",
+    "rms_norm_torch",
     "rotary_inv_freq",
     "rotary_cos_sin",
     "apply_rotary",
     "apply_rotary_ref",
     "apply_rotary_triton",
+    "apply_rotary_torch",
     "silu_and_mul",
     "silu_and_mul_ref",
     "silu_and_mul_triton",
@@ -125,7 +127,21 @@ def rms_norm(
     """RMSNorm of `x` (or of `x + residual`, then also returning that sum as the new residual)."""
     if use_triton(x):
         return rms_norm_triton(x, weight, eps, residual)
-    return rms_norm_ref(x, weight, eps, residual)
+    return rms_norm_torch(x, weight, eps, residual)
+
+
+def rms_norm_torch(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The CPU path: fp32 through the fused `torch.rms_norm` (one op instead of six; bit-identical
+    to `rms_norm_ref` in fp32, checked in tests/test_kernels_ops.py); other dtypes take the reference
+    (it rounds through the input dtype between steps, which the fused op does not)."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return rms_norm_ref(x, weight, eps, residual)
+    if residual is None:
+        return torch.rms_norm(x, weight.shape, weight, eps)
+    s = x + residual
+    return torch.rms_norm(s, weight.shape, weight, eps), s
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -326,12 +342,69 @@ def apply_rotary_triton(
 
 
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+    step_cache: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [N, H, D] and k [N, Hkv, D] by their token positions (neox style); returns new tensors."""
+    """Rotate q [N, H, D] and k [N, Hkv, D] by their token positions (neox style); returns new tensors.
+
+    `step_cache` (optional, `ForwardContext.step_cache`): a dict that lives for one forward
+    step, where the CPU path keeps what every layer would otherwise recompute."""
     if use_triton(q):
         return apply_rotary_triton(q, k, positions, cos_sin)
-    return apply_rotary_ref(q, k, positions, cos_sin)
+    return apply_rotary_torch(q, k, positions, cos_sin, step_cache)
+
+
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q [N, H, D] and k [N, Hkv, D] as one [N, H + Hkv, D] view when k's heads follow q's in
+    memory with the same strides (q and k sliced from one fused qkv GEMM output), else None."""
+    if q.dtype != k.dtype or q.stride() != k.stride() or q.stride(2) != 1 or q.shape[0] != k.shape[0]:
+        return None
+    if q.shape[0] > 1 and q.stride(0) < (q.shape[1] + k.shape[1]) * q.stride(1):
+        return None
+    if k.data_ptr() != q.data_ptr() + q.shape[1] * q.stride(1) * q.element_size():
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
+
+
+def apply_rotary_torch(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+    step_cache: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU path: `apply_rotary_ref`'s element-wise math (bit-identical), with fewer ops.
+
+    The cos/sin rows of the step's positions are gathered once per step and kept in
+    `step_cache` (every layer rotates the same positions), and when k's heads follow q's in
+    memory (both sliced from the qkv GEMM output) q and k rotate as one [N, H + Hkv, D] tensor;
+    q and k come back as views of that one new tensor.
+    """
+    _check_rotary(q, k, positions, cos_sin)
+    if q.dtype != k.dtype:
+        return apply_rotary_ref(q, k, positions, cos_sin)
+    half = q.shape[-1] // 2
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    key = ("rotary", id(cos_sin), id(positions), work)
+    cs = step_cache.get(key) if step_cache is not None else None
+    if cs is None:
+        rows = cos_sin[positions.long()]
+        cs = (rows[:, None, :half].to(work), rows[:, None, half:].to(work))
+        if step_cache is not None:
+            step_cache[key] = cs
+    cos, sin = cs
+    qk = _adjacent_heads(q, k)
+    if qk is None:
+        return _rotate_cs(q, cos, sin), _rotate_cs(k, cos, sin)
+    out = _rotate_cs(qk, cos, sin)
+    h = q.shape[1]
+    return out[:, :h], out[:, h:]
+
+
+def _rotate_cs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`_rotate_ref` with cos/sin already [N, 1, D/2] in the working dtype."""
+    half = x.shape[-1] // 2
+    xf = x if x.dtype == cos.dtype else x.to(cos.dtype)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- SiLU·mul

@@ -136,6 +136,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, max_len)
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
+        # True for a front end that reads only the delta fields of unfinished outputs (e.g. the
+        # engine process, which streams deltas): their `token_ids` / `logprobs` then hold just
+        # this step's part and `metrics` is None, so a step costs O(1) per request instead of
+        # copying every output so far. Finished outputs are always whole.
+        self.delta_outputs_only = False
         self._stats = EngineStats(num_kv_blocks=self.runner.num_blocks, block_size=args.block_size)
         if self.lora_manager is not None:  # LoRA seam: scheduler admission, runner batch
             from serving.lora import attach_lora
@@ -236,6 +241,14 @@ class LLMEngine:
         return None
 
     def _output(self, seq: Sequence, delta_ids: list[int], delta_text: str) -> RequestOutput:
+        if self.delta_outputs_only and not seq.is_finished:
+            lps = seq.logprobs
+            return RequestOutput(
+                request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=list(delta_ids),
+                text="", delta_text=delta_text, delta_token_ids=delta_ids,
+                logprobs=None if lps is None else lps[len(lps) - len(delta_ids):],
+                prompt=seq.prompt, lora_name=seq.lora_name,
+            )
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,

@@ -160,6 +160,7 @@ def _engine_main(conn: Any, args: Any, log_level: str) -> None:
         log.exception("engine failed to load")
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
+    engine.delta_outputs_only = True  # only deltas cross the pipe: no O(length) copies per step
     mgr = engine.lora_manager
     conn.send(("ready", EngineInfo(str(engine.model_dir), engine.model_config, engine.max_model_len,
                                    dict(mgr.sources) if mgr is not None else None)))

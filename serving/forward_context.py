@@ -37,6 +37,9 @@ class ForwardContext:
     # the slot check). The model clears it at the start of each forward, so a context that is
     # reused with its tensors rewritten in place (CUDA-graph style static buffers) stays right.
     step_cache: dict[Any, Any] = field(default_factory=dict)
+    # CPU decode steps: the runner's `kernels.attention.DecodeKV` (each layer's decode K/V kept
+    # dense across steps, appended to while the batch continues); None = gather every step.
+    dense_kv: Any | None = None
 
     @property
     def num_seqs(self) -> int:

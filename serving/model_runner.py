@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from kernels.attention import DecodeKV
 from serving.config import ModelConfig
 from serving.forward_context import ForwardContext
 from serving.scheduler import ScheduledSeq
@@ -74,8 +75,12 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: dict[int, Any] = {}
+        # CPU decode: K/V kept dense across steps instead of gathered per layer per step
+        self.dense_kv: DecodeKV | None = None
+        self._dense_rows: list[int] | None = None  # sequence ids of the last decode step's rows
         if device.type == "cpu":
             cpu_gemm_layout(model)
+            self.dense_kv = DecodeKV(cfg.num_hidden_layers)
         self.num_blocks = self._decide_num_blocks(kv_cache_tokens, gpu_memory_utilization)
         self._allocate_kv_cache(self.num_blocks)
         if device.type == "cuda" and not enforce_eager:
@@ -222,6 +227,11 @@ class ModelRunner:
             kv_caches=self.kv_caches,
         )
         ctx.lora = self.build_lora_context(batch)
+        if self.dense_kv is not None:
+            rows = [item.seq.seq_id for item in batch] if max_q == 1 else None
+            self.dense_kv.continues = rows is not None and rows == self._dense_rows
+            self._dense_rows = rows
+            ctx.dense_kv = self.dense_kv if rows is not None else None
         return i64[:total], i64[total:2 * total], ctx, sample_idx
 
     @torch.inference_mode()

@@ -185,6 +185,7 @@ class Attention(nn.Module):
             scale=self.scale,
             sliding_window=self.sliding_window,
             step_cache=ctx.step_cache,
+            dense_kv=ctx.dense_kv,
         )
         return self.o_proj(o.reshape(n, self.q_size), ctx.lora)
 
