@@ -19,6 +19,7 @@ time (less sensitive to other jobs than wall time; one intra-op thread by defaul
 
     python benchmarks/engine_step.py                 # --batch 1,8,32 --steps 30 --threads 1
     python benchmarks/engine_step.py --variants optimized --batch 32
+    python benchmarks/engine_step.py --variants optimized --dtype bfloat16 --prefill-rounds 5
 """
 from __future__ import annotations
 
@@ -116,6 +117,28 @@ def run_batch(engine, batch: int, prompt_len: int, steps: int, warmup: int, seed
             "cpu_ms_p50": statistics.median(cpu) * 1e3, "tok_s": batch / med, "tokens": [tokens[r] for r in ids]}
 
 
+def run_prefill(engine, batch: int, prompt_len: int, rounds: int, seed: int) -> dict:
+    """`rounds` times: `batch` fresh prompts (new random tokens, so new routing), one step that
+    prefills them all; returns that step's thread CPU time (median, min) over the rounds after
+    the first (the first also builds what a new process builds once)."""
+    from serving.sampling_params import SamplingParams
+
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    cpu = []
+    for r in range(rounds + 1):
+        for i in range(batch):
+            engine.add_request(f"p{r}-{i}", [rng.randrange(3, vocab) for _ in range(prompt_len)], params)
+        c = time.thread_time()
+        engine.step()
+        if r:
+            cpu.append(time.thread_time() - c)
+        while engine.has_unfinished():
+            engine.step()
+    return {"batch": batch, "cpu_ms_p50": statistics.median(cpu) * 1e3, "cpu_ms_min": min(cpu) * 1e3}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model directory (default: the serving benchmark's tiny Mixtral)")
@@ -125,6 +148,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the serving benchmark uses 1)")
     ap.add_argument("--variants", default="reference,optimized")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="model dtype (bf16/fp16 run through oneDNN, AMX where the CPU has it)")
+    ap.add_argument("--prefill-rounds", type=int, default=0,
+                    help="also time N prefill steps of max(batch) prompts each (thread CPU ms)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from serving.engine import EngineArgs, LLMEngine
@@ -133,20 +160,27 @@ def main() -> None:
     batches = [int(b) for b in args.batch.split(",")]
     need = args.prompt_len + args.warmup + args.steps + 8
     max_len = max(512, need)
-    engine = LLMEngine(EngineArgs(model=model, device="cpu", dtype="float32", max_model_len=max_len,
+    engine = LLMEngine(EngineArgs(model=model, device="cpu", dtype=args.dtype, max_model_len=max_len,
                                   max_num_seqs=max(batches), max_loras=0,
                                   kv_cache_tokens=max(max(batches) * need + 256, max_len)))
-    print(f"model {model}; {args.threads} thread(s); prompt {args.prompt_len} tokens; {args.steps} timed decode steps")
+    print(f"model {model}; {args.dtype}; {args.threads} thread(s); prompt {args.prompt_len} tokens; "
+          f"{args.steps} timed decode steps")
     results: dict[str, list[dict]] = {}
+    prefills: dict[str, dict] = {}
     for name in args.variants.split(","):
         with variant(name, engine.runner.model):
             results[name] = [run_batch(engine, b, args.prompt_len, args.steps, args.warmup, seed=b) for b in batches]
+            if args.prefill_rounds:
+                prefills[name] = run_prefill(engine, max(batches), args.prompt_len, args.prefill_rounds, seed=99)
     print("| variant | batch | prefill ms | decode step p50 ms | step min ms | step CPU p50 ms | decode tok/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, rows in results.items():
         for r in rows:
             print(f"| {name} | {r['batch']} | {r['prefill_ms']:.1f} | {r['step_ms_p50']:.2f} | {r['step_ms_min']:.2f} "
                   f"| {r['cpu_ms_p50']:.2f} | {r['tok_s']:.0f} |")
+    for name, r in prefills.items():
+        print(f"{name}: prefill step of {r['batch']} x {args.prompt_len} tokens: CPU p50 {r['cpu_ms_p50']:.1f} ms, "
+              f"min {r['cpu_ms_min']:.1f} ms ({args.prefill_rounds} rounds)")
     if "reference" in results and "optimized" in results:
         for ref, opt in zip(results["reference"], results["optimized"]):
             same = ref["tokens"] == opt["tokens"]

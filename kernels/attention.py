@@ -297,6 +297,13 @@ class DecodeKV:
                 and 2 * b * cap * row_bytes * self.num_layers <= self.max_bytes)
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU paths hand SDPA: fp64 and fp32 as they are, bf16/fp16 too (SDPA's
+    CPU kernel accumulates softmax and P·V in fp32 inside, as transformers' sdpa attention
+    relies on), other dtypes fp32. No fp32 copies of the gathered K/V."""
+    return dtype if dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
 def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
                   block_tables: torch.Tensor, max_context_len: int, scale: float,
                   sliding_window: int | None, step_cache: dict | None = None,
@@ -311,7 +318,7 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """
     b, h, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = _work_dtype(q.dtype)
     key = ("decode_plan", id(context_lens), id(block_tables), max_context_len, bs, sliding_window, acc_dtype)
     plan = step_cache.get(key) if step_cache is not None else None
     if plan is None:
@@ -375,7 +382,7 @@ def _prefill_seq_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     """One sequence's q [qlen, H, D] (its last qlen positions) over its ctx cached tokens, SDPA with GQA."""
     qlen, h, d = q.shape
     hkv = k_cache.shape[2]
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = _work_dtype(q.dtype)
     kk = _gather_kv(k_cache, blocks[None])[0, :ctx].to(acc_dtype).transpose(0, 1)  # [Hkv, ctx, D]
     vv = _gather_kv(v_cache, blocks[None])[0, :ctx].to(acc_dtype).transpose(0, 1)
     qq = q.to(acc_dtype).transpose(0, 1)  # [H, qlen, D]
@@ -389,6 +396,37 @@ def _prefill_seq_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     o = torch.nn.functional.scaled_dot_product_attention(
         qq, kk, vv, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=hkv != h)
     return o.transpose(0, 1).to(q.dtype)
+
+
+def _prefill_batched_low_precision(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu: list[int],
+                                   ctx_lens: list[int], block_tables: torch.Tensor, scale: float,
+                                   sliding_window: int | None, out: torch.Tensor) -> set[int]:
+    """bf16/fp16: whole-prompt sequences (no cached prefix, q_len == context_len > 1, no window) of
+    equal length through one batched causal SDPA call per length (32 prompts of 64 tokens: 0.9 ms
+    instead of 5.0 ms per layer here). Writes their rows of `out`; returns the sequences done."""
+    if sliding_window is not None:
+        return set()
+    groups: dict[int, list[int]] = {}
+    for b, ctx in enumerate(ctx_lens):
+        if cu[b + 1] - cu[b] == ctx > 1:
+            groups.setdefault(ctx, []).append(b)
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    h, d = q.shape[1], q.shape[2]
+    done: set[int] = set()
+    for ctx, seqs in groups.items():
+        if len(seqs) < 2:
+            continue
+        sel = torch.tensor(seqs, dtype=torch.long, device=q.device)
+        blocks = block_tables.index_select(0, sel)[:, :(ctx + bs - 1) // bs].to(torch.long)
+        kk = _gather_kv(k_cache, blocks)[:, :ctx].transpose(1, 2)  # [n, Hkv, ctx, D]
+        vv = _gather_kv(v_cache, blocks)[:, :ctx].transpose(1, 2)
+        rows = torch.cat([torch.arange(cu[b], cu[b + 1], device=q.device) for b in seqs])
+        qq = q.index_select(0, rows).view(len(seqs), ctx, h, d).transpose(1, 2)  # [n, H, ctx, D]
+        o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale,
+                                                             enable_gqa=hkv != h)
+        out.index_copy_(0, rows, o.transpose(1, 2).reshape(-1, h, d))
+        done.update(seqs)
+    return done
 
 
 def paged_attention_torch(
@@ -405,7 +443,8 @@ def paged_attention_torch(
     step_cache: dict | None = None,
     dense_kv: DecodeKV | None = None,
 ) -> torch.Tensor:
-    """The CPU path of `paged_attention` (same contract as `paged_attention_ref`, fp32 math).
+    """The CPU path of `paged_attention` (same contract as `paged_attention_ref`; fp32 math for
+    fp32, bf16/fp16 handed to SDPA as they are: its CPU kernel accumulates in fp32 inside).
 
     Decode rows (q_len 1) of the whole batch go through one vectorized `_decode_torch`;
     prefill / chunked-prefill sequences through SDPA one sequence at a time. Agrees with the
@@ -431,10 +470,14 @@ def paged_attention_torch(
                                   block_tables.index_select(0, sel), max(ctx_lens[b] for b in dec), scale,
                                   sliding_window)
     bs = k_cache.shape[1]
+    done: set[int] = set()
+    if q.dtype in (torch.bfloat16, torch.float16):
+        done = _prefill_batched_low_precision(q, k_cache, v_cache, cu, ctx_lens, block_tables, scale,
+                                              sliding_window, out)
     for b, ctx in enumerate(ctx_lens):
         q0, q1 = cu[b], cu[b + 1]
         qlen = q1 - q0
-        if qlen <= 1:
+        if qlen <= 1 or b in done:
             continue
         if qlen > ctx:
             raise ValueError(f"paged_attention: sequence {b} has {qlen} new tokens but context_len {ctx}")

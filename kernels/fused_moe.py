@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from kernels.awq import AWQPacked, _num_sms, awq_repack, concat_out, stack_packed
+from kernels.cpu_gemm import LOW_PRECISION, PACKED_MAX_ROWS, bucket_rows, packed_for, packed_linear
 from kernels.dispatch import check_launchable, interpreting, lazy_kernels, use_triton
 
 # ----------------------------------------------------------------------------------------
@@ -29,6 +30,9 @@ class MoEWeights:
 
     w13: torch.Tensor
     w2: torch.Tensor
+    # CPU bf16/fp16: (weight_key(w13, w2), (per-expert blocked w13, per-expert blocked w2)),
+    # set by `serving.model_runner.cpu_gemm_layout`; see kernels/cpu_gemm.py
+    cpu_packed: Any = None
 
     def __post_init__(self) -> None:
         E, I2, H = self.w13.shape
@@ -205,6 +209,9 @@ def fused_moe_torch(
     w13, w2 = _dense(weights, x.dtype)
     I = weights.intermediate_size
     M, k = topk_ids.shape
+    if x.dtype in LOW_PRECISION and x.device.type == "cpu" and M > 0:
+        packed = packed_for(weights.cpu_packed, w13, w2) if isinstance(weights, MoEWeights) else None
+        return _fused_moe_lowp(x, w13, w2, I, topk_weights, topk_ids, packed)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.zeros(M, x.shape[1], dtype=acc_dtype, device=x.device)
     if M == 0:
@@ -237,6 +244,80 @@ def fused_moe_torch(
         y = y.to(acc_dtype)
     out.index_add_(0, tok, y.mul_(tw[:, None]))  # y (or its fresh cast) is ours: in place
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _fused_moe_lowp(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, I: int, topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor, packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """The CPU bf16/fp16 path: transformers' MixtralExperts math, laid out for oneDNN (AMX).
+
+    As transformers does in bf16: each expert's output is multiplied by its routing weight
+    (here rounded to x's dtype first: within one rounding of transformers' fp32 product),
+    and the k contributions of a token are summed by `index_add_` in x's dtype in ascending
+    expert order. No fp32 copies of activations (a bf16<->fp32 conversion costs ~1 ns/element
+    here, as much as the GEMMs). Each expert's run of slots is padded to `bucket_rows` with
+    zero rows (weight 0, landing on token 0 as an exact +0): oneDNN builds a primitive per
+    GEMM shape (~1-2 ms), and expert row counts change every step. `packed`: per-expert
+    oneDNN-blocked weights (`kernels.cpu_gemm.pack_weight`), ~2x faster at decode sizes.
+    """
+    M, k = topk_ids.shape
+    H = x.shape[1]
+    E = w13.shape[0]
+    flat = topk_ids.reshape(-1)
+    if flat.dtype != torch.int64:
+        flat = flat.to(torch.int64)
+    n = M * k
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E).tolist()
+    runs, shift, a, real = [], [], 0, 0
+    for e, c in enumerate(counts):
+        shift.append(a - real)
+        if c:
+            pb = bucket_rows(c)
+            runs.append((e, a, pb))
+            a += pb
+            real += c
+    total = a
+    tok = order // k
+    tw = topk_weights.reshape(-1).index_select(0, order)
+    if total == n:  # no padding needed
+        xs = x.index_select(0, tok)
+    else:
+        pos = torch.arange(n, device=x.device) + torch.tensor(shift, device=x.device)[flat.index_select(0, order)]
+        src = torch.full((total,), M, dtype=torch.int64, device=x.device)
+        src[pos] = tok
+        xs = torch.cat([x, x.new_zeros(1, H)]).index_select(0, src)  # pad slots read the zero row M
+        tok = src.masked_fill_(src == M, 0)
+        tw = torch.zeros(total, dtype=tw.dtype, device=x.device).index_copy_(0, pos, tw)
+    F = torch.nn.functional
+    if packed is not None and max(pb for _, _, pb in runs) > PACKED_MAX_ROWS:
+        packed = None  # prefill sizes: the plain call is as fast or faster (see kernels/cpu_gemm.py)
+
+    def up(e: int, a: int, b: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        if packed is None:
+            return torch.mm(xs[a:b], w13[e].t(), out=out)
+        return packed_linear(xs[a:b], packed[0][e]) if out is None else out.copy_(packed_linear(xs[a:b], packed[0][e]))
+
+    def down(act: torch.Tensor, e: int, out: torch.Tensor) -> torch.Tensor:
+        if packed is None:
+            return torch.mm(act, w2[e].t(), out=out)
+        return out.copy_(packed_linear(act, packed[1][e]))
+
+    y = torch.empty(total, H, dtype=x.dtype, device=x.device)
+    if total * I < _BATCHED_ACT_MAX:  # decode sizes: SiLU·up once over all slots
+        h = torch.empty(total, 2 * I, dtype=x.dtype, device=x.device)
+        for e, a, pb in runs:
+            up(e, a, a + pb, out=h[a:a + pb])
+        act = F.silu(h[:, :I]) * h[:, I:]
+        for e, a, pb in runs:
+            down(act[a:a + pb], e, out=y[a:a + pb])
+    else:  # prefill sizes: per expert, while the activation is in cache
+        for e, a, pb in runs:
+            h = up(e, a, a + pb)
+            down(F.silu(h[:, :I]) * h[:, I:], e, out=y[a:a + pb])
+    y.mul_(tw.to(x.dtype)[:, None])  # in x's dtype: a mixed-dtype in-place mul is ~10x slower here
+    return torch.zeros(M, H, dtype=x.dtype, device=x.device).index_add_(0, tok, y)
 
 
 _BATCHED_ACT_MAX = 1 << 16  # elements of the SiLU·up activation up to which it runs once for all experts

@@ -30,7 +30,12 @@ def cpu_gemm_layout(model: torch.nn.Module) -> int:
     Same shapes and values, other strides: `x @ W.t()` then runs MKL's NN GEMM, 25-45% faster
     than the NT one at decode sizes on the CPU (measured here: bit-identical results at
     M >= 16; at M = 1 MKL takes a GEMV whose rounding differs in the last bits). Weights shared with an embedding are left alone (row
-    lookups want rows). Returns the number of tensors changed.
+    lookups want rows). fp32 only: bf16/fp16 GEMMs run in oneDNN (AMX), which packs the weight
+    itself and was no faster on `[in, out]` storage (at M = 2048 the gate|up expert GEMM took
+    0.83 ms against 0.66 ms on `[out, in]`), so low-precision weights keep the checkpoint's
+    `[out, in]` and get a oneDNN-blocked copy instead (`_pack_low_precision`: ~2x faster GEMMs
+    at decode sizes, a second copy of those weights in memory). Returns the number of tensors
+    changed (or packed).
     """
     from serving.models.layers import Linear, MoE
 
@@ -41,12 +46,39 @@ def cpu_gemm_layout(model: torch.nn.Module) -> int:
             params.append(m.weight)
         elif isinstance(m, MoE) and not m.quantized:
             params += [m.w13, m.w2]
-    changed = 0
+    changed = _pack_low_precision(model)
     for p in params:
+        if p.dtype in (torch.bfloat16, torch.float16):
+            continue
         if p.dim() >= 2 and p.is_contiguous():
             p.data = p.data.transpose(-1, -2).contiguous().transpose(-1, -2)
             changed += 1
     return changed
+
+
+def _pack_low_precision(model: torch.nn.Module) -> int:
+    """bf16/fp16: a oneDNN-blocked copy of every plain linear and expert weight
+    (`kernels.cpu_gemm.pack_weight`, used while the weight keeps its storage); returns how many
+    weights were (re)packed, 0 when all are current."""
+    from kernels.cpu_gemm import LOW_PRECISION, pack_weight, packed_for, weight_key
+    from serving.models.layers import Linear, MoE
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Linear) and isinstance(m.weight, torch.nn.Parameter) and m.weight.dtype in LOW_PRECISION:
+            if packed_for(m.cpu_packed, m.weight) is None:
+                pw = pack_weight(m.weight)
+                m.cpu_packed = None if pw is None else (weight_key(m.weight), pw)
+                n += pw is not None
+        elif isinstance(m, MoE) and not m.quantized and m.w13.dtype in LOW_PRECISION:
+            w = m.weights
+            if packed_for(w.cpu_packed, w.w13, w.w2) is None:
+                p13 = [pack_weight(t) for t in w.w13]
+                p2 = [pack_weight(t) for t in w.w2]
+                if all(p is not None for p in p13 + p2):
+                    w.cpu_packed = (weight_key(w.w13, w.w2), (p13, p2))
+                    n += 2
+    return n
 
 
 class ModelRunner:

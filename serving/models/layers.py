@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.attention import paged_attention, store_kv
 from kernels.awq import AWQPacked, awq_linear, awq_repack
+from kernels.cpu_gemm import packed_for, padded_linear
 from kernels.fused_moe import AWQMoEWeights, MoEWeights, awq_moe_repack, fused_moe, topk_route
 from kernels.norm_rope_act import apply_rotary, rms_norm, silu_and_mul
 from serving.config import ModelConfig
@@ -80,6 +80,8 @@ class Linear(nn.Module):
             else None
         )
         self.lora_hook: LoRAHook | None = None
+        # CPU bf16/fp16: (weight_key, oneDNN-blocked weight), set by `cpu_gemm_layout`
+        self.cpu_packed: tuple[tuple, torch.Tensor] | None = None
 
     def part_slices(self) -> dict[str, slice]:
         """HF part name -> slice of this module's output columns."""
@@ -99,7 +101,9 @@ class Linear(nn.Module):
                 raise RuntimeError("AWQ linear used before its weights were loaded")
             y = awq_linear(x, self.packed, self.bias)
         else:
-            y = F.linear(x, self.weight, self.bias)
+            # on the CPU, bf16/fp16 rows are padded to a few shapes (oneDNN builds one GEMM per shape)
+            packed = packed_for(self.cpu_packed, self.weight) if self.cpu_packed is not None else None
+            y = padded_linear(x, self.weight, self.bias, packed)
         if lora is not None and self.lora_hook is not None:
             self.lora_hook(x, y, lora)
         return y
