@@ -11,6 +11,7 @@
 # the median per server and concurrency, and the ratios per round (median and spread).
 #
 #   bash benchmarks/serving_vs_peers.sh    # env: ROUNDS=3 NUM_PROMPTS=64 MAX_IN=128 MAX_OUT=32 DTYPE=float32
+#   DTYPE=bfloat16 bash benchmarks/serving_vs_peers.sh   # its own section of RESULTS.md
 #   SKIP_VLLM=1 bash benchmarks/serving_vs_peers.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -221,8 +222,9 @@ for peer in labels[1:]:
         tpot = cell([ratio(a, b, "tpot_ms", "p50", inverse=True) for a, b in pairs])
         cpu = cell([ratio(a, b, "server_cpu_ms_per_output_token", inverse=True) for a, b in pairs])
         ratios.append(f"| hubdeploy vs {peer} | {conc_runs[0]['concurrency']} | {thr} | {ttft} | {tpot} | {cpu} |")
+title = "## Serving vs peers (CPU)" if dtype == "float32" else f"## Serving vs peers (CPU, {dtype})"
 text = "\n".join([
-    "## Serving vs peers (CPU)", "",
+    title, "",
     f"Measured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {machine} (shared with other jobs: absolute numbers are noisy; "
     f"ours and vLLM up together, {rounds} alternating rounds, medians over rounds; OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "unset") + "). Tiny Mixtral (hidden 256, head_dim 64, 2 layers, 4 experts top-2, random weights, unquantized, " + dtype + "), `hubdeploy bench`: "
     f"{n} prompts per run, Dolly-shaped lengths clipped to {max_in} in / {max_out} out, streaming completions with ignore_eos. "
@@ -235,7 +237,7 @@ text = "\n".join([
 print(text)
 p = Path("benchmarks/RESULTS.md")
 old = p.read_text() if p.exists() else "# Benchmark results\n\n"
-m = re.search(r"^## Serving vs peers \(CPU\)\n.*?(?=^## |\Z)", old, flags=re.S | re.M)
+m = re.search("^" + re.escape(title) + r"\n.*?(?=^## |\Z)", old, flags=re.S | re.M)
 new = old[:m.start()] + text + "\n" + old[m.end():] if m else old.rstrip("\n") + "\n\n" + text
 p.write_text(new)
 print(f"wrote {p}")
