@@ -114,12 +114,12 @@ def topk_route(
     """
     if router_logits.dim() != 2 or not 0 < top_k <= router_logits.shape[1]:
         raise ValueError(f"topk_route: logits {tuple(router_logits.shape)} need [M, E] with 0 < top_k={top_k} <= E")
-    if router_logits.dtype != torch.float32:
-        router_logits = router_logits.to(torch.float32)
-    probs = torch.softmax(router_logits, dim=-1)
+    # softmax's dtype= casts the input first (one op, the same values as `.to` then softmax);
+    # the renormalising division writes into topk's fresh output
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     w, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
-        w = w / w.sum(dim=-1, keepdim=True)
+        w = w.div_(w.sum(dim=-1, keepdim=True))
     return w, ids.to(torch.int32)
 
 
@@ -211,8 +211,12 @@ def fused_moe_torch(
     M, k = topk_ids.shape
     if x.dtype in LOW_PRECISION and x.device.type == "cpu" and M > 0:
         packed = packed_for(weights.cpu_packed, w13, w2) if isinstance(weights, MoEWeights) else None
+        if M == 1 and packed is not None:
+            return _fused_moe_one_token(x, I, topk_weights, topk_ids, packed)
         return _fused_moe_lowp(x, w13, w2, I, topk_weights, topk_ids, packed)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if M == 1 and x.device.type == "cpu":
+        return _fused_moe_one_token(x, I, topk_weights, topk_ids, None, w13, w2, acc_dtype)
     out = torch.zeros(M, x.shape[1], dtype=acc_dtype, device=x.device)
     if M == 0:
         return out.to(x.dtype)
@@ -318,6 +322,51 @@ def _fused_moe_lowp(
             down(F.silu(h[:, :I]) * h[:, I:], e, out=y[a:a + pb])
     y.mul_(tw.to(x.dtype)[:, None])  # in x's dtype: a mixed-dtype in-place mul is ~10x slower here
     return torch.zeros(M, H, dtype=x.dtype, device=x.device).index_add_(0, tok, y)
+
+
+def _fused_moe_one_token(
+    x: torch.Tensor, I: int, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
+    w13: torch.Tensor | None = None, w2: torch.Tensor | None = None, acc_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """One token (a batch-1 decode step) on the CPU: the same per-expert GEMMs, activation,
+    weighting and summation order as `fused_moe_torch` / `_fused_moe_lowp` (bit-identical,
+    checked in tests/test_cpu_overhead.py) without the sort, count, gather and scatter that
+    pay off only for many tokens: ~20 fewer tensor ops, each a few microseconds here.
+
+    `packed` (bf16/fp16): per-expert oneDNN-blocked weights; the k outputs are weighted in x's
+    dtype and summed in ascending expert order in fp32, rounded once (as `index_add_` into
+    zeros does there).
+    Otherwise (fp32/fp64) plain `w13`/`w2` and the sum in `acc_dtype` (as `fused_moe_torch`).
+    """
+    ids = topk_ids[0].tolist()
+    order = sorted(range(len(ids)), key=ids.__getitem__)  # ascending expert: the reference's order
+    silu = torch.nn.functional.silu
+    if packed is not None:
+        tw = topk_weights[0].to(x.dtype)
+        ys = []
+        for j in order:
+            e = ids[j]
+            h = packed_linear(x, packed[0][e])
+            ys.append(packed_linear(silu(h[:, :I]) * h[:, I:], packed[1][e]).mul_(tw[j]))
+        if len(ys) <= 2:  # one rounding of the fp32 sum either way
+            return ys[0] if len(ys) == 1 else ys[0].add_(ys[1])
+        acc = ys[0].float()  # `index_add_` sums a row's k > 2 contributions in fp32, rounding once
+        for y in ys[1:]:
+            acc += y.float()
+        return acc.to(x.dtype)
+    tw = topk_weights[0]
+    if tw.dtype != acc_dtype:
+        tw = tw.to(acc_dtype)
+    out = torch.zeros_like(x, dtype=acc_dtype)
+    for j in order:
+        e = ids[j]
+        h = torch.mm(x, w13[e].t())
+        y = torch.mm(silu(h[:, :I]) * h[:, I:], w2[e].t())
+        if y.dtype != acc_dtype:
+            y = y.to(acc_dtype)
+        out.add_(y.mul_(tw[j]))
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 _BATCHED_ACT_MAX = 1 << 16  # elements of the SiLU·up activation up to which it runs once for all experts

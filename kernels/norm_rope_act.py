@@ -400,25 +400,28 @@ def apply_rotary_torch(
     key = ("rotary", id(cos_sin), id(positions), work)
     cs = step_cache.get(key) if step_cache is not None else None
     if cs is None:
-        rows = cos_sin[positions.long()]
-        cs = (rows[:, None, :half].to(work), rows[:, None, half:].to(work))
+        rows = cos_sin.index_select(0, positions.long()).to(work)
+        cos, sin = rows[:, None, :half], rows[:, None, half:]
+        cs = (torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))
         if step_cache is not None:
             step_cache[key] = cs
-    cos, sin = cs
+    cos2, sin2 = cs
     qk = _adjacent_heads(q, k)
     if qk is None:
-        return _rotate_cs(q, cos, sin), _rotate_cs(k, cos, sin)
-    out = _rotate_cs(qk, cos, sin)
+        return _rotate_cs(q, cos2, sin2), _rotate_cs(k, cos2, sin2)
+    out = _rotate_cs(qk, cos2, sin2)
     h = q.shape[1]
     return out[:, :h], out[:, h:]
 
 
-def _rotate_cs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`_rotate_ref` with cos/sin already [N, 1, D/2] in the working dtype."""
+def _rotate_cs(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """`_rotate_ref` with cos2 = [cos | cos] and sin2 = [-sin | sin], [N, 1, D] in the working
+    dtype (made once per step): `x * cos2 + [x2 | x1] * sin2` is `[x1·cos - x2·sin | x2·cos + x1·sin]`
+    bit for bit (negation is exact and a - b == a + (-b)), in 5 ops instead of 9."""
     half = x.shape[-1] // 2
-    xf = x if x.dtype == cos.dtype else x.to(cos.dtype)
-    x1, x2 = xf[..., :half], xf[..., half:]
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    xf = x if x.dtype == cos2.dtype else x.to(cos2.dtype)
+    out = xf * cos2
+    out += xf.roll(half, -1).mul_(sin2)  # [x2 | x1]: roll is ~2x cheaper than a cat of the halves here
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 

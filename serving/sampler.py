@@ -92,11 +92,25 @@ def filter_probs(
     return out[0] if squeeze else out
 
 
+def _all_plain_greedy(rows: list[SampleInput]) -> bool:
+    """Every row greedy with nothing that reads or changes logits before the argmax (no
+    penalties, no `min_tokens`, no logprobs): then the result is `argmax(logits)` per row,
+    the same token the general path picks (argmax of fp32 logits either way)."""
+    for r in rows:
+        p = r.params
+        if (p.temperature != 0.0 or p.logprobs is not None or p.repetition_penalty != 1.0
+                or p.presence_penalty or p.frequency_penalty or p.min_tokens):
+            return False
+    return True
+
+
 class Sampler:
     def __call__(
         self, logits: torch.Tensor, rows: list[SampleInput]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         """Pick one token per row of `logits` [B, V] (float32)."""
+        if _all_plain_greedy(rows):  # the common decode step: one argmax, no per-row tensors
+            return torch.argmax(logits, dim=-1).tolist(), [None] * len(rows)
         logits = logits.float()
         B, V = logits.shape
         dev = logits.device

@@ -165,10 +165,13 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext, cos_sin: torch.Tensor
+        self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext, cos_sin: torch.Tensor,
+        direct: bool = False,
     ) -> torch.Tensor:
+        """`direct=True` (no torch hooks anywhere, see `CausalLM.forward`): the projections'
+        `forward` is called directly, skipping `nn.Module.__call__` (~2 us a call, every layer, every step)."""
         n = x.shape[0]
-        qkv = self.qkv_proj(x, ctx.lora)
+        qkv = self.qkv_proj.forward(x, ctx.lora) if direct else self.qkv_proj(x, ctx.lora)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(n, self.num_heads, self.head_dim)
         k = k.reshape(n, self.num_kv_heads, self.head_dim)
@@ -191,7 +194,8 @@ class Attention(nn.Module):
             step_cache=ctx.step_cache,
             dense_kv=ctx.dense_kv,
         )
-        return self.o_proj(o.reshape(n, self.q_size), ctx.lora)
+        o = o.reshape(n, self.q_size)
+        return self.o_proj.forward(o, ctx.lora) if direct else self.o_proj(o, ctx.lora)
 
 
 class MLP(nn.Module):
@@ -216,7 +220,10 @@ class MLP(nn.Module):
             quantized=quantized(prefix + "down_proj"), dtype=dtype, device=device,
         )
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, direct: bool = False) -> torch.Tensor:
+        """`direct`: as in `Attention.forward`."""
+        if direct:
+            return self.down_proj.forward(silu_and_mul(self.gate_up_proj.forward(x, ctx.lora)), ctx.lora)
         return self.down_proj(silu_and_mul(self.gate_up_proj(x, ctx.lora)), ctx.lora)
 
 
@@ -279,8 +286,9 @@ class MoE(nn.Module):
         per_role = {r: [parts[(e, r)] for e in range(self.num_experts)] for r in ("w1", "w3", "w2")}
         self.weights = awq_moe_repack(per_role["w1"], per_role["w3"], per_role["w2"], group_size)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        router_logits = self.gate(x)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, direct: bool = False) -> torch.Tensor:
+        """`direct`: as in `Attention.forward`."""
+        router_logits = self.gate.forward(x) if direct else self.gate(x)
         topk_weights, topk_ids = topk_route(router_logits, self.top_k, self.renormalize)
         if ctx.lora is not None and self.lora_hook is not None:
             # LoRA seam (serving.lora.layers.MoESite): expert LoRA changes activations inside
