@@ -6,6 +6,7 @@ page talks to (`HF_ENDPOINT`), through `huggingface_hub`.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 from space.sanitize import render_card
 
+log = logging.getLogger(__name__)
 _TITLE_RE = re.compile(r"^#\s+(.+?)\s*#*\s*$", re.M)
 
 
@@ -49,7 +51,9 @@ def search_models(query: str, *, endpoint: str | None = None, token: str | None 
     try:
         api = HfApi(endpoint=hub_endpoint(endpoint), token=token or False)
         return [m.id for m in api.list_models(search=query, limit=limit, sort="downloads")]
-    except Exception:  # noqa: BLE001 - suggestions are a convenience; the inspect call reports errors
+    except Exception as e:  # noqa: BLE001 - suggestions are a convenience; the inspect call reports errors
+        log.warning("Hub search for suggestions failed (%s: %s); the model box still accepts any id",
+                    type(e).__name__, e)
         return []
 
 
