@@ -188,7 +188,8 @@ def test_badge_link_opens_prefilled_page(env: tuple[SpaceService, str], page: An
     # Search suggestions from the Hub while typing in the model box.
     box = page.locator("#hd-model input")
     suggestion = f"ul[role=listbox] li:has-text('{repo}')"
-    for attempt in range(3):  # a key-up answered while the list was closing is lost: type again
+    for attempt in range(4):  # a key-up answered while the list was closing is lost: type again
+        box.click()  # the list opens only for a focused box
         box.fill("")
         box.press_sequentially("mixtral-awq-ca", delay=30)
         try:
