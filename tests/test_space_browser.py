@@ -171,7 +171,7 @@ def test_badge_to_chat_to_delete(env: tuple[SpaceService, str], page: Any) -> No
     assert_inert(page)
 
 
-def test_badge_link_opens_prefilled_page(env: tuple[SpaceService, str], page: Any) -> None:
+def test_badge_link_opens_prefilled_page(env: tuple[SpaceService, str], page: Any, local_hub: LocalHub) -> None:
     svc, repo = env
     page.context.clear_cookies()
     page.goto(svc.url + "/gradio_api/info")
@@ -185,7 +185,12 @@ def test_badge_link_opens_prefilled_page(env: tuple[SpaceService, str], page: An
     assert href == f"{svc.url}/deploy?model={repo}", href
     img = page.locator("#hd-badge-preview img").first
     page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=img.element_handle())
-    # Search suggestions from the Hub while typing in the model box.
+    # Search suggestions from the Hub while typing in the model box: first what the page's
+    # handler gets from the Hub, then what the browser shows.
+    from space.hub import search_models
+
+    hits = search_models("mixtral-awq-ca", endpoint=local_hub.endpoint)
+    assert repo in hits, hits
     box = page.locator("#hd-model input")
     suggestion = f"ul[role=listbox] li:has-text('{repo}')"
     for attempt in range(4):  # a key-up answered while the list was closing is lost: type again
@@ -197,7 +202,12 @@ def test_badge_link_opens_prefilled_page(env: tuple[SpaceService, str], page: An
             break
         except Exception:  # noqa: BLE001 - playwright's TimeoutError; the last try asserts below
             box.press("Escape")
-    page.wait_for_selector(suggestion, timeout=15_000)
+    try:
+        page.wait_for_selector(suggestion, timeout=15_000)
+    except Exception as e:  # noqa: BLE001 - say what the page showed instead
+        shot(page, "09-search-suggestions-missing")
+        raise AssertionError(f"no suggestion listed; model box {box.input_value()!r}, lists: "
+                             f"{page.locator('ul[role=listbox]').all_inner_texts()!r}") from e
     shot(page, "09-search-suggestions")
     page.goto("about:blank")
     page.goto(href)
