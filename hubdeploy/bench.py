@@ -247,19 +247,14 @@ def fetch_model(base_url: str, api_key: str | None = None) -> str:
     return data[0]["id"]
 
 
-def process_tree_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a local process and all its descendants (Linux `/proc`).
-
-    Why: on a shared machine wall-clock figures swing with other jobs, but the CPU a server
-    spends per generated token does not, so it compares servers fairly (ours runs an
-    engine child process, vLLM several). None where `/proc` is not there or `pid` is gone.
-    """
-    parent_of: dict[int, int] = {}
-    ticks_of: dict[int, int] = {}
+def process_table() -> dict[int, tuple[int, int]]:
+    """Every local process as pid -> (parent pid, user + system CPU ticks), from Linux `/proc`
+    ({} where there is none)."""
+    table: dict[int, tuple[int, int]] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return None
+        return table
     for d in entries:
         if not d.isdigit():
             continue
@@ -269,15 +264,25 @@ def process_tree_cpu_seconds(pid: int) -> float | None:
         except OSError:  # exited meanwhile
             continue
         fields = raw[raw.rfind(")") + 2:].split()  # after "pid (comm) "
-        parent_of[int(d)] = int(fields[1])
-        ticks_of[int(d)] = int(fields[11]) + int(fields[12])
-    if pid not in ticks_of:
+        table[int(d)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    return table
+
+
+def process_tree_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a local process and all its descendants (Linux `/proc`).
+
+    Why: on a shared machine wall-clock figures swing with other jobs, but the CPU a server
+    spends per generated token does not, so it compares servers fairly (ours runs an
+    engine child process, vLLM several). None where `/proc` is not there or `pid` is gone.
+    """
+    table = process_table()
+    if pid not in table:
         return None
     tree, frontier = {pid}, [pid]
     while frontier:
-        frontier = [c for c, p in parent_of.items() if p in frontier and c not in tree]
+        frontier = [c for c, (p, _) in table.items() if p in frontier and c not in tree]
         tree.update(frontier)
-    return sum(ticks_of[p] for p in tree) / os.sysconf("SC_CLK_TCK")
+    return sum(table[p][1] for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
 def normalize_base_url(url: str) -> str:

@@ -17,18 +17,17 @@ ARGS = ["--max-model-len", "256", "--kv-cache-tokens", "2048"]
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of the direct children of `pid` (Linux /proc)."""
+    """(pid, command line) of the direct children of `pid`."""
+    from hubdeploy.bench import process_table
+
     out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            raw = open(f"/proc/{d}/stat").read()
-            cmd = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if int(raw[raw.rfind(")") + 2:].split()[1]) == pid:
-            out.append((int(d), cmd))
+    for child, (parent, _) in process_table().items():
+        if parent == pid:
+            try:
+                cmd = open(f"/proc/{child}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:  # exited meanwhile
+                continue
+            out.append((child, cmd))
     return out
 
 
