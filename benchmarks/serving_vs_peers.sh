@@ -25,11 +25,12 @@ CONC=${CONC:-1,8,32}
 DTYPE=${DTYPE:-float32}
 OUT=${OUT_DIR:-$ROOT/benchmarks/out/serving_vs_peers}
 VENV=$ROOT/.venv-vllm
-# One intra-op thread for torch-based servers (ours, the transformers baseline): on a small
-# shared CPU two OpenMP threads stall each other (measured here: engine step median 2 ms
-# with 1 thread against 20-50 ms, spikes to 400 ms, with 2 while other jobs ran). vLLM binds
-# its own threads (VLLM_CPU_OMP_THREADS_BIND=auto) and ignores this.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Threads: our engine picks its own per step (all cores for prefill-sized steps, one for decode
+# steps: `--cpu-threads`, serving/model_runner.py); vLLM binds its own (VLLM_CPU_OMP_THREADS_BIND=auto).
+# The transformers baseline gets one intra-op thread: on a small shared CPU two OpenMP threads
+# in every op stall each other (measured here: step median 2 ms with 1 thread against 20-50 ms,
+# spikes to 400 ms, with 2 while other jobs ran).
+BASELINE_THREADS=${BASELINE_THREADS:-1}
 mkdir -p "$OUT"
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; }
@@ -135,7 +136,7 @@ stop "$OURS_PID"
 
 # 3. transformers baseline
 PORT=$(free_port)
-$PY benchmarks/transformers_server.py "$MODEL_DIR" --port "$PORT" --dtype "$DTYPE" --served-model-name tiny \
+OMP_NUM_THREADS=$BASELINE_THREADS $PY benchmarks/transformers_server.py "$MODEL_DIR" --port "$PORT" --dtype "$DTYPE" --served-model-name tiny \
     >"$OUT/transformers.log" 2>&1 &
 PID=$!; PIDS+=("$PID")
 wait_health "http://127.0.0.1:$PORT" "$PID" 300 || { echo "transformers baseline did not start; see $OUT/transformers.log"; exit 1; }
@@ -226,7 +227,7 @@ title = "## Serving vs peers (CPU)" if dtype == "float32" else f"## Serving vs p
 text = "\n".join([
     title, "",
     f"Measured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {machine} (shared with other jobs: absolute numbers are noisy; "
-    f"ours and vLLM up together, {rounds} alternating rounds, medians over rounds; OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "unset") + "). Tiny Mixtral (hidden 256, head_dim 64, 2 layers, 4 experts top-2, random weights, unquantized, " + dtype + "), `hubdeploy bench`: "
+    f"ours and vLLM up together, {rounds} alternating rounds, medians over rounds; threads: ours all cores for prefill-sized steps and one for decode, vLLM its own bound OpenMP threads, the transformers baseline one). Tiny Mixtral (hidden 256, head_dim 64, 2 layers, 4 experts top-2, random weights, unquantized, " + dtype + "), `hubdeploy bench`: "
     f"{n} prompts per run, Dolly-shaped lengths clipped to {max_in} in / {max_out} out, streaming completions with ignore_eos. "
     "Reproduce: `bash benchmarks/serving_vs_peers.sh`." + ("" if vllm_ok == "1" else " The vLLM leg was skipped (see the script's output)."),
     "", *rows, "",

@@ -15,6 +15,8 @@ kernel, flash-attention tiles over q and over paged K/V), and the dispatchers.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -242,17 +244,37 @@ def _decode_plan(context_lens: torch.Tensor, block_tables: torch.Tensor, max_con
     return blocks, mask[:, None, None, :]
 
 
-class DecodeKV:
-    """Dense copies of a decode batch's K/V, one pair per layer, kept across steps (CPU path).
+@dataclass
+class DensePlan:
+    """One decode step's instructions for every layer's `DecodeKV` buffers (made once per step)."""
 
-    Without them, every layer of every decode step gathers each sequence's whole context
-    out of the paged cache (memory traffic that grows with batch x context and dominates the
-    CPU attention). When a step continues the previous one — the same sequences in the same
-    rows (the owner says so in `continues`, checked again here: each context one token longer,
-    the blocks they had unchanged) — each layer appends the one new K/V row per sequence
-    instead. SDPA then reads `[:, :L]` views: the same L and the same values at visible
-    positions as the gather (finite ones at masked positions), so the output is bit-identical.
-    Buffers keep `headroom` tokens of room past L; `max_bytes` bounds them all (over it: gather).
+    step: int
+    prev_step: int  # the plan before this one: a layer whose buffers applied it is up to date
+    shape: tuple[int, int]  # (rows, token capacity) the buffers must have
+    length: int  # L: the step reads buffer[:B, :L]
+    order: torch.Tensor | None  # batch entry of each buffer row 0..B-1; None when row i is entry i
+    rows: torch.Tensor | None  # buffer row of each batch entry (the inverse of `order`)
+    moves: tuple[torch.Tensor, torch.Tensor] | None  # (from rows, to rows): continuing sequences moved below B
+    fill: tuple[torch.Tensor, torch.Tensor] | None  # (batch entries, their rows): gather whole contexts
+    append: tuple[torch.Tensor, torch.Tensor] | None  # (flat buffer positions, cache slots) of new tokens
+    all_rows: torch.Tensor  # rows 0..B-1 with each entry's blocks, for a layer that must gather all
+
+
+class DecodeKV:
+    """Dense copies of the decode rows' K/V, one buffer pair per layer, kept across steps (CPU path).
+
+    Without them, every layer of every decode step gathers each sequence's whole context out
+    of the paged cache (memory traffic that grows with batch x context and dominates the CPU
+    attention). Here each decoding sequence owns a row of the buffers, found by the key its
+    owner gives it (`plan(keys, ...)`: sequence id and preemption count, so a recomputed context
+    is never taken for the old one). A step appends one K/V position to each row that held the
+    sequence up to its previous token, gathers whole contexts only for sequences new to the
+    buffers, and moves the few rows that sit past the batch size into rows freed by finished
+    sequences, so the step reads `[:B, :L]` views (queries permuted to row order when the batch
+    order differs). A batch that changes by one sequence so costs one row, not a regather of all.
+    Every row's values at visible positions equal the gather's, the masked tail is finite, and
+    L is the same: SDPA's output is bit-identical (tests/test_cpu_step.py).
+    Buffers keep `headroom` tokens past L; `max_bytes` bounds them all (over it: gather).
     """
 
     def __init__(self, num_layers: int, max_bytes: int = 256 << 20, headroom: int = 64) -> None:
@@ -260,41 +282,75 @@ class DecodeKV:
         self.max_bytes = max_bytes
         self.headroom = headroom
         self.min_gather_bytes = 64 << 10
-        self.continues = False  # set by the owner before each decode step
+        self.keys: list | None = None  # the owner's key of each batch entry, set before each step
         self.step = 0
-        self.cap = 0  # token capacity of the current buffers
-        self.lens: torch.Tensor | None = None  # context lens the buffers hold
-        self.tables: torch.Tensor | None = None  # block tables they were filled through
-        self.layers: dict[int, list] = {}  # id(k_cache) -> [kd, vd, step last filled]
-        self.appended = 0  # layer-steps served by appending (for tests and benchmarks)
-        self.gathered = 0  # layer-steps that gathered the whole context
+        self.prev_plan_step = -1
+        self.shape = (0, 0)  # (rows, token capacity) of the buffers
+        self.held: dict = {}  # key -> (row, context length the row holds)
+        self.layers: dict[int, list] = {}  # id(k_cache) -> [kd, vd, step of the plan last applied]
+        self.appended = 0  # layer-steps that appended new tokens (for tests and benchmarks)
+        self.gathered = 0  # layer-steps that gathered whole contexts
+        self.moved = 0  # rows moved below the batch size (sequences that kept their data)
 
-    def plan(self, context_lens: torch.Tensor, block_tables: torch.Tensor, blocks: torch.Tensor,
-             bs: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Once per step: (flat buffer rows, cache slots) of each sequence's new token when the
-        buffers can be appended to, else None (every layer gathers, into buffers of new capacity)."""
+    def plan(self, keys: list, context_lens: torch.Tensor, blocks: torch.Tensor, bs: int) -> DensePlan:
+        """Once per step: where each sequence's row is and what every layer must copy into it."""
         self.step += 1
         b, nblk = blocks.shape
-        lens = context_lens.to(torch.long)
-        prev, ptab = self.lens, self.tables
-        ok = (self.continues and prev is not None and ptab is not None and prev.shape[0] == b
-              and nblk * bs <= self.cap and ptab.shape[1] <= block_tables.shape[1]
-              and torch.equal(lens, prev + 1)
-              and bool(((block_tables[:, :ptab.shape[1]] == ptab) | (ptab < 0)).all()))
-        self.lens, self.tables = lens, block_tables[:, :nblk].clone()
-        if ok:
-            pos = lens - 1
+        length = nblk * bs
+        lens = context_lens.tolist()
+        rows_cap, cap = self.shape
+        if b > rows_cap or length > cap:
+            rows_cap = max(rows_cap, -(-b // 8) * 8)
+            cap = max(cap, -(-(length + self.headroom) // bs) * bs)
+        held = self.held
+        rows = [-1] * b
+        continuing = [i for i, (k, n) in enumerate(zip(keys, lens)) if held.get(k, (0, -1))[1] == n - 1]
+        for i in continuing:
+            r = held[keys[i]][0]
+            if r < b:
+                rows[i] = r
+        free = iter(sorted(set(range(b)) - set(rows)))
+        move_from, move_to = [], []
+        for i in continuing:
+            if rows[i] < 0:  # its row lies past the batch: move it into a freed one
+                rows[i] = next(free)
+                move_from.append(held[keys[i]][0])
+                move_to.append(rows[i])
+        self.moved += len(move_from)
+        fill = [i for i in range(b) if rows[i] < 0]
+        for i in fill:
+            rows[i] = next(free)
+        self.held = {k: (r, n) for k, r, n in zip(keys, rows, lens)}
+        identity = rows == list(range(b))
+        rows_t = None if identity else torch.tensor(rows, dtype=torch.long)
+        order = None
+        if rows_t is not None:
+            order = torch.empty_like(rows_t)
+            order[rows_t] = torch.arange(b)
+        append = None
+        if continuing:
+            sel = None if len(continuing) == b else torch.tensor(continuing, dtype=torch.long)
+            pos = context_lens.to(torch.long) - 1
             src = blocks.gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs
-            return torch.arange(b, device=lens.device) * self.cap + pos, src
-        self.cap = -(-(nblk * bs + self.headroom) // bs) * bs
-        return None
+            dst = (rows_t if rows_t is not None else torch.arange(b)) * cap + pos
+            append = (dst, src) if sel is None else (dst.index_select(0, sel), src.index_select(0, sel))
+        t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+        plan = DensePlan(
+            step=self.step, prev_step=self.prev_plan_step, shape=(rows_cap, cap), length=length, order=order,
+            rows=rows_t, moves=(t(move_from), t(move_to)) if move_from else None,
+            fill=(t(fill), t([rows[i] for i in fill])) if fill else None, append=append,
+            all_rows=rows_t if rows_t is not None else torch.arange(b))
+        self.prev_plan_step = self.step
+        self.shape = (rows_cap, cap)
+        return plan
 
     def worth(self, b: int, length: int, row_bytes: int) -> bool:
         """Dense buffers for this step: within `max_bytes`, and only when a gather would move
         enough bytes (>= `min_gather_bytes` per K or V) to pay for the few extra small ops."""
-        cap = max(self.cap, length + self.headroom)
+        rows = max(self.shape[0], b)
+        cap = max(self.shape[1], length + self.headroom)
         return (b * length * row_bytes >= self.min_gather_bytes
-                and 2 * b * cap * row_bytes * self.num_layers <= self.max_bytes)
+                and 2 * rows * cap * row_bytes * self.num_layers <= self.max_bytes)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -307,14 +363,15 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
                   block_tables: torch.Tensor, max_context_len: int, scale: float,
                   sliding_window: int | None, step_cache: dict | None = None,
-                  dense: DecodeKV | None = None) -> torch.Tensor:
+                  dense: DecodeKV | None = None, keys: list | None = None) -> torch.Tensor:
     """Every row of q [B, H, D] is the one new token of sequence b: the whole batch at once.
 
     One gather of the batch's blocks ([B, L, Hkv, D], L = max context rounded up to blocks),
     then one SDPA call over strided views with a key mask (positions past a sequence's
     length or outside its window). The Python cost no longer grows with the batch (the
     reference loops over sequences). The block index and mask are built once per step
-    (`step_cache`) and shared by the layers.
+    (`step_cache`) and shared by the layers; with `dense` (and the sequences' `keys`) the K/V
+    come from its buffers instead of a gather.
     """
     b, h, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -323,18 +380,23 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     plan = step_cache.get(key) if step_cache is not None else None
     if plan is None:
         plan = _decode_plan(context_lens, block_tables, max_context_len, bs, sliding_window, acc_dtype)
-        if step_cache is not None:
-            step_cache[key] = plan
-        # `dense` needs the once-per-step plan (step_cache); a step that does not use it
-        # leaves the buffers stale, and the next one that does gathers them again
+        # `dense` needs the once-per-step plan (step_cache); a step that does not use it leaves
+        # the buffers as they were, and rows whose sequences moved on are gathered again
         row_bytes = hkv * d * torch.finfo(acc_dtype).bits // 8
-        if dense is not None and step_cache is not None and dense.worth(b, plan[0].shape[1] * bs, row_bytes):
-            plan = (*plan, dense.plan(context_lens, block_tables, plan[0], bs))
+        if (dense is not None and keys is not None and step_cache is not None
+                and dense.worth(b, plan[0].shape[1] * bs, row_bytes)):
+            plan = (*plan, dense.plan(keys, context_lens, plan[0], bs))
+        if step_cache is not None:
             step_cache[key] = plan
     blocks, mask = plan[0], plan[1]
     if len(plan) == 3:
-        kk, vv = _dense_kv(dense, plan[2], k_cache, v_cache, blocks, acc_dtype)
+        dp: DensePlan = plan[2]
+        kk, vv = _dense_kv(dense, dp, k_cache, v_cache, blocks, acc_dtype)
+        if dp.order is not None:  # buffer rows are not in batch order: permute q and mask to them
+            q = q.index_select(0, dp.order)
+            mask = mask.index_select(0, dp.order)
     else:
+        dp = None
         kk = _gather_kv(k_cache, blocks)
         vv = _gather_kv(v_cache, blocks)
         if kk.dtype != acc_dtype:
@@ -345,36 +407,49 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         (q if q.dtype == acc_dtype else q.to(acc_dtype)).reshape(b, hkv, h // hkv, d),
         kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=mask, scale=scale)
     o = o.reshape(b, h, d)
+    if dp is not None and dp.rows is not None:
+        o = o.index_select(0, dp.rows)
     return o if o.dtype == q.dtype else o.to(q.dtype)
 
 
-def _dense_kv(dense: DecodeKV, append: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor,
-              v_cache: torch.Tensor, blocks: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """This layer's [B, L, Hkv, D] K/V views of `dense`'s buffers, brought up to date by
-    appending each sequence's new token (`append`) or, when that cannot be done, a gather."""
-    b, nblk = blocks.shape
+def _dense_kv(dense: DecodeKV, plan: DensePlan, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              blocks: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """This layer's [B, L, Hkv, D] K/V views of `dense`'s buffers (in buffer-row order), brought
+    up to date as `plan` says: grow, move rows, gather new sequences, append new tokens."""
+    b = blocks.shape[0]
     _, bs, hkv, d = k_cache.shape
-    L = nblk * bs
+    L = plan.length
     entry = dense.layers.get(id(k_cache))
-    if (append is not None and entry is not None and entry[2] == dense.step - 1
-            and tuple(entry[0].shape[:2]) == (b, dense.cap)):
-        dst, src = append
-        for buf, cache in ((entry[0], k_cache), (entry[1], v_cache)):
-            rows = cache.view(-1, hkv, d).index_select(0, src)
-            buf.view(-1, hkv, d).index_copy_(0, dst, rows if rows.dtype == acc_dtype else rows.to(acc_dtype))
-        dense.appended += 1
+    if entry is not None and entry[2] == plan.step:  # already brought up to date in this step
+        return entry[0][:b, :L], entry[1][:b, :L]
+    current = entry is not None and entry[2] == plan.prev_step and entry[0].dtype == acc_dtype
+    if entry is None or tuple(entry[0].shape[:2]) != plan.shape or entry[0].dtype != acc_dtype:
+        # zeros: the masked tail of a row is read and must be finite
+        grown = [torch.zeros((*plan.shape, hkv, d), dtype=acc_dtype, device=k_cache.device) for _ in range(2)]
+        if current:
+            r, c = (min(x, y) for x, y in zip(entry[0].shape[:2], plan.shape))
+            for new, old in zip(grown, entry[:2]):
+                new[:r, :c] = old[:r, :c]
+        entry = [*grown, 0]
+        dense.layers[id(k_cache)] = entry
+    if not current:  # this layer missed the last plan: gather every row
+        fill: tuple[torch.Tensor, torch.Tensor] | None = (torch.arange(b), plan.all_rows)
+        moves, append = None, None
     else:
-        if entry is None or tuple(entry[0].shape[:2]) != (b, dense.cap) or entry[0].dtype != acc_dtype:
-            shape = (b, dense.cap, hkv, d)
-            entry = [torch.empty(shape, dtype=acc_dtype, device=k_cache.device),
-                     torch.empty(shape, dtype=acc_dtype, device=k_cache.device), 0]
-            dense.layers[id(k_cache)] = entry
-        for buf, cache in ((entry[0], k_cache), (entry[1], v_cache)):
-            buf[:, :L] = _gather_kv(cache, blocks)
-            buf[:, L:].zero_()  # read (masked) once L grows: must be finite
-        dense.gathered += 1
-    entry[2] = dense.step
-    return entry[0][:, :L], entry[1][:, :L]
+        fill, moves, append = plan.fill, plan.moves, plan.append
+    for buf, cache in ((entry[0], k_cache), (entry[1], v_cache)):
+        if moves is not None:
+            buf.index_copy_(0, moves[1], buf.index_select(0, moves[0]))
+        if fill is not None:
+            rows = _gather_kv(cache, blocks.index_select(0, fill[0]) if fill[0].shape[0] != b else blocks)
+            buf.narrow(1, 0, L).index_copy_(0, fill[1], rows if rows.dtype == acc_dtype else rows.to(acc_dtype))
+        if append is not None:
+            new = cache.view(-1, hkv, d).index_select(0, append[1])
+            buf.view(-1, hkv, d).index_copy_(0, append[0], new if new.dtype == acc_dtype else new.to(acc_dtype))
+    dense.gathered += fill is not None
+    dense.appended += append is not None
+    entry[2] = plan.step
+    return entry[0][:b, :L], entry[1][:b, :L]
 
 
 def _prefill_seq_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
@@ -455,20 +530,29 @@ def paged_attention_torch(
     nseq = context_lens.shape[0]
     if n == 0 or nseq == 0:
         return torch.zeros_like(q)
+    keys = dense_kv.keys if dense_kv is not None else None
     if max_seqlen_q == 1 and n == nseq:
         return _decode_torch(q, k_cache, v_cache, context_lens, block_tables, max_context_len, scale,
-                             sliding_window, step_cache, dense_kv)
+                             sliding_window, step_cache, dense_kv, keys)
     cu = cu_seqlens_q.tolist()
     ctx_lens = context_lens.tolist()
     out = torch.empty_like(q)
-    dec = [b for b in range(nseq) if cu[b + 1] - cu[b] == 1]
+    sub = step_cache.get("decode_rows") if step_cache is not None else None
+    if sub is None:  # the decode rows of a mixed step, the same in every layer
+        dec = [b for b in range(nseq) if cu[b + 1] - cu[b] == 1]
+        sub = (dec, None)
+        if dec:
+            sel = torch.tensor(dec, dtype=torch.long, device=q.device)
+            sub = (dec, (torch.tensor([cu[b] for b in dec], dtype=torch.long, device=q.device),
+                         context_lens.index_select(0, sel), block_tables.index_select(0, sel),
+                         max(ctx_lens[b] for b in dec), [keys[b] for b in dec] if keys is not None else None))
+        if step_cache is not None:
+            step_cache["decode_rows"] = sub
+    dec = sub[0]
     if dec:
-        rows = torch.tensor([cu[b] for b in dec], dtype=torch.long, device=q.device)
-        sel = torch.tensor(dec, dtype=torch.long, device=q.device)
-        sub_lens = context_lens.index_select(0, sel)
-        out[rows] = _decode_torch(q.index_select(0, rows), k_cache, v_cache, sub_lens,
-                                  block_tables.index_select(0, sel), max(ctx_lens[b] for b in dec), scale,
-                                  sliding_window)
+        rows, sub_lens, sub_tables, sub_max, sub_keys = sub[1]
+        out[rows] = _decode_torch(q.index_select(0, rows), k_cache, v_cache, sub_lens, sub_tables, sub_max, scale,
+                                  sliding_window, step_cache, dense_kv, sub_keys)
     bs = k_cache.shape[1]
     done: set[int] = set()
     if q.dtype in (torch.bfloat16, torch.float16):

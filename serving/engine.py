@@ -48,6 +48,10 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    # CPU: intra-op threads for steps of >= cpu_parallel_min_tokens tokens (default: torch's,
+    # i.e. OMP_NUM_THREADS or the cores); smaller (decode) steps run on one
+    cpu_threads: int | None = None
+    cpu_parallel_min_tokens: int = 256
     seed: int = 0
     token: str | None = None  # Hub token for gated/private repos
     # LoRA (serving.lora)
@@ -126,6 +130,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, cfg, self.device, self.dtype, args.block_size, max_len, args.max_num_seqs,
             args.max_num_batched_tokens, args.kv_cache_tokens, args.gpu_memory_utilization, args.enforce_eager,
+            cpu_threads=args.cpu_threads, cpu_parallel_min_tokens=args.cpu_parallel_min_tokens,
         )
         capacity = self.runner.num_blocks * args.block_size
         if capacity < max_len:

@@ -153,6 +153,7 @@ def _engine_main(conn: Any, args: Any, log_level: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front end decides
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from serving.engine import LLMEngine
+    from serving.heap import freeze_heap
 
     try:
         engine = LLMEngine(args)
@@ -161,6 +162,7 @@ def _engine_main(conn: Any, args: Any, log_level: str) -> None:
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
     engine.delta_outputs_only = True  # only deltas cross the pipe: no O(length) copies per step
+    freeze_heap()  # the loaded model and its imports stay out of every later collection
     mgr = engine.lora_manager
     conn.send(("ready", EngineInfo(str(engine.model_dir), engine.model_config, engine.max_model_len,
                                    dict(mgr.sources) if mgr is not None else None)))

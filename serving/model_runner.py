@@ -95,6 +95,8 @@ class ModelRunner:
         kv_cache_tokens: int | None = None,
         gpu_memory_utilization: float = 0.9,
         enforce_eager: bool = False,
+        cpu_threads: int | None = None,
+        cpu_parallel_min_tokens: int = 256,
     ) -> None:
         self.model = model
         self.cfg = cfg
@@ -109,10 +111,16 @@ class ModelRunner:
         self.graphs: dict[int, Any] = {}
         # CPU decode: K/V kept dense across steps instead of gathered per layer per step
         self.dense_kv: DecodeKV | None = None
-        self._dense_rows: list[int] | None = None  # sequence ids of the last decode step's rows
+        # CPU intra-op threads: all of `cpu_threads` for steps of >= `cpu_parallel_min_tokens`
+        # tokens (prefill: GEMMs big enough to split), one for smaller steps (decode), whose
+        # ops are too small to pay for a barrier, and where a second busy core (the HTTP front
+        # end, clients) would stall every one of them
+        self.cpu_threads = 1
+        self.cpu_parallel_min_tokens = cpu_parallel_min_tokens
         if device.type == "cpu":
             cpu_gemm_layout(model)
             self.dense_kv = DecodeKV(cfg.num_hidden_layers)
+            self.cpu_threads = max(1, cpu_threads or torch.get_num_threads())
         self.num_blocks = self._decide_num_blocks(kv_cache_tokens, gpu_memory_utilization)
         self._allocate_kv_cache(self.num_blocks)
         if device.type == "cuda" and not enforce_eager:
@@ -259,16 +267,28 @@ class ModelRunner:
             kv_caches=self.kv_caches,
         )
         ctx.lora = self.build_lora_context(batch)
-        if self.dense_kv is not None:
-            rows = [item.seq.seq_id for item in batch] if max_q == 1 else None
-            self.dense_kv.continues = rows is not None and rows == self._dense_rows
-            self._dense_rows = rows
-            ctx.dense_kv = self.dense_kv if rows is not None else None
+        if self.dense_kv is not None:  # the decode rows' dense K/V, found by sequence (recomputed: anew)
+            self.dense_kv.keys = [(item.seq.seq_id, item.seq.num_preemptions) for item in batch]
+            ctx.dense_kv = self.dense_kv
         return i64[:total], i64[total:2 * total], ctx, sample_idx
 
-    @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> torch.Tensor | None:
         """Run one step; return fp32 logits [num sampling seqs, V] (None when none samples)."""
+        caller = torch.get_num_threads()
+        want = caller
+        if self.device.type == "cpu":  # the step's thread count (see __init__)
+            big = sum(item.num_tokens for item in batch) >= self.cpu_parallel_min_tokens
+            want = self.cpu_threads if big else 1
+        if want == caller:
+            return self._run(batch)
+        torch.set_num_threads(want)
+        try:  # then the caller's back: no lasting side effect
+            return self._run(batch)
+        finally:
+            torch.set_num_threads(caller)
+
+    @torch.inference_mode()
+    def _run(self, batch: list[ScheduledSeq]) -> torch.Tensor | None:
         input_ids, positions, ctx, sample_idx = self.prepare(batch)
         graph_bs = self._graph_batch_size(ctx, len(batch))
         if graph_bs is not None:  # pragma: no cover - needs a GPU

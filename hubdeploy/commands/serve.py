@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: MODEL)")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache size in tokens (CPU default or override)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="CPU: threads for prefill-sized steps (default: OMP_NUM_THREADS or all cores); decode "
+                        "steps use one, leaving the other cores to the HTTP front end")
     p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--disable-lora-admin", action="store_true",
@@ -85,7 +88,7 @@ def _engine_args(args: argparse.Namespace, model_dir: Path, loras: dict[str, str
                               enforce_eager=args.enforce_eager, token=os.environ.get("HF_TOKEN"),
                               lora_modules=loras or None)
     for flag in ("max_model_len", "max_num_seqs", "max_loras", "max_lora_rank", "max_cpu_loras",
-                 "kv_cache_tokens", "gpu_memory_utilization"):
+                 "kv_cache_tokens", "gpu_memory_utilization", "cpu_threads"):
         v = getattr(args, flag)
         if v is not None:
             kw[flag] = v
@@ -157,6 +160,9 @@ def _load(app: Any, args: argparse.Namespace, loras: dict[str, str], server: Any
         attach_engine(app, engine, chat_template=load_chat_template(model_dir),
                       special_tokens=dict(engine.tokenizer.special_tokens),
                       max_model_len=engine.max_model_len)
+        from serving.heap import freeze_heap
+
+        freeze_heap()  # a full collection over this heap would stall every stream (~50 ms)
         phase("ready", f"http://{args.host}:{args.port}/v1 model={app.state.server.served_model_name}")
     except BaseException as e:  # noqa: BLE001 - every failure is reported, then the process exits
         log.exception("loading %s failed", args.model)
