@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import torch
@@ -25,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's packages, installed or not
 from serving.server.protocol import ChatCompletionRequest, CompletionRequest
 
 

@@ -95,14 +95,26 @@ def _engine_args(args: argparse.Namespace, model_dir: Path, loras: dict[str, str
     return EngineArgs(**kw)
 
 
-async def _warm_up(engine: Any) -> None:
-    """One short request through the whole path, so the first client does not pay for it."""
+async def _warm_up(engine: Any, prefill_tokens: int = 2048, batch: int = 32) -> None:
+    """Requests through the whole path before the endpoint says ready, so the first clients do not
+    pay for first-time work: one short request, then at once `prefill_tokens` of distinct prompts
+    (a full-budget prefill step: the allocator's large blocks, the CPU thread pool) and `batch`
+    short ones (a decode batch of that size). vLLM warms up with a full-budget dummy step too."""
     from serving.sampling_params import SamplingParams
 
-    ids = engine.tokenizer.encode("Hello") or [0]
-    async for _ in engine.generate(ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
-                                   "warmup-0"):
-        pass
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+    async def one(rid: str, ids: list[int]) -> None:
+        async for _ in engine.generate(ids, params, rid):
+            pass
+
+    hello = engine.tokenizer.encode("Hello") or [0]
+    await one("warmup-0", hello)
+    vocab = engine.model_config.vocab_size
+    n = max(1, min(prefill_tokens, engine.max_model_len - params.max_tokens - 1))
+    long = [[(31 * i + j) % vocab for j in range(n)] for i in range(-(-prefill_tokens // n))]  # distinct: no cache hits
+    await asyncio.gather(*(one(f"warmup-long-{i}", ids) for i, ids in enumerate(long)),
+                         *(one(f"warmup-{i}", hello) for i in range(1, batch + 1)))
 
 
 def _start_engine(app: Any, args: argparse.Namespace, engine_args: Any, server: Any) -> Any:
