@@ -468,8 +468,10 @@ def _prefill_seq_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         mask = kpos <= qpos
         if sliding_window is not None:
             mask &= kpos > qpos - sliding_window
+    # 4-D ([1, H, ...]): SDPA's CPU flash kernel takes only batched inputs; 3-D ones fall back
+    # to the math path (fp32 casts, a materialized mask: 2-3x the time of a prefill's attention)
     o = torch.nn.functional.scaled_dot_product_attention(
-        qq, kk, vv, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=hkv != h)
+        qq[None], kk[None], vv[None], attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=hkv != h)[0]
     return o.transpose(0, 1).to(q.dtype)
 
 

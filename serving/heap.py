@@ -1,16 +1,21 @@
-"""Keep Python's cyclic garbage collector off the serving path.
+"""Memory hygiene for serving processes: no collector pauses, no page faults per step.
 
-A server process holds a large, long-lived heap (torch, the model, the tokenizer, FastAPI):
+`freeze_heap` keeps Python's cyclic garbage collector off the serving path. A server process holds a large, long-lived heap (torch, the model, the tokenizer, FastAPI):
 about 200,000 tracked objects in the front end alone, where one full collection takes ~50 ms
 on this project's CPU box. Request churn triggers such collections every few hundred requests,
 and each stalls every stream at once: in a traced 32-way benchmark the front end sat 57 ms with
 no HTTP event and no engine step. `freeze_heap` collects once after start-up and moves what
 is alive then into the permanent generation (`gc.freeze`), so later collections scan only
 what requests create. vLLM does the same after its engine starts.
+
+`retain_freed_memory` keeps glibc from unmapping and re-faulting the large temporaries of
+every CPU step (see its docstring for the numbers).
 """
 from __future__ import annotations
 
+import ctypes
 import gc
+import sys
 
 
 def freeze_heap() -> int:
@@ -18,3 +23,29 @@ def freeze_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30,
+                        top_pad: int = 64 << 20) -> bool:
+    """glibc: serve blocks up to `mmap_threshold` from the heap and keep up to `trim_threshold`
+    of freed memory in the process instead of handing it back to the kernel.
+
+    A CPU prefill step makes hundreds of MB-sized temporaries. By default glibc maps each one
+    fresh (`mmap`) and unmaps it when freed, so every step pays page faults on memory it just
+    gave back: measured here, a 2048-token prefill step of the benchmark model took 47 -> 33 ms
+    (bf16) and 84 -> 69 ms (fp32) with these settings, decode steps unchanged. The price is
+    resident memory the process keeps after a peak (at most `trim_threshold` above what it
+    uses). vLLM's CPU guide gets the same from preloading tcmalloc. Returns False where this
+    is not glibc (nothing changed)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    return all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, mmap_threshold),
+                                                (_M_TRIM_THRESHOLD, trim_threshold), (_M_TOP_PAD, top_pad)))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from kernels.attention import DecodeKV
+from serving.heap import retain_freed_memory
 from serving.config import ModelConfig
 from serving.forward_context import ForwardContext
 from serving.scheduler import ScheduledSeq
@@ -121,6 +122,7 @@ class ModelRunner:
             cpu_gemm_layout(model)
             self.dense_kv = DecodeKV(cfg.num_hidden_layers)
             self.cpu_threads = max(1, cpu_threads or torch.get_num_threads())
+            retain_freed_memory()  # prefill temporaries reuse heap memory instead of fresh pages
         self.num_blocks = self._decide_num_blocks(kv_cache_tokens, gpu_memory_utilization)
         self._allocate_kv_cache(self.num_blocks)
         if device.type == "cuda" and not enforce_eager:
