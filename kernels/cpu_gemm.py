@@ -18,6 +18,7 @@ made from (`packed_for`); weights written in place afterwards need packing again
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -92,6 +93,55 @@ def padded_linear(
     return y if mb == m else y[:m]
 
 
+def row_buckets(max_rows: int) -> list[int]:
+    """Every row count `bucket_rows` gives for 1..max_rows, ascending."""
+    out, m = [], 1
+    while m <= max_rows:
+        b = bucket_rows(m)
+        out.append(b)
+        m = b + 1
+    return out
+
+
+def warm_up(weights: list[tuple[torch.Tensor, torch.Tensor | None, bool]], max_rows: int,
+            threads: tuple[int, ...], budget_s: float = 60.0) -> int:
+    """Build oneDNN's primitive for every (weight shape, row bucket, thread count) a CPU engine
+    step can use, so no request pays the 1-4 ms build on a first use (the first 32-way bf16
+    round after start-up ran at 0.78x of later ones). `weights`: (W [out, in], its `pack_weight`
+    copy or None, whether it is an expert weight, which runs through `torch.mm(out=)` at prefill
+    sizes); up to PACKED_MAX_ROWS rows the packed call, above it the plain one; the first thread
+    count covers steps below the engine's parallel threshold (rows <= PACKED_MAX_ROWS), the rest
+    all buckets. One weight per distinct shape is enough (the primitive does not depend on the
+    values). Stops after `budget_s`; returns the number of GEMMs run."""
+    shapes: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, bool]] = {}
+    for w, packed, expert in weights:
+        if w.dtype in LOW_PRECISION and w.device.type == "cpu" and w.dim() == 2:
+            shapes.setdefault((tuple(w.shape), w.dtype, packed is not None, expert), (w, packed, expert))
+    caller = torch.get_num_threads()
+    deadline = time.monotonic() + budget_s
+    n = 0
+    try:
+        for i, nthreads in enumerate(threads):
+            torch.set_num_threads(nthreads)
+            top = min(max_rows, PACKED_MAX_ROWS) if i == 0 else max_rows
+            for w, packed, expert in shapes.values():
+                for m in row_buckets(top):
+                    if time.monotonic() > deadline:
+                        return n
+                    x = torch.zeros(m, w.shape[1], dtype=w.dtype)
+                    if packed is not None and m <= PACKED_MAX_ROWS:
+                        packed_linear(x, packed)
+                    if packed is None or m > PACKED_MAX_ROWS or i > 0:
+                        if expert:
+                            torch.mm(x, w.t(), out=torch.empty(m, w.shape[0], dtype=w.dtype))
+                        else:
+                            F.linear(x, w)
+                    n += 1
+    finally:
+        torch.set_num_threads(caller)
+    return n
+
+
 __all__ = [
     "LOW_PRECISION",
     "PACKED_MAX_ROWS",
@@ -100,5 +150,7 @@ __all__ = [
     "packed_for",
     "packed_linear",
     "padded_linear",
+    "row_buckets",
+    "warm_up",
     "weight_key",
 ]

@@ -10,6 +10,7 @@ also for decode steps with LoRA adapters (a static `LoRABatch`, see `_lora_graph
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -82,6 +83,24 @@ def _pack_low_precision(model: torch.nn.Module) -> int:
     return n
 
 
+def _warm_up_cpu_gemms(model: torch.nn.Module, max_rows: int, cpu_threads: int) -> None:
+    """bf16/fp16 on the CPU: oneDNN builds every GEMM shape a step can use now, not on a
+    request's first use of it (`kernels.cpu_gemm.warm_up`)."""
+    from kernels.cpu_gemm import warm_up
+    from serving.models.layers import Linear, MoE
+
+    weights: list[tuple[torch.Tensor, torch.Tensor | None, bool]] = []
+    for m in model.modules():
+        if isinstance(m, Linear) and isinstance(m.weight, torch.nn.Parameter):
+            weights.append((m.weight, m.cpu_packed[1] if m.cpu_packed is not None else None, False))
+        elif isinstance(m, MoE) and not m.quantized:
+            p13, p2 = m.weights.cpu_packed[1] if m.weights.cpu_packed is not None else ([None], [None])
+            weights += [(m.w13[0], p13[0], True), (m.w2[0], p2[0], True)]
+    t0 = time.perf_counter()
+    n = warm_up(weights, max_rows, (1, cpu_threads) if cpu_threads > 1 else (1,))
+    log.info("CPU GEMM warm-up: %d shapes built in %.1f s", n, time.perf_counter() - t0)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -123,6 +142,8 @@ class ModelRunner:
             self.dense_kv = DecodeKV(cfg.num_hidden_layers)
             self.cpu_threads = max(1, cpu_threads or torch.get_num_threads())
             retain_freed_memory()  # prefill temporaries reuse heap memory instead of fresh pages
+            if dtype in (torch.bfloat16, torch.float16):
+                _warm_up_cpu_gemms(model, max_num_batched_tokens, self.cpu_threads)
         self.num_blocks = self._decide_num_blocks(kv_cache_tokens, gpu_memory_utilization)
         self._allocate_kv_cache(self.num_blocks)
         if device.type == "cuda" and not enforce_eager:

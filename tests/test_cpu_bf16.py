@@ -241,3 +241,30 @@ def test_batched_bf16_prefill_attention_matches_float64() -> None:
     ref = paged_attention_ref(qb.double(), kb.double(), vb.double(), **args)
     # bf16 inputs are exact in float64; the output is rounded to bf16 (2^-8 relative of |o| <= ~3)
     torch.testing.assert_close(got.double(), ref, atol=2e-2, rtol=1e-2)
+
+
+def test_row_buckets_are_every_bucket_up_to_max_rows() -> None:
+    from kernels.cpu_gemm import row_buckets
+
+    got = row_buckets(2048)
+    assert got == sorted(set(bucket_rows(m) for m in range(1, 2049)))
+    assert got[-1] == 2048 and len(got) == 55
+    assert row_buckets(300) == sorted(set(bucket_rows(m) for m in range(1, 301)))  # 300 -> bucket 320
+
+
+def test_gemm_warm_up_runs_each_shape_once_per_bucket_and_thread_count() -> None:
+    """One GEMM per distinct (shape, bucket, thread count): small buckets at one thread, all of
+    them at the parallel count; the caller's thread count comes back; the time budget holds."""
+    from kernels.cpu_gemm import PACKED_MAX_ROWS, pack_weight, row_buckets, warm_up
+
+    a = torch.randn(64, 32).bfloat16()
+    b = torch.randn(64, 32).bfloat16()  # same shape as a: built once
+    e = torch.randn(48, 32).bfloat16()
+    weights = [(a, pack_weight(a), False), (b, pack_weight(b), False), (e, None, True),
+               (torch.randn(64, 32), None, False)]  # fp32: MKL, nothing to build
+    caller = torch.get_num_threads()
+    n = warm_up(weights, max_rows=400, threads=(1, 2))
+    small, every = len(row_buckets(PACKED_MAX_ROWS)), len(row_buckets(400))
+    assert n == 2 * small + 2 * every
+    assert torch.get_num_threads() == caller
+    assert warm_up(weights, max_rows=400, threads=(1, 2), budget_s=0.0) == 0
