@@ -49,9 +49,11 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     # CPU: intra-op threads for steps of >= cpu_parallel_min_tokens tokens (default: torch's,
-    # i.e. OMP_NUM_THREADS or the cores); smaller (decode) steps run on one
+    # i.e. OMP_NUM_THREADS or the cores); smaller steps run on one. The threshold defaults to
+    # serving.model_runner.CPU_PARALLEL_MIN_WORK / the model's weights per token (256 for the
+    # benchmark's tiny Mixtral, 1 for a 1B dense model)
     cpu_threads: int | None = None
-    cpu_parallel_min_tokens: int = 256
+    cpu_parallel_min_tokens: int | None = None
     seed: int = 0
     token: str | None = None  # Hub token for gated/private repos
     # LoRA (serving.lora)

@@ -83,6 +83,26 @@ def _pack_low_precision(model: torch.nn.Module) -> int:
     return n
 
 
+# Tokens x weights per token from which a CPU step runs on all its threads: 256 tokens of the
+# serving benchmark's tiny Mixtral (2.1M weights per token), where two threads made a 2048-token
+# prefill step 1.5x faster and decode-sized steps slower under load. A model with 512M+ weights
+# per token (a 1B dense model) runs every step on all threads.
+CPU_PARALLEL_MIN_WORK = 512 << 20
+
+
+def active_weights_per_token(model: torch.nn.Module) -> int:
+    """Weights one token multiplies in a forward: every linear, and top_k experts of each MoE."""
+    from serving.models.layers import Linear, MoE
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Linear):
+            n += m.in_features * m.out_features
+        elif isinstance(m, MoE):
+            n += m.top_k * 3 * m.hidden * m.inter
+    return n
+
+
 def _warm_up_cpu_gemms(model: torch.nn.Module, max_rows: int, cpu_threads: int) -> None:
     """bf16/fp16 on the CPU: oneDNN builds every GEMM shape a step can use now, not on a
     request's first use of it (`kernels.cpu_gemm.warm_up`)."""
@@ -116,7 +136,7 @@ class ModelRunner:
         gpu_memory_utilization: float = 0.9,
         enforce_eager: bool = False,
         cpu_threads: int | None = None,
-        cpu_parallel_min_tokens: int = 256,
+        cpu_parallel_min_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.cfg = cfg
@@ -132,11 +152,12 @@ class ModelRunner:
         # CPU decode: K/V kept dense across steps instead of gathered per layer per step
         self.dense_kv: DecodeKV | None = None
         # CPU intra-op threads: all of `cpu_threads` for steps of >= `cpu_parallel_min_tokens`
-        # tokens (prefill: GEMMs big enough to split), one for smaller steps (decode), whose
-        # ops are too small to pay for a barrier, and where a second busy core (the HTTP front
-        # end, clients) would stall every one of them
+        # tokens (default: CPU_PARALLEL_MIN_WORK / the model's weights per token), one for
+        # smaller steps, whose ops are too small to pay for a barrier, and where a second busy
+        # core (the HTTP front end, clients) would stall every one of them
         self.cpu_threads = 1
-        self.cpu_parallel_min_tokens = cpu_parallel_min_tokens
+        self.cpu_parallel_min_tokens = cpu_parallel_min_tokens or max(
+            1, -(-CPU_PARALLEL_MIN_WORK // max(1, active_weights_per_token(model))))
         if device.type == "cpu":
             cpu_gemm_layout(model)
             self.dense_kv = DecodeKV(cfg.num_hidden_layers)

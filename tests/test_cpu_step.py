@@ -260,3 +260,23 @@ def test_cpu_threads_all_for_prefill_sized_steps_one_for_decode(tiny_models) -> 
         assert torch.get_num_threads() == caller
     assert seen[0] == (80, 3)  # 4 prompts of 20 tokens: one prefill step over the threshold
     assert seen[1:] and all(threads == 1 for n, threads in seen[1:] if n < 40)
+
+
+def test_parallel_threshold_defaults_to_work_per_step(tiny_models) -> None:
+    """Without `cpu_parallel_min_tokens` the threshold is CPU_PARALLEL_MIN_WORK over the weights
+    one token multiplies (every linear, top_k experts per MoE), counted from the config here."""
+    import json
+
+    from serving.engine import EngineArgs, LLMEngine
+    from serving.model_runner import CPU_PARALLEL_MIN_WORK, active_weights_per_token
+
+    model_dir = tiny_models("mixtral", "none")
+    c = json.loads((model_dir / "config.json").read_text())
+    h, i, layers, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    d = c.get("head_dim") or h // c["num_attention_heads"]
+    attn = h * d * (c["num_attention_heads"] * 2 + 2 * c["num_key_value_heads"])  # q, o, k, v
+    per_layer = attn + h * c["num_local_experts"] + c["num_experts_per_tok"] * 3 * h * i
+    expect = layers * per_layer + (0 if c.get("tie_word_embeddings") else h * v)
+    eng = LLMEngine(EngineArgs(model=str(model_dir), device="cpu", max_model_len=64, max_loras=0, kv_cache_tokens=256))
+    assert active_weights_per_token(eng.runner.model) == expect
+    assert eng.runner.cpu_parallel_min_tokens == -(-CPU_PARALLEL_MIN_WORK // expect)
