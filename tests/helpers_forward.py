@@ -171,6 +171,24 @@ def hf_greedy(hf_model, prompts: list[list[int]], max_new_tokens: int) -> list[l
     return outs
 
 
+def peft_greedy_logprobs(peft_model, prompts: list[list[int]], new_tokens: int) -> tuple[list, float]:
+    """A transformers+PEFT reference: per prompt, `new_tokens` greedy tokens and their log-probs;
+    and how much the adapter moves the first prompt's logits (max |diff| against it disabled)."""
+    refs = []
+    with torch.no_grad():
+        for p in prompts:
+            g = peft_model.generate(input_ids=torch.tensor([p]), max_new_tokens=new_tokens,
+                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            toks = g[0, len(p):].tolist()
+            logits = peft_model(input_ids=g).logits[0, len(p) - 1:-1].float()
+            refs.append((toks, torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None])[:, 0].tolist()))
+        ids = torch.tensor([prompts[0]])
+        with peft_model.disable_adapter():
+            plain = peft_model(input_ids=ids).logits
+        changed = float((peft_model(input_ids=ids).logits - plain).abs().max())
+    return refs, changed
+
+
 def _read_all(model_dir: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(model_dir.glob("*.safetensors")):

@@ -16,7 +16,7 @@ import torch
 
 from serving import LLM, SamplingParams
 from serving.tiny import adapter_dir, dequantize_awq_dir
-from tests.helpers_forward import merged_reference
+from tests.helpers_forward import merged_reference, peft_greedy_logprobs
 
 ARCHS = ("mixtral", "qwen3_moe", "llama")
 NEW = 10
@@ -272,18 +272,8 @@ def test_peft_config_variants_match_peft_itself(variant: str, tiny_models, tmp_p
         warnings.simplefilter("ignore")
         ref_model = PeftModel.from_pretrained(base, str(ad)).eval()
     wrapped = {n.removeprefix("base_model.model.") for n, m in ref_model.named_modules() if hasattr(m, "lora_A")}
-    refs = []
-    with torch.no_grad():
-        for p in PROMPTS:
-            g = ref_model.generate(input_ids=torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW,
-                                   do_sample=False, pad_token_id=0)
-            toks = g[0, len(p):].tolist()
-            logits = ref_model(input_ids=g).logits[0, len(p) - 1:-1].float()
-            refs.append((toks, torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None])[:, 0].tolist()))
-        ids = torch.tensor([PROMPTS[0]])
-        with ref_model.disable_adapter():
-            plain = ref_model(input_ids=ids).logits
-        assert float((ref_model(input_ids=ids).logits - plain).abs().max()) > 0.05, "the adapter changes nothing"
+    refs, changed = peft_greedy_logprobs(ref_model, PROMPTS, NEW)
+    assert changed > 0.05, "the adapter changes nothing"
 
     llm = make_llm(base_dir, lora_modules={"v": str(ad)}, max_loras=1)
     assert set(llm.engine.lora_manager._host_adapter("v").modules) == wrapped  # the same modules as PEFT

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from serving.loader import load_model
 from serving.lora import LoRAError, load_adapter
 from serving.lora.adapter import TargetShape
+from tests.helpers_forward import peft_greedy_logprobs
 from tests.test_lora_engine import GREEDY, LOGPROB_ATOL, NEW, PROMPTS, _check, make_llm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/fixtures/engine.py
@@ -169,18 +170,7 @@ def _peft_greedy(base_dir: Path, ad: Path) -> list[tuple[list[int], list[float]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = PeftModel.from_pretrained(base, str(ad)).eval()
-    refs = []
-    with torch.no_grad():
-        for p in PROMPTS:
-            g = ref.generate(input_ids=torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                             pad_token_id=0)
-            toks = g[0, len(p):].tolist()
-            logits = ref(input_ids=g).logits[0, len(p) - 1:-1].float()
-            refs.append((toks, torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None])[:, 0].tolist()))
-        ids = torch.tensor([PROMPTS[0]])
-        with ref.disable_adapter():
-            plain = ref(input_ids=ids).logits
-        changed = float((ref(input_ids=ids).logits - plain).abs().max())
+    refs, changed = peft_greedy_logprobs(ref, PROMPTS, NEW)
     assert changed > 0.05, f"the adapter changes nothing (max logit change {changed:.3g})"
     return refs
 
