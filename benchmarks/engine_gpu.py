@@ -41,13 +41,13 @@ use_source_tree()
 
 import torch  # noqa: E402
 
-from serving.config import ModelConfig  # noqa: E402
-from serving.engine import EngineArgs, LLMEngine, resolve_dtype  # noqa: E402
-from serving.loader import Slot, _finish, _Pending, build_plan  # noqa: E402
-from serving.models import CausalLM, MoE, build_model  # noqa: E402
-from serving.models.layers import Linear  # noqa: E402
-from serving.sampling_params import SamplingParams  # noqa: E402
-from serving.tokenizer import Tokenizer  # noqa: E402
+from hubdeploy.serving.config import ModelConfig  # noqa: E402
+from hubdeploy.serving.engine import EngineArgs, LLMEngine, resolve_dtype  # noqa: E402
+from hubdeploy.serving.loader import Slot, _finish, _Pending, build_plan  # noqa: E402
+from hubdeploy.serving.models import CausalLM, MoE, build_model  # noqa: E402
+from hubdeploy.serving.models.layers import Linear  # noqa: E402
+from hubdeploy.serving.sampling_params import SamplingParams  # noqa: E402
+from hubdeploy.serving.tokenizer import Tokenizer  # noqa: E402
 
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, num_local_experts=4, num_experts_per_tok=2, vocab_size=512)

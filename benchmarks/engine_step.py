@@ -52,9 +52,9 @@ def default_model() -> str:
 def variant(name: str, model: torch.nn.Module) -> Iterator[None]:
     """`reference`: the engine as it was before the CPU work (reference kernels, weights stored
     `[out, in]`); `optimized`: as it runs now."""
-    from kernels import attention, fused_moe
-    from serving.model_runner import cpu_gemm_layout
-    from serving.models import layers
+    from hubdeploy.kernels import attention, fused_moe
+    from hubdeploy.serving.model_runner import cpu_gemm_layout
+    from hubdeploy.serving.models import layers
 
     if name == "optimized":
         yield
@@ -82,7 +82,7 @@ def _without_cpu_extras(fn):
 
 def run_batch(engine, batch: int, prompt_len: int, steps: int, warmup: int, seed: int) -> dict:
     """Prefill `batch` requests, then time `steps` decode steps; returns timings and the tokens."""
-    from serving.sampling_params import SamplingParams
+    from hubdeploy.serving.sampling_params import SamplingParams
 
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
@@ -121,7 +121,7 @@ def run_prefill(engine, batch: int, prompt_len: int, rounds: int, seed: int) -> 
     """`rounds` times: `batch` fresh prompts (new random tokens, so new routing), one step that
     prefills them all; returns that step's thread CPU time (median, min) over the rounds after
     the first (the first also builds what a new process builds once)."""
-    from serving.sampling_params import SamplingParams
+    from hubdeploy.serving.sampling_params import SamplingParams
 
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
@@ -154,7 +154,7 @@ def main() -> None:
                     help="also time N prefill steps of max(batch) prompts each (thread CPU ms)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from serving.engine import EngineArgs, LLMEngine
+    from hubdeploy.serving.engine import EngineArgs, LLMEngine
 
     model = args.model or default_model()
     batches = [int(b) for b in args.batch.split(",")]

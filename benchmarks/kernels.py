@@ -36,8 +36,8 @@ if "--interp" in sys.argv:  # must precede the first kernel launch (kernels are 
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["HUBDEPLOY_FORCE_TRITON"] = "1"
 
-from kernels.awq import AWQPacked, awq_config, awq_linear_ref, awq_linear_triton  # noqa: E402
-from kernels.fused_moe import (  # noqa: E402
+from hubdeploy.kernels.awq import AWQPacked, awq_config, awq_linear_ref, awq_linear_triton  # noqa: E402
+from hubdeploy.kernels.fused_moe import (  # noqa: E402
     AWQMoEWeights,
     MoEWeights,
     fused_moe_ref,
@@ -162,7 +162,7 @@ def make_int4pack_baseline(p: AWQPacked, device: torch.device) -> Callable[[torc
     if device.type != "cuda":
         return None
     try:
-        from kernels.awq import unpack_int4_natural
+        from hubdeploy.kernels.awq import unpack_int4_natural
 
         q = unpack_int4_natural(p.qweight).to(torch.int32)  # [N, K]
         packed_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)

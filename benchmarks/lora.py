@@ -40,13 +40,13 @@ use_source_tree()
 
 import torch  # noqa: E402
 
-from serving.config import ModelConfig  # noqa: E402
-from serving.forward_context import ForwardContext  # noqa: E402
-from serving.lora import LoRAManager  # noqa: E402
-from serving.lora.adapter import LoRAAdapter, LoRAConfig, LoRAModuleWeights  # noqa: E402
-from serving.lora.batch import static_lora_batch  # noqa: E402
-from serving.models import MoE, build_model  # noqa: E402
-from serving.models.layers import Linear  # noqa: E402
+from hubdeploy.serving.config import ModelConfig  # noqa: E402
+from hubdeploy.serving.forward_context import ForwardContext  # noqa: E402
+from hubdeploy.serving.lora import LoRAManager  # noqa: E402
+from hubdeploy.serving.lora.adapter import LoRAAdapter, LoRAConfig, LoRAModuleWeights  # noqa: E402
+from hubdeploy.serving.lora.batch import static_lora_batch  # noqa: E402
+from hubdeploy.serving.models import MoE, build_model  # noqa: E402
+from hubdeploy.serving.models.layers import Linear  # noqa: E402
 
 TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2, vocab_size=1024)

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's packages, installed or not
-from serving.server.protocol import ChatCompletionRequest, CompletionRequest
+from hubdeploy.serving.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 class _QueueStreamer(BaseStreamer):

@@ -205,7 +205,7 @@ async def run_load(base_url: str, model: str, requests: list[BenchRequest], *, c
                    ttft_slo: float = 1.0, tpot_slo: float = 0.1, timeout: float = 600.0,
                    on_done: Callable[[RequestResult], None] | None = None) -> dict[str, Any]:
     """One run: send `requests`, `concurrency` at most in flight, arrivals Poisson at `request_rate`/s."""
-    from serving.heap import freeze_heap
+    from hubdeploy.serving.heap import freeze_heap
 
     freeze_heap()  # no full garbage collection of the client's heap in the middle of a run
     url = base_url.rstrip("/") + "/completions"

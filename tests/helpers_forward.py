@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kernels.awq_format import awq_dequantize, awq_quantize
-from serving.config import ModelConfig
-from serving.forward_context import ForwardContext
+from hubdeploy.kernels.awq_format import awq_dequantize, awq_quantize
+from hubdeploy.serving.config import ModelConfig
+from hubdeploy.serving.forward_context import ForwardContext
 
 
 class PagedCache:

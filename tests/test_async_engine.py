@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from serving.async_engine import AsyncEngine, EngineDeadError
-from serving.engine import EngineArgs, LLMEngine
-from serving.engine_process import EngineProcess
-from serving.sampling_params import SamplingParams
+from hubdeploy.serving.async_engine import AsyncEngine, EngineDeadError
+from hubdeploy.serving.engine import EngineArgs, LLMEngine
+from hubdeploy.serving.engine_process import EngineProcess
+from hubdeploy.serving.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels.awq_format import awq_dequantize, awq_quantize, awq_unpack
+from hubdeploy.kernels.awq_format import awq_dequantize, awq_quantize, awq_unpack
 from tests.helpers_forward import dequantized_copy, greedy_generate, hf_greedy, hf_last_logits, prefill_last_logits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ VENV_SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def autoawq_run(tiny_models, tmp_path_factory):
-    from serving.tiny.tokenizer import CORPUS
+    from hubdeploy.serving.tiny.tokenizer import CORPUS
 
     src = tiny_models("mixtral", "none")
     out = tmp_path_factory.mktemp("autoawq")
@@ -164,8 +164,8 @@ def test_autoawq_checkpoint_runs_in_our_engine_like_transformers(autoawq_run, tm
     dequantized reference (transformers on float32 weights (q - z) * s)."""
     from transformers import AutoModelForCausalLM
 
-    from serving.loader import load_model
-    from serving.models.layers import Linear
+    from hubdeploy.serving.loader import load_model
+    from hubdeploy.serving.models.layers import Linear
 
     src, out = autoawq_run
     ckpt = out / "awq"
@@ -193,7 +193,7 @@ def test_autoawq_checkpoint_runs_in_our_engine_like_transformers(autoawq_run, tm
 
     # The public entry point: `LLM` on the CPU, no LoRA (tokenizer files copied from the source,
     # since AutoAWQ's save_quantized writes only config + weights).
-    from serving import LLM, SamplingParams
+    from hubdeploy.serving import LLM, SamplingParams
 
     for f in src.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):

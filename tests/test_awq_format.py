@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from kernels.awq_format import (
+from hubdeploy.kernels.awq_format import (
     AWQ_ORDER,
     awq_dequantize,
     awq_pack_int4,

@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from hub_integration.badge import badge_html, badge_markdown, badge_svg, deploy_link
+from hubdeploy.hub_integration.badge import badge_html, badge_markdown, badge_svg, deploy_link
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from serving.block_manager import BlockManager
-from serving.sampling_params import SamplingParams
-from serving.sequence import Sequence
+from hubdeploy.serving.block_manager import BlockManager
+from hubdeploy.serving.sampling_params import SamplingParams
+from hubdeploy.serving.sequence import Sequence
 
 BS = 4
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from serving.chat_template import ChatTemplateError, load_chat_template, render_chat
+from hubdeploy.serving.chat_template import ChatTemplateError, load_chat_template, render_chat
 
 ARCHS = ["mixtral", "qwen3_moe", "llama"]
 

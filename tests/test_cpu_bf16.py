@@ -21,11 +21,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_gemm import bucket_rows, padded_linear
-from kernels.fused_moe import MoEWeights, fused_moe_ref, fused_moe_torch, topk_route
-from kernels.norm_rope_act import rms_norm_ref, rms_norm_torch, silu_and_mul_ref, silu_and_mul_torch
-from serving.loader import load_model
-from serving.model_runner import cpu_gemm_layout
+from hubdeploy.kernels.cpu_gemm import bucket_rows, padded_linear
+from hubdeploy.kernels.fused_moe import MoEWeights, fused_moe_ref, fused_moe_torch, topk_route
+from hubdeploy.kernels.norm_rope_act import rms_norm_ref, rms_norm_torch, silu_and_mul_ref, silu_and_mul_torch
+from hubdeploy.serving.loader import load_model
+from hubdeploy.serving.model_runner import cpu_gemm_layout
 from tests.helpers_forward import greedy_generate, hf_greedy, hf_last_logits, make_hf_checkpoint, prefill_last_logits
 
 transformers = pytest.importorskip("transformers")
@@ -153,8 +153,8 @@ def test_bf16_model_matches_transformers(arch: str, checkpoints) -> None:
 def test_packed_weights_match_plain_and_go_stale_with_their_weight() -> None:
     """oneDNN-blocked copies (made by `cpu_gemm_layout` for bf16) give the plain GEMM's values,
     for a `Linear` and for the experts, and are dropped once the weight's storage changes."""
-    from kernels.cpu_gemm import pack_weight, packed_for, weight_key
-    from serving.models.layers import Linear
+    from hubdeploy.kernels.cpu_gemm import pack_weight, packed_for, weight_key
+    from hubdeploy.serving.models.layers import Linear
 
     g = torch.Generator().manual_seed(11)
     lin = Linear(64, [("p", 48)], bias=False, quantized=False, dtype=torch.bfloat16, device="cpu")
@@ -180,7 +180,7 @@ def test_packed_weights_match_plain_and_go_stale_with_their_weight() -> None:
 
 
 def test_cpu_gemm_layout_bf16_packs_and_keeps_out_in() -> None:
-    from serving.models.layers import Linear, MoE
+    from hubdeploy.serving.models.layers import Linear, MoE
     from tests.fixtures.tiny import build_tiny_cached
 
     model, _ = load_model(build_tiny_cached("mixtral", "none"), torch.device("cpu"), torch.bfloat16)
@@ -196,8 +196,8 @@ def test_bf16_engine_with_lora_follows_fp32() -> None:
     """LoRA hooks add into the (padded, packed) bf16 GEMM outputs: a mixed batch of two adapters
     and the base model gives the fp32 engine's greedy tokens (first 6; weights N(0, 0.1) make
     bf16 near-ties rare on these prompts)."""
-    from serving import LLM, SamplingParams
-    from serving.tiny.adapters import adapter_dir
+    from hubdeploy.serving import LLM, SamplingParams
+    from hubdeploy.serving.tiny.adapters import adapter_dir
     from tests.fixtures.tiny import build_tiny_cached
 
     d = build_tiny_cached("mixtral", "none", adapters=2)
@@ -215,7 +215,7 @@ def test_bf16_engine_with_lora_follows_fp32() -> None:
 def test_batched_bf16_prefill_attention_matches_float64() -> None:
     """Equal-length whole prompts go through one batched SDPA in bf16; mixed with a chunked
     sequence (cached prefix) and a decode row, against the float64 reference."""
-    from kernels.attention import paged_attention_ref, paged_attention_torch, store_kv_ref
+    from hubdeploy.kernels.attention import paged_attention_ref, paged_attention_torch, store_kv_ref
 
     g = torch.Generator().manual_seed(5)
     h, hkv, d, bs = 4, 2, 16, 4
@@ -244,7 +244,7 @@ def test_batched_bf16_prefill_attention_matches_float64() -> None:
 
 
 def test_row_buckets_are_every_bucket_up_to_max_rows() -> None:
-    from kernels.cpu_gemm import row_buckets
+    from hubdeploy.kernels.cpu_gemm import row_buckets
 
     got = row_buckets(2048)
     assert got == sorted(set(bucket_rows(m) for m in range(1, 2049)))
@@ -255,7 +255,7 @@ def test_row_buckets_are_every_bucket_up_to_max_rows() -> None:
 def test_gemm_warm_up_runs_each_shape_once_per_bucket_and_thread_count() -> None:
     """One GEMM per distinct (shape, bucket, thread count): small buckets at one thread, all of
     them at the parallel count; the caller's thread count comes back; the time budget holds."""
-    from kernels.cpu_gemm import PACKED_MAX_ROWS, pack_weight, row_buckets, warm_up
+    from hubdeploy.kernels.cpu_gemm import PACKED_MAX_ROWS, pack_weight, row_buckets, warm_up
 
     a = torch.randn(64, 32).bfloat16()
     b = torch.randn(64, 32).bfloat16()  # same shape as a: built once

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from serving.forward_context import ForwardContext
-from serving.loader import load_model
-from serving.model_runner import cpu_gemm_layout
-from serving.models.layers import Linear, MoE
+from hubdeploy.serving.forward_context import ForwardContext
+from hubdeploy.serving.loader import load_model
+from hubdeploy.serving.model_runner import cpu_gemm_layout
+from hubdeploy.serving.models.layers import Linear, MoE
 from tests.fixtures.tiny import build_tiny_cached
 
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_gemm import pack_weight, weight_key
-from kernels.fused_moe import (MoEWeights, _fused_moe_lowp, _fused_moe_one_token, fused_moe_ref, fused_moe_torch,
+from hubdeploy.kernels.cpu_gemm import pack_weight, weight_key
+from hubdeploy.kernels.fused_moe import (MoEWeights, _fused_moe_lowp, _fused_moe_one_token, fused_moe_ref, fused_moe_torch,
                                topk_route)
-from kernels.norm_rope_act import apply_rotary_ref, apply_rotary_torch, rotary_cos_sin
-from serving.sampler import SampleInput, Sampler
-from serving.sampling_params import SamplingParams
+from hubdeploy.kernels.norm_rope_act import apply_rotary_ref, apply_rotary_torch, rotary_cos_sin
+from hubdeploy.serving.sampler import SampleInput, Sampler
+from hubdeploy.serving.sampling_params import SamplingParams
 
 V = 50
 
@@ -132,7 +132,7 @@ def test_rotary_rewrite_bit_identical(dtype: torch.dtype) -> None:
 def _tiny_forward(model, ids: list[int]):
     """Prefill `ids` as one sequence on a fresh paged cache, then 3 decode steps; returns the
     hidden states of every step."""
-    from serving.forward_context import ForwardContext
+    from hubdeploy.serving.forward_context import ForwardContext
 
     cfg = model.cfg
     bs, nblk = 4, 8
@@ -167,8 +167,8 @@ def _tiny_forward(model, ids: list[int]):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_direct_decoder_loop_equals_module_calls_and_honours_hooks(dtype: torch.dtype) -> None:
-    from serving.loader import load_model
-    from serving.model_runner import cpu_gemm_layout
+    from hubdeploy.serving.loader import load_model
+    from hubdeploy.serving.model_runner import cpu_gemm_layout
     from tests.fixtures.tiny import build_tiny_cached
 
     model, _ = load_model(build_tiny_cached("mixtral", "none"), torch.device("cpu"), dtype)
@@ -189,8 +189,8 @@ def test_direct_decoder_loop_equals_module_calls_and_honours_hooks(dtype: torch.
 
 
 def test_bf16_lm_head_on_blocked_weight_matches_f_linear() -> None:
-    from serving.loader import load_model
-    from serving.model_runner import cpu_gemm_layout
+    from hubdeploy.serving.loader import load_model
+    from hubdeploy.serving.model_runner import cpu_gemm_layout
     from tests.fixtures.tiny import build_tiny_cached
 
     model, cfg = load_model(build_tiny_cached("mixtral", "none"), torch.device("cpu"), torch.bfloat16)

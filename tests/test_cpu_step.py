@@ -17,9 +17,9 @@ import random
 import pytest
 import torch
 
-from kernels.attention import DecodeKV, paged_attention_ref, paged_attention_torch, store_kv_torch
-from kernels.fused_moe import MoEWeights, _BATCHED_ACT_MAX, fused_moe_ref, fused_moe_torch, topk_route
-from kernels.norm_rope_act import apply_rotary_ref, apply_rotary_torch, rms_norm_ref, rms_norm_torch, rotary_cos_sin
+from hubdeploy.kernels.attention import DecodeKV, paged_attention_ref, paged_attention_torch, store_kv_torch
+from hubdeploy.kernels.fused_moe import MoEWeights, _BATCHED_ACT_MAX, fused_moe_ref, fused_moe_torch, topk_route
+from hubdeploy.kernels.norm_rope_act import apply_rotary_ref, apply_rotary_torch, rms_norm_ref, rms_norm_torch, rotary_cos_sin
 
 
 @pytest.mark.parametrize("shape", [(1, 256), (7, 48), (32, 96), (5, 13)])
@@ -135,8 +135,8 @@ def test_engine_logits_equal_with_and_without_dense_kv(tiny_models, kv_cache_tok
     """Requests join while others decode (mixed prefill + decode steps, chunked prompts), finish
     at different steps (rows move) and, with 160 cache tokens, get preempted and recomputed:
     every step's logits equal those of the gather path."""
-    from serving.engine import EngineArgs, LLMEngine
-    from serving.sampling_params import SamplingParams
+    from hubdeploy.serving.engine import EngineArgs, LLMEngine
+    from hubdeploy.serving.sampling_params import SamplingParams
 
     model_dir = tiny_models("mixtral", "none")
 
@@ -173,8 +173,8 @@ def test_engine_logits_equal_with_and_without_dense_kv(tiny_models, kv_cache_tok
 def test_reused_context_rewritten_in_place_is_not_served_stale_values(tiny_models) -> None:
     """A context whose tensors are rewritten in place between forwards (as CUDA-graph static
     buffers are) must give what a fresh context gives: the per-step cache is per forward."""
-    from serving.forward_context import ForwardContext
-    from serving.loader import load_model
+    from hubdeploy.serving.forward_context import ForwardContext
+    from hubdeploy.serving.loader import load_model
 
     model, cfg = load_model(tiny_models("mixtral", "none"), torch.device("cpu"), torch.float32)
     bs, nb = 4, 16
@@ -204,8 +204,8 @@ def test_reused_context_rewritten_in_place_is_not_served_stale_values(tiny_model
 def test_delta_outputs_only_streams_the_same_tokens_and_logprobs(tiny_models) -> None:
     """`LLMEngine.delta_outputs_only`: unfinished outputs carry only the step's part (O(1) per
     request), finished ones are whole; the deltas add up to what the default mode returns."""
-    from serving.engine import EngineArgs, LLMEngine
-    from serving.sampling_params import SamplingParams
+    from hubdeploy.serving.engine import EngineArgs, LLMEngine
+    from hubdeploy.serving.sampling_params import SamplingParams
 
     def run(delta_only: bool) -> dict[str, list]:
         eng = LLMEngine(EngineArgs(model=str(tiny_models("mixtral", "none")), device="cpu", max_model_len=128,
@@ -238,8 +238,8 @@ def test_delta_outputs_only_streams_the_same_tokens_and_logprobs(tiny_models) ->
 def test_cpu_threads_all_for_prefill_sized_steps_one_for_decode(tiny_models) -> None:
     """`cpu_threads` threads for steps of >= `cpu_parallel_min_tokens` tokens, one for smaller
     ones; the caller's thread count is back after every step."""
-    from serving.engine import EngineArgs, LLMEngine
-    from serving.sampling_params import SamplingParams
+    from hubdeploy.serving.engine import EngineArgs, LLMEngine
+    from hubdeploy.serving.sampling_params import SamplingParams
 
     caller = torch.get_num_threads()
     eng = LLMEngine(EngineArgs(model=str(tiny_models("mixtral", "none")), device="cpu", max_model_len=128,
@@ -267,8 +267,8 @@ def test_parallel_threshold_defaults_to_work_per_step(tiny_models) -> None:
     one token multiplies (every linear, top_k experts per MoE), counted from the config here."""
     import json
 
-    from serving.engine import EngineArgs, LLMEngine
-    from serving.model_runner import CPU_PARALLEL_MIN_WORK, active_weights_per_token
+    from hubdeploy.serving.engine import EngineArgs, LLMEngine
+    from hubdeploy.serving.model_runner import CPU_PARALLEL_MIN_WORK, active_weights_per_token
 
     model_dir = tiny_models("mixtral", "none")
     c = json.loads((model_dir / "config.json").read_text())

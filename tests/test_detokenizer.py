@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from serving.tokenizer import (
+from hubdeploy.serving.tokenizer import (
     BYTE_FALLBACK, BYTE_LEVEL, UTF8_MAX_BYTES, IncrementalDetokenizer, Tokenizer, bytes_to_unicode, decoder_scheme,
     load_tokenizer, token_bytes, utf8_incomplete_tail,
 )
@@ -21,7 +21,7 @@ from serving.tokenizer import (
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    from serving.tiny.tokenizer import write_tokenizer
+    from hubdeploy.serving.tiny.tokenizer import write_tokenizer
 
     d: Path = tmp_path_factory.mktemp("tok")
     write_tokenizer(d, "llama")
@@ -94,7 +94,7 @@ FFFD = "\ufffd"
 
 @pytest.fixture(scope="module")
 def qwen_tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    from serving.tiny.tokenizer import write_tokenizer
+    from hubdeploy.serving.tiny.tokenizer import write_tokenizer
 
     d: Path = tmp_path_factory.mktemp("qtok")
     write_tokenizer(d, "qwen3_moe")
@@ -134,7 +134,7 @@ def bf_tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 @pytest.fixture(scope="module")
 def opaque_tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     """The tiny byte-level tokenizer behind a decoder chain we do not model: bytes unknowable."""
-    from serving.tiny.tokenizer import train_tokenizer
+    from hubdeploy.serving.tiny.tokenizer import train_tokenizer
 
     hf = train_tokenizer("llama")
     hf.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace("\x01", "\x01")])

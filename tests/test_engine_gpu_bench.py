@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from serving.config import ModelConfig
-from serving.engine import EngineArgs, LLMEngine
-from serving.loader import load_model
-from serving.models import MoE, build_model
-from serving.models.layers import Linear
+from hubdeploy.serving.config import ModelConfig
+from hubdeploy.serving.engine import EngineArgs, LLMEngine
+from hubdeploy.serving.loader import load_model
+from hubdeploy.serving.models import MoE, build_model
+from hubdeploy.serving.models.layers import Linear
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from serving.heap import freeze_heap, retain_freed_memory
+from hubdeploy.serving.heap import freeze_heap, retain_freed_memory
 
 
 def test_freeze_heap_moves_live_objects_out_of_collections() -> None:

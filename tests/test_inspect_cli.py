@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hub_integration.errors import RepoNotFoundError
-from hub_integration.inspect_api import error_body, inspect_payload
+from hubdeploy.hub_integration.errors import RepoNotFoundError
+from hubdeploy.hub_integration.inspect_api import error_body, inspect_payload
 from hubdeploy.cli import main
 
 MIXTRAL_AWQ = "TheBloke/Mixtral-8x7B-Instruct-v0.1-AWQ"

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import attention as attn
-from kernels.attention import (
+from hubdeploy.kernels import attention as attn
+from hubdeploy.kernels.attention import (
     paged_attention,
     paged_attention_decode_triton,
     paged_attention_ref,

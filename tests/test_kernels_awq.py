@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.awq import (
+from hubdeploy.kernels.awq import (
     AWQPacked,
     awq_config,
     awq_linear,
@@ -23,7 +23,7 @@ from kernels.awq import (
     pack_int4_natural,
     unpack_int4_natural,
 )
-from kernels.awq_format import awq_dequantize, awq_quantize, awq_unpack
+from hubdeploy.kernels.awq_format import awq_dequantize, awq_quantize, awq_unpack
 from tests.fixtures.triton_interp import Cases, aot_compile, assert_rel_close, run_cases_main, triton_case_tests
 
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -206,7 +206,7 @@ def test_config_picks_decode_and_prefill_paths() -> None:
 def test_awq_kernel_compiles_for_sm90(dtype: str, bm: int, bn: int, bk: int, f32: bool) -> None:
     """The CPU cases run the interpreter; the same source must also compile to a cubin
     (GEMV, skinny tl.dot, prefill tiles)."""
-    import kernels.awq as awq_mod
+    import hubdeploy.kernels.awq as awq_mod
 
     ptrs = dict(a_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", c_ptr="*fp32")
     consts = dict(GROUP=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, COMPUTE_F32=f32)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import lora as lora_mod
-from kernels.lora import (
+from hubdeploy.kernels import lora as lora_mod
+from hubdeploy.kernels.lora import (
     lora_expand,
     lora_expand_ref,
     lora_expand_triton,

@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.awq_format import awq_dequantize, awq_quantize
+from hubdeploy.kernels.awq_format import awq_dequantize, awq_quantize
 from tests.fixtures.triton_interp import Cases, aot_compile, assert_rel_close, run_cases_main, triton_case_tests
-from kernels.fused_moe import (
+from hubdeploy.kernels.fused_moe import (
     AWQMoEWeights,
     MoEWeights,
     awq_moe_repack,
@@ -307,7 +307,7 @@ _AWQ_PTRS = dict(b_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16")
 ])
 def test_moe_kernel_compiles_for_sm90(is_awq: bool, dtype: str, bm: int, bn: int, bk: int, mul: bool) -> None:
     """Same source as the interpreter cases, compiled to a cubin for an H100 without a GPU."""
-    import kernels.fused_moe as moe_mod
+    import hubdeploy.kernels.fused_moe as moe_mod
 
     w = _AWQ_PTRS if is_awq else dict(b_ptr=f"*{dtype}", qz_ptr=f"*{dtype}", s_ptr=f"*{dtype}")
     ptrs = dict(a_ptr=f"*{dtype}", c_ptr="*fp32", tw_ptr="*fp32", sorted_ptr="*i32", eids_ptr="*i32",
@@ -319,7 +319,7 @@ def test_moe_kernel_compiles_for_sm90(is_awq: bool, dtype: str, bm: int, bn: int
 
 def test_silu_mul_kernel_compiles_for_sm90() -> None:
     """`silu_mul` launches kernels/norm_rope_act.py's SiLU·mul kernel (BLOCK 256: I = 256 experts)."""
-    from kernels import norm_rope_act as nra
+    from hubdeploy.kernels import norm_rope_act as nra
 
     aot_compile(nra._silu_and_mul_kernel, dict(x_ptr="*bf16", out_ptr="*bf16"), dict(BLOCK=256))
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import norm_rope_act as nra
-from kernels.norm_rope_act import (
+from hubdeploy.kernels import norm_rope_act as nra
+from hubdeploy.kernels.norm_rope_act import (
     apply_rotary,
     apply_rotary_ref,
     apply_rotary_triton,

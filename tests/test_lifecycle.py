@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from hub_integration.service import build_service_app
+from hubdeploy.hub_integration.service import build_service_app
 from tests.fixtures.service import ADMIN, LiveService, chat, closed_port_url, pid_alive, reap, wait_status
 
 pytestmark = pytest.mark.slow
@@ -169,10 +169,10 @@ def test_restart_on_failure(tmp_path: Path, tiny_models: Any) -> None:
 
 def test_failed_download_leaves_no_half_state(tmp_path: Path) -> None:
     """The Hub goes away between validation and download: `failed` with the reason, slot free, no partial blobs."""
-    from hub_integration.provisioner.base import Secrets
-    from hub_integration.provisioner.local import LocalProvisioner, hub_cache_dir
-    from hub_integration.spec import DeploymentSpec
-    from hub_integration.store import Store
+    from hubdeploy.hub_integration.provisioner.base import Secrets
+    from hubdeploy.hub_integration.provisioner.local import LocalProvisioner, hub_cache_dir
+    from hubdeploy.hub_integration.spec import DeploymentSpec
+    from hubdeploy.hub_integration.store import Store
 
     dead = closed_port_url()
     store = Store(tmp_path / "db.sqlite")
@@ -204,7 +204,7 @@ def test_download_failing_midway_through_the_api(tmp_path: Path, local_hub: Any,
     import hashlib
     import shutil
 
-    from hub_integration.provisioner.local import hub_cache_dir
+    from hubdeploy.hub_integration.provisioner.local import hub_cache_dir
 
     repo = "broken/missing-lfs-object"
     src = tmp_path / "src"
@@ -269,7 +269,7 @@ def test_download_progress_counts_bytes(tmp_path: Path, local_hub: Any, tiny_mod
     """The tqdm class handed to `snapshot_download` sees bytes done/total grow to the files' size."""
     from huggingface_hub import snapshot_download
 
-    from hub_integration.provisioner.local import progress_class
+    from hubdeploy.hub_integration.provisioner.local import progress_class
 
     local_hub.add_repo("progress/mixtral-awq", tiny_models("mixtral", "awq"))
     seen: list[tuple[int, int]] = []
@@ -286,8 +286,8 @@ def test_restart_keeps_paused_and_failed_endpoints_as_they_were(tmp_path: Path) 
     nothing is started and no device is claimed for them."""
     from fastapi.testclient import TestClient
 
-    from hub_integration.spec import DeploymentSpec
-    from hub_integration.store import Store
+    from hubdeploy.hub_integration.spec import DeploymentSpec
+    from hubdeploy.hub_integration.store import Store
 
     data = tmp_path / "svc"
     store = Store(data / "hubdeploy.db")

@@ -11,9 +11,9 @@ import random
 import pytest
 import torch
 
-from serving import LLM, SamplingParams
-from serving.engine import EngineArgs, LLMEngine
-from serving.tokenizer import token_bytes, utf8_incomplete_tail
+from hubdeploy.serving import LLM, SamplingParams
+from hubdeploy.serving.engine import EngineArgs, LLMEngine
+from hubdeploy.serving.tokenizer import token_bytes, utf8_incomplete_tail
 
 ARCH = "mixtral"
 NEW = 32

@@ -15,9 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from serving.config import ConfigError
-from serving.hub import HubError, resolve_model_dir
-from serving.loader import CheckpointError, load_model
+from hubdeploy.serving.config import ConfigError
+from hubdeploy.serving.hub import HubError, resolve_model_dir
+from hubdeploy.serving.loader import CheckpointError, load_model
 from tests.helpers_forward import (
     awq_quantize_checkpoint,
     dequantized_copy,

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from serving.loader import load_model
-from serving.lora import LoRAConfig, LoRAError, LoRAManager, build_lora_batch, load_adapter
-from serving.lora.adapter import TargetShape, parse_source
-from serving.tiny import adapter_dir
+from hubdeploy.serving.loader import load_model
+from hubdeploy.serving.lora import LoRAConfig, LoRAError, LoRAManager, build_lora_batch, load_adapter
+from hubdeploy.serving.lora.adapter import TargetShape, parse_source
+from hubdeploy.serving.tiny import adapter_dir
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/fixtures/engine.py
@@ -312,7 +312,7 @@ def test_linear_site_mixes_slots_like_merged_weights(mixtral) -> None:
 
 def _moe_reference(moe, x, adapter, slots_of_tokens) -> torch.Tensor:
     """float64 per-token loop over the merged expert weights of each token's adapter."""
-    from kernels.fused_moe import topk_route
+    from hubdeploy.kernels.fused_moe import topk_route
 
     tw, ids = topk_route(moe.gate(x), moe.top_k, moe.renormalize)
     I = moe.inter
@@ -421,7 +421,7 @@ def _interpreter_child(model_dir: str) -> None:
 def test_lora_sites_compiled_on_cuda_match_cpu(tmp_path) -> None:
     """On a GPU: the compiled Triton LoRA path (fp16, AWQ base) vs the CPU fp32 torch path,
     decode (BGMV), prefill (SGMV) and MoE rows (grouped GEMMs + MoE LoRA kernels)."""
-    from serving.tiny import make_tiny
+    from hubdeploy.serving.tiny import make_tiny
 
     d = make_tiny(tmp_path / "m", arch="mixtral", quant="awq", adapters=3)
     runs = {}
@@ -451,8 +451,8 @@ def test_lora_sites_compiled_on_cuda_match_cpu(tmp_path) -> None:
 def test_engine_on_cuda_with_adapters_matches_cpu(tmp_path) -> None:
     """On a GPU: base + three adapters in one batch, two device slots (swaps), fp16 AWQ on CUDA
     vs float32 on the CPU: the first greedy token equal, log-probs within 5e-2 while tokens agree."""
-    from serving import LLM, SamplingParams
-    from serving.tiny import make_tiny
+    from hubdeploy.serving import LLM, SamplingParams
+    from hubdeploy.serving.tiny import make_tiny
 
     d = make_tiny(tmp_path / "m", arch="mixtral", quant="awq", adapters=3)
     loras = {f"a{i}": str(adapter_dir(d, i)) for i in range(3)}

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving import LLM, SamplingParams
-from serving.tiny import adapter_dir, dequantize_awq_dir
+from hubdeploy.serving import LLM, SamplingParams
+from hubdeploy.serving.tiny import adapter_dir, dequantize_awq_dir
 from tests.helpers_forward import merged_reference, peft_greedy_logprobs
 
 ARCHS = ("mixtral", "qwen3_moe", "llama")

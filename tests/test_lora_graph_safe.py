@@ -25,9 +25,9 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from serving import SamplingParams
-from serving.lora.batch import build_lora_batch, static_lora_batch
-from serving.lora.layers import LinearSite, MoESite
+from hubdeploy.serving import SamplingParams
+from hubdeploy.serving.lora.batch import build_lora_batch, static_lora_batch
+from hubdeploy.serving.lora.layers import LinearSite, MoESite
 from tests.test_lora_engine import GREEDY, PROMPTS, _check, make_llm, reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/fixtures/engine.py
@@ -188,7 +188,7 @@ def test_linear_site_paths_match_float64_per_row_math(tiny_models) -> None:
     """The fused q|k|v site, adapters touching different parts with different ranks and
     scalings: single-adapter, per-run (prefill), gathered (decode) and static paths each add
     exactly `s·B@A@x` of the row's adapter into each part's columns (and nothing for base rows)."""
-    from serving.lora.adapter import LoRAModuleWeights
+    from hubdeploy.serving.lora.adapter import LoRAModuleWeights
 
     llm = make_llm(tiny_models("llama", "none", adapters=3), max_num_seqs=4)
     ref_site = next(s for s in llm.engine.lora_manager.sites if isinstance(s, LinearSite) and len(s.parts) == 3)
@@ -236,8 +236,8 @@ def test_moe_site_paths_match_float64_per_row_math(tiny_models) -> None:
     experts, each its own scaling): the single-adapter, (expert, slot)-grouped prefill,
     gathered decode and static-batch paths each equal per-row float64 math
     `sum_j w_j · W2'_e(silu(W1'_e x) · W3'_e x)`, W' = W + s·B@A."""
-    from kernels.fused_moe import _dense, topk_route
-    from serving.lora.adapter import LoRAModuleWeights
+    from hubdeploy.kernels.fused_moe import _dense, topk_route
+    from hubdeploy.serving.lora.adapter import LoRAModuleWeights
 
     llm = make_llm(tiny_models("mixtral", "none", adapters=3), max_num_seqs=4)
     moe = next(s.module for s in llm.engine.lora_manager.sites if isinstance(s, MoESite))

@@ -19,8 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
-from serving.tiny import adapter_dir
-from serving.tokenizer import load_tokenizer
+from hubdeploy.serving.tiny import adapter_dir
+from hubdeploy.serving.tokenizer import load_tokenizer
 from tests.fixtures.serve import TEST_API_KEY, start_serve
 from tests.test_lora_engine import LOGPROB_ATOL, NEW, PROMPTS, reference
 

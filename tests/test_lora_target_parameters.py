@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from serving.loader import load_model
-from serving.lora import LoRAError, load_adapter
-from serving.lora.adapter import TargetShape
+from hubdeploy.serving.loader import load_model
+from hubdeploy.serving.lora import LoRAError, load_adapter
+from hubdeploy.serving.lora.adapter import TargetShape
 from tests.helpers_forward import peft_greedy_logprobs
 from tests.test_lora_engine import GREEDY, LOGPROB_ATOL, NEW, PROMPTS, _check, make_llm
 

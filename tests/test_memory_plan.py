@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from hub_integration.errors import UnknownGPUError
-from hub_integration.gpus import catalog, get_gpu
-from hub_integration.memory_plan import lora_adapter_bytes, plan, plan_all
-from hub_integration.report import AdapterInfo, ModelReport, inspect_model
+from hubdeploy.hub_integration.errors import UnknownGPUError
+from hubdeploy.hub_integration.gpus import catalog, get_gpu
+from hubdeploy.hub_integration.memory_plan import lora_adapter_bytes, plan, plan_all
+from hubdeploy.hub_integration.report import AdapterInfo, ModelReport, inspect_model
 
 MIXTRAL_AWQ = "TheBloke/Mixtral-8x7B-Instruct-v0.1-AWQ"
 
@@ -89,7 +89,7 @@ def test_fused_expert_adapters_are_sized_as_expert_lora(awq: ModelReport) -> Non
     and down projections: the plan sizes them so, not as attention-only adapters."""
     import json
 
-    from hub_integration.report import adapter_info_from_config
+    from hubdeploy.hub_integration.report import adapter_info_from_config
 
     cfg = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj"],
            "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}

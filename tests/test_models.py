@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving.loader import load_model
-from serving.models.layers import Linear
+from hubdeploy.serving.loader import load_model
+from hubdeploy.serving.models.layers import Linear
 from tests.helpers_forward import (
     ARCHS,
     awq_quantize_checkpoint,
@@ -99,7 +99,7 @@ def test_make_tiny_matches_transformers(arch: str, quant: str, tiny_models, tmp_
 TRITON_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    from serving.loader import load_model
+    from hubdeploy.serving.loader import load_model
     from tests.helpers_forward import greedy_generate, prefill_last_logits
     model, cfg = load_model(sys.argv[1])
     prompts = json.loads(sys.argv[2])

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from hub_integration import errors
-from hub_integration.report import ModelReport, inspect_model
+from hubdeploy.hub_integration import errors
+from hubdeploy.hub_integration.report import ModelReport, inspect_model
 from tests.fixtures.hub import GATED_REPO, GATED_TOKEN
 
 MIXTRAL_AWQ = "TheBloke/Mixtral-8x7B-Instruct-v0.1-AWQ"

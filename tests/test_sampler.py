@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from serving.sampler import SampleInput, Sampler, apply_penalties, filter_probs, suppress_stop_ids
-from serving.sampling_params import SamplingParams
-from serving.sequence import Sequence
+from hubdeploy.serving.sampler import SampleInput, Sampler, apply_penalties, filter_probs, suppress_stop_ids
+from hubdeploy.serving.sampling_params import SamplingParams
+from hubdeploy.serving.sequence import Sequence
 
 LOGITS = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0]])
 

@@ -6,7 +6,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from space.sanitize import ALLOWED_TAGS, render_card, safe_url, sanitize_html
+from hubdeploy.space.sanitize import ALLOWED_TAGS, render_card, safe_url, sanitize_html
 
 HOSTILE_CARD = """---
 license: mit

@@ -1,10 +1,10 @@
 """Scheduler: token budget, chunked prefill, decodes never starved, preemption by recompute."""
 from __future__ import annotations
 
-from serving.block_manager import BlockManager
-from serving.sampling_params import SamplingParams
-from serving.scheduler import ScheduledSeq, Scheduler
-from serving.sequence import Sequence, SequenceStatus
+from hubdeploy.serving.block_manager import BlockManager
+from hubdeploy.serving.sampling_params import SamplingParams
+from hubdeploy.serving.scheduler import ScheduledSeq, Scheduler
+from hubdeploy.serving.sequence import Sequence, SequenceStatus
 
 BS = 4
 

@@ -13,7 +13,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from hub_integration.service import build_service_app
+from hubdeploy.hub_integration.service import build_service_app
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from hub_integration import auth
-from hub_integration.service import ADMIN_HASH_KEY, build_service_app
+from hubdeploy.hub_integration import auth
+from hubdeploy.hub_integration.service import ADMIN_HASH_KEY, build_service_app
 from tests.fixtures.service import reap
 
 HF_TOKEN = "hf_test_secret_token_e2b7c9"

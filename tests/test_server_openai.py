@@ -354,7 +354,7 @@ def test_disconnect_before_non_streamed_answer_aborts(tiny_server) -> None:
 
 def _vocab_ids(server) -> dict[str, int]:
     """Token string (as the endpoint's logprobs show it) -> id, for strings one id decodes to."""
-    from serving.tokenizer import load_tokenizer
+    from hubdeploy.serving.tokenizer import load_tokenizer
 
     tok = load_tokenizer(server.model_dir)
     seen: dict[str, list[int]] = defaultdict(list)

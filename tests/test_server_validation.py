@@ -180,7 +180,7 @@ def test_health_503_and_routes_503_while_loading() -> None:
     """The app before its engine is attached (what clients see during download/load)."""
     from fastapi.testclient import TestClient
 
-    from serving.server.api_server import build_app, set_phase
+    from hubdeploy.serving.server.api_server import build_app, set_phase
 
     app = build_app(None, served_model_name="tiny", api_key="k")
     set_phase(app, "downloading")

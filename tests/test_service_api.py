@@ -9,7 +9,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from hub_integration.service import build_service_app, mount_page
+from hubdeploy.hub_integration.service import build_service_app, mount_page
 from tests.fixtures.service import reap
 
 H = {"Authorization": "Bearer adm"}
@@ -17,7 +17,7 @@ H = {"Authorization": "Bearer adm"}
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory: pytest.TempPathFactory, local_hub: Any, hub_tiny_model: Any, tiny_models: Any):
-    from serving.tiny import adapter_dir
+    from hubdeploy.serving.tiny import adapter_dir
 
     repo = hub_tiny_model("mixtral", "awq", adapters=1)
     model = tiny_models("mixtral", "awq", adapters=1)
@@ -221,7 +221,7 @@ def _stop(proc: Any) -> None:
 
 
 def _pid_of(data: Path, name: str) -> int | None:
-    from hub_integration.store import Store
+    from hubdeploy.hub_integration.store import Store
 
     rec = Store(data / "hubdeploy.db").get_endpoint(name)
     return rec.pid if rec else None

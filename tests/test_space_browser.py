@@ -187,7 +187,7 @@ def test_badge_link_opens_prefilled_page(env: tuple[SpaceService, str], page: An
     page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=img.element_handle())
     # Search suggestions from the Hub while typing in the model box: first what the page's
     # handler gets from the Hub, then what the browser shows.
-    from space.hub import search_models
+    from hubdeploy.space.hub import search_models
 
     hits = search_models("mixtral-awq-ca", endpoint=local_hub.endpoint)
     assert repo in hits, hits

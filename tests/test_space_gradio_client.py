@@ -97,7 +97,7 @@ def start_space_service(hub: LocalHub, data_dir: Path, timeout: float = 180.0) -
 
 def push_hostile_repo(hub: LocalHub, model_dir: Path, work: Path, repo_id: str = "tiny/mixtral-awq-card") -> str:
     """The tiny model again, its card carrying script / onerror / javascript: payloads, plus one adapter."""
-    from serving.tiny import adapter_dir
+    from hubdeploy.serving.tiny import adapter_dir
 
     staged = work / "hostile"
     if staged.exists():
@@ -227,7 +227,7 @@ def test_standalone_page_against_a_remote_service(svc: SpaceService, monkeypatch
     """What a Space runs: the page in its own server, told the service URL and token by secrets."""
     from gradio_client import Client
 
-    from space.page import PageConfig, build_page
+    from hubdeploy.space.page import PageConfig, build_page
 
     monkeypatch.setenv("HUBDEPLOY_URL", svc.url)
     monkeypatch.setenv("HUBDEPLOY_TOKEN", svc.token)
@@ -253,7 +253,7 @@ def test_badge_svg_and_deploy_redirect(svc: SpaceService) -> None:
 
 def test_form_helpers() -> None:
     """Adapter entry, name suggestion and the progress view (pure functions of space.view)."""
-    from space import view
+    from hubdeploy.space import view
 
     assert view.parse_adapters(["org/lora-a"], "b=org/other, org/lora-a\n./local-lora") == {
         "lora-a": "org/lora-a", "b": "org/other", "local-lora": "./local-lora"}

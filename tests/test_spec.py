@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from hub_integration.spec import (CreateEndpointRequest, DeploymentSpec, PatchEndpointRequest, SpecContext,
+from hubdeploy.hub_integration.spec import (CreateEndpointRequest, DeploymentSpec, PatchEndpointRequest, SpecContext,
                                   SpecError, check_spec, classify_source)
 
 
@@ -95,7 +95,7 @@ def test_patch_applies_and_revalidates() -> None:
 @pytest.fixture(scope="module")
 def root(tiny_models: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An allowed root holding a tiny model and its adapter; a sibling folder outside it."""
-    from serving.tiny import adapter_dir
+    from hubdeploy.serving.tiny import adapter_dir
 
     src = tiny_models("mixtral", "awq", adapters=1)
     base = tmp_path_factory.mktemp("roots")
@@ -146,8 +146,8 @@ def test_local_checks_name_fields(root: Path) -> None:
 def test_plan_defaults_and_limits(root: Path) -> None:
     spec = check(root, gpu="t4")
     assert spec.gpu == "T4"  # canonical catalog name
-    from hub_integration.memory_plan import plan
-    from hub_integration.report import inspect_model
+    from hubdeploy.hub_integration.memory_plan import plan
+    from hubdeploy.hub_integration.report import inspect_model
 
     want = plan(inspect_model(str(root / "m")), "T4").engine_defaults()
     assert spec.engine.max_model_len == want["max_model_len"]
@@ -196,8 +196,8 @@ def test_patch_to_a_smaller_gpu_replans_defaults_but_keeps_user_options(shape_on
 
     Defaults the plan filled in are planned again for the L4; an option the user set stays.
     """
-    from hub_integration.memory_plan import plan
-    from hub_integration.report import inspect_model
+    from hubdeploy.hub_integration.memory_plan import plan
+    from hubdeploy.hub_integration.report import inspect_model
 
     ctx = SpecContext(allowed_roots=[], hub_endpoint=shape_only_hub.endpoint)
     repo = "Qwen/Qwen3-30B-A3B-AWQ"

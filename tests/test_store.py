@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hub_integration.store import MIGRATIONS, SlotUnavailable, Store
+from hubdeploy.hub_integration.store import MIGRATIONS, SlotUnavailable, Store
 
 
 def test_schema_version_and_wal(tmp_path: Path) -> None:

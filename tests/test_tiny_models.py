@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from serving.config import ModelConfig
-from serving.tiny import GROUP_SIZE, adapter_dir, dequantize_awq_dir, make_tiny
+from hubdeploy.serving.config import ModelConfig
+from hubdeploy.serving.tiny import GROUP_SIZE, adapter_dir, dequantize_awq_dir, make_tiny
 from tests.helpers_forward import merged_reference
 
 ARCHS = ["mixtral", "qwen3_moe", "llama"]

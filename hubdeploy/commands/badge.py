@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hub_integration.badge import badge_html, badge_markdown, badge_svg
+    from hubdeploy.hub_integration.badge import badge_html, badge_markdown, badge_svg
 
     if args.format == "svg":
         print(badge_svg())

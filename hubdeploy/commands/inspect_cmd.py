@@ -109,8 +109,8 @@ def _print_tables(payload: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from huggingface_hub.utils import disable_progress_bars
 
-    from hub_integration.errors import InspectError
-    from hub_integration.inspect_api import inspect_payload
+    from hubdeploy.hub_integration.errors import InspectError
+    from hubdeploy.hub_integration.inspect_api import inspect_payload
 
     disable_progress_bars()
     endpoint = args.hub_endpoint or os.environ.get("HF_ENDPOINT") or None

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from serving.tiny import adapter_dir, make_tiny
+    from hubdeploy.serving.tiny import adapter_dir, make_tiny
 
     if args.adapters < 0:
         raise SystemExit("--adapters must be 0 or more")

@@ -76,13 +76,13 @@ def phase(name: str, detail: str = "") -> None:
 def _resolve(model: str, revision: str | None) -> Path:
     if Path(model).is_dir() and revision is None:
         return Path(model)
-    from serving.hub import resolve_model_dir  # huggingface_hub with the HF cache and HF_TOKEN
+    from hubdeploy.serving.hub import resolve_model_dir  # huggingface_hub with the HF cache and HF_TOKEN
 
     return Path(resolve_model_dir(model, revision=revision, token=os.environ.get("HF_TOKEN")))
 
 
 def _engine_args(args: argparse.Namespace, model_dir: Path, loras: dict[str, str]) -> Any:
-    from serving.engine import EngineArgs
+    from hubdeploy.serving.engine import EngineArgs
 
     kw: dict[str, Any] = dict(model=str(model_dir), revision=None, device=args.device, dtype=args.dtype,
                               enforce_eager=args.enforce_eager, token=os.environ.get("HF_TOKEN"),
@@ -100,7 +100,7 @@ async def _warm_up(engine: Any, prefill_tokens: int = 2048, batch: int = 32) -> 
     pay for first-time work: one short request, then at once `prefill_tokens` of distinct prompts
     (a full-budget prefill step: the allocator's large blocks, the CPU thread pool) and `batch`
     short ones (a decode batch of that size). vLLM warms up with a full-budget dummy step too."""
-    from serving.sampling_params import SamplingParams
+    from hubdeploy.serving.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
 
@@ -120,14 +120,14 @@ async def _warm_up(engine: Any, prefill_tokens: int = 2048, batch: int = 32) -> 
 def _start_engine(app: Any, args: argparse.Namespace, engine_args: Any, server: Any) -> Any:
     """The engine in a child process (default) or a thread; stored on the app for shutdown."""
     if args.single_process:
-        from serving.async_engine import AsyncEngine
+        from hubdeploy.serving.async_engine import AsyncEngine
 
         app.state.engine = AsyncEngine(engine_args)
         return app.state.engine
-    from serving.engine_process import EngineProcess
+    from hubdeploy.serving.engine_process import EngineProcess
 
     def on_exit(reason: str) -> None:  # the engine died while serving: fail loudly, let the supervisor restart
-        from serving.server.api_server import set_phase
+        from hubdeploy.serving.server.api_server import set_phase
 
         set_phase(app, "failed", failure=reason)
         phase("failed", reason)
@@ -144,7 +144,7 @@ def _start_engine(app: Any, args: argparse.Namespace, engine_args: Any, server: 
 
 def _load(app: Any, args: argparse.Namespace, loras: dict[str, str], server: Any) -> None:
     """Background thread: download, load, warm up, then attach the engine to the app."""
-    from serving.server.api_server import attach_engine, set_phase
+    from hubdeploy.serving.server.api_server import attach_engine, set_phase
 
     try:
         set_phase(app, "downloading")
@@ -152,7 +152,7 @@ def _load(app: Any, args: argparse.Namespace, loras: dict[str, str], server: Any
         model_dir = _resolve(args.model, args.revision)
         set_phase(app, "loading")
         phase("loading", str(model_dir))
-        from serving.chat_template import load_chat_template
+        from hubdeploy.serving.chat_template import load_chat_template
 
         t0 = time.perf_counter()
         engine = _start_engine(app, args, _engine_args(args, model_dir, loras), server)
@@ -162,8 +162,8 @@ def _load(app: Any, args: argparse.Namespace, loras: dict[str, str], server: Any
                                "manager, so adapter requests would silently run the base model; "
                                "serve without --lora or use a build with serving.lora")
         if lora_sources is not None:  # LoRA seam: the engine's manager serves the adapter admin routes
-            from serving.lora.server import lora_hooks
-            from serving.server.api_server import set_lora_hooks
+            from hubdeploy.serving.lora.server import lora_hooks
+            from hubdeploy.serving.server.api_server import set_lora_hooks
 
             set_lora_hooks(app, *lora_hooks(engine), adapters=lora_sources)
         set_phase(app, "warming_up")
@@ -172,13 +172,13 @@ def _load(app: Any, args: argparse.Namespace, loras: dict[str, str], server: Any
         attach_engine(app, engine, chat_template=load_chat_template(model_dir),
                       special_tokens=dict(engine.tokenizer.special_tokens),
                       max_model_len=engine.max_model_len)
-        from serving.heap import freeze_heap
+        from hubdeploy.serving.heap import freeze_heap
 
         freeze_heap()  # a full collection over this heap would stall every stream (~50 ms)
         phase("ready", f"http://{args.host}:{args.port}/v1 model={app.state.server.served_model_name}")
     except BaseException as e:  # noqa: BLE001 - every failure is reported, then the process exits
         log.exception("loading %s failed", args.model)
-        from serving.outputs import EngineDeadError
+        from hubdeploy.serving.outputs import EngineDeadError
 
         # the engine process already named the failure ("ValueError: ..."): keep its words
         reason = str(e) if isinstance(e, EngineDeadError) else f"{type(e).__name__}: {e}"
@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from serving.server.api_server import build_app
+        from hubdeploy.serving.server.api_server import build_app
     except ImportError as e:
         raise SystemExit(f"hubdeploy serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from e
 

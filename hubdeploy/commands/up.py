@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _page_blocks() -> object | None:
     """The Gradio page from `space/`, when that package offers one; None otherwise."""
     try:
-        from space import app as space_app
+        from hubdeploy.space import app as space_app
     except ImportError:
         return None
     for attr in ("build_page", "build_demo", "build_blocks"):
@@ -41,8 +41,8 @@ def _page_blocks() -> object | None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from hub_integration.demo import demo_adapters, ensure_demo_model
-    from hub_integration.service import build_service_app, mount_page
+    from hubdeploy.hub_integration.demo import demo_adapters, ensure_demo_model
+    from hubdeploy.hub_integration.service import build_service_app, mount_page
 
     data_dir = Path(args.data_dir).expanduser().resolve()
     default_model, default_adapters = None, None

@@ -1,0 +1,64 @@
+"""The provisioner interface: what any backend (local processes, a cluster) must do.
+
+The service owns the spec, the store and the keys; a provisioner turns a validated
+`DeploymentSpec` into a running `hubdeploy serve` somewhere and reports on it. All its
+state goes through the store, so a new service process can `reconcile()` with the world.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from hubdeploy.hub_integration.spec import DeploymentSpec
+
+
+@dataclass
+class Secrets:
+    """Secrets handed to the endpoint process by environment only (never argv, DB or logs)."""
+
+    hf_token: str | None = None
+    api_key: str | None = None
+
+
+class Provisioner(ABC):
+    """A backend that runs endpoints. Methods return quickly; long work runs in the background."""
+
+    @abstractmethod
+    def provision(self, spec: DeploymentSpec, secrets: Secrets) -> None:
+        """Start (or restart) `spec.name`: claim a device, fetch weights, start the server.
+
+        Raises `store.SlotUnavailable` at once when no device is free; the rest is
+        reported through the store's status/phase (`initializing` → `running` | `failed`).
+        """
+
+    @abstractmethod
+    def stop(self, name: str) -> None:
+        """Stop the endpoint's server and free its device; the record stays (`paused`)."""
+
+    @abstractmethod
+    def status(self, name: str) -> str:
+        """The endpoint's status as the backend sees it now (one of `store.STATUSES`)."""
+
+    @abstractmethod
+    def logs(self, name: str, tail: int = 200) -> list[str]:
+        """The last `tail` lines of the endpoint's log."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Stop the endpoint and remove everything the backend holds for it."""
+
+    @abstractmethod
+    def set_api_key(self, name: str, api_key: str | None) -> None:
+        """Keep the endpoint's key where the backend can hand it to restarts (None: public)."""
+
+    @abstractmethod
+    def get_api_key(self, name: str) -> str | None:
+        """The key kept by `set_api_key`, for a restart."""
+
+    @abstractmethod
+    def reconcile(self) -> None:
+        """At service start: re-adopt endpoints that still run, restart those that should."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop watching (service shutdown); endpoint processes keep running."""

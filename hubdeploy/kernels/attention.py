@@ -1,0 +1,883 @@
+"""Paged KV cache writes and causal attention over paged K/V (decode, prefill, chunked prefill).
+
+Cache layout per layer: `k_cache, v_cache` each `[num_blocks, block_size, num_kv_heads, head_dim]`;
+token `t` of a sequence lives in block `block_tables[b, t // block_size]` at offset
+`t % block_size`. One contract serves every step shape: the `q_len_b` new tokens of
+sequence `b` are the last `q_len_b` positions of its `context_lens[b]` tokens (their K/V are
+stored first with `store_kv`), each attends causally (and within `sliding_window`, Mistral
+style: a query at position p sees keys at positions > p - window). GQA by `H // Hkv`.
+
+Layers, side by side: `*_ref` (plain torch, fp32 math; the contract), `*_torch` (the CPU
+path the dispatchers take without Triton: the same contract vectorized over the batch), the Triton
+kernels (a decode kernel, one program per (sequence, KV head, context split) covering the
+whole GQA group with an online softmax and a split-reduce for long contexts; a prefill
+kernel, flash-attention tiles over q and over paged K/V), and the dispatchers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from hubdeploy.kernels.dispatch import dot_flags, use_triton
+from hubdeploy.kernels.norm_rope_act import triton_launchable
+
+__all__ = [
+    "DecodeKV",
+    "store_kv",
+    "store_kv_ref",
+    "store_kv_torch",
+    "store_kv_triton",
+    "paged_attention",
+    "paged_attention_ref",
+    "paged_attention_torch",
+    "paged_attention_triton",
+    "paged_attention_decode_triton",
+    "paged_attention_prefill_triton",
+]
+
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- store_kv
+
+
+def _check_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    if k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"store_kv: k and v must both be [N, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or tuple(k_cache.shape[2:]) != tuple(k.shape[1:]):
+        raise ValueError(
+            f"store_kv: caches must be [num_blocks, block_size, Hkv={k.shape[1]}, D={k.shape[2]}], "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"store_kv: slot_mapping must be [N={k.shape[0]}], got {tuple(slot_mapping.shape)}")
+
+
+def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """Write each token's K/V at its flat slot (block * block_size + offset); slot -1 is skipped."""
+    _check_store(k, v, k_cache, v_cache, slot_mapping)
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    nb, bs, hkv, d = k_cache.shape
+    blocks, offs = slots // bs, slots % bs
+    k_cache[blocks, offs] = k[valid].to(k_cache.dtype)
+    v_cache[blocks, offs] = v[valid].to(v_cache.dtype)
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    HKV, D, BS,
+    s_kt, s_kh, s_vt, s_vh,
+    s_cb, s_cs, s_ch,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // BS
+        off = slot % BS
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        m = (h[:, None] < HKV) & (d[None, :] < D)
+        kk = tl.load(k_ptr + t * s_kt + h[:, None] * s_kh + d[None, :], mask=m)
+        vv = tl.load(v_ptr + t * s_vt + h[:, None] * s_vh + d[None, :], mask=m)
+        dst = blk * s_cb + off * s_cs + h[:, None] * s_ch + d[None, :]
+        tl.store(kc_ptr + dst, kk.to(kc_ptr.dtype.element_ty), mask=m)
+        tl.store(vc_ptr + dst, vv.to(vc_ptr.dtype.element_ty), mask=m)
+
+
+def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """One program per token; copies all its KV heads (k/v may be strided views of a qkv GEMM)."""
+    _check_store(k, v, k_cache, v_cache, slot_mapping)
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("store_kv: k_cache and v_cache must share strides with a contiguous last dim")
+    n, hkv, d = k.shape
+    if n == 0:
+        return
+    triton_launchable(_store_kv_kernel, k)[(n,)](
+        k, v, k_cache, v_cache, slot_mapping.contiguous(),
+        hkv, d, k_cache.shape[1],
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=triton.next_power_of_2(d),
+    )
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, step_cache: dict | None = None) -> None:
+    """Store the step's new K/V [N, Hkv, D] into the paged caches in place (slot -1 = skip).
+
+    `step_cache` (optional, `ForwardContext.step_cache`): a dict that lives for one forward
+    step, where the CPU path keeps what every layer would otherwise recompute."""
+    if use_triton(k):
+        store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        store_kv_torch(k, v, k_cache, v_cache, slot_mapping, step_cache)
+
+
+def store_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor, step_cache: dict | None = None) -> None:
+    """The CPU path: `index_copy_` into the flat [slots, Hkv, D] view (the reference's boolean
+    mask and 2-D advanced indexing cost more than the copy at decode sizes). Same result.
+    Whether the step has padding slots (-1) is looked at once per step (`step_cache`)."""
+    _check_store(k, v, k_cache, v_cache, slot_mapping)
+    key = ("store_slots", id(slot_mapping))
+    slots = step_cache.get(key) if step_cache is not None else None
+    if slots is None:
+        slots = slot_mapping.to(torch.long)
+        if k.shape[0] and int(slot_mapping.min()) < 0:
+            slots = False  # padding rows: the masked path
+        if step_cache is not None:
+            step_cache[key] = slots
+    if slots is False:
+        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        return
+    nb, bs, hkv, d = k_cache.shape
+    k_cache.view(nb * bs, hkv, d).index_copy_(0, slots, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
+    v_cache.view(nb * bs, hkv, d).index_copy_(0, slots, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _check_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                context_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"paged_attention: q must be [N, H, D], got {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != q.shape[2]:
+        raise ValueError(
+            f"paged_attention: caches must be [num_blocks, block_size, Hkv, D={q.shape[2]}], "
+            f"got {tuple(k_cache.shape)} / {tuple(v_cache.shape)}"
+        )
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"paged_attention: {q.shape[1]} query heads not a multiple of {k_cache.shape[2]} KV heads")
+    b = context_lens.shape[0]
+    if cu_seqlens_q.shape != (b + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != b:
+        raise ValueError(
+            f"paged_attention: for {b} sequences need cu_seqlens_q [{b + 1}] and block_tables [{b}, max_blocks]; "
+            f"got {tuple(cu_seqlens_q.shape)} and {tuple(block_tables.shape)}"
+        )
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    max_context_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Gather each sequence's K/V through its block table; masked softmax attention in fp32."""
+    _check_attn(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables)
+    n, h, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    group = h // hkv
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros((n, h, d), dtype=q.dtype, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    ctx_lens = context_lens.tolist()
+    for b, ctx in enumerate(ctx_lens):
+        q0, q1 = cu[b], cu[b + 1]
+        qlen = q1 - q0
+        if qlen == 0:
+            continue
+        if qlen > ctx:
+            raise ValueError(f"paged_attention: sequence {b} has {qlen} new tokens but context_len {ctx}")
+        nblk = (ctx + bs - 1) // bs
+        blocks = block_tables[b, :nblk].long()
+        kk = k_cache[blocks].reshape(nblk * bs, hkv, d)[:ctx].to(acc_dtype)
+        vv = v_cache[blocks].reshape(nblk * bs, hkv, d)[:ctx].to(acc_dtype)
+        kk = kk.repeat_interleave(group, dim=1)  # [ctx, H, D]
+        vv = vv.repeat_interleave(group, dim=1)
+        qq = q[q0:q1].to(acc_dtype)  # [qlen, H, D]
+        scores = torch.einsum("qhd,khd->hqk", qq, kk) * scale
+        qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+        kpos = torch.arange(ctx, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if sliding_window is not None:
+            mask = mask & (kpos > qpos - sliding_window)
+        scores = scores.masked_fill(~mask[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, vv).to(q.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- torch fast path (CPU)
+
+
+def _gather_kv(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """`cache[blocks]` for a [B, nblk] block index as one `index_select` (2x faster than advanced indexing)."""
+    nb, bs, hkv, d = cache.shape
+    flat = cache.view(nb, bs * hkv * d).index_select(0, blocks.reshape(-1))
+    return flat.view(blocks.shape[0], blocks.shape[1] * bs, hkv, d)
+
+
+def _decode_plan(context_lens: torch.Tensor, block_tables: torch.Tensor, max_context_len: int, bs: int,
+                 sliding_window: int | None, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a decode batch's attention needs besides q and the caches, the same in every layer:
+    the block index [B, nblk] (int64; -1 padding reads block 0, masked) and the additive key
+    mask [B, 1, 1, L] (0 where visible, -inf past a sequence's length or outside its window:
+    what SDPA turns a boolean mask into, so passing it is bit-identical and saves the conversion)."""
+    nblk = max(1, min(-(-max_context_len // bs), block_tables.shape[1]))
+    blocks = block_tables[:, :nblk].to(torch.long).clamp(min=0)
+    kpos = torch.arange(nblk * bs, device=context_lens.device)[None, :]
+    lens = context_lens.to(torch.long)[:, None]
+    hidden = kpos >= lens
+    if sliding_window is not None:
+        hidden |= kpos <= lens - 1 - sliding_window
+    mask = torch.zeros(hidden.shape, dtype=acc_dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
+    return blocks, mask[:, None, None, :]
+
+
+@dataclass
+class DensePlan:
+    """One decode step's instructions for every layer's `DecodeKV` buffers (made once per step)."""
+
+    step: int
+    prev_step: int  # the plan before this one: a layer whose buffers applied it is up to date
+    shape: tuple[int, int]  # (rows, token capacity) the buffers must have
+    length: int  # L: the step reads buffer[:B, :L]
+    order: torch.Tensor | None  # batch entry of each buffer row 0..B-1; None when row i is entry i
+    rows: torch.Tensor | None  # buffer row of each batch entry (the inverse of `order`)
+    moves: tuple[torch.Tensor, torch.Tensor] | None  # (from rows, to rows): continuing sequences moved below B
+    fill: tuple[torch.Tensor, torch.Tensor] | None  # (batch entries, their rows): gather whole contexts
+    append: tuple[torch.Tensor, torch.Tensor] | None  # (flat buffer positions, cache slots) of new tokens
+    all_rows: torch.Tensor  # rows 0..B-1 with each entry's blocks, for a layer that must gather all
+
+
+class DecodeKV:
+    """Dense copies of the decode rows' K/V, one buffer pair per layer, kept across steps (CPU path).
+
+    Without them, every layer of every decode step gathers each sequence's whole context out
+    of the paged cache (memory traffic that grows with batch x context and dominates the CPU
+    attention). Here each decoding sequence owns a row of the buffers, found by the key its
+    owner gives it (`plan(keys, ...)`: sequence id and preemption count, so a recomputed context
+    is never taken for the old one). A step appends one K/V position to each row that held the
+    sequence up to its previous token, gathers whole contexts only for sequences new to the
+    buffers, and moves the few rows that sit past the batch size into rows freed by finished
+    sequences, so the step reads `[:B, :L]` views (queries permuted to row order when the batch
+    order differs). A batch that changes by one sequence so costs one row, not a regather of all.
+    Every row's values at visible positions equal the gather's, the masked tail is finite, and
+    L is the same: SDPA's output is bit-identical (tests/test_cpu_step.py).
+    Buffers keep `headroom` tokens past L; `max_bytes` bounds them all (over it: gather).
+    """
+
+    def __init__(self, num_layers: int, max_bytes: int = 256 << 20, headroom: int = 64) -> None:
+        self.num_layers = max(1, num_layers)
+        self.max_bytes = max_bytes
+        self.headroom = headroom
+        self.min_gather_bytes = 64 << 10
+        self.keys: list | None = None  # the owner's key of each batch entry, set before each step
+        self.step = 0
+        self.prev_plan_step = -1
+        self.shape = (0, 0)  # (rows, token capacity) of the buffers
+        self.held: dict = {}  # key -> (row, context length the row holds)
+        self.layers: dict[int, list] = {}  # id(k_cache) -> [kd, vd, step of the plan last applied]
+        self.appended = 0  # layer-steps that appended new tokens (for tests and benchmarks)
+        self.gathered = 0  # layer-steps that gathered whole contexts
+        self.moved = 0  # rows moved below the batch size (sequences that kept their data)
+
+    def plan(self, keys: list, context_lens: torch.Tensor, blocks: torch.Tensor, bs: int) -> DensePlan:
+        """Once per step: where each sequence's row is and what every layer must copy into it."""
+        self.step += 1
+        b, nblk = blocks.shape
+        length = nblk * bs
+        lens = context_lens.tolist()
+        rows_cap, cap = self.shape
+        if b > rows_cap or length > cap:
+            rows_cap = max(rows_cap, -(-b // 8) * 8)
+            cap = max(cap, -(-(length + self.headroom) // bs) * bs)
+        held = self.held
+        rows = [-1] * b
+        continuing = [i for i, (k, n) in enumerate(zip(keys, lens)) if held.get(k, (0, -1))[1] == n - 1]
+        for i in continuing:
+            r = held[keys[i]][0]
+            if r < b:
+                rows[i] = r
+        free = iter(sorted(set(range(b)) - set(rows)))
+        move_from, move_to = [], []
+        for i in continuing:
+            if rows[i] < 0:  # its row lies past the batch: move it into a freed one
+                rows[i] = next(free)
+                move_from.append(held[keys[i]][0])
+                move_to.append(rows[i])
+        self.moved += len(move_from)
+        fill = [i for i in range(b) if rows[i] < 0]
+        for i in fill:
+            rows[i] = next(free)
+        self.held = {k: (r, n) for k, r, n in zip(keys, rows, lens)}
+        identity = rows == list(range(b))
+        rows_t = None if identity else torch.tensor(rows, dtype=torch.long)
+        order = None
+        if rows_t is not None:
+            order = torch.empty_like(rows_t)
+            order[rows_t] = torch.arange(b)
+        append = None
+        if continuing:
+            sel = None if len(continuing) == b else torch.tensor(continuing, dtype=torch.long)
+            pos = context_lens.to(torch.long) - 1
+            src = blocks.gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs
+            dst = (rows_t if rows_t is not None else torch.arange(b)) * cap + pos
+            append = (dst, src) if sel is None else (dst.index_select(0, sel), src.index_select(0, sel))
+        t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+        plan = DensePlan(
+            step=self.step, prev_step=self.prev_plan_step, shape=(rows_cap, cap), length=length, order=order,
+            rows=rows_t, moves=(t(move_from), t(move_to)) if move_from else None,
+            fill=(t(fill), t([rows[i] for i in fill])) if fill else None, append=append,
+            all_rows=rows_t if rows_t is not None else torch.arange(b))
+        self.prev_plan_step = self.step
+        self.shape = (rows_cap, cap)
+        return plan
+
+    def worth(self, b: int, length: int, row_bytes: int) -> bool:
+        """Dense buffers for this step: within `max_bytes`, and only when a gather would move
+        enough bytes (>= `min_gather_bytes` per K or V) to pay for the few extra small ops."""
+        rows = max(self.shape[0], b)
+        cap = max(self.shape[1], length + self.headroom)
+        return (b * length * row_bytes >= self.min_gather_bytes
+                and 2 * rows * cap * row_bytes * self.num_layers <= self.max_bytes)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU paths hand SDPA: fp64 and fp32 as they are, bf16/fp16 too (SDPA's
+    CPU kernel accumulates softmax and P·V in fp32 inside, as transformers' sdpa attention
+    relies on), other dtypes fp32. No fp32 copies of the gathered K/V."""
+    return dtype if dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
+                  block_tables: torch.Tensor, max_context_len: int, scale: float,
+                  sliding_window: int | None, step_cache: dict | None = None,
+                  dense: DecodeKV | None = None, keys: list | None = None) -> torch.Tensor:
+    """Every row of q [B, H, D] is the one new token of sequence b: the whole batch at once.
+
+    One gather of the batch's blocks ([B, L, Hkv, D], L = max context rounded up to blocks),
+    then one SDPA call over strided views with a key mask (positions past a sequence's
+    length or outside its window). The Python cost no longer grows with the batch (the
+    reference loops over sequences). The block index and mask are built once per step
+    (`step_cache`) and shared by the layers; with `dense` (and the sequences' `keys`) the K/V
+    come from its buffers instead of a gather.
+    """
+    b, h, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    acc_dtype = _work_dtype(q.dtype)
+    key = ("decode_plan", id(context_lens), id(block_tables), max_context_len, bs, sliding_window, acc_dtype)
+    plan = step_cache.get(key) if step_cache is not None else None
+    if plan is None:
+        plan = _decode_plan(context_lens, block_tables, max_context_len, bs, sliding_window, acc_dtype)
+        # `dense` needs the once-per-step plan (step_cache); a step that does not use it leaves
+        # the buffers as they were, and rows whose sequences moved on are gathered again
+        row_bytes = hkv * d * torch.finfo(acc_dtype).bits // 8
+        if (dense is not None and keys is not None and step_cache is not None
+                and dense.worth(b, plan[0].shape[1] * bs, row_bytes)):
+            plan = (*plan, dense.plan(keys, context_lens, plan[0], bs))
+        if step_cache is not None:
+            step_cache[key] = plan
+    blocks, mask = plan[0], plan[1]
+    if len(plan) == 3:
+        dp: DensePlan = plan[2]
+        kk, vv = _dense_kv(dense, dp, k_cache, v_cache, blocks, acc_dtype)
+        if dp.order is not None:  # buffer rows are not in batch order: permute q and mask to them
+            q = q.index_select(0, dp.order)
+            mask = mask.index_select(0, dp.order)
+    else:
+        dp = None
+        kk = _gather_kv(k_cache, blocks)
+        vv = _gather_kv(v_cache, blocks)
+        if kk.dtype != acc_dtype:
+            kk, vv = kk.to(acc_dtype), vv.to(acc_dtype)
+    # GQA folded into the query axis: the group's heads are `group` queries of one KV head
+    # ([B, Hkv, group, D] against [B, Hkv, L, D]), so SDPA never repeats K/V per query head.
+    o = torch.nn.functional.scaled_dot_product_attention(
+        (q if q.dtype == acc_dtype else q.to(acc_dtype)).reshape(b, hkv, h // hkv, d),
+        kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=mask, scale=scale)
+    o = o.reshape(b, h, d)
+    if dp is not None and dp.rows is not None:
+        o = o.index_select(0, dp.rows)
+    return o if o.dtype == q.dtype else o.to(q.dtype)
+
+
+def _dense_kv(dense: DecodeKV, plan: DensePlan, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              blocks: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """This layer's [B, L, Hkv, D] K/V views of `dense`'s buffers (in buffer-row order), brought
+    up to date as `plan` says: grow, move rows, gather new sequences, append new tokens."""
+    b = blocks.shape[0]
+    _, bs, hkv, d = k_cache.shape
+    L = plan.length
+    entry = dense.layers.get(id(k_cache))
+    if entry is not None and entry[2] == plan.step:  # already brought up to date in this step
+        return entry[0][:b, :L], entry[1][:b, :L]
+    current = entry is not None and entry[2] == plan.prev_step and entry[0].dtype == acc_dtype
+    if entry is None or tuple(entry[0].shape[:2]) != plan.shape or entry[0].dtype != acc_dtype:
+        # zeros: the masked tail of a row is read and must be finite
+        grown = [torch.zeros((*plan.shape, hkv, d), dtype=acc_dtype, device=k_cache.device) for _ in range(2)]
+        if current:
+            r, c = (min(x, y) for x, y in zip(entry[0].shape[:2], plan.shape))
+            for new, old in zip(grown, entry[:2]):
+                new[:r, :c] = old[:r, :c]
+        entry = [*grown, 0]
+        dense.layers[id(k_cache)] = entry
+    if not current:  # this layer missed the last plan: gather every row
+        fill: tuple[torch.Tensor, torch.Tensor] | None = (torch.arange(b), plan.all_rows)
+        moves, append = None, None
+    else:
+        fill, moves, append = plan.fill, plan.moves, plan.append
+    for buf, cache in ((entry[0], k_cache), (entry[1], v_cache)):
+        if moves is not None:
+            buf.index_copy_(0, moves[1], buf.index_select(0, moves[0]))
+        if fill is not None:
+            rows = _gather_kv(cache, blocks.index_select(0, fill[0]) if fill[0].shape[0] != b else blocks)
+            buf.narrow(1, 0, L).index_copy_(0, fill[1], rows if rows.dtype == acc_dtype else rows.to(acc_dtype))
+        if append is not None:
+            new = cache.view(-1, hkv, d).index_select(0, append[1])
+            buf.view(-1, hkv, d).index_copy_(0, append[0], new if new.dtype == acc_dtype else new.to(acc_dtype))
+    dense.gathered += fill is not None
+    dense.appended += append is not None
+    entry[2] = plan.step
+    return entry[0][:b, :L], entry[1][:b, :L]
+
+
+def _prefill_seq_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                       ctx: int, scale: float, sliding_window: int | None) -> torch.Tensor:
+    """One sequence's q [qlen, H, D] (its last qlen positions) over its ctx cached tokens, SDPA with GQA."""
+    qlen, h, d = q.shape
+    hkv = k_cache.shape[2]
+    acc_dtype = _work_dtype(q.dtype)
+    kk = _gather_kv(k_cache, blocks[None])[0, :ctx].to(acc_dtype).transpose(0, 1)  # [Hkv, ctx, D]
+    vv = _gather_kv(v_cache, blocks[None])[0, :ctx].to(acc_dtype).transpose(0, 1)
+    qq = q.to(acc_dtype).transpose(0, 1)  # [H, qlen, D]
+    mask = None
+    if qlen != ctx or sliding_window is not None:  # causal, bottom-right aligned
+        qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+        kpos = torch.arange(ctx, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if sliding_window is not None:
+            mask &= kpos > qpos - sliding_window
+    # 4-D ([1, H, ...]): SDPA's CPU flash kernel takes only batched inputs; 3-D ones fall back
+    # to the math path (fp32 casts, a materialized mask: 2-3x the time of a prefill's attention)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qq[None], kk[None], vv[None], attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=hkv != h)[0]
+    return o.transpose(0, 1).to(q.dtype)
+
+
+def _prefill_batched_low_precision(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu: list[int],
+                                   ctx_lens: list[int], block_tables: torch.Tensor, scale: float,
+                                   sliding_window: int | None, out: torch.Tensor) -> set[int]:
+    """bf16/fp16: whole-prompt sequences (no cached prefix, q_len == context_len > 1, no window) of
+    equal length through one batched causal SDPA call per length (32 prompts of 64 tokens: 0.9 ms
+    instead of 5.0 ms per layer here). Writes their rows of `out`; returns the sequences done."""
+    if sliding_window is not None:
+        return set()
+    groups: dict[int, list[int]] = {}
+    for b, ctx in enumerate(ctx_lens):
+        if cu[b + 1] - cu[b] == ctx > 1:
+            groups.setdefault(ctx, []).append(b)
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    h, d = q.shape[1], q.shape[2]
+    done: set[int] = set()
+    for ctx, seqs in groups.items():
+        if len(seqs) < 2:
+            continue
+        sel = torch.tensor(seqs, dtype=torch.long, device=q.device)
+        blocks = block_tables.index_select(0, sel)[:, :(ctx + bs - 1) // bs].to(torch.long)
+        kk = _gather_kv(k_cache, blocks)[:, :ctx].transpose(1, 2)  # [n, Hkv, ctx, D]
+        vv = _gather_kv(v_cache, blocks)[:, :ctx].transpose(1, 2)
+        rows = torch.cat([torch.arange(cu[b], cu[b + 1], device=q.device) for b in seqs])
+        qq = q.index_select(0, rows).view(len(seqs), ctx, h, d).transpose(1, 2)  # [n, H, ctx, D]
+        o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale,
+                                                             enable_gqa=hkv != h)
+        out.index_copy_(0, rows, o.transpose(1, 2).reshape(-1, h, d))
+        done.update(seqs)
+    return done
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    max_context_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+    step_cache: dict | None = None,
+    dense_kv: DecodeKV | None = None,
+) -> torch.Tensor:
+    """The CPU path of `paged_attention` (same contract as `paged_attention_ref`; fp32 math for
+    fp32, bf16/fp16 handed to SDPA as they are: its CPU kernel accumulates in fp32 inside).
+
+    Decode rows (q_len 1) of the whole batch go through one vectorized `_decode_torch`;
+    prefill / chunked-prefill sequences through SDPA one sequence at a time. Agrees with the
+    reference to fp32 rounding (summation order differs), see tests/test_kernels_attention.py.
+    """
+    _check_attn(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables)
+    n = q.shape[0]
+    nseq = context_lens.shape[0]
+    if n == 0 or nseq == 0:
+        return torch.zeros_like(q)
+    keys = dense_kv.keys if dense_kv is not None else None
+    if max_seqlen_q == 1 and n == nseq:
+        return _decode_torch(q, k_cache, v_cache, context_lens, block_tables, max_context_len, scale,
+                             sliding_window, step_cache, dense_kv, keys)
+    cu = cu_seqlens_q.tolist()
+    ctx_lens = context_lens.tolist()
+    out = torch.empty_like(q)
+    sub = step_cache.get("decode_rows") if step_cache is not None else None
+    if sub is None:  # the decode rows of a mixed step, the same in every layer
+        dec = [b for b in range(nseq) if cu[b + 1] - cu[b] == 1]
+        sub = (dec, None)
+        if dec:
+            sel = torch.tensor(dec, dtype=torch.long, device=q.device)
+            sub = (dec, (torch.tensor([cu[b] for b in dec], dtype=torch.long, device=q.device),
+                         context_lens.index_select(0, sel), block_tables.index_select(0, sel),
+                         max(ctx_lens[b] for b in dec), [keys[b] for b in dec] if keys is not None else None))
+        if step_cache is not None:
+            step_cache["decode_rows"] = sub
+    dec = sub[0]
+    if dec:
+        rows, sub_lens, sub_tables, sub_max, sub_keys = sub[1]
+        out[rows] = _decode_torch(q.index_select(0, rows), k_cache, v_cache, sub_lens, sub_tables, sub_max, scale,
+                                  sliding_window, step_cache, dense_kv, sub_keys)
+    bs = k_cache.shape[1]
+    done: set[int] = set()
+    if q.dtype in (torch.bfloat16, torch.float16):
+        done = _prefill_batched_low_precision(q, k_cache, v_cache, cu, ctx_lens, block_tables, scale,
+                                              sliding_window, out)
+    for b, ctx in enumerate(ctx_lens):
+        q0, q1 = cu[b], cu[b + 1]
+        qlen = q1 - q0
+        if qlen <= 1 or b in done:
+            continue
+        if qlen > ctx:
+            raise ValueError(f"paged_attention: sequence {b} has {qlen} new tokens but context_len {ctx}")
+        blocks = block_tables[b, :(ctx + bs - 1) // bs].to(torch.long)
+        out[q0:q1] = _prefill_seq_torch(q[q0:q1], k_cache, v_cache, blocks, ctx, scale, sliding_window)
+    return out
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _load_kv_tile(kc_ptr, vc_ptr, bt_ptr, b, s_bt, tok, tmask, kvh, s_cb, s_cs, s_ch, dd, dmask,
+                  BS: tl.constexpr, F32: tl.constexpr):
+    """K and V [BLOCK_N, BLOCK_D] of tokens `tok` of sequence b, KV head kvh, through the block table."""
+    blk = tl.load(bt_ptr + b * s_bt + tok // BS, mask=tmask, other=0).to(tl.int64)
+    off = blk * s_cb + (tok % BS) * s_cs + kvh * s_ch
+    kv_mask = tmask[:, None] & dmask[None, :]
+    k = tl.load(kc_ptr + off[:, None] + dd[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(vc_ptr + off[:, None] + dd[None, :], mask=kv_mask, other=0.0)
+    if F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc, PREC: tl.constexpr):
+    """One K/V tile of flash attention (base-2 online softmax): updated (m_i, l_i, acc)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, tmp_o_ptr, tmp_ml_ptr,
+    sm_scale, window,
+    s_qt, s_qh, s_ot, s_oh,
+    s_cb, s_cs, s_ch, s_bt,
+    GROUP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PART: tl.constexpr, SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    F32: tl.constexpr, PREC: tl.constexpr,
+):
+    # One program: sequence b (its single query token is row b), KV head kvh, split sp.
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(ctx - window, 0)
+    start = lo + sp * PART
+    # The last split runs to the end of the context even past SPLITS * PART: a CUDA graph
+    # captured with a smaller max_context_len stays correct (only less parallel).
+    end = tl.where(sp == SPLITS - 1, ctx, tl.minimum(start + PART, ctx))
+
+    g = tl.arange(0, BLOCK_G)
+    dd = tl.arange(0, BLOCK_D)
+    gmask = g < GROUP
+    dmask = dd < D
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + b * s_qt + heads[:, None] * s_qh + dd[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if F32:
+        q = q.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        tok = n0 + tl.arange(0, BLOCK_N)
+        tmask = tok < end
+        k, v = _load_kv_tile(kc_ptr, vc_ptr, bt_ptr, b, s_bt, tok, tmask, kvh, s_cb, s_cs, s_ch, dd, dmask, BS, F32)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, tmask[None, :], qk_scale, m_i, l_i, acc, PREC)
+
+    omask = gmask[:, None] & dmask[None, :]
+    if SPLITS == 1:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + b * s_ot + heads[:, None] * s_oh + dd[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        # partials: tmp_o [B, H, SPLITS, D] fp32 (normalised), tmp_ml [B, H, SPLITS, 2] (max, sum)
+        nh = tl.num_programs(1) * GROUP
+        row = (b * nh + heads) * SPLITS + sp
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(tmp_o_ptr + row[:, None] * D + dd[None, :], o, mask=omask)
+        tl.store(tmp_ml_ptr + row * 2, m_i, mask=gmask)
+        tl.store(tmp_ml_ptr + row * 2 + 1, l_i, mask=gmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    tmp_o_ptr, tmp_ml_ptr, out_ptr, s_ot, s_oh,
+    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    nh = tl.num_programs(1)
+    sidx = tl.arange(0, BLOCK_S)
+    dd = tl.arange(0, BLOCK_D)
+    smask = sidx < SPLITS
+    row = (b * nh + h) * SPLITS + sidx
+    m = tl.load(tmp_ml_ptr + row * 2, mask=smask, other=-1.0e30)
+    l = tl.load(tmp_ml_ptr + row * 2 + 1, mask=smask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - m_max) * l
+    o = tl.load(tmp_o_ptr + row[:, None] * D + dd[None, :], mask=smask[:, None] & (dd[None, :] < D), other=0.0)
+    res = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + b * s_ot + h * s_oh + dd, res.to(out_ptr.dtype.element_ty), mask=dd < D)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, cu_ptr, out_ptr,
+    sm_scale, window,
+    s_qt, s_qh, s_ot, s_oh,
+    s_cb, s_cs, s_ch, s_bt,
+    GROUP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, F32: tl.constexpr, PREC: tl.constexpr,
+):
+    # One program: a tile of BLOCK_M new tokens of sequence b, query head h.
+    mt = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q0 = tl.load(cu_ptr + b)
+    qlen = tl.load(cu_ptr + b + 1) - q0
+    m0 = mt * BLOCK_M
+    if m0 < qlen:
+        ctx = tl.load(ctx_ptr + b)
+        kvh = h // GROUP
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < qlen
+        qpos = ctx - qlen + rows  # absolute positions of these queries
+        dd = tl.arange(0, BLOCK_D)
+        dmask = dd < D
+        q = tl.load(q_ptr + (q0 + rows)[:, None] * s_qt + h * s_qh + dd[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        if F32:
+            q = q.to(tl.float32)
+        qk_scale = sm_scale * 1.4426950408889634
+        hi = tl.minimum(ctx - qlen + m0 + BLOCK_M, ctx)  # one past the last visible key
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(ctx - qlen + m0 - window + 1, 0)
+            lo = (lo // BLOCK_N) * BLOCK_N
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            tok = n0 + tl.arange(0, BLOCK_N)
+            tmask = tok < hi
+            k, v = _load_kv_tile(kc_ptr, vc_ptr, bt_ptr, b, s_bt, tok, tmask, kvh, s_cb, s_cs, s_ch, dd, dmask,
+                                 BS, F32)
+            vis = tmask[None, :] & (tok[None, :] <= qpos[:, None])
+            if HAS_WINDOW:
+                vis = vis & (tok[None, :] > qpos[:, None] - window)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, vis, qk_scale, m_i, l_i, acc, PREC)
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + (q0 + rows)[:, None] * s_ot + h * s_oh + dd[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+def _paged_strides(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor,
+                   block_tables: torch.Tensor) -> tuple[int, ...]:
+    """The stride arguments both attention kernels take (s_qt, s_qh, s_ot, s_oh, s_cb, s_cs, s_ch, s_bt)."""
+    return (q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
+
+
+def _window_args(sliding_window: int | None) -> tuple[int, bool]:
+    if sliding_window is None:
+        return 0, False
+    if sliding_window <= 0:
+        raise ValueError(f"paged_attention: sliding_window must be positive or None, got {sliding_window}")
+    return int(sliding_window), True
+
+
+def paged_attention_decode_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
+    block_tables: torch.Tensor, max_context_len: int, scale: float, sliding_window: int | None = None,
+    partition_size: int | None = None,
+) -> torch.Tensor:
+    """Decode: one query token per sequence (q row b belongs to sequence b).
+
+    Programs = (sequence, KV head, context split); each covers the GQA group with one dot.
+    Long contexts with few (sequence, KV head) pairs are split into `partition_size` chunks
+    (flash-decoding) and merged by a reduce kernel.
+    """
+    n, h, d = q.shape
+    bsz, bs, hkv = context_lens.shape[0], k_cache.shape[1], k_cache.shape[2]
+    if n != bsz:
+        raise ValueError(f"paged_attention decode: {n} query rows for {bsz} sequences")
+    group = h // hkv
+    window, has_window = _window_args(sliding_window)
+    span = min(max_context_len, window) if has_window else max_context_len
+    block_n = 32 if d <= 128 else 16
+    if partition_size is None:
+        # Enough programs to fill a GPU (~132 SMs x 2) without splitting short contexts.
+        want = max(1, 256 // max(1, bsz * hkv))
+        partition_size = max(128, triton.cdiv(triton.cdiv(span, want), block_n) * block_n)
+    partition_size = max(block_n, triton.cdiv(partition_size, block_n) * block_n)
+    splits = max(1, triton.cdiv(max(span, 1), partition_size))
+    out = torch.empty_like(q)
+    if n == 0:
+        return out
+    if splits > 1:
+        tmp_o = torch.empty((bsz, h, splits, d), dtype=torch.float32, device=q.device)
+        tmp_ml = torch.empty((bsz, h, splits, 2), dtype=torch.float32, device=q.device)
+    else:
+        tmp_o = tmp_ml = out
+    triton_launchable(_decode_kernel, q)[(bsz, hkv, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, tmp_o, tmp_ml,
+        float(scale), window, *_paged_strides(q, out, k_cache, block_tables),
+        GROUP=group, BS=bs, D=d,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(d), PART=partition_size, SPLITS=splits,
+        HAS_WINDOW=has_window, **dot_flags(q, k_cache),
+    )
+    if splits > 1:
+        triton_launchable(_decode_reduce_kernel, q)[(bsz, h)](
+            tmp_o, tmp_ml, out, out.stride(0), out.stride(1),
+            D=d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(d),
+        )
+    return out
+
+
+def paged_attention_prefill_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor, block_tables: torch.Tensor, max_seqlen_q: int, scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Prefill / chunked prefill / prefix-cached prefill: flash-attention tiles over paged K/V."""
+    n, h, d = q.shape
+    bsz, bs, hkv = context_lens.shape[0], k_cache.shape[1], k_cache.shape[2]
+    window, has_window = _window_args(sliding_window)
+    out = torch.empty_like(q)
+    if n == 0 or bsz == 0:
+        return out
+    block_m = 16 if (not q.is_cuda or max_seqlen_q <= 16) else (32 if max_seqlen_q <= 64 else 64)
+    block_n = 16 if not q.is_cuda else (64 if d <= 64 else 32)
+    grid = (triton.cdiv(max(max_seqlen_q, 1), block_m), bsz, h)
+    triton_launchable(_prefill_kernel, q)[grid](
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out,
+        float(scale), window, *_paged_strides(q, out, k_cache, block_tables),
+        GROUP=h // hkv, BS=bs, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(d), HAS_WINDOW=has_window, **dot_flags(q, k_cache),
+    )
+    return out
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    max_context_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Decode kernel when every sequence brings one token, else the prefill kernel."""
+    _check_attn(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables)
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("paged_attention: k_cache and v_cache must share strides with a contiguous last dim")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    block_tables = block_tables.contiguous()
+    context_lens = context_lens.contiguous()
+    if max_seqlen_q == 1 and q.shape[0] == context_lens.shape[0]:
+        return paged_attention_decode_triton(
+            q, k_cache, v_cache, context_lens, block_tables, max_context_len, scale, sliding_window
+        )
+    return paged_attention_prefill_triton(
+        q, k_cache, v_cache, cu_seqlens_q.contiguous(), context_lens, block_tables, max_seqlen_q, scale,
+        sliding_window,
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    max_context_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+    step_cache: dict | None = None,
+    dense_kv: DecodeKV | None = None,
+) -> torch.Tensor:
+    """Causal attention of the step's new tokens q [N, H, D] over their sequences' paged K/V.
+
+    CPU-path extras, both optional: `step_cache` (`ForwardContext.step_cache`), a dict that
+    lives for one forward step, where the CPU path keeps what every layer would otherwise
+    recompute; `dense_kv` (`ForwardContext.dense_kv`), decode K/V kept across steps (`DecodeKV`)."""
+    if use_triton(q):
+        return paged_attention_triton(
+            q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, max_context_len,
+            scale, sliding_window,
+        )
+    return paged_attention_torch(
+        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, max_context_len,
+        scale, sliding_window, step_cache, dense_kv,
+    )

@@ -1,0 +1,288 @@
+"""`LLMEngine`: the step loop that ties scheduler, model runner, sampler and detokenizer.
+
+`add_request` queues a sequence; each `step()` schedules a batch, runs the model once,
+samples, applies stop conditions and returns the incremental outputs of every request
+that produced something (or finished) in that step. Not thread-safe: `AsyncEngine` drives
+it from a single thread.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hubdeploy.serving.block_manager import BlockManager
+from hubdeploy.serving.config import ModelConfig
+from hubdeploy.serving.model_runner import ModelRunner
+from hubdeploy.serving.outputs import RequestMetrics, RequestOutput
+from hubdeploy.serving.sampler import SampleInput, Sampler
+from hubdeploy.serving.sampling_params import SamplingParams
+from hubdeploy.serving.scheduler import Scheduler
+from hubdeploy.serving.sequence import Sequence
+from hubdeploy.serving.stats import EngineStats
+from hubdeploy.serving.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+           "fp32": torch.float32, "float": torch.float32}
+
+
+@dataclass
+class EngineArgs:
+    """Every engine knob; the `hubdeploy serve` flags and `LLM(**engine_options)` map onto it."""
+
+    model: str
+    revision: str | None = None
+    device: str = "auto"  # "auto" | "cuda" | "cpu"
+    dtype: str = "auto"  # "auto" | "float16" | "bfloat16" | "float32"
+    max_model_len: int | None = None  # default: min(config's max_position_embeddings, 4096)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_tokens: int | None = None  # CPU (or explicit) KV cache size in tokens
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    # CPU: intra-op threads for steps of >= cpu_parallel_min_tokens tokens (default: torch's,
+    # i.e. OMP_NUM_THREADS or the cores); smaller steps run on one. The threshold defaults to
+    # serving.model_runner.CPU_PARALLEL_MIN_WORK / the model's weights per token (256 for the
+    # benchmark's tiny Mixtral, 1 for a 1B dense model)
+    cpu_threads: int | None = None
+    cpu_parallel_min_tokens: int | None = None
+    seed: int = 0
+    token: str | None = None  # Hub token for gated/private repos
+    # LoRA (serving.lora)
+    lora_modules: dict[str, str] | None = None  # name -> repo id or local path
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig | None, device: torch.device) -> torch.dtype:
+    """'auto': float32 on the CPU; on CUDA the checkpoint's dtype (float16 for AWQ)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(_DTYPES))}")
+        return _DTYPES[dtype]
+    if device.type != "cuda":
+        return torch.float32
+    if cfg is not None and cfg.quant is not None and cfg.quant.is_awq:
+        return torch.float16
+    return _DTYPES.get(cfg.torch_dtype if cfg else "float16", torch.float16)
+
+
+def _model_dir(args: EngineArgs) -> Path:
+    """A local directory as is; a Hub repo id through `serving.hub` (snapshot download)."""
+    if Path(args.model).is_dir() and args.revision is None:
+        return Path(args.model)
+    from hubdeploy.serving.hub import resolve_model_dir
+
+    return Path(resolve_model_dir(args.model, args.revision, args.token))
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs, *, model: torch.nn.Module | None = None,
+                 model_config: ModelConfig | None = None, tokenizer: Tokenizer | None = None) -> None:
+        """Load `args.model`; or serve an already built `model` on `args.device` with its
+        `model_config` and `tokenizer` (benchmarks with random weights; no checkpoint read)."""
+        from hubdeploy.serving.loader import load_model
+
+        self.args = args
+        torch.manual_seed(args.seed)
+        self.device = resolve_device(args.device)
+        if model is None:
+            self.model_dir: Path | None = _model_dir(args)
+            self.dtype = resolve_dtype(args.dtype, ModelConfig.from_dir(self.model_dir), self.device)
+            model, cfg = load_model(self.model_dir, self.device, self.dtype)
+            tokenizer = load_tokenizer(self.model_dir)
+        elif model_config is None or tokenizer is None:
+            raise ValueError("LLMEngine(args, model=...) also needs model_config= and tokenizer=")
+        else:
+            self.model_dir, cfg = None, model_config
+            self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self.model_config: ModelConfig = cfg
+        self.tokenizer: Tokenizer = tokenizer
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys([*self.tokenizer.eos_token_ids, *cfg.eos_token_id]))
+        max_len = args.max_model_len or min(cfg.max_position_embeddings, 4096)
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}; lower max_model_len")
+        self.max_model_len = max_len
+        # LoRA seam: adapters and their device slots come before the KV cache takes the free memory
+        self.lora_manager: Any | None = None  # serving.lora.LoRAManager
+        if args.max_loras > 0:
+            from hubdeploy.serving.lora import create_lora_manager
+
+            self.lora_manager = create_lora_manager(args, model, self.device, self.dtype)
+        self.runner = ModelRunner(
+            model, cfg, self.device, self.dtype, args.block_size, max_len, args.max_num_seqs,
+            args.max_num_batched_tokens, args.kv_cache_tokens, args.gpu_memory_utilization, args.enforce_eager,
+            cpu_threads=args.cpu_threads, cpu_parallel_min_tokens=args.cpu_parallel_min_tokens,
+        )
+        capacity = self.runner.num_blocks * args.block_size
+        if capacity < max_len:
+            raise ValueError(f"the KV cache holds {capacity} tokens, less than max_model_len={max_len}: one "
+                             "request could never fit. Raise kv_cache_tokens / gpu_memory_utilization or "
+                             "lower max_model_len")
+        self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, max_len)
+        self.sampler = Sampler()
+        self.seqs: dict[str, Sequence] = {}
+        # True for a front end that reads only the delta fields of unfinished outputs (e.g. the
+        # engine process, which streams deltas): their `token_ids` / `logprobs` then hold just
+        # this step's part and `metrics` is None, so a step costs O(1) per request instead of
+        # copying every output so far. Finished outputs are always whole.
+        self.delta_outputs_only = False
+        self._stats = EngineStats(num_kv_blocks=self.runner.num_blocks, block_size=args.block_size)
+        if self.lora_manager is not None:  # LoRA seam: scheduler admission, runner batch
+            from hubdeploy.serving.lora import attach_lora
+
+            attach_lora(self, self.lora_manager)
+
+    # --- requests --------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    lora_name: str | None = None) -> None:
+        """Queue a request; raises ValueError for a duplicate id or a prompt that cannot fit."""
+        params = params or SamplingParams()
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in flight; use a unique id")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
+                             "(prompt plus at least one new token); shorten the prompt")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if lora_name is not None and self.lora_manager is None:
+            raise ValueError(f"LoRA adapter {lora_name!r} is not loaded: this engine serves no adapters "
+                             "(start it with lora_modules)")
+        seq = Sequence(request_id, ids, params, lora_name=lora_name, prompt=text)
+        if self.lora_manager is not None:
+            self.lora_manager.add_user(seq)  # LoRA seam: ValueError for an adapter that is not loaded
+        seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final output (None if unknown)."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.remove(seq)
+        seq.finish("abort")
+        self._stats.requests_aborted_total += 1
+        return self._output(seq, [], "")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the step --------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits = self.runner.run(batch)
+        stats = self._stats
+        stats.steps_total += 1
+        sampling: list[Sequence] = []
+        commit = self.block_manager.commit
+        for item in batch:
+            seq = item.seq
+            start = seq.num_computed_tokens
+            end = start + item.num_tokens
+            if start < len(seq.prompt_token_ids):
+                stats.prompt_tokens_total += max(0, min(end, len(seq.prompt_token_ids)) - start)
+            if end == len(seq.token_ids):  # item.samples
+                sampling.append(seq)
+            seq.num_computed_tokens = end
+            commit(seq)
+        outputs: list[RequestOutput] = []
+        if not sampling:
+            return outputs
+        eos = self.eos_token_ids
+        rows = [SampleInput(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator, eos)
+                for seq in sampling]
+        tokens, lps = self.sampler(logits, rows)
+        for seq, tok, lp in zip(sampling, tokens, lps):
+            seq.append_token(tok, lp)
+            self._stats.generation_tokens_total += 1
+            reason = self._check_stop(seq, tok)
+            is_special_stop = reason == "stop"
+            delta, hit = seq.detok.add(None if is_special_stop else tok, finished=reason is not None)
+            if hit:
+                reason = "stop"
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.seqs.pop(seq.request_id, None)
+                self._stats.requests_finished_total += 1
+            outputs.append(self._output(seq, [tok], delta))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        n = seq.num_output_tokens
+        if n >= p.min_tokens:
+            if (not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids:
+                return "stop"
+        if n >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence, delta_ids: list[int], delta_text: str) -> RequestOutput:
+        if self.delta_outputs_only and not seq.is_finished:
+            lps = seq.logprobs
+            return RequestOutput(
+                request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=list(delta_ids),
+                text="", delta_text=delta_text, delta_token_ids=delta_ids,
+                logprobs=None if lps is None else lps[len(lps) - len(delta_ids):],
+                prompt=seq.prompt, lora_name=seq.lora_name,
+            )
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            text=seq.detok.text if seq.detok is not None else "",
+            delta_text=delta_text,
+            delta_token_ids=delta_ids,
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            finished=seq.is_finished,
+            prompt=seq.prompt,
+            lora_name=seq.lora_name,
+            metrics=RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finished_time,
+                                   seq.num_prompt_tokens, seq.num_cached_tokens, seq.num_preemptions),
+        )
+
+    # --- introspection ---------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self._stats
+        s.num_running = len(self.scheduler.running)
+        s.num_waiting = len(self.scheduler.waiting)
+        s.num_preempted = self.scheduler.num_preempted_waiting
+        s.kv_cache_usage = self.block_manager.usage
+        s.prefix_cache_queries = self.block_manager.prefix_queries
+        s.prefix_cache_hits = self.block_manager.prefix_hits
+        s.preemptions_total = self.scheduler.num_preemptions
+        if self.lora_manager is not None:  # LoRA seam
+            lo = self.lora_manager.snapshot()
+            s.lora_swaps_total, s.lora_resident, s.lora_registered = lo.swaps_total, lo.resident, lo.registered
+        return EngineStats(**{k: getattr(s, k) for k in s.__dataclass_fields__})

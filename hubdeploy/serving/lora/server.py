@@ -1,0 +1,34 @@
+"""The adapter admin routes' hooks (imported by `hubdeploy serve`).
+
+`lora_hooks(engine)` works with either engine front (`AsyncEngine` in a thread,
+`EngineProcess` in a child process): both read and validate an adapter off the event loop
+and raise `LoRAError` (a ValueError: answered 400 with the reason) for a bad one. Here the
+other outcomes get their HTTP meaning: unknown adapter 404, adapter still in use 409.
+"""
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from hubdeploy.serving.lora.adapter import LoRAError
+
+
+def lora_hooks(engine: Any) -> tuple[Callable[[str, str], Awaitable[None]], Callable[[str], Awaitable[None]]]:
+    """`(load(name, source), unload(name))` coroutines for `api_server.set_lora_hooks`."""
+    from hubdeploy.serving.server.errors import OpenAIError
+
+    async def load(name: str, source: str) -> None:
+        await engine.load_lora(name, source)
+
+    async def unload(name: str) -> None:
+        try:
+            await engine.unload_lora(name)
+        except KeyError as e:
+            raise OpenAIError(f"no adapter named '{name}' is loaded; see /v1/models", 404, param="lora_name",
+                              code="model_not_found") from e
+        except LoRAError as e:
+            raise OpenAIError(str(e), 409, param="lora_name", code="adapter_in_use") from e
+
+    return load, unload
+
+
+__all__ = ["lora_hooks"]

@@ -1,0 +1,763 @@
+"""The OpenAI-compatible HTTP front of the engine (FastAPI).
+
+`build_app(engine, served_model_name, ...)` returns the app; the engine may be attached
+later with `attach_engine(app, engine, ...)` so that `hubdeploy serve` can answer
+`/health` with 503 while the model downloads and loads. Routes turn requests into token
+ids and `SamplingParams`, run `n` sequences through `AsyncEngine.generate`, and answer in
+OpenAI's shapes (JSON or SSE). Every client-caused failure is an `OpenAIError` (400/401/
+404...), never a 500; a client that goes away mid-request has its sequences aborted so the
+engine frees their KV blocks. The request log carries no prompt text, tokens or headers.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from hubdeploy.serving.chat_template import ChatTemplateError, render_chat
+from hubdeploy.serving.sampling_params import SamplingParams
+from hubdeploy.serving.server.errors import ClientGone, OpenAIError, error_response, install_error_handlers
+from hubdeploy.serving.server.metrics import CONTENT_TYPE, ServerMetrics
+from hubdeploy.serving.server.protocol import (
+    ChatChoiceLogprobs,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DeltaMessage,
+    LoadLoRAAdapterRequest,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    UnloadLoRAAdapterRequest,
+    UsageInfo,
+    now,
+    random_id,
+)
+
+logger = logging.getLogger("hubdeploy.server")
+
+# (name, path) -> awaitable; filled by the LoRA manager's integration
+LoRALoadHook = Callable[[str, str], Awaitable[None]]
+LoRAUnloadHook = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class ServerState:
+    """Everything the routes need; one per app."""
+
+    served_model_name: str
+    api_key: str | None = None
+    engine: Any = None  # serving.async_engine.AsyncEngine once loaded
+    chat_template: str | None = None
+    special_tokens: dict[str, Any] = field(default_factory=dict)
+    max_model_len: int | None = None
+    phase: str = "starting"
+    failure: str | None = None
+    # adapters served beside the base model: name -> source (path or repo id)
+    adapters: dict[str, str] = field(default_factory=dict)
+    lora_load: LoRALoadHook | None = None
+    lora_unload: LoRAUnloadHook | None = None
+    disable_lora_admin: bool = False
+    metrics: ServerMetrics | None = None
+
+    @property
+    def ready(self) -> bool:
+        if self.engine is None or self.failure is not None:
+            return False
+        r = getattr(self.engine, "is_ready", True)
+        return bool(r() if callable(r) else r)
+
+    def engine_stats(self) -> Any:
+        return self.engine.stats() if self.ready else None
+
+
+def build_app(
+    engine: Any = None,
+    served_model_name: str = "model",
+    api_key: str | None = None,
+    chat_template: str | None = None,
+    special_tokens: dict[str, Any] | None = None,
+    max_model_len: int | None = None,
+    adapters: dict[str, str] | None = None,
+    disable_lora_admin: bool = False,
+) -> FastAPI:
+    """The OpenAI-compatible app; pass `engine=None` and call `attach_engine` when loaded."""
+    app = FastAPI(title="hubdeploy endpoint", docs_url=None, redoc_url=None, openapi_url=None)
+    state = ServerState(served_model_name=served_model_name, api_key=api_key or None,
+                        adapters=dict(adapters or {}), disable_lora_admin=disable_lora_admin)
+    state.metrics = ServerMetrics(served_model_name, state.engine_stats)
+    app.state.server = state
+    install_error_handlers(app)
+    _install_middleware(app, state)
+    _install_routes(app, state)
+    if engine is not None:
+        attach_engine(app, engine, chat_template=chat_template, special_tokens=special_tokens,
+                      max_model_len=max_model_len)
+    return app
+
+
+def attach_engine(app: FastAPI, engine: Any, chat_template: str | None = None,
+                  special_tokens: dict[str, Any] | None = None, max_model_len: int | None = None) -> None:
+    """Start serving with a loaded engine (`/health` turns 200 once it reports ready)."""
+    state: ServerState = app.state.server
+    tok = getattr(engine, "tokenizer", None)
+    if chat_template is None:
+        chat_template = getattr(tok, "chat_template", None)
+    if special_tokens is None:
+        special_tokens = dict(getattr(tok, "special_tokens", None) or {})
+    state.chat_template = chat_template
+    state.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
+    state.max_model_len = max_model_len or _engine_max_len(engine)
+    state.engine = engine
+    state.phase = "ready"
+
+
+def set_lora_hooks(app: FastAPI, load: LoRALoadHook | None, unload: LoRAUnloadHook | None,
+                   adapters: dict[str, str] | None = None) -> None:
+    """Let the LoRA manager serve `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`.
+
+    `load(name, path)` / `unload(name)` are awaited by the routes and raise `OpenAIError`
+    (or `ValueError`, answered 400) on a bad adapter; `adapters` (name -> source) replaces
+    the list `/v1/models` shows, e.g. with what the engine actually loaded.
+    """
+    state: ServerState = app.state.server
+    state.lora_load, state.lora_unload = load, unload
+    if adapters is not None:
+        state.adapters = dict(adapters)
+
+
+def set_phase(app: FastAPI, phase: str, failure: str | None = None) -> None:
+    """Record the loading phase (shown by `/health` while not ready) or a failure."""
+    state: ServerState = app.state.server
+    state.phase = phase
+    if failure is not None:
+        state.failure = failure
+
+
+def _engine_max_len(engine: Any) -> int | None:
+    for obj, name in ((engine, "max_model_len"), (getattr(engine, "args", None), "max_model_len"),
+                      (getattr(engine, "engine_args", None), "max_model_len"),
+                      (getattr(engine, "model_config", None), "max_model_len"),
+                      (getattr(engine, "model_config", None), "max_position_embeddings")):
+        v = getattr(obj, name, None) if obj is not None else None
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+# ------------------------------------------------------------------ middleware
+
+
+def _install_middleware(app: FastAPI, state: ServerState) -> None:
+    app.add_middleware(_AuthAndLogMiddleware, state=state)
+
+
+class _AuthAndLogMiddleware:
+    """Bearer-key check on `/v1` routes and one log line per request (after its last byte).
+
+    Plain ASGI rather than `BaseHTTPMiddleware`, so streamed responses and client disconnects
+    pass straight through. The log line has no body, query string or headers: prompts and
+    keys never reach the log.
+    """
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        path: str = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        rid = headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        t0 = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        denied: OpenAIError | None = None
+        if state.api_key and path.startswith("/v1"):
+            auth = headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if not auth:
+                denied = OpenAIError("missing API key: send the header 'Authorization: Bearer <key>' (the key "
+                                     "printed when the endpoint was created)", 401, code="missing_api_key")
+            elif scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+                denied = OpenAIError("invalid API key: the bearer token does not match this endpoint's key", 401,
+                                     code="invalid_api_key")
+        try:
+            if denied is not None:
+                await error_response(denied)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            if path not in ("/health", "/metrics"):
+                logger.info("request %s %s %s -> %d in %.1f ms", rid, scope.get("method"), path, status["code"],
+                            (time.perf_counter() - t0) * 1e3)
+            if status["code"] >= 400 and path.startswith("/v1") and state.metrics is not None:
+                state.metrics.observe_error(status["code"])
+
+
+# ------------------------------------------------------------------ routes
+
+
+def _install_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        if state.failure is not None:
+            return JSONResponse({"status": "failed", "phase": state.phase, "error": state.failure}, status_code=503)
+        if not state.ready:
+            return JSONResponse({"status": "loading", "phase": state.phase}, status_code=503)
+        return JSONResponse({"status": "ok", "phase": "ready", "model": state.served_model_name})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        assert state.metrics is not None
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        cards = [ModelCard(id=state.served_model_name, root=state.served_model_name, max_model_len=state.max_model_len)]
+        for name, source in state.adapters.items():
+            cards.append(ModelCard(id=name, root=source, parent=state.served_model_name))
+        return ModelList(data=cards)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        engine = _require_engine(state)
+        lora = _resolve_model(state, body.model)
+        if state.chat_template is None:
+            raise OpenAIError(
+                f"model '{state.served_model_name}' has no chat template (tokenizer_config.json has no "
+                "'chat_template'), so chat messages cannot be turned into a prompt; use /v1/completions "
+                "with a plain prompt instead", 400, param="messages", code="no_chat_template")
+        try:
+            prompt = render_chat(state.chat_template, body.template_messages(),
+                                 add_generation_prompt=body.add_generation_prompt,
+                                 **{**state.special_tokens, **(body.chat_template_kwargs or {})})
+        except ChatTemplateError as e:
+            raise OpenAIError(f"the model's chat template rejected the conversation: {e}", 400,
+                              param="messages", code="chat_template_error") from e
+        prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+        max_tokens = _check_lengths(state, len(prompt_ids), body.requested_max_tokens(),
+                                    "messages", "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+        params = [_params(body, max_tokens, i) for i in range(body.n)]
+        rid = random_id("chatcmpl")
+        if body.stream:
+            return _sse(_chat_stream(state, engine, body, rid, prompt_ids, params, lora))
+        finals = await _unless_disconnected(request, _run_all(state, engine, rid, [prompt_ids] * body.n, params,
+                                                              lora, body.model))
+        choices = [ChatCompletionChoice(
+            index=i, message=ChatResponseMessage(content=o.text), finish_reason=_finish(o),
+            logprobs=_chat_logprobs(engine.tokenizer, o.logprobs) if params[i].logprobs is not None else None,
+        ) for i, o in enumerate(finals)]
+        completion = sum(len(o.token_ids) for o in finals)
+        return JSONResponse(ChatCompletionResponse(
+            id=rid, model=body.model, choices=choices,
+            usage=UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion,
+                            total_tokens=len(prompt_ids) + completion)).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        engine = _require_engine(state)
+        lora = _resolve_model(state, body.model)
+        if body.suffix:
+            raise OpenAIError("'suffix' is not supported by this server", 400, param="suffix", code="unsupported")
+        prompts = body.prompt_list()
+        if not prompts:
+            raise OpenAIError("'prompt' must not be empty", 400, param="prompt", code="invalid_value")
+        vocab = getattr(engine.tokenizer, "vocab_size", None)
+        prompt_ids_list: list[list[int]] = []
+        for p in prompts:
+            if isinstance(p, str):
+                ids = engine.tokenizer.encode(p)
+            else:
+                ids = list(p)
+                if vocab and any(t < 0 or t >= vocab for t in ids):
+                    raise OpenAIError(f"token ids in 'prompt' must be in [0, {vocab})", 400, param="prompt",
+                                      code="invalid_value")
+            if not ids:
+                raise OpenAIError("'prompt' must contain at least one token", 400, param="prompt", code="invalid_value")
+            prompt_ids_list.append(ids)
+        # OpenAI's completions default is 16 tokens (chat defaults to the rest of the context)
+        requested = body.requested_max_tokens()
+        max_tokens = min(_check_lengths(state, len(ids), requested, "prompt", "max_tokens")
+                         for ids in prompt_ids_list)
+        if requested is None:
+            max_tokens = min(max_tokens, 16)
+        # choice index = prompt index * n + i, as OpenAI numbers them
+        all_ids = [ids for ids in prompt_ids_list for _ in range(body.n)]
+        params = [_params(body, max_tokens, i) for _ in prompt_ids_list for i in range(body.n)]
+        rid = random_id("cmpl")
+        echo_texts = [(p if isinstance(p, str) else engine.tokenizer.decode(p)) if body.echo else ""
+                      for p in prompts for _ in range(body.n)]
+        if body.stream:
+            return _sse(_completion_stream(state, engine, body, rid, all_ids, params, lora, echo_texts))
+        finals = await _unless_disconnected(request, _run_all(state, engine, rid, all_ids, params, lora, body.model))
+        choices = [CompletionChoice(
+            index=i, text=echo_texts[i] + o.text, finish_reason=_finish(o),
+            logprobs=_completion_logprobs(engine.tokenizer, o.logprobs) if params[i].logprobs is not None else None,
+        ) for i, o in enumerate(finals)]
+        prompt_tokens = sum(len(ids) for ids in prompt_ids_list)
+        completion = sum(len(o.token_ids) for o in finals)
+        return JSONResponse(CompletionResponse(
+            id=rid, model=body.model, choices=choices,
+            usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                            total_tokens=prompt_tokens + completion)).model_dump())
+
+    _install_lora_routes(app, state)
+
+
+def _install_lora_routes(app: FastAPI, state: ServerState) -> None:
+    """Adapter admin; answers 501 until the LoRA manager sets `state.lora_load/unload`."""
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+        load = _lora_admin_hook(state, "loading", state.lora_load,
+                                "; start the server with --lora NAME=PATH instead")
+        if body.lora_name == state.served_model_name or body.lora_name in state.adapters:
+            raise OpenAIError(f"an adapter or model named '{body.lora_name}' is already served", 400,
+                              param="lora_name", code="adapter_exists")
+        try:
+            await load(body.lora_name, body.lora_path)
+        except ValueError as e:
+            raise OpenAIError(f"cannot load adapter '{body.lora_name}' from {body.lora_path}: {e}", 400,
+                              param="lora_path", code="invalid_adapter") from e
+        state.adapters[body.lora_name] = body.lora_path
+        return JSONResponse({"status": "ok", "lora_name": body.lora_name})
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+        unload = _lora_admin_hook(state, "unloading", state.lora_unload)
+        if body.lora_name not in state.adapters:
+            raise OpenAIError(f"no adapter named '{body.lora_name}' is loaded; see /v1/models", 404,
+                              param="lora_name", code="model_not_found")
+        await unload(body.lora_name)
+        state.adapters.pop(body.lora_name, None)
+        return JSONResponse({"status": "ok", "lora_name": body.lora_name})
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _lora_admin_hook(state: ServerState, verb: str, hook: Callable[..., Awaitable[Any]] | None,
+                     hint: str = "") -> Callable[..., Awaitable[Any]]:
+    """The adapter-admin `hook` ready to call, or the OpenAI error saying why it cannot run:
+    403 when admin is switched off, 501 when this build has no LoRA manager behind it."""
+    if state.disable_lora_admin:
+        raise OpenAIError(f"adapter {verb} is disabled on this endpoint (--disable-lora-admin)", 403,
+                          code="lora_admin_disabled")
+    if hook is None:
+        raise OpenAIError(f"{verb} LoRA adapters at run time is not available in this server build{hint}", 501,
+                          code="not_implemented")
+    return hook
+
+
+def _require_engine(state: ServerState) -> Any:
+    if state.failure is not None:
+        raise OpenAIError(f"the model failed to load: {state.failure}", 503, code="engine_failed")
+    if not state.ready:
+        raise OpenAIError(f"the model is still loading (phase: {state.phase}); retry when GET /health answers 200",
+                          503, code="model_loading")
+    return state.engine
+
+
+def _resolve_model(state: ServerState, model: str) -> str | None:
+    """The LoRA adapter a request's `model` selects (None: the base model); 404 if unknown."""
+    if model == state.served_model_name:
+        return None
+    if model in state.adapters:
+        return model
+    served = [state.served_model_name, *state.adapters]
+    raise OpenAIError(f"the model '{model}' does not exist on this endpoint; served: {', '.join(served)}",
+                      404, param="model", code="model_not_found")
+
+
+def _check_lengths(state: ServerState, prompt_len: int, max_tokens: int | None,
+                   prompt_param: str, max_param: str) -> int:
+    """The `max_tokens` to run with; 400 when the prompt or the request does not fit the context."""
+    limit = state.max_model_len
+    if limit is None:
+        return max_tokens or 16
+    if prompt_len >= limit:
+        raise OpenAIError(
+            f"the prompt is {prompt_len} tokens, but this model's context is {limit} tokens (prompt plus "
+            f"at least one generated token); shorten the prompt", 400, param=prompt_param, code="context_length_exceeded")
+    room = limit - prompt_len
+    if max_tokens is None:
+        return room
+    if max_tokens > room:
+        raise OpenAIError(
+            f"'{max_param}' is {max_tokens}, but the prompt is {prompt_len} tokens and the context is {limit}, so "
+            f"at most {room} tokens can be generated; lower '{max_param}' or shorten the prompt",
+            400, param=max_param, code="context_length_exceeded")
+    return max_tokens
+
+
+def _params(body: Union[ChatCompletionRequest, CompletionRequest], max_tokens: int, index: int) -> SamplingParams:
+    try:
+        return body.to_sampling_params(max_tokens, index)
+    except ValueError as e:
+        raise OpenAIError(str(e), 400, param=str(e).split(" ", 1)[0], code="invalid_value") from e
+
+
+def _finish(out: Any) -> str | None:
+    reason = getattr(out, "finish_reason", None)
+    return reason if reason in ("stop", "length", "abort", None) else str(reason)
+
+
+def _generate(engine: Any, prompt_ids: list[int], params: SamplingParams, request_id: str,
+              lora: str | None) -> AsyncIterator[Any]:
+    """The engine's own stream (no wrapping generator: one fewer hop per token)."""
+    return engine.generate(prompt_ids, params, request_id, lora=lora) if lora else \
+        engine.generate(prompt_ids, params, request_id)
+
+
+class _Tracker:
+    """Latency bookkeeping for one sequence (TTFT, inter-token gaps, end-to-end)."""
+
+    def __init__(self, state: ServerState, model: str, start: float) -> None:
+        self.state, self.model, self.start = state, model, start
+        self.last: float | None = None
+
+    def on_output(self, out: Any) -> None:
+        m = self.state.metrics
+        if m is None:
+            return
+        delta = getattr(out, "delta_token_ids", None)
+        if self.last is None:
+            if (delta or getattr(out, "finished", False)) and out.token_ids:
+                t = time.perf_counter()
+                m.observe_ttft(t - self.start)
+                self.last = t
+        elif delta:
+            t = time.perf_counter()
+            n = len(delta)
+            m.observe_itl((t - self.last) / n, count=n)
+            self.last = t
+
+    def on_finished(self, out: Any) -> None:
+        if self.state.metrics is not None:
+            self.state.metrics.observe_finished(time.perf_counter() - self.start, len(out.prompt_token_ids),
+                                                len(out.token_ids), _finish(out))
+
+
+async def _run_all(state: ServerState, engine: Any, rid: str, prompts: list[list[int]],
+                   params: list[SamplingParams], lora: str | None, model: str) -> list[Any]:
+    """Run every sequence to completion; abort the rest if one fails or the client leaves."""
+    start = time.perf_counter()
+    ids = [f"{rid}-{i}" for i in range(len(prompts))]
+    done: set[str] = set()
+
+    async def one(i: int) -> Any:
+        tracker = _Tracker(state, model, start)
+        final = None
+        async for out in _generate(engine, prompts[i], params[i], ids[i], lora):
+            tracker.on_output(out)
+            final = out
+        done.add(ids[i])
+        if final is None:
+            raise OpenAIError("the engine returned no output for the request", 500, code="engine_error")
+        tracker.on_finished(final)
+        return final
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except OpenAIError:
+        raise
+    except Exception as e:
+        raise _engine_error(e) from e
+    finally:
+        _cancel_and_abort(engine, tasks, ids, done)
+
+
+def _cancel_and_abort(engine: Any, tasks: list[asyncio.Task], ids: list[str], done: set[str]) -> None:
+    """Leaving a request early (error, disconnect, client gone): stop its tasks, free its KV blocks."""
+    for t in tasks:
+        t.cancel()
+    for r in ids:
+        if r not in done:
+            _abort(engine, r)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any], poll_s: float = 0.1) -> Any:
+    """Await `work`, cancelling it (which aborts its sequences) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(poll_s)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        logger.info("client went away; request aborted")
+        raise ClientGone()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+def _engine_error(e: BaseException) -> OpenAIError:
+    """What the engine raised for one request, as the client should see it."""
+    if isinstance(e, OpenAIError):
+        return e
+    if type(e).__name__ == "EngineDeadError":
+        return OpenAIError(f"the engine is not running: {e}", 503, code="engine_dead")
+    if isinstance(e, ValueError):  # the engine refused the request (e.g. it can never fit the KV cache)
+        return OpenAIError(f"the engine refused the request: {e}", 400, code="invalid_request")
+    logger.error("request failed in the engine: %s: %s", type(e).__name__, e)
+    return OpenAIError(f"generation failed ({type(e).__name__}); the server log has the details", 500,
+                       code="engine_error")
+
+
+def _abort(engine: Any, request_id: str) -> None:
+    try:
+        res = engine.abort(request_id)
+        if asyncio.iscoroutine(res):
+            asyncio.ensure_future(res)
+    except Exception:  # aborting an already finished request is not an error
+        logger.debug("abort of %s failed", request_id, exc_info=True)
+
+
+async def _merged(state: ServerState, engine: Any, rid: str, prompts: list[list[int]],
+                  params: list[SamplingParams], lora: str | None, model: str) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, RequestOutput) from all sequences as they come; aborts leftovers on exit."""
+    start = time.perf_counter()
+    ids = [f"{rid}-{i}" for i in range(len(prompts))]
+    if len(prompts) == 1:  # the common n=1 case: read the engine's stream directly, no queue/task hop
+        tracker = _Tracker(state, model, start)
+        final = None
+        try:
+            async for out in _generate(engine, prompts[0], params[0], ids[0], lora):
+                tracker.on_output(out)
+                final = out
+                yield 0, out
+            ids.clear()  # finished: nothing to abort
+            if final is not None:
+                tracker.on_finished(final)
+        finally:
+            for r in ids:
+                _abort(engine, r)
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done: set[str] = set()
+    _END = object()
+
+    async def pump(i: int) -> None:
+        tracker = _Tracker(state, model, start)
+        try:
+            final = None
+            async for out in _generate(engine, prompts[i], params[i], ids[i], lora):
+                tracker.on_output(out)
+                final = out
+                await queue.put((i, out))
+            done.add(ids[i])
+            if final is not None:
+                tracker.on_finished(final)
+        except BaseException as e:  # surfaced to the consumer
+            await queue.put((i, e))
+            raise
+        finally:
+            await queue.put((i, _END))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(prompts))]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is _END:
+                remaining -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield i, item
+    finally:
+        _cancel_and_abort(engine, tasks, ids, done)
+
+
+def _sse(gen: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _data(obj: Any) -> str:
+    payload = obj.model_dump_json(exclude_none=True) if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    return f"data: {payload}\n\n"
+
+
+def _dumps(obj: Any) -> str:
+    """Compact JSON with raw UTF-8: byte-identical to pydantic's `model_dump_json` for dicts
+    of str and int (pydantic-core escapes strings the same way)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class _Chunks:
+    """The SSE events of one stream. The constant head (`id`, `object`, `created`, `model`) is
+    encoded once; plain choices (no logprobs) are small dicts through `json.dumps`, which
+    costs a fraction of building and dumping the pydantic models per token. Chunks with
+    logprobs or usage still go through the models (`full`)."""
+
+    def __init__(self, model_cls: Any, rid: str, created: int, model: str) -> None:
+        self._cls, self._rid, self._created, self._model = model_cls, rid, created, model
+        head = _dumps({"id": rid, "object": model_cls.model_fields["object"].default, "created": created,
+                       "model": model})
+        self._head = f"data: {head[:-1]},\"choices\":["
+
+    def choice(self, choice: dict[str, Any]) -> str:
+        """One chunk holding one choice; keys in the model's field order, no None values."""
+        return f"{self._head}{_dumps(choice)}]}}\n\n"
+
+    def full(self, choices: list[Any], usage: UsageInfo | None = None) -> str:
+        return _data(self._cls(id=self._rid, created=self._created, model=self._model, choices=choices, usage=usage))
+
+
+def _stream_error(e: Exception) -> str:
+    """An error that happens after the 200 went out travels as one SSE event (as vLLM does)."""
+    return f"data: {json.dumps(_engine_error(e).body())}\n\n"
+
+
+async def _chat_stream(state: ServerState, engine: Any, body: ChatCompletionRequest, rid: str,
+                       prompt_ids: list[int], params: list[SamplingParams], lora: str | None) -> AsyncIterator[str]:
+    n = len(params)
+    tok = engine.tokenizer
+    chunks = _Chunks(ChatCompletionChunk, rid, now(), body.model)
+
+    for i in range(n):
+        yield chunks.choice({"index": i, "delta": {"role": "assistant", "content": ""}})
+    completion = [0] * n
+    try:
+        async for i, out in _merged(state, engine, rid, [prompt_ids] * n, params, lora, body.model):
+            completion[i] = len(out.token_ids)
+            delta = out.delta_text or ""
+            events = ""
+            if params[i].logprobs is not None and out.delta_token_ids and out.logprobs:
+                lp = _chat_logprobs(tok, list(out.logprobs)[-len(out.delta_token_ids):])
+                events = chunks.full([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=delta), logprobs=lp)])
+            elif delta:
+                events = chunks.choice({"index": i, "delta": {"content": delta}})
+            if out.finished:  # the last text and the finish event leave in one write (same bytes)
+                reason = _finish(out)
+                events += chunks.choice({"index": i, "delta": {}} if reason is None else
+                                        {"index": i, "delta": {}, "finish_reason": reason})
+            if events:
+                yield events
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        yield _stream_error(e)
+    if body.include_usage:
+        total = sum(completion)
+        yield chunks.full([], UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=total,
+                                        total_tokens=len(prompt_ids) + total))
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_stream(state: ServerState, engine: Any, body: CompletionRequest, rid: str,
+                             prompts: list[list[int]], params: list[SamplingParams], lora: str | None,
+                             echo_texts: list[str]) -> AsyncIterator[str]:
+    tok = engine.tokenizer
+    completion = [0] * len(prompts)
+    echoed = [False] * len(prompts)
+    chunks = _Chunks(CompletionStreamResponse, rid, now(), body.model)
+
+    try:
+        async for i, out in _merged(state, engine, rid, prompts, params, lora, body.model):
+            completion[i] = len(out.token_ids)
+            text = out.delta_text or ""
+            if not echoed[i]:
+                text, echoed[i] = echo_texts[i] + text, True
+            reason = _finish(out) if out.finished else None
+            if params[i].logprobs is not None and out.delta_token_ids and out.logprobs:
+                lp = _completion_logprobs(tok, list(out.logprobs)[-len(out.delta_token_ids):])
+                yield chunks.full([CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=reason)])
+            elif text or out.finished:
+                yield chunks.choice({"index": i, "text": text} if reason is None else
+                                    {"index": i, "text": text, "finish_reason": reason})
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        yield _stream_error(e)
+    if body.include_usage:
+        p = _unique_prompt_tokens(prompts, body.n)
+        total = sum(completion)
+        yield chunks.full([], UsageInfo(prompt_tokens=p, completion_tokens=total, total_tokens=p + total))
+    yield "data: [DONE]\n\n"
+
+
+def _unique_prompt_tokens(prompts: list[list[int]], n: int) -> int:
+    """Prompt tokens counted once per prompt (not once per each of its n choices)."""
+    return sum(len(prompts[j]) for j in range(0, len(prompts), n))
+
+
+# ------------------------------------------------------------------ logprobs
+
+
+def _lp_fields(lp: Any) -> tuple[int, float, list[tuple[int, float]]]:
+    """(token id, logprob, [(alt id, alt logprob)...]) from the engine's `TokenLogprob` or a dict."""
+    if isinstance(lp, dict):
+        return int(lp["token_id"]), float(lp["logprob"]), [tuple(x) for x in lp.get("top", [])]  # type: ignore[misc]
+    return int(lp.token_id), float(lp.logprob), [(int(a), float(b)) for a, b in (lp.top or [])]
+
+
+def _tok_str(tok: Any, token_id: int) -> str:
+    return tok.decode([token_id], skip_special_tokens=False)
+
+
+def _chat_logprobs(tok: Any, logprobs: Any) -> ChatChoiceLogprobs | None:
+    if logprobs is None:
+        return None
+    content = []
+    for lp in logprobs:
+        tid, value, top = _lp_fields(lp)
+        s = _tok_str(tok, tid)
+        content.append(ChatTokenLogprob(
+            token=s, logprob=value, bytes=list(s.encode()),
+            top_logprobs=[TopLogprob(token=_tok_str(tok, a), logprob=b, bytes=list(_tok_str(tok, a).encode()))
+                          for a, b in top]))
+    return ChatChoiceLogprobs(content=content)
+
+
+def _completion_logprobs(tok: Any, logprobs: Any) -> CompletionLogprobs | None:
+    if logprobs is None:
+        return None
+    out = CompletionLogprobs()
+    offset = 0
+    for lp in logprobs:
+        tid, value, top = _lp_fields(lp)
+        s = _tok_str(tok, tid)
+        out.tokens.append(s)
+        out.token_logprobs.append(value)
+        out.text_offset.append(offset)
+        offset += len(s)
+        out.top_logprobs.append({_tok_str(tok, a): b for a, b in top} or None)
+    return out
