@@ -92,6 +92,14 @@ def _print_tables(payload: dict) -> None:
             at.add_row(ad["repo_id"], str(ad["rank"]), str(ad["alpha"]), ", ".join(ad["target_modules"]))
         con.print(at)
 
+    if r.get("lookups_unavailable"):
+        nt = Table(title="Not looked up (optional Hub features; the report is complete without them)")
+        for col in ("lookup", "why", "effect"):
+            nt.add_column(col)
+        for n in r["lookups_unavailable"]:
+            nt.add_row(n["what"], n["why"], n["effect"])
+        con.print(nt)
+
     gt = Table(title="GPUs (gpu_memory_utilization 0.9)")
     for col in ("GPU", "fit", "KV tokens", "max context", "concurrency", "est. tok/s (batch 1)", "reason"):
         gt.add_column(col)

@@ -16,11 +16,16 @@ SERVED_AWQ_VERSIONS = ("gemm", "gemv")
 
 
 def _suggest(report: "ModelReport") -> str:
+    from hubdeploy.hub_integration.report import AWQ_VARIANT_SEARCH
+
     if report.awq_variants:
         return "use an AWQ 4-bit variant listed on the Hub: " + ", ".join(report.awq_variants)
     base = report.card.base_model[0] if report.card.base_model else report.repo_id
-    return (f"no AWQ 4-bit variant of {base} is listed on the Hub; quantize it with AutoAWQ "
-            "(w_bit=4, q_group_size=128, version='GEMM') and upload the result")
+    quantize = "quantize it with AutoAWQ (w_bit=4, q_group_size=128, version='GEMM') and upload the result"
+    if report.unavailable(AWQ_VARIANT_SEARCH):
+        return (f"AWQ 4-bit variants of {base} could not be looked up (this Hub has no model search): "
+                f"look for one on the base model's page, or {quantize}")
+    return f"no AWQ 4-bit variant of {base} is listed on the Hub; {quantize}"
 
 
 def quant_verdict(report: "ModelReport") -> "CompatItem":
@@ -53,7 +58,7 @@ def quant_verdict(report: "ModelReport") -> "CompatItem":
 
 def check_compat(report: "ModelReport", token_given: bool = False) -> list["CompatItem"]:
     """All verdicts, errors first in the order a user would fix them."""
-    from hubdeploy.hub_integration.report import CompatItem
+    from hubdeploy.hub_integration.report import ADAPTER_SEARCH, CompatItem
 
     out: list[CompatItem] = []
     a = report.arch
@@ -109,5 +114,8 @@ def check_compat(report: "ModelReport", token_given: bool = False) -> list["Comp
             reason += "; not loadable: " + ", ".join(
                 f"{ad.repo_id} ({'DoRA' if ad.use_dora else ad.error})" for ad in bad)
         out.append(CompatItem("adapters", status, reason))
+    elif (search := report.unavailable(ADAPTER_SEARCH)) is not None:
+        out.append(CompatItem("adapters", "warn", f"LoRA adapters of this model could not be listed: {search.why}",
+                              "name the adapters to serve yourself (name=org/repo)"))
     order = {"error": 0, "warn": 1, "ok": 2}
     return sorted(out, key=lambda c: order[c.status])

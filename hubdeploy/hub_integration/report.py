@@ -4,6 +4,11 @@ Built from a repo id + revision through `huggingface_hub` (model_info with file 
 config/tokenizer/adapter JSON, safetensors headers by ranged reads) or from a local
 directory in Hub layout. `config.json` is parsed by `serving.config.ModelConfig`, the one
 parser the engine also uses. Typed and JSON-serialisable (`to_dict` / `from_dict`).
+
+Required lookups (model_info, config.json, safetensors headers) raise typed
+`errors.InspectError`s. Optional ones degrade: the Hub's model search (adapters of the
+model, AWQ variants) and file sizes are missing on plain mirrors such as Olah; the report
+is then complete without them and lists each in `lookups_unavailable` (what, why, effect).
 """
 from __future__ import annotations
 
@@ -131,6 +136,21 @@ class CompatItem:
     action: str | None = None
 
 
+# `LookupUnavailable.what` of the optional lookups
+ADAPTER_SEARCH = "adapter search"
+AWQ_VARIANT_SEARCH = "AWQ variant search"
+FILE_SIZES = "file sizes"
+
+
+@dataclass
+class LookupUnavailable:
+    """An optional Hub lookup that could not be made; the report is complete without it."""
+
+    what: str  # ADAPTER_SEARCH | AWQ_VARIANT_SEARCH | FILE_SIZES
+    why: str  # what the Hub answered
+    effect: str  # what the report lacks because of it, and what to do instead
+
+
 @dataclass
 class ModelReport:
     repo_id: str
@@ -150,6 +170,11 @@ class ModelReport:
     awq_variants: list[str] = field(default_factory=list)  # AWQ 4-bit repos of the same base
     compat: list[CompatItem] = field(default_factory=list)
     endpoint: str | None = None
+    lookups_unavailable: list[LookupUnavailable] = field(default_factory=list)
+
+    def unavailable(self, what: str) -> LookupUnavailable | None:
+        """The note for lookup `what` (e.g. `ADAPTER_SEARCH`) when it could not be made."""
+        return next((n for n in self.lookups_unavailable if n.what == what), None)
 
     @property
     def servable(self) -> bool:
@@ -173,6 +198,7 @@ class ModelReport:
             adapters=[AdapterInfo(**a) for a in d.get("adapters", [])],
             awq_variants=list(d.get("awq_variants", [])),
             compat=[CompatItem(**c) for c in d.get("compat", [])], endpoint=d.get("endpoint"),
+            lookups_unavailable=[LookupUnavailable(**n) for n in d.get("lookups_unavailable", [])],
         )
 
     def to_json(self) -> str:
@@ -186,6 +212,7 @@ Header = dict[str, tuple[str, list[int], tuple[int, int]]]  # tensor -> (dtype, 
 class Source(Protocol):
     repo_id: str
     sha: str | None
+    lookups_unavailable: list[LookupUnavailable]  # optional lookups that failed, filled as they run
 
     def files(self) -> dict[str, int | None]: ...
     def read_text(self, name: str) -> str | None: ...
@@ -261,6 +288,7 @@ class LocalSource:
         self.path = Path(path)
         self.repo_id = str(self.path)
         self.sha = None
+        self.lookups_unavailable: list[LookupUnavailable] = []
 
     def files(self) -> dict[str, int | None]:
         return {p.relative_to(self.path).as_posix(): p.stat().st_size
@@ -330,6 +358,33 @@ def _hub_errors(e: Exception, repo_id: str, revision: str | None, endpoint: str)
     raise e
 
 
+class SearchUnavailable(Exception):
+    """The Hub's model search could not answer (a mirror without it, an HTTP error, no network)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+def _lookup_failures() -> tuple[type[BaseException], ...]:
+    """What an optional Hub call may raise that is the Hub's doing, not a bug of ours.
+
+    HTTP errors (`HfHubHTTPError` and its subclasses: 404, 401/403, 429, 5xx), a file the repo
+    lacks, transport failures of the HTTP client, offline mode, and OS errors (timeouts, reset
+    connections, a cache file that cannot be written).
+    """
+    from huggingface_hub import errors as hf
+
+    return (hf.HfHubHTTPError, hf.EntryNotFoundError, *_transport_errors(), OSError)
+
+
+def _failure_text(e: BaseException) -> str:
+    """One readable line for a failed Hub call: the HTTP status when there is one."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}{f', HTTP {status}' if status else ''}: {first}" if first else type(e).__name__
+
+
 class HubSource:
     """A repo on a Hub (real or local) through `huggingface_hub`; metadata files only."""
 
@@ -342,6 +397,7 @@ class HubSource:
         self.token = token
         self.repo_id = repo_id
         self.revision = revision or "main"
+        self.lookups_unavailable: list[LookupUnavailable] = []
         try:
             self.info = self.api.model_info(repo_id, revision=self.revision, files_metadata=True)
         except Exception as e:
@@ -376,35 +432,65 @@ class HubSource:
         cd = self.info.card_data
         return cd.to_dict() if cd is not None else {}
 
+    def note_unavailable(self, what: str, why: str, effect: str) -> None:
+        """Record that optional lookup `what` could not be made (once per lookup)."""
+        if all(n.what != what for n in self.lookups_unavailable):
+            self.lookups_unavailable.append(LookupUnavailable(what=what, why=why, effect=effect))
+
     def search(self, tag: str) -> list[str]:
+        """Repo ids the Hub's model search lists under `tag`; raises `SearchUnavailable`.
+
+        Plain mirrors (Olah) have no search: they answer `/api/models` with an empty 200 body.
+        """
         try:
             return [m.id for m in self.api.list_models(filter=tag, limit=50)]
-        except Exception as e:
-            raise _hub_errors(e, self.repo_id, self.revision, self.endpoint) from e
+        except json.JSONDecodeError as e:  # requests' / httpx's JSONDecodeError subclass this one
+            body = "an empty body" if not (e.doc or "").strip() else "a body that is not JSON"
+            raise SearchUnavailable(f"the Hub at {self.endpoint} answered its model search (GET /api/models) "
+                                    f"with {body}: this Hub mirror has no search") from e
+        except _lookup_failures() as e:
+            raise SearchUnavailable(f"the Hub's model search at {self.endpoint} failed "
+                                    f"({_failure_text(e)})") from e
 
     def adapters(self) -> list[AdapterInfo]:
+        try:
+            ids = self.search(f"base_model:adapter:{self.repo_id}")
+        except SearchUnavailable as e:
+            self.note_unavailable(ADAPTER_SEARCH, e.why,
+                                  f"LoRA adapters of {self.repo_id} on the Hub are not listed; name the "
+                                  "adapters to serve yourself (name=org/repo)")
+            return []
         out = []
-        for rid in self.search(f"base_model:adapter:{self.repo_id}"):
+        for rid in ids:
             try:
                 p = self.api.hf_hub_download(rid, "adapter_config.json")
-                out.append(adapter_info_from_config(rid, Path(p).read_text()))
-            except Exception as e:  # one unreadable adapter must not hide the model
-                out.append(AdapterInfo(repo_id=rid, error=f"{type(e).__name__}: {str(e).splitlines()[0]}"))
+                text = Path(p).read_text()
+            except (*_lookup_failures(), ValueError) as e:  # one unreadable adapter must not hide the model
+                out.append(AdapterInfo(repo_id=rid, error=_failure_text(e)))
+                continue
+            out.append(adapter_info_from_config(rid, text))
         return out
 
     def awq_variants(self, base_ids: list[str]) -> list[str]:
         """Repos listed as quantized from `base_ids` whose config says AWQ 4-bit."""
-        found = []
+        found: list[str] = []
         for base in base_ids:
-            for rid in self.search(f"base_model:quantized:{base}"):
+            try:
+                ids = self.search(f"base_model:quantized:{base}")
+            except SearchUnavailable as e:  # the same search for every base: stop at the first failure
+                self.note_unavailable(AWQ_VARIANT_SEARCH, e.why,
+                                      f"AWQ 4-bit variants of {', '.join(base_ids)} are not suggested; look for "
+                                      "one on the base model's page on the Hub (its quantizations)")
+                return found
+            for rid in ids:
                 if rid == self.repo_id or rid in found:
                     continue
                 try:
                     cfg = json.loads(Path(self.api.hf_hub_download(rid, "config.json")).read_text())
-                    q = QuantConfig.from_dict(cfg.get("quantization_config") or {})
-                except Exception:  # gated / broken candidates are not suggestions
+                    q = QuantConfig.from_dict(cfg.get("quantization_config") or {}) if isinstance(cfg, dict) else None
+                except (*_lookup_failures(), ValueError, TypeError):  # gated / broken candidates are not suggestions
                     continue
-                if q.is_awq and q.bits == 4 and (q.version or "gemm") in ("gemm", "gemv"):
+                if q is not None and q.is_awq and q.bits == 4 and (q.version or "gemm") in ("gemm", "gemv"):
                     found.append(rid)
         return found
 
@@ -554,6 +640,14 @@ def build_report(src: Source, revision: str | None = None, *, with_adapters: boo
     if isinstance(src, HubSource) and not (qinfo.method == "awq" and qinfo.bits == 4):
         bases = ([src.repo_id] + base_list) if relation != "quantized" else base_list
         report.awq_variants = src.awq_variants(bases)
+    report.lookups_unavailable = list(getattr(src, "lookups_unavailable", []))
+    unsized = [f for f in sorted(headers) if files.get(f) is None]
+    if unsized:
+        report.lookups_unavailable.append(LookupUnavailable(
+            what=FILE_SIZES,
+            why=f"the Hub's file listing (model_info with files_metadata) gave no size for {', '.join(unsized)}",
+            effect="weight sizes come from the safetensors headers alone; they were not checked against the "
+                   "uploaded files, so a truncated upload is not caught before deploying"))
     report.compat = check_compat(report, token_given=bool(getattr(src, "token", None)))
     return report
 
