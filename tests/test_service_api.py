@@ -238,7 +238,9 @@ def test_hubdeploy_up_with_no_arguments_but_a_data_dir(tmp_path: Path) -> None:
     try:
         text = "".join(lines)
         assert f"http://127.0.0.1:{port}/" in text
-        token = next(l.split(": ")[-1].strip() for l in lines if "admin token" in l)
+        sign_in = next(l for l in lines if "admin token" in l)  # the one line that shows the made token
+        assert f"http://127.0.0.1:{port}/#token=hdadm_" in sign_in, sign_in  # the page's one-click sign-in link
+        token = sign_in.split("#token=")[1].split()[0]
         d = httpx.get(f"http://127.0.0.1:{port}/api/defaults", headers={"Authorization": f"Bearer {token}"}).json()
         assert d["model"] == str(tmp_path / "models" / "tiny-mixtral-awq")
         assert d["adapters"] == {f"lora-{i}": str(tmp_path / "models" / f"tiny-mixtral-awq-lora-{i}") for i in (0, 1)}

@@ -58,8 +58,10 @@ class SpaceService:
 
 
 @contextlib.contextmanager
-def start_space_service(hub: LocalHub, data_dir: Path, timeout: float = 180.0) -> Iterator[SpaceService]:
-    """`hubdeploy up` (service + mounted page) on a free loopback port, against the local Hub."""
+def start_space_service(hub: LocalHub, data_dir: Path, timeout: float = 180.0,
+                        demo: bool = False) -> Iterator[SpaceService]:
+    """`hubdeploy up` (service + mounted page) on a free loopback port, against the local Hub; with
+    `demo`, as a newcomer starts it: the built-in tiny demo model is what the page offers first."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "up.log"
@@ -69,7 +71,8 @@ def start_space_service(hub: LocalHub, data_dir: Path, timeout: float = 180.0) -
         env.pop(k, None)
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "hubdeploy", "up", "--host", "127.0.0.1", "--port", str(port),
-                                 "--data-dir", str(data_dir), "--hub-endpoint", hub.endpoint, "--no-demo"],
+                                 "--data-dir", str(data_dir), "--hub-endpoint", hub.endpoint,
+                                 *([] if demo else ["--no-demo"])],
                                 cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     svc = SpaceService(f"http://127.0.0.1:{port}", ADMIN, proc, log)
@@ -272,3 +275,32 @@ def test_form_helpers() -> None:
     assert '<a class="hd-alt" href="/deploy?model=org/m-AWQ">org/m-AWQ</a>' in verdict  # reloads the form with it
     failed = view.progress_html({"name": "e", "status": "failed", "reason": "out of memory <b>"})
     assert "out of memory &lt;b&gt;" in failed and "What to do" in failed
+
+
+def test_sign_in_line() -> None:
+    """`hubdeploy up`'s sign-in link: the token only in the fragment (percent-encoded); a made token is
+    shown once, one the operator gave only to a terminal, and no token means no line."""
+    from hubdeploy.commands.up import browse_url, sign_in_line, sign_in_url
+
+    base = browse_url("0.0.0.0", 7860)
+    assert base == "http://127.0.0.1:7860" and browse_url("::", 1) == "http://[::1]:1"
+    assert browse_url("10.0.0.5", 80) == "http://10.0.0.5:80"
+    assert sign_in_url(base + "/", "hdadm_a-b_c") == "http://127.0.0.1:7860/#token=hdadm_a-b_c"
+    assert sign_in_url(base, "a+b/c d#e") == "http://127.0.0.1:7860/#token=a%2Bb%2Fc%20d%23e"
+    made = sign_in_line(base, "hdadm_new", None, tty=False)
+    assert made is not None and "http://127.0.0.1:7860/#token=hdadm_new " in made and "shown once" in made
+    assert sign_in_line(base, None, "chosen-secret", tty=True) == "hubdeploy: sign in: http://127.0.0.1:7860/#token=chosen-secret"
+    logged = sign_in_line(base, None, "chosen-secret", tty=False)
+    assert logged is not None and "chosen-secret" not in logged and "#token=<HUBDEPLOY_ADMIN_TOKEN>" in logged
+    assert sign_in_line(base, None, None, tty=True) is None
+
+
+def test_query_prefill() -> None:
+    """The badge's query as the page reads it: known fields only, numbers only when they are numbers."""
+    from hubdeploy.space.page import query_prefill
+
+    q = {"model": " org/m ", "revision": "v1", "gpu": "cpu", "max_model_len": "512", "max_num_seqs": "x",
+         "max_loras": "0", "access": "public", "evil": "1", "adapters": ""}
+    assert query_prefill(q) == {"model": "org/m", "revision": "v1", "gpu": "cpu", "access": "public",
+                                "max_model_len": 512}
+    assert query_prefill({}) == {}

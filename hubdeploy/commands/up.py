@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
+from urllib.parse import quote
+
+TOKEN_ENV = "HUBDEPLOY_ADMIN_TOKEN"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +42,33 @@ def _page_blocks() -> object | None:
     return None
 
 
+def browse_url(host: str, port: int) -> str:
+    """The page's address as a browser on this machine opens it (a wildcard bind means loopback)."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def sign_in_url(base_url: str, token: str) -> str:
+    """One click signs a browser in: the token rides in the URL fragment (as Jupyter's does in its
+    query), which browsers never send, so it reaches no server or proxy log; the page's script
+    saves it as Connect saves a pasted one and takes it out of the address bar."""
+    return f"{base_url.rstrip('/')}/#token={quote(token, safe='')}"
+
+
+def sign_in_line(base_url: str, new_token: str | None, given_token: str | None, tty: bool) -> str | None:
+    """The one console line that carries the admin token, or None when there is none to give (a later
+    start keeps only its hash). A made token is shown this once, wherever the output goes; one the
+    operator gave (HUBDEPLOY_ADMIN_TOKEN) is shown only to a terminal, never written into a log file
+    (the link then names the variable, as Jupyter hides a token it did not make)."""
+    if new_token:
+        return f"hubdeploy: sign in: {sign_in_url(base_url, new_token)}  (admin token after #token=, shown once: keep it)"
+    if not given_token:
+        return None
+    if tty:
+        return f"hubdeploy: sign in: {sign_in_url(base_url, given_token)}"
+    return f"hubdeploy: sign in: {base_url.rstrip('/')}/#token=<{TOKEN_ENV}>  (not echoed: output is not a terminal)"
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -55,9 +86,11 @@ def run(args: argparse.Namespace) -> int:
                             cpu_slots=args.cpu_slots, default_model=default_model,
                             default_adapters=default_adapters, hf_users=args.hf_user)
     mount_page(app, _page_blocks())
-    print(f"hubdeploy: deploy service at http://{args.host}:{args.port}/  (API: /api, docs: /docs)", flush=True)
-    if app.state.new_admin_token:
-        print(f"hubdeploy: admin token (shown once, keep it): {app.state.new_admin_token}", flush=True)
+    base = browse_url(args.host, args.port)
+    print(f"hubdeploy: deploy service at {base}/  (API: /api, docs: /docs)", flush=True)
+    line = sign_in_line(base, app.state.new_admin_token, os.environ.get(TOKEN_ENV), sys.stdout.isatty())
+    if line:
+        print(line, flush=True)
     if default_model:
         print(f"hubdeploy: demo model: {default_model}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

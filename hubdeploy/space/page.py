@@ -4,7 +4,8 @@ Every action goes through the deploy service's REST API (`space.client.ServiceCl
 the same page runs mounted inside `hubdeploy up` (it calls its own server over loopback)
 and standalone on a Hugging Face Space (it calls `HUBDEPLOY_URL` with `HUBDEPLOY_TOKEN`).
 Query parameters `model, revision, adapters, gpu` (the badge's `/deploy?…` link) prefill
-the form through a `demo.load` handler. Event handlers carry `api_name`s, so `gradio_client`
+the form through a `demo.load` handler; Connect and a sign-in link (`/#token=…`) run the same
+path, so a first visit never needs a reload. Event handlers carry `api_name`s, so `gradio_client`
 can drive the same flow: `/inspect`, `/deploy`, `/chat`, `/endpoints`, `/pause`, `/resume`,
 `/delete`, `/logs`.
 """
@@ -106,6 +107,29 @@ def _int_or_none(x: Any) -> int | None:
     if x in (None, "") or (isinstance(x, float) and x != x) or int(x) == 0:
         return None
     return int(x)
+
+
+NUMBER_PARAMS = ("max_model_len", "max_num_seqs", "max_loras")
+PREFILL_PARAMS = ("model", "revision", "gpu", "adapters", "name", "access")
+
+# A sign-in link (`http://host:port/#token=…`, printed by `hubdeploy up`) carries the admin token in
+# the fragment, which browsers never send, so it stays out of server and proxy logs. This runs in the
+# browser before the page-load handler: it hands that handler the token (saved there as Connect saves
+# a pasted one) and takes it out of the address bar, so it is neither in history nor copied onward.
+READ_SIGN_IN_JS = """(saved, hfToken, box) => {
+  const token = new URLSearchParams(window.location.hash.slice(1)).get("token");
+  if (token !== null) {
+    window.history.replaceState(window.history.state, "", window.location.pathname + window.location.search);
+  }
+  return [saved, hfToken, token || ""];
+}"""
+
+
+def query_prefill(query: dict[str, str]) -> dict[str, Any]:
+    """What the badge's `/deploy?model=…&gpu=…` asks the form to show (numbers only when they are)."""
+    pre: dict[str, Any] = {k: query[k].strip() for k in PREFILL_PARAMS if (query.get(k) or "").strip()}
+    pre.update({k: int(query[k]) for k in NUMBER_PARAMS if (query.get(k) or "").isdigit() and int(query[k])})
+    return pre
 
 
 def build_page(config: PageConfig | None = None) -> gr.Blocks:
@@ -271,35 +295,58 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                                   elem_id="hd-ep-logs")
 
         # ---- handlers ---------------------------------------------------------------------------
-        def on_load(saved: str | None, hf_token: str | None, request: gr.Request) -> tuple[Any, ...]:
-            q = dict(request.query_params) if request is not None else {}
-            model = (q.get("model") or "").strip()
-            pre = {k: q[k] for k in ("gpu", "adapters", "name", "access") if q.get(k)}
-            numbers = [_int_or_none(q[k]) if (q.get(k) or "").isdigit() else None
-                       for k in ("max_model_len", "max_num_seqs", "max_loras")]
-            token = saved or ""
+        def connect_notice() -> str:
+            """How to get in, said the same wherever the page finds no token."""
+            how = ("Sign in with Hugging Face above (if this service lets your account in), or paste its "
+                   "admin token under Service access" if cfg.on_space
+                   else "Open the sign-in link that hubdeploy up printed, or paste its admin token "
+                        "under Service access")
+            return view.notice("info", "Connect to the deploy service", how + ", then press Connect.")
+
+        def arrive(pre: dict[str, Any], token: str, hf_token: str | None, request: gr.Request | None,
+                   just_given: bool) -> tuple[Any, ...]:
+            """The form as a visitor with `token` sees it: a page load with a saved token, the sign-in
+            link and Connect all end here, so none of them needs a reload. The badge's model, else
+            the service's demo model, is prefilled (and inspected by the next step)."""
+            pre = dict(pre)
             signed_in = bool(cfg.on_space and hf_token)
-            if not model and (server_token or token or signed_in):
+            need_token = not server_token and not token and not signed_in
+            status, refused = "", False
+            if need_token:
+                status = connect_notice()
+            else:
                 try:
                     with client(request, token, hf_token) as c:
-                        model = c.defaults().get("model") or ""
-                except ServiceError:
-                    model = ""
-                if model and "gpu" not in pre:
-                    pre["gpu"] = view.CPU  # the built-in demo model is there to try things without a GPU
-            pre["model"] = model
-            model_upd = gr.update(value=model or None, choices=[model] if model else [])
-            need_token = not server_token and not token and not signed_in
-            how = ("Sign in with Hugging Face above (if this service lets your account in), or paste its "
-                   "admin token under Service access" if cfg.on_space else "Paste its admin token under Service access")
-            status = (view.notice("info", "Connect to the deploy service", how + ", then press Connect.")
-                      if need_token else "")
-            return (model_upd, q.get("revision") or "", pre, token, gr.update(open=need_token), status,
-                    pre.get("access") if pre.get("access") in ("private", "public") else "private",
-                    *(n or 0 for n in numbers))
+                        demo_model = c.defaults().get("model") or ""
+                except ServiceError as e:  # a wrong or stale token: say so, and ask for the right one
+                    demo_model, status, refused = "", _err_html(e), e.status == 401
+                if not pre.get("model") and demo_model:
+                    pre["model"] = demo_model
+                    pre.setdefault("gpu", view.CPU)  # the built-in demo model is there to try things without a GPU
+                if just_given and token and not refused:
+                    status = view.notice("ok", "Token saved in this browser.")
+            model = pre.get("model") or ""
+            access = pre.get("access") if pre.get("access") in ("private", "public") else "private"
+            return (gr.update(value=model or None, choices=[model] if model else []), pre.get("revision") or "",
+                    pre, token, "" if refused else token, gr.update(open=need_token or refused), status, access,
+                    *(pre.get(k) or 0 for k in NUMBER_PARAMS))
 
-        def on_connect(token: str) -> tuple[str, str]:
-            return token, view.notice("ok", "Token saved in this browser.") if token else ""
+        def on_load(saved: str | None, hf_token: str | None, link_token: str | None,
+                    request: gr.Request) -> tuple[Any, ...]:
+            """The badge's query prefills the form; a sign-in link's token (read from the URL fragment
+            by READ_SIGN_IN_JS) is saved like a pasted one."""
+            pre = query_prefill(dict(request.query_params) if request is not None else {})
+            link_token = (link_token or "").strip()
+            return arrive(pre, link_token or (saved or ""), hf_token, request, just_given=bool(link_token))
+
+        def on_connect(token: str | None, pre: dict[str, Any] | None, model: str | None, revision: str | None,
+                       hf_token: str | None, request: gr.Request) -> tuple[Any, ...]:
+            """Save the pasted token and show what a reload would: the prefilled model, inspected.
+            A model typed before connecting wins over the badge's (whose choices then no longer apply)."""
+            pre, typed = dict(pre or {}), (model or "").strip()
+            if typed and typed != pre.get("model"):
+                pre = {"model": typed, "revision": (revision or "").strip()}
+            return arrive(pre, (token or "").strip(), hf_token, request, just_given=True)
 
         def suggest(data: gr.KeyUpData, hf_token: str | None) -> Any:
             hits = search_models(data.input_value, endpoint=cfg.hub_endpoint, token=hf_token or None)
@@ -313,8 +360,7 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
             pre = pre if pre and pre.get("model") == model else {}  # the badge's choices apply to its model only
             keep = tuple(gr.update() for _ in range(14))
             if not server_token and not (token or "").strip() and not (cfg.on_space and hf_token):
-                return (view.notice("info", "Connect to the deploy service",
-                                    "Paste its admin token under Service access, then press Connect."), *keep)
+                return (connect_notice(), *keep)
             if not model:
                 return (view.notice("info", "Enter a model id", "For example org/name, then press Inspect."),
                         *keep)
@@ -352,6 +398,16 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
                     gr.update(choices=adapter_choices, value=checked), extra,
                     pre.get("name") or view.suggest_name(model, taken), payload,
                     gr.update(choices=[model], value=model))
+
+        def inspect_prefill(model: str | None, revision: str | None = None, hf_token: str | None = None,
+                            token: str | None = None, pre: dict[str, Any] | None = None,
+                            request: gr.Request | None = None) -> tuple[Any, ...]:
+            """After a load or Connect: inspect the model they prefilled. With none (no token, or one the
+            service refused) nothing changes, so their notice stays; an empty note keeps it too."""
+            if not (pre or {}).get("model") or (model or "").strip() != pre["model"]:
+                return tuple(gr.update() for _ in range(15))
+            out = inspect(model, revision, hf_token, token, pre, request)
+            return (gr.update(), *out[1:]) if out[0] == "" else out
 
         def _plan(plans: list[dict[str, Any]], gpu: str | None) -> dict[str, Any] | None:
             return next((p for p in plans if p["gpu"] == gpu), None)
@@ -540,14 +596,18 @@ def build_page(config: PageConfig | None = None) -> gr.Blocks:
             first = demo.load(from_oauth, None, [hf_token], api_visibility="private", queue=False).then
         else:
             first = demo.load
-        first(on_load, [saved_token, hf_token], [model_box, revision_box, prefill, token_box, access_box, status_html,
-                                                access_radio, max_len, max_seqs, max_loras],
+        arrive_outputs = [model_box, revision_box, prefill, token_box, saved_token, access_box, status_html,
+                          access_radio, max_len, max_seqs, max_loras]
+        first(on_load, [saved_token, hf_token, token_box], arrive_outputs, js=READ_SIGN_IN_JS,
               api_visibility="private", queue=False).then(
-            inspect, inspect_inputs, inspect_outputs, api_name="inspect_on_load", api_visibility="private").then(
+            inspect_prefill, inspect_inputs, inspect_outputs, api_name="inspect_on_load",
+            api_visibility="private").then(
             list_endpoints, [token_box, ep_pick, hf_token], ep_outputs, api_name="list_on_load",
             api_visibility="private")
-        connect_btn.click(on_connect, [token_box], [saved_token, status_html], api_visibility="private").then(
-            inspect, inspect_inputs, inspect_outputs, api_name="inspect_on_connect", api_visibility="private").then(
+        connect_btn.click(on_connect, [token_box, prefill, model_box, revision_box, hf_token], arrive_outputs,
+                          api_visibility="private").then(
+            inspect_prefill, inspect_inputs, inspect_outputs, api_name="inspect_on_connect",
+            api_visibility="private").then(
             list_endpoints, [token_box, ep_pick, hf_token], ep_outputs, api_name="list_on_connect",
             api_visibility="private")
         model_box.key_up(suggest, [hf_token], [model_box], trigger_mode="always_last", show_progress="hidden",
