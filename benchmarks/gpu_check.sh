@@ -4,9 +4,11 @@
 # loads only the engine/tiny fixture plugins), runs from the source tree, prints rows as it goes.
 #   bash benchmarks/gpu_check.sh            # everything also lands in $OUT (default /tmp/hubdeploy-gpu-check)
 #   STEPS="engine tests" bash benchmarks/gpu_check.sh   # a subset, in the order given
-# Steps and their time limits (s): engine 150 (CUDA graphs, batch 1/8, TTFT 128: what the product is
-# judged on), tests 150 (every -m gpu test, compiled), kernels 90 (fused MoE / AWQ at Mixtral M=1..256),
-# engine_full 150 (eager vs graphs, batch 64, TTFT 1024/4096), lora 90. A step cut short keeps its rows.
+# Steps and their time limits (s): engine 70 (CUDA graphs, batch 1/8, TTFT 128: what the product is
+# judged on), tests 150 (every -m gpu test, compiled; TESTS=... picks files), tune 140 (the decode kernels'
+# launch configs for this GPU: commit the table it writes), kernels 60 (fused MoE / AWQ at Mixtral
+# M=1..256), engine_full 120 (graphs vs eager, batch 64, TTFT 1024/4096), lora 70. A step cut short keeps
+# its rows; everything is printed as it comes and saved under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -15,7 +17,7 @@ unset TRITON_INTERPRET HUBDEPLOY_FORCE_TRITON
 PY=${PYTHON:-python3}
 OUT="${OUT:-/tmp/hubdeploy-gpu-check}"
 mkdir -p "$OUT"
-STEPS="${STEPS:-engine tests kernels engine_full lora}"
+STEPS="${STEPS:-engine tests kernels engine_full lora}"  # + tune: re-tune this GPU (then commit the table)
 start=$(date +%s)
 status=0
 elapsed() { echo $(( $(date +%s) - start )); }
@@ -26,30 +28,35 @@ elapsed() { echo $(( $(date +%s) - start )); }
 } | tee "$OUT/env.txt"
 
 step_engine() {  # the key numbers: TPOT batch 1 / 8 with CUDA graphs, TTFT 128, full 32-layer Mixtral-8x7B AWQ
-  timeout 150 "$PY" benchmarks/engine_gpu.py --modes graphs --batches 1,8 --prompts 128 --steps 8 \
-      --ttft-iters 2 --deadline-s 120 --json "$OUT/engine.json" 2>&1
+  timeout 70 "$PY" benchmarks/engine_gpu.py --modes graphs --batches 1,8 --prompts 128 --steps 8 \
+      --ttft-iters 2 --deadline-s 50 --json "$OUT/engine.json" 2>&1
 }
 
 step_tests() {  # every -m gpu test, compiled: kernels vs their torch references, LoRA, CUDA graphs, KV sizing
-  timeout 150 "$PY" -m pytest --noconftest -p tests.fixtures.engine -p tests.fixtures.tiny -p no:cacheprovider \
+  timeout "${TESTS_TIMEOUT:-150}" "$PY" -m pytest --noconftest -p tests.fixtures.engine -p tests.fixtures.tiny -p no:cacheprovider \
       -m gpu -q --timeout 100 -rfE \
-      tests/test_kernels_awq.py tests/test_kernels_moe.py tests/test_kernels_attention.py tests/test_kernels_ops.py \
-      tests/test_kernels_lora.py tests/test_llm.py tests/test_lora_adapter.py 2>&1 | tee "$OUT/pytest.txt" | tail -n 60
+      ${TESTS:-tests/test_kernels_awq.py tests/test_kernels_moe.py tests/test_kernels_tuned.py \
+      tests/test_kernels_attention.py tests/test_kernels_ops.py tests/test_kernels_lora.py tests/test_llm.py \
+      tests/test_lora_adapter.py} 2>&1 | tee "$OUT/pytest.txt" | tail -n 60
   return "${PIPESTATUS[0]}"
 }
 
+step_tune() {  # sweep the decode kernels' launch configs; writes hubdeploy/kernels/configs/<GPU>.json
+  timeout 140 "$PY" benchmarks/tune_kernels.py --deadline-s 100 ${TUNE_ARGS:-} --out "$OUT/tune.json" 2>&1
+}
+
 step_kernels() {  # fused W4A16 MoE + AWQ linear at Mixtral shapes, the decode M values first
-  timeout 90 "$PY" benchmarks/kernels.py --shapes mixtral --ms 1,16,64,256 --decode-batches 1,8 --no-dense \
+  timeout 60 "$PY" benchmarks/kernels.py --shapes mixtral --ms 1,16,64,256 --decode-batches 1,8 --no-dense \
       --json "$OUT/kernels.json" 2>&1
 }
 
 step_engine_full() {  # eager vs graphs, batch 64, longer prompts
-  timeout 150 "$PY" benchmarks/engine_gpu.py --modes eager,graphs --batches 1,8,64 --prompts 1024,4096 --steps 8 \
-      --ttft-iters 1 --deadline-s 120 --json "$OUT/engine_full.json" 2>&1
+  timeout 120 "$PY" benchmarks/engine_gpu.py --modes graphs,eager --batches 1,8,64 --prompts 1024,4096 --steps 8 \
+      --ttft-iters 1 --deadline-s 90 --json "$OUT/engine_full.json" 2>&1
 }
 
 step_lora() {  # 16 adapters mixed at batch 16/64 vs the base model, 8 of Mixtral's 32 layers
-  timeout 90 "$PY" benchmarks/lora.py --layers 8 --iters 10 --json "$OUT/lora.json" 2>&1
+  timeout 70 "$PY" benchmarks/lora.py --layers 8 --iters 10 --json "$OUT/lora.json" 2>&1
 }
 
 main() {

@@ -199,18 +199,21 @@ def test_config_picks_decode_and_prefill_paths() -> None:
 # ---------------------------------------------------------------- compiled path, without a GPU
 
 
-@pytest.mark.parametrize("dtype,bm,bn,bk,f32", [
-    ("fp16", 1, 64, 128, False), ("bf16", 4, 32, 128, False), ("fp16", 16, 64, 128, False),
-    ("bf16", 128, 128, 64, False), ("fp32", 16, 64, 32, True),
+@pytest.mark.parametrize("dtype,bm,bn,bk,f32,stages", [
+    ("fp16", 1, 64, 128, False, 3), ("fp16", 1, 64, 128, False, 1), ("bf16", 4, 32, 128, False, 3),
+    ("fp16", 16, 64, 128, False, 3), ("bf16", 128, 128, 64, False, 1), ("fp32", 16, 64, 32, True, 1),
 ])
-def test_awq_kernel_compiles_for_sm90(dtype: str, bm: int, bn: int, bk: int, f32: bool) -> None:
+def test_awq_kernel_compiles_for_sm90(dtype: str, bm: int, bn: int, bk: int, f32: bool, stages: int) -> None:
     """The CPU cases run the interpreter; the same source must also compile to a cubin
-    (GEMV, skinny tl.dot, prefill tiles)."""
+    (GEMV, skinny tl.dot, prefill tiles). A pipelined K loop (LOOP_STAGES > 1) must come out
+    as asynchronous copies into shared memory, also for the dot-free GEMV."""
     import hubdeploy.kernels.awq as awq_mod
 
     ptrs = dict(a_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", c_ptr="*fp32")
-    consts = dict(GROUP=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, COMPUTE_F32=f32)
-    aot_compile(awq_mod._kernels(), ptrs, consts, num_warps=8 if bm == 128 else 4)
+    consts = dict(GROUP=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, COMPUTE_F32=f32, LOOP_STAGES=stages)
+    compiled = aot_compile(awq_mod._kernels(), ptrs, consts, num_warps=8 if bm == 128 else 4)
+    if stages > 1:
+        assert "cp.async" in compiled.asm["ptx"], "the K loop was not software-pipelined"
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 from hubdeploy.kernels.awq_format import awq_dequantize, awq_quantize
 from tests.fixtures.triton_interp import Cases, aot_compile, assert_rel_close, run_cases_main, triton_case_tests
 from hubdeploy.kernels.fused_moe import (
+    DIRECT_MAX_TOKENS,
     AWQMoEWeights,
     MoEWeights,
     awq_moe_repack,
@@ -178,16 +179,23 @@ def test_dispatcher_uses_reference_on_cpu_without_force(monkeypatch: pytest.Monk
 # ---------------------------------------------------------------- Triton vs reference (cases)
 
 
+def _paths(M: int) -> tuple[bool, ...]:
+    """Both MoE paths where both apply: the direct decode path (M ≤ DIRECT_MAX_TOKENS) and the
+    slot-sorted grouped GEMMs (any M)."""
+    return (True, False) if M <= DIRECT_MAX_TOKENS else (False,)
+
+
 def _triton_dense(dev: str, M: int, kind: str, dtype: torch.dtype) -> None:
     E, H, I, k = 8, 64, 32, 2
     w13, w2 = _dense(E, H, I, seed=M)
     w13, w2 = w13.to(dtype), w2.to(dtype)
     x = torch.randn(M, H).to(dtype)
     tw, ti = _routing(M, E, k, kind, seed=M)
-    y = fused_moe_triton(x.to(dev), MoEWeights(w13, w2).to(dev), tw.to(dev), ti.to(dev))
-    assert y.shape == (M, H) and y.dtype == dtype
     ref = fused_moe_ref(x.double(), MoEWeights(w13.double(), w2.double()), tw, ti)
-    assert_rel_close(y, ref, TOL[dtype])
+    for direct in _paths(M):
+        y = fused_moe_triton(x.to(dev), MoEWeights(w13, w2).to(dev), tw.to(dev), ti.to(dev), DIRECT=direct)
+        assert y.shape == (M, H) and y.dtype == dtype
+        assert_rel_close(y, ref, TOL[dtype])
 
 
 for _dt in (torch.float32, torch.float16, torch.bfloat16):
@@ -215,8 +223,9 @@ def _triton_awq_edge(dev: str, M: int, kind: str, renorm: bool) -> None:
     tw, ti = _routing(M, E, k, kind, seed=M)
     if not renorm:
         tw, ti = topk_route(torch.randn(M, E), k, renormalize=False)
-    y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev))
-    assert_rel_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[torch.float16])
+    for direct in _paths(M):
+        y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev), DIRECT=direct)
+        assert_rel_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[torch.float16])
 
 
 for _m, _kind, _rn in ((1, "random", False), (33, "some_empty", True), (12, "one_expert", True)):
@@ -247,8 +256,9 @@ def _triton_split_k(dev: str, split: int) -> None:
     w, _ = _awq(E, H, I, g, seed=split)
     x = torch.randn(M, H, dtype=torch.float16)
     tw, ti = _routing(M, E, k, "random", seed=split)
-    y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev), SPLIT_K=split)
-    assert_rel_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[torch.float16])
+    for direct in _paths(M):
+        y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev), SPLIT_K=split, DIRECT=direct)
+        assert_rel_close(y, fused_moe_ref(x.double(), w, tw, ti), TOL[torch.float16])
 
 
 for _s in (1, 2, 4):
@@ -262,9 +272,10 @@ def _triton_gemv_block(dev: str, awq: bool) -> None:
     w = _awq(E, H, I, g, seed=5)[0] if awq else MoEWeights(w13, w2)
     x = torch.randn(M, H, dtype=torch.float16)
     tw, ti = _routing(M, E, k, "random", seed=5)
-    y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev), BLOCK_M=4, BLOCK_N=32)
     ref_w = w if awq else MoEWeights(w13.double(), w2.double())
-    assert_rel_close(y, fused_moe_ref(x.double(), ref_w, tw, ti), TOL[torch.float16])
+    for direct in _paths(M):
+        y = fused_moe_triton(x.to(dev), w.to(dev), tw.to(dev), ti.to(dev), BLOCK_M=4, BLOCK_N=32, DIRECT=direct)
+        assert_rel_close(y, fused_moe_ref(x.double(), ref_w, tw, ti), TOL[torch.float16])
 
 
 case("gemv_block_awq", _triton_gemv_block, awq=True)
@@ -277,8 +288,10 @@ def _triton_top1_and_top4(dev: str) -> None:
     x = torch.randn(10, H)
     for k in (1, 4):
         tw, ti = topk_route(torch.randn(10, E), k, renormalize=k > 1)
-        y = fused_moe_triton(x.to(dev), MoEWeights(w13, w2).to(dev), tw.to(dev), ti.to(dev))
-        assert_rel_close(y, fused_moe_ref(x.double(), MoEWeights(w13.double(), w2.double()), tw, ti), TOL[torch.float32])
+        for direct in _paths(10):
+            y = fused_moe_triton(x.to(dev), MoEWeights(w13, w2).to(dev), tw.to(dev), ti.to(dev), DIRECT=direct)
+            ref = fused_moe_ref(x.double(), MoEWeights(w13.double(), w2.double()), tw, ti)
+            assert_rel_close(y, ref, TOL[torch.float32])
 
 
 case("top1_and_top4", _triton_top1_and_top4)
@@ -315,6 +328,25 @@ def test_moe_kernel_compiles_for_sm90(is_awq: bool, dtype: str, bm: int, bn: int
     consts = dict(TOP_K=2, MUL_WEIGHT=mul, IS_AWQ=is_awq, GROUP=128 if is_awq else 1, BLOCK_M=bm,
                   BLOCK_N=bn, BLOCK_K=bk, COMPUTE_F32=False)
     aot_compile(moe_mod._kernels(), ptrs, consts, num_warps=8 if bm == 128 else 4)
+
+
+@pytest.mark.parametrize("is_awq,dtype,bm,bn,per_slot,stages", [
+    (True, "fp16", 1, 64, False, 3), (True, "fp16", 16, 64, True, 3), (True, "bf16", 1, 128, True, 1),
+    (False, "bf16", 1, 64, False, 3), (False, "fp16", 16, 64, True, 3),
+])
+def test_moe_direct_kernel_compiles_for_sm90(is_awq: bool, dtype: str, bm: int, bn: int, per_slot: bool,
+                                             stages: int) -> None:
+    """The decode (direct) kernel compiles to a cubin; LOOP_STAGES > 1 pipelines its AWQ K loop."""
+    import hubdeploy.kernels.fused_moe as moe_mod
+
+    w = _AWQ_PTRS if is_awq else dict(b_ptr=f"*{dtype}", qz_ptr=f"*{dtype}", s_ptr=f"*{dtype}")
+    ptrs = dict(a_ptr=f"*{dtype}", c_ptr="*fp32", tw_ptr="*fp32", ids_ptr="*i32", **w)
+    consts = dict(TOP_K=2, K_PAD=2, A_PER_SLOT=per_slot, MUL_WEIGHT=per_slot, IS_AWQ=is_awq,
+                  GROUP=128 if is_awq else 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, COMPUTE_F32=False,
+                  LOOP_STAGES=stages)
+    compiled = aot_compile(moe_mod._direct_kernels(), ptrs, consts)
+    if stages > 1 and is_awq:  # dense experts: strided, masked loads stay synchronous
+        assert "cp.async" in compiled.asm["ptx"], "the K loop was not software-pipelined"
 
 
 def test_silu_mul_kernel_compiles_for_sm90() -> None:

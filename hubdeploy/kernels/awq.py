@@ -27,6 +27,7 @@ import torch
 
 from hubdeploy.kernels.awq_format import PACK_FACTOR, awq_unpack_int4, awq_dequantize, awq_quantize  # noqa: F401
 from hubdeploy.kernels.dispatch import check_launchable, interpreting, lazy_kernels, use_triton
+from hubdeploy.kernels.tuned import tuned_config
 
 # ----------------------------------------------------------------------------------------
 # Layout: packing helpers (plain torch)
@@ -196,9 +197,11 @@ def _build_kernels() -> Any:
         stride_am, stride_ak, stride_wn, stride_zg, stride_sg, stride_cs, stride_cm,
         TILES_PER_SPLIT,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        COMPUTE_F32: tl.constexpr,
+        COMPUTE_F32: tl.constexpr, LOOP_STAGES: tl.constexpr,
     ):
         # grid: (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K); c is [SPLIT_K, M, N]
+        # LOOP_STAGES: software pipelining of the K loop; Triton pipelines a dot-free (GEMV)
+        # loop only when asked through tl.range (a launch's num_stages covers tl.dot loops)
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -216,7 +219,7 @@ def _build_kernels() -> Any:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         a_rows = a_ptr + offs_m[:, None] * stride_am
         w_rows = qw_ptr + offs_n[:, None] * stride_wn  # explicit strides: divisibility hints
-        for t in range(t0, t1):
+        for t in tl.range(t0, t1, num_stages=LOOP_STAGES):
             k0 = t * BLOCK_K
             a = tl.load(a_rows + (k0 + offs_k)[None, :] * stride_ak, mask=m_mask[:, None], other=0.0)
             w = tl.load(w_rows + (k0 // 8 + offs_kw)[None, :], mask=n_mask[:, None], other=0)
@@ -247,11 +250,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 def awq_config(M: int, N: int, K: int, group_size: int, device: torch.device) -> dict[str, int]:
-    """Untuned block choice by M (benchmarks/kernels.py compares the paths).
+    """Tuned for this GPU (kernels/tuned.py) when a table is committed, else by M:
 
     M ≤ 4: GEMV (BLOCK_M = next power of two ≥ M, multiply-reduce on CUDA cores, split-K);
     M ≤ 16: skinny tl.dot with BLOCK_M 16 and split-K; larger M (prefill): big tiles, no split.
     """
+    t = tuned_config("awq", f"N={N},K={K},G={group_size}", M, device)
+    if t is not None and (M > 4 or t["BLOCK_M"] >= M):
+        return t
     if M <= 16:
         bm = 16 if M > 4 else 1 << (M - 1).bit_length()
         bn = 64 if bm == 16 or bm == 1 else 32
@@ -259,13 +265,14 @@ def awq_config(M: int, N: int, K: int, group_size: int, device: torch.device) ->
         tiles = K // bk
         n_tiles = -(-N // bn)
         split = max(1, min(tiles, (2 * _num_sms(device)) // max(n_tiles, 1)))
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=4, LOOP_STAGES=3)
     else:
         bm = 64 if M <= 128 else 128
         bk = min(group_size, 64)
-        cfg = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, SPLIT_K=1, num_warps=8 if bm == 128 else 4, num_stages=3)
+        cfg = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, SPLIT_K=1, num_warps=8 if bm == 128 else 4, num_stages=3,
+                   LOOP_STAGES=1)
     if not device.type == "cuda":  # interpreter: smaller tiles are far faster
-        cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 16), BLOCK_N=32, num_warps=1, num_stages=1)
+        cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 16), BLOCK_N=32, num_warps=1, num_stages=1, LOOP_STAGES=1)
     return cfg
 
 
@@ -303,7 +310,8 @@ def awq_linear_triton(
         (M * N if split > 1 else 0), N,
         per,
         GROUP=packed.group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
-        COMPUTE_F32=compute_f32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        COMPUTE_F32=compute_f32, LOOP_STAGES=cfg.get("LOOP_STAGES", 1),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split > 1:
         out = c.sum(0).to(x.dtype)
