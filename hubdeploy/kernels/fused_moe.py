@@ -11,7 +11,7 @@ with the zero point factored out of the inner loop, see kernels/awq.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -100,6 +100,27 @@ def awq_moe_repack(
 
 
 Weights = MoEWeights | AWQMoEWeights
+
+
+class MoEHook(Protocol):
+    """Terms added between fused MoE's two GEMMs (multi-LoRA on experts: serving/lora), as
+    vLLM's modular MoE kernel lets LoRA plug in. Rows are the M·k (token, choice) slots, in
+    `order` (the torch path's sort of the slots, expert-major) or in slot order (`order` None,
+    the Triton paths, where slot = token · k + choice)."""
+
+    def sort_key(self, expert_of_slot: torch.Tensor) -> torch.Tensor:
+        """The torch path's stable sort key of the slots (expert-major; may split an expert's run)."""
+        ...
+
+    def add_w13(self, h: torch.Tensor, x_rows: torch.Tensor, order: torch.Tensor | None) -> None:
+        """Add to `h` (gate | up, before SiLU) in place; `x_rows` are the rows' inputs."""
+        ...
+
+    def add_w2(self, y: torch.Tensor, act: torch.Tensor, order: torch.Tensor | None,
+               row_weights: torch.Tensor | None) -> None:
+        """Add the down-projection terms to fp32 `y` in place, times `row_weights` when given
+        (the Triton path's `y` already carries the routing weights; the torch path weights after)."""
+        ...
 
 # ----------------------------------------------------------------------------------------
 # Routing and alignment
@@ -194,7 +215,8 @@ def fused_moe_ref(
 
 
 def fused_moe_torch(
-    x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    hook: MoEHook | None = None,
 ) -> torch.Tensor:
     """The CPU path: `fused_moe_ref`'s math with one sort instead of a scan per expert.
 
@@ -205,18 +227,21 @@ def fused_moe_torch(
     The down GEMMs write into one buffer shared by all experts (no concatenation); at decode
     sizes the gate|up GEMMs do too and SiLU·up runs once over all slots (element-wise: the
     same values as per expert), at prefill sizes it runs per expert (cache locality).
+    With a `hook` (expert LoRA) the slots sort by its key, h is kept whole for its terms, and
+    the sums run in fp32 whatever x's dtype (the low-precision and one-token CPU paths are for
+    the base model alone).
     """
     _check(x, weights, topk_weights, topk_ids)
     w13, w2 = _dense(weights, x.dtype)
     I = weights.intermediate_size
     M, k = topk_ids.shape
-    if x.dtype in LOW_PRECISION and x.device.type == "cpu" and M > 0:
+    if hook is None and x.dtype in LOW_PRECISION and x.device.type == "cpu" and M > 0:
         packed = packed_for(weights.cpu_packed, w13, w2) if isinstance(weights, MoEWeights) else None
         if M == 1 and packed is not None:
             return _fused_moe_one_token(x, I, topk_weights, topk_ids, packed)
         return _fused_moe_lowp(x, w13, w2, I, topk_weights, topk_ids, packed)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if M == 1 and x.device.type == "cpu":
+    if hook is None and M == 1 and x.device.type == "cpu":
         return _fused_moe_one_token(x, I, topk_weights, topk_ids, None, w13, w2, acc_dtype)
     out = torch.zeros(M, x.shape[1], dtype=acc_dtype, device=x.device)
     if M == 0:
@@ -224,17 +249,19 @@ def fused_moe_torch(
     flat = topk_ids.reshape(-1)
     if flat.dtype != torch.int64:
         flat = flat.to(torch.int64)
-    order = torch.argsort(flat, stable=True)
+    order = torch.argsort(flat if hook is None else hook.sort_key(flat), stable=True)
     counts = torch.bincount(flat, minlength=weights.num_experts).tolist()
     tok = order // k
     xs = x.index_select(0, tok)
     n = M * k
     runs = [(e, a, a + c) for e, (c, a) in enumerate(zip(counts, _starts(counts))) if c]
     y = torch.empty(n, x.shape[1], dtype=x.dtype, device=x.device)
-    if n * I < _BATCHED_ACT_MAX:  # decode sizes: SiLU·up once over all slots (fewer ops)
+    if n * I < _BATCHED_ACT_MAX or hook is not None:  # decode sizes: SiLU·up once over all slots (fewer ops)
         h = torch.empty(n, 2 * I, dtype=x.dtype, device=x.device)
         for e, a, b in runs:
             torch.mm(xs[a:b], w13[e].t(), out=h[a:b])
+        if hook is not None:
+            hook.add_w13(h, xs, order)
         act = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
         for e, a, b in runs:
             torch.mm(act[a:b], w2[e].t(), out=y[a:b])
@@ -247,6 +274,8 @@ def fused_moe_torch(
         tw = tw.to(acc_dtype)
     if y.dtype != acc_dtype:
         y = y.to(acc_dtype)
+    if hook is not None:
+        hook.add_w2(y, act, order, None)
     out.index_add_(0, tok, y.mul_(tw[:, None]))  # y (or its fresh cast) is ours: in place
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
@@ -659,7 +688,7 @@ def direct_gemm(
 
 
 def _fused_moe_direct(x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                      overrides: dict[str, int]) -> torch.Tensor:
+                      overrides: dict[str, int], hook: MoEHook | None = None) -> torch.Tensor:
     """The decode path: w13 GEMM, SiLU·up, w2 GEMM (· routing weight), one sum over K splits and k."""
     M, k = topk_ids.shape
     H, I, E = weights.hidden_size, weights.intermediate_size, weights.num_experts
@@ -670,9 +699,14 @@ def _fused_moe_direct(x: torch.Tensor, weights: Weights, topk_weights: torch.Ten
     cfg2 = {**moe_direct_config(M, E, H, I, g2, x.device), **overrides}
     h = direct_gemm(x, weights.w13, M, 2 * I, H, topk_ids, False, None, cfg1, x.dtype)
     h = h[0] if h.shape[0] == 1 else h.sum(0).to(x.dtype)
+    if hook is not None:
+        hook.add_w13(h, x.repeat_interleave(k, 0), None)
     act = silu_mul(h)
     tw = topk_weights.reshape(-1).to(torch.float32).contiguous()
     y = direct_gemm(act, weights.w2, M, H, I, topk_ids, True, tw, cfg2, torch.float32)
+    if hook is not None:
+        y = y.sum(0)
+        hook.add_w2(y, act, None, tw)
     return y.view(-1, M, k, H).sum((0, 2)).to(x.dtype)
 
 
@@ -729,9 +763,6 @@ def grouped_gemm(
     return c if split == 1 else c.sum(0).to(out_dtype)
 
 
-_grouped_gemm = grouped_gemm  # the name serving/lora imports
-
-
 def silu_mul(h: torch.Tensor) -> torch.Tensor:
     """`silu(h[:, :I]) * h[:, I:]` computed in fp32, output in h's dtype (Triton): the
     kernel of `kernels.norm_rope_act.silu_and_mul_triton`."""
@@ -742,7 +773,7 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
 
 def fused_moe_triton(
     x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-    **overrides: int,
+    hook: MoEHook | None = None, **overrides: int,
 ) -> torch.Tensor:
     """Triton path: align, grouped GEMM w13, SiLU·up, grouped GEMM w2 (· routing weight), sum k;
     up to `DIRECT_MAX_TOKENS` tokens the same GEMMs without the align (`DIRECT=False` forces the sort)."""
@@ -755,7 +786,7 @@ def fused_moe_triton(
         x = x.contiguous()
     direct = overrides.pop("DIRECT", M <= DIRECT_MAX_TOKENS)
     if direct:
-        return _fused_moe_direct(x, weights, topk_weights, topk_ids, overrides)
+        return _fused_moe_direct(x, weights, topk_weights, topk_ids, overrides, hook)
     awq = isinstance(weights, AWQMoEWeights)
     w13 = weights.w13 if awq else weights.w13
     w2 = weights.w2
@@ -769,24 +800,31 @@ def fused_moe_triton(
         raise ValueError("both grouped GEMMs share one slot alignment; use the same BLOCK_M")
     sorted_ids, expert_ids, ntp = moe_align_block_size(topk_ids, cfg1["BLOCK_M"], E)
     h = grouped_gemm(x, w13, M * k, 2 * I, H, k, sorted_ids, expert_ids, ntp, None, cfg1, x.dtype)
+    if hook is not None:
+        hook.add_w13(h, x.repeat_interleave(k, 0), None)
     act = silu_mul(h)
     tw = topk_weights.reshape(-1).to(torch.float32).contiguous()
     y = grouped_gemm(act, w2, M * k, H, I, 1, sorted_ids, expert_ids, ntp, tw, cfg2, torch.float32)
+    if hook is not None:
+        hook.add_w2(y, act, None, tw)
     return y.view(M, k, H).sum(1).to(x.dtype)
 
 
 def fused_moe(
-    x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor, weights: Weights, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    hook: MoEHook | None = None,
 ) -> torch.Tensor:
-    """`sum_j w_j · expert_{id_j}(x)` for each token: Triton on CUDA (or forced), else `fused_moe_torch`."""
+    """`sum_j w_j · expert_{id_j}(x)` for each token (+ `hook`'s terms between the GEMMs):
+    Triton on CUDA (or forced), else `fused_moe_torch`."""
     if use_triton(x):
-        return fused_moe_triton(x, weights, topk_weights, topk_ids)
-    return fused_moe_torch(x, weights, topk_weights, topk_ids)
+        return fused_moe_triton(x, weights, topk_weights, topk_ids, hook)
+    return fused_moe_torch(x, weights, topk_weights, topk_ids, hook)
 
 
 __all__ = [
     "MoEWeights",
     "AWQMoEWeights",
+    "MoEHook",
     "awq_moe_repack",
     "topk_route",
     "moe_align_block_size",

@@ -29,10 +29,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from hubdeploy.kernels.dispatch import use_triton
-from hubdeploy.kernels.fused_moe import AWQMoEWeights, MoEWeights, moe_align_block_size, moe_config, silu_mul
+from hubdeploy.kernels.fused_moe import AWQMoEWeights, MoEWeights, fused_moe
 from hubdeploy.kernels.lora import lora_expand, lora_shrink, moe_lora_expand, moe_lora_shrink
 from hubdeploy.serving.lora.adapter import LoRAModuleWeights
 from hubdeploy.serving.lora.batch import LoRABatch
@@ -235,11 +234,9 @@ class MoESite:
             # rows of slots with no expert weights here (e.g. an attention-only adapter) do no LoRA work
             slot_rows = torch.where(self.used_t[slot_rows.clamp(min=0).long()] & (slot_rows >= 0), slot_rows,
                                     torch.full_like(slot_rows, -1))
-        if use_triton(x):
-            return self._triton(x, weights, topk_weights, topk_ids, slot_rows)
-        return self._torch(x, weights, topk_weights, topk_ids, slot_rows, lora)
+        return fused_moe(x, weights, topk_weights, topk_ids, hook=_ExpertLoRA(self, topk_ids, slot_rows, lora))
 
-    # --- the LoRA terms on (token, k) rows -------------------------------------------
+    # --- the LoRA terms on (token, k) rows, gathered per row (BGMV) ---------------------
     def _add_w13(self, h: torch.Tensor, x_rows: torch.Tensor, e_rows: torch.Tensor, s_rows: torch.Tensor) -> None:
         R, I = self.R, self.I
         t = moe_lora_shrink(x_rows, e_rows, s_rows, self.a13)
@@ -251,101 +248,86 @@ class MoESite:
         d = torch.zeros(act.shape[0], self.H, dtype=torch.float32, device=act.device)
         return moe_lora_expand(d, t, e_rows, s_rows, self.b2, self.ones)
 
-    def _torch(self, x: torch.Tensor, weights: MoEWeights | AWQMoEWeights, topk_weights: torch.Tensor,
-               topk_ids: torch.Tensor, slot_rows: torch.Tensor, lora: LoRABatch) -> torch.Tensor:
-        """`fused_moe_torch`'s math (rows sorted by expert once, one GEMM per expert, fp32 sums)
-        with the LoRA terms added between the two GEMMs, in one of three ways:
-        - one adapter in the step: per-expert GEMMs with its weights, base rows masked;
-        - prefill-shaped steps of several adapters: rows sorted by (expert, slot), so each
-          (slot, expert) group is a contiguous slice with one GEMM pair;
-        - decode steps and static batches: the gathered BGMV terms over all rows (cost
-          independent of the number of adapters, no host sync in the LoRA work).
-        Rows keep `fused_moe_torch`'s order except in the grouped case: bit-identical to it
-        when the LoRA terms are zero."""
-        from hubdeploy.kernels.fused_moe import _dense  # the reference's own dense (cached) expert weights
 
-        w13, w2 = _dense(weights, x.dtype)
-        I, R, H, E = self.I, self.R, self.H, self.E
-        M, k = topk_ids.shape
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        out = torch.zeros(M, H, dtype=acc, device=x.device)
-        if M == 0:
-            return out.to(x.dtype)
-        one = None if lora.static or len(lora.active_slots) != 1 else next(iter(lora.active_slots))
-        grouped = one is None and not lora.static and lora.segments is not None
-        flat = topk_ids.reshape(-1).long()
-        G = self.S + 1 if grouped else 1  # sub-groups per expert: base rows, then one per slot
-        key = flat * G + (slot_rows.long() + 1) if grouped else flat
-        order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=E * G).tolist()  # the CPU path's one host sync
-        spans: list[tuple[int, int, int]] = []  # (expert, start, end) of the sorted rows
-        groups: list[tuple[int, int, int, int]] = []  # (slot, expert, start, end), grouped only
-        start = 0
-        for e in range(E):
-            c0 = start
-            for g in range(G):
-                c = counts[e * G + g]
-                if c and g > 0:
-                    groups.append((g - 1, e, start, start + c))
-                start += c
-            if start > c0:
-                spans.append((e, c0, start))
-        tok = order // k
-        xs = x.index_select(0, tok)
-        e_s = flat.index_select(0, order)
-        s_s = slot_rows.index_select(0, order)
-        h = torch.cat([xs[a:b] @ w13[e].t() for e, a, b in spans])
-        if one is not None:
-            keep = (s_s >= 0)[:, None]
-            for e, a, b in spans:
-                t = torch.where(keep[a:b], xs[a:b].to(acc) @ self.a13[one, e].to(acc).t(), 0.0)
-                h[a:b, :I] += (t[:, :R] @ self.b1[one, e].to(acc).t()).to(h.dtype)
-                h[a:b, I:] += (t[:, R:] @ self.b3[one, e].to(acc).t()).to(h.dtype)
-        elif grouped:
-            for slot, e, a, b in groups:
-                t = xs[a:b].to(acc) @ self.a13[slot, e].to(acc).t()
-                h[a:b, :I] += (t[:, :R] @ self.b1[slot, e].to(acc).t()).to(h.dtype)
-                h[a:b, I:] += (t[:, R:] @ self.b3[slot, e].to(acc).t()).to(h.dtype)
-        else:
-            self._add_w13(h, xs, e_s, s_s)
-        act = F.silu(h[:, :I]) * h[:, I:]
-        y = torch.cat([act[a:b] @ w2[e].t() for e, a, b in spans]).to(acc)
-        if one is not None:
-            for e, a, b in spans:
-                t = torch.where(keep[a:b], act[a:b].to(acc) @ self.a2[one, e].to(acc).t(), 0.0)
-                y[a:b] += t @ self.b2[one, e].to(acc).t()
-        elif grouped:
-            for slot, e, a, b in groups:
-                y[a:b] += (act[a:b].to(acc) @ self.a2[slot, e].to(acc).t()) @ self.b2[slot, e].to(acc).t()
-        else:
-            y.add_(self._w2_delta(act, e_s, s_s).to(acc))
-        tw = topk_weights.reshape(-1).index_select(0, order).to(acc)
-        out.index_add_(0, tok, y * tw[:, None])
-        return out.to(x.dtype)
+class _ExpertLoRA:
+    """The `MoEHook` of one step: each (token, k) row's expert adapted by its token's slot.
 
-    def _triton(self, x: torch.Tensor, weights: MoEWeights | AWQMoEWeights, topk_weights: torch.Tensor,
-                topk_ids: torch.Tensor, slot_rows: torch.Tensor) -> torch.Tensor:
-        """`fused_moe_triton`'s grouped GEMMs with the LoRA terms between them."""
-        from hubdeploy.kernels.fused_moe import _grouped_gemm  # the launcher fused_moe_triton itself uses
+    Triton paths (rows in slot order) and decode/static steps on the torch path use the
+    gathered per-row (BGMV) terms: cost independent of the number of adapters, no host sync.
+    The torch path's other steps use plain GEMMs on contiguous slices of its sorted rows:
+    - one adapter in the step: per-expert GEMMs with its weights, base rows masked;
+    - prefill-shaped steps of several adapters: the rows sort by (expert, slot) (`sort_key`),
+      so each (slot, expert) group is one slice with one GEMM pair.
+    With zero LoRA terms the result is bit-identical to `fused_moe_torch` without a hook.
+    """
 
-        M, k = topk_ids.shape
-        H, I, E = self.H, self.I, self.E
-        if M == 0:
-            return torch.empty_like(x)
-        x = x.contiguous()
-        awq = isinstance(weights, AWQMoEWeights)
-        cfg1 = moe_config(M, k, E, 2 * I, H, weights.w13.group_size if awq else None, x.device)
-        cfg2 = moe_config(M, k, E, H, I, weights.w2.group_size if awq else None, x.device)
-        cfg2["BLOCK_M"] = cfg1["BLOCK_M"]
-        sorted_ids, expert_ids, ntp = moe_align_block_size(topk_ids, cfg1["BLOCK_M"], E)
-        h = _grouped_gemm(x, weights.w13, M * k, 2 * I, H, k, sorted_ids, expert_ids, ntp, None, cfg1, x.dtype)
-        e_rows = topk_ids.reshape(-1)
-        self._add_w13(h, x.repeat_interleave(k, 0), e_rows, slot_rows)
-        act = silu_mul(h)
-        tw = topk_weights.reshape(-1).to(torch.float32).contiguous()
-        y = _grouped_gemm(act, weights.w2, M * k, H, I, 1, sorted_ids, expert_ids, ntp, tw, cfg2, torch.float32)
-        y = y + self._w2_delta(act, e_rows, slot_rows) * tw[:, None]
-        return y.view(M, k, H).sum(1).to(x.dtype)
+    def __init__(self, site: MoESite, topk_ids: torch.Tensor, slot_rows: torch.Tensor, lora: LoRABatch) -> None:
+        self.site, self.slot_rows = site, slot_rows
+        self.flat = topk_ids.reshape(-1).long()
+        self.one = None if lora.static or len(lora.active_slots) != 1 else next(iter(lora.active_slots))
+        self.grouped = self.one is None and not lora.static and lora.segments is not None
+        self.G = site.S + 1 if self.grouped else 1  # sub-groups per expert: base rows, then one per slot
+        self.spans: list[tuple[int, int, int]] = []  # (expert, start, end) of the sorted rows
+        self.groups: list[tuple[int, int, int, int]] = []  # (slot, expert, start, end), grouped only
+        self.keep: torch.Tensor | None = None
+
+    def sort_key(self, expert_of_slot: torch.Tensor) -> torch.Tensor:
+        return expert_of_slot * self.G + (self.slot_rows.long() + 1) if self.grouped else expert_of_slot
+
+    def _sliced(self, order: torch.Tensor | None) -> bool:
+        """Whether this call adds per-slice GEMMs (torch path, one adapter or grouped); lays them out."""
+        if order is None or (self.one is None and not self.grouped):
+            return False
+        if not self.spans:
+            counts = torch.bincount(self.sort_key(self.flat), minlength=self.site.E * self.G).tolist()
+            start = 0
+            for e in range(self.site.E):
+                c0 = start
+                for g in range(self.G):
+                    c = counts[e * self.G + g]
+                    if c and g > 0:
+                        self.groups.append((g - 1, e, start, start + c))
+                    start += c
+                if start > c0:
+                    self.spans.append((e, c0, start))
+            self.keep = (self.slot_rows.index_select(0, order) >= 0)[:, None]
+        return True
+
+    def _rows(self, order: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if order is None:
+            return self.flat, self.slot_rows
+        return self.flat.index_select(0, order), self.slot_rows.index_select(0, order)
+
+    def add_w13(self, h: torch.Tensor, x_rows: torch.Tensor, order: torch.Tensor | None) -> None:
+        site = self.site
+        if not self._sliced(order):
+            site._add_w13(h, x_rows, *self._rows(order))
+            return
+        I, R = site.I, site.R
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        for slot, e, a, b in self._slices():
+            t = x_rows[a:b].to(acc) @ site.a13[slot, e].to(acc).t()
+            if self.one is not None:
+                t = torch.where(self.keep[a:b], t, 0.0)
+            h[a:b, :I] += (t[:, :R] @ site.b1[slot, e].to(acc).t()).to(h.dtype)
+            h[a:b, I:] += (t[:, R:] @ site.b3[slot, e].to(acc).t()).to(h.dtype)
+
+    def add_w2(self, y: torch.Tensor, act: torch.Tensor, order: torch.Tensor | None,
+               row_weights: torch.Tensor | None) -> None:
+        site = self.site
+        if not self._sliced(order):
+            d = site._w2_delta(act, *self._rows(order)).to(y.dtype)
+            y.add_(d if row_weights is None else d * row_weights[:, None])
+            return
+        for slot, e, a, b in self._slices():  # torch path: `row_weights` is None (weighted after)
+            t = act[a:b].to(y.dtype) @ site.a2[slot, e].to(y.dtype).t()
+            if self.one is not None:
+                t = torch.where(self.keep[a:b], t, 0.0)
+            y[a:b] += t @ site.b2[slot, e].to(y.dtype).t()
+
+    def _slices(self) -> list[tuple[int, int, int, int]]:
+        """(slot, expert, start, end): the one adapter over each expert's rows, or each group."""
+        return [(self.one, e, a, b) for e, a, b in self.spans] if self.one is not None else self.groups
 
 
 __all__ = ["LinearSite", "MoESite"]
