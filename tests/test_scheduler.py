@@ -19,12 +19,7 @@ def seq(rid: str, n: int, start: int = 0) -> Sequence:
 
 def advance(sched: Scheduler, batch: list[ScheduledSeq], token: int = 7) -> None:
     """What the engine does after the forward pass (sampling a fixed token)."""
-    for item in batch:
-        samples = item.samples
-        item.seq.num_computed_tokens += item.num_tokens
-        sched.bm.commit(item.seq)
-        if samples:
-            item.seq.append_token(token)
+    sched.postprocess(batch, [token] * sum(item.samples for item in batch))
 
 
 def test_budget_and_chunked_prefill() -> None:

@@ -83,8 +83,7 @@ class BlockManager:
 
         Only blocks that end before the last token are looked up, so at least one token is
         always computed (its logits are needed) and shared blocks are never written to.
-        Returns the (queries, hits) it added to the counters, so a caller that gives the
-        blocks back at once (no room yet) can take the lookup back too.
+        Returns the (queries, hits) it added to the counters, for `uncount_lookup`.
         """
         assert not seq.block_table, "allocate_prefix on a sequence that already holds blocks"
         if not self.enable_prefix_caching:
@@ -112,6 +111,11 @@ class BlockManager:
         if seq.num_preemptions == 0:  # usage reports the prompt's hits, not a resume's
             seq.num_cached_tokens = seq.num_computed_tokens
         return self.prefix_queries - q0, self.prefix_hits - h0
+
+    def uncount_lookup(self, lookup: tuple[int, int]) -> None:
+        """Take back an `allocate_prefix` lookup whose blocks went back unused (counted on admission)."""
+        self.prefix_queries -= lookup[0]
+        self.prefix_hits -= lookup[1]
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Grow `seq`'s block table so it can hold `num_tokens` tokens (caller checked room)."""

@@ -1,7 +1,8 @@
 """`LLMEngine`: the step loop that ties scheduler, model runner, sampler and detokenizer.
 
 `add_request` queues a sequence; each `step()` schedules a batch, runs the model once,
-samples, applies stop conditions and returns the incremental outputs of every request
+samples, hands the tokens to `Scheduler.postprocess` (which owns the step's bookkeeping and
+stop conditions), applies stop strings and returns the incremental outputs of every request
 that produced something (or finished) in that step. Not thread-safe: `AsyncEngine` drives
 it from a single thread.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from hubdeploy.serving.scheduler import Scheduler
 from hubdeploy.serving.sequence import Sequence
 from hubdeploy.serving.stats import EngineStats
 from hubdeploy.serving.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:  # serving.lora loads only for an engine that serves adapters
+    from hubdeploy.serving.lora.manager import LoRAManager
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +121,14 @@ class LLMEngine:
             self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.model_config: ModelConfig = cfg
         self.tokenizer: Tokenizer = tokenizer
-        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys([*self.tokenizer.eos_token_ids, *cfg.eos_token_id]))
+        eos = tuple(dict.fromkeys([*self.tokenizer.eos_token_ids, *cfg.eos_token_id]))
         max_len = args.max_model_len or min(cfg.max_position_embeddings, 4096)
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
                              f"{cfg.max_position_embeddings}; lower max_model_len")
         self.max_model_len = max_len
-        # LoRA seam: adapters and their device slots come before the KV cache takes the free memory
-        self.lora_manager: Any | None = None  # serving.lora.LoRAManager
+        # adapters and their device slots come before the KV cache takes the free memory
+        self.lora_manager: LoRAManager | None = None
         if args.max_loras > 0:
             from hubdeploy.serving.lora import create_lora_manager
 
@@ -133,6 +137,7 @@ class LLMEngine:
             model, cfg, self.device, self.dtype, args.block_size, max_len, args.max_num_seqs,
             args.max_num_batched_tokens, args.kv_cache_tokens, args.gpu_memory_utilization, args.enforce_eager,
             cpu_threads=args.cpu_threads, cpu_parallel_min_tokens=args.cpu_parallel_min_tokens,
+            lora_manager=self.lora_manager,
         )
         capacity = self.runner.num_blocks * args.block_size
         if capacity < max_len:
@@ -140,7 +145,8 @@ class LLMEngine:
                              "request could never fit. Raise kv_cache_tokens / gpu_memory_utilization or "
                              "lower max_model_len")
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, max_len)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, max_len,
+                                   eos, self.lora_manager)
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
         # True for a front end that reads only the delta fields of unfinished outputs (e.g. the
@@ -149,10 +155,15 @@ class LLMEngine:
         # copying every output so far. Finished outputs are always whole.
         self.delta_outputs_only = False
         self._stats = EngineStats(num_kv_blocks=self.runner.num_blocks, block_size=args.block_size)
-        if self.lora_manager is not None:  # LoRA seam: scheduler admission, runner batch
-            from hubdeploy.serving.lora import attach_lora
 
-            attach_lora(self, self.lora_manager)
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The tokens that end a request: the scheduler's stop check, the sampler's min_tokens mask."""
+        return self.scheduler.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: tuple[int, ...]) -> None:
+        self.scheduler.eos_token_ids = ids
 
     # --- requests --------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -177,7 +188,7 @@ class LLMEngine:
                              "(start it with lora_modules)")
         seq = Sequence(request_id, ids, params, lora_name=lora_name, prompt=text)
         if self.lora_manager is not None:
-            self.lora_manager.add_user(seq)  # LoRA seam: ValueError for an adapter that is not loaded
+            self.lora_manager.add_user(seq)  # ValueError for an adapter that is not loaded
         seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -187,8 +198,7 @@ class LLMEngine:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return None
-        self.scheduler.remove(seq)
-        seq.finish("abort")
+        self.scheduler.finish(seq, "abort")
         self._stats.requests_aborted_total += 1
         return self._output(seq, [], "")
 
@@ -204,48 +214,27 @@ class LLMEngine:
         stats = self._stats
         stats.steps_total += 1
         sampling: list[Sequence] = []
-        commit = self.block_manager.commit
         for item in batch:
-            seq = item.seq
-            start = seq.num_computed_tokens
-            end = start + item.num_tokens
-            if start < len(seq.prompt_token_ids):
-                stats.prompt_tokens_total += max(0, min(end, len(seq.prompt_token_ids)) - start)
-            if end == len(seq.token_ids):  # item.samples
+            seq, start = item.seq, item.seq.num_computed_tokens
+            stats.prompt_tokens_total += max(0, min(start + item.num_tokens, len(seq.prompt_token_ids)) - start)
+            if item.samples:
                 sampling.append(seq)
-            seq.num_computed_tokens = end
-            commit(seq)
-        outputs: list[RequestOutput] = []
-        if not sampling:
-            return outputs
         eos = self.eos_token_ids
-        rows = [SampleInput(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator, eos)
-                for seq in sampling]
-        tokens, lps = self.sampler(logits, rows)
-        for seq, tok, lp in zip(sampling, tokens, lps):
-            seq.append_token(tok, lp)
-            self._stats.generation_tokens_total += 1
-            reason = self._check_stop(seq, tok)
-            is_special_stop = reason == "stop"
-            delta, hit = seq.detok.add(None if is_special_stop else tok, finished=reason is not None)
+        rows = [SampleInput(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, eos) for s in sampling]
+        tokens, lps = self.sampler(logits, rows) if rows else ([], [])
+        self.scheduler.postprocess(batch, tokens, lps)
+        outputs: list[RequestOutput] = []
+        for seq, tok in zip(sampling, tokens):
+            stats.generation_tokens_total += 1
+            # an EOS / stop token is not text; a stop string (also in the final flush) ends it as "stop"
+            delta, hit = seq.detok.add(None if seq.finish_reason == "stop" else tok, finished=seq.is_finished)
             if hit:
-                reason = "stop"
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
+                self.scheduler.finish(seq, "stop")
+            if seq.is_finished:
                 self.seqs.pop(seq.request_id, None)
-                self._stats.requests_finished_total += 1
+                stats.requests_finished_total += 1
             outputs.append(self._output(seq, [tok], delta))
         return outputs
-
-    def _check_stop(self, seq: Sequence, tok: int) -> str | None:
-        p = seq.params
-        n = seq.num_output_tokens
-        if n >= p.min_tokens:
-            if (not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids:
-                return "stop"
-        if n >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            return "length"
-        return None
 
     def _output(self, seq: Sequence, delta_ids: list[int], delta_text: str) -> RequestOutput:
         if self.delta_outputs_only and not seq.is_finished:
@@ -282,7 +271,7 @@ class LLMEngine:
         s.prefix_cache_queries = self.block_manager.prefix_queries
         s.prefix_cache_hits = self.block_manager.prefix_hits
         s.preemptions_total = self.scheduler.num_preemptions
-        if self.lora_manager is not None:  # LoRA seam
+        if self.lora_manager is not None:
             lo = self.lora_manager.snapshot()
             s.lora_swaps_total, s.lora_resident, s.lora_registered = lo.swaps_total, lo.resident, lo.registered
         return EngineStats(**{k: getattr(s, k) for k in s.__dataclass_fields__})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from hubdeploy.serving.heap import retain_freed_memory
 from hubdeploy.serving.config import ModelConfig
 from hubdeploy.serving.forward_context import ForwardContext
 from hubdeploy.serving.scheduler import ScheduledSeq
+
+if TYPE_CHECKING:
+    from hubdeploy.serving.lora.manager import LoRAManager
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +140,11 @@ class ModelRunner:
         enforce_eager: bool = False,
         cpu_threads: int | None = None,
         cpu_parallel_min_tokens: int | None = None,
+        lora_manager: LoRAManager | None = None,
     ) -> None:
+        """`lora_manager` gives each step's per-token adapters (None: base model only)."""
         self.model = model
+        self.lora_manager = lora_manager
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
@@ -243,13 +249,6 @@ class ModelRunner:
         self.model.compute_logits(hidden[-1:])
 
     # --- batch building --------------------------------------------------------------
-    def build_lora_context(self, batch: list[ScheduledSeq]) -> Any | None:
-        """Seam for multi-LoRA: describe adapters per token (serving.lora); None without LoRA."""
-        mgr = getattr(self, "lora_manager", None)  # set by serving.lora.attach_lora
-        if mgr is None:
-            return None
-        return mgr.build_batch((item.seq.lora_name, item.num_tokens) for item in batch)
-
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[int]]:
         """Flatten a step into (input_ids, positions, ctx, indices of the positions to sample).
 
@@ -284,7 +283,7 @@ class ModelRunner:
             total += n
             cu.append(total)
             ctx_lens.append(end)
-            if end == len(tokens):  # item.samples, before the engine advances num_computed_tokens
+            if item.samples:
                 sample_idx.append(total - 1)
             if len(table) > width:
                 width = len(table)
@@ -310,7 +309,8 @@ class ModelRunner:
             max_context_len=max(ctx_lens),
             kv_caches=self.kv_caches,
         )
-        ctx.lora = self.build_lora_context(batch)
+        if self.lora_manager is not None:
+            ctx.lora = self.lora_manager.build_batch((item.seq.lora_name, item.num_tokens) for item in batch)
         if self.dense_kv is not None:  # the decode rows' dense K/V, found by sequence (recomputed: anew)
             self.dense_kv.keys = [(item.seq.seq_id, item.seq.num_preemptions) for item in batch]
             ctx.dense_kv = self.dense_kv
@@ -347,7 +347,7 @@ class ModelRunner:
 
     # --- CUDA graphs (decode only) -----------------------------------------------------
     # Base-only decode steps replay `graphs`; decode steps with adapters replay `lora_graphs`,
-    # captured per batch size on first use (the LoRA manager is attached after start-up) over a
+    # captured per batch size on first use (adapters load while serving) over a
     # static `LoRABatch` whose slot buffer `g_lora_slots` each replay overwrites in place.
     # Adapter swaps copy into the preallocated slot stacks, so graphs keep reading the right
     # addresses; only an adapter that allocates a site no earlier one touched (new buffers)
@@ -361,7 +361,7 @@ class ModelRunner:
 
     def _lora_layout(self) -> tuple[bool, ...]:
         """Which LoRA sites hold device buffers: what a captured LoRA graph depends on."""
-        mgr = getattr(self, "lora_manager", None)
+        mgr = self.lora_manager
         return () if mgr is None else tuple(site.allocated for site in mgr.sites)
 
     def _alloc_graph_buffers(self, max_bs: int) -> None:
@@ -426,7 +426,7 @@ class ModelRunner:
         """The context a graph is captured with: views of the static buffers (LoRA: a static batch)."""
         from hubdeploy.serving.lora.batch import static_lora_batch
 
-        mgr = getattr(self, "lora_manager", None)
+        mgr = self.lora_manager
         return ForwardContext(
             is_prefill=False, cu_seqlens_q=self.g_cu[:b + 1], context_lens=self.g_lens[:b],
             block_tables=self.g_tables[:b], slot_mapping=self.g_slots[:b], max_seqlen_q=1,

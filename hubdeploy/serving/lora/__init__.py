@@ -4,7 +4,9 @@
 - `manager`: `LoRAManager` — registry, host cache, device slots, LRU swap-in, pinning.
 - `batch`: the per-step token -> slot mapping (`ForwardContext.lora`).
 - `layers`: the per-module device buffers and hooks (attention, dense MLP, MoE experts).
-`create_lora_manager` (before the KV cache is sized) and `attach_lora(engine, mgr)` wire it into an `LLMEngine`.
+`LLMEngine` calls `create_lora_manager` (before the KV cache is sized) and hands the manager to
+its `Scheduler` (admission: an adapter's sequence runs once the adapter holds a device slot) and
+`ModelRunner` (each step's `LoRABatch`).
 """
 from __future__ import annotations
 
@@ -25,24 +27,5 @@ def create_lora_manager(args: Any, model: Any, device: Any, dtype: Any) -> LoRAM
     return mgr
 
 
-def attach_lora(engine: Any, mgr: LoRAManager) -> LoRAManager:
-    """Wire `mgr` into an `LLMEngine`: the scheduler admits a sequence only when its adapter
-    holds a device slot (`lora_admit`) and unpins it on preemption/finish (`lora_release`);
-    the runner asks the manager for each step's `LoRABatch`. Unloading an adapter drops the
-    prefix cache on the engine thread (a later adapter of the same name must not reuse its K/V).
-    """
-    bm = engine.block_manager
-
-    def admit(seq: Any) -> bool:
-        if mgr.take_prefix_cache_stale():
-            bm.reset_prefix_cache()
-        return mgr.acquire(seq)
-
-    engine.scheduler.lora_admit = admit
-    engine.scheduler.lora_release = mgr.release
-    engine.runner.lora_manager = mgr
-    return mgr
-
-
-__all__ = ["LoRAAdapter", "LoRABatch", "LoRAConfig", "LoRAError", "LoRAManager", "LoRAStats", "attach_lora",
+__all__ = ["LoRAAdapter", "LoRABatch", "LoRAConfig", "LoRAError", "LoRAManager", "LoRAStats",
            "build_lora_batch", "create_lora_manager", "load_adapter", "parse_source"]
