@@ -17,7 +17,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hubdeploy.serving.engine_client import EngineClient
 
 log = logging.getLogger("hubdeploy.serve")
 
@@ -95,7 +98,7 @@ def _engine_args(args: argparse.Namespace, model_dir: Path, loras: dict[str, str
     return EngineArgs(**kw)
 
 
-async def _warm_up(engine: Any, prefill_tokens: int = 2048, batch: int = 32) -> None:
+async def _warm_up(engine: EngineClient, prefill_tokens: int = 2048, batch: int = 32) -> None:
     """Requests through the whole path before the endpoint says ready, so the first clients do not
     pay for first-time work: one short request, then at once `prefill_tokens` of distinct prompts
     (a full-budget prefill step: the allocator's large blocks, the CPU thread pool) and `batch`
@@ -117,8 +120,9 @@ async def _warm_up(engine: Any, prefill_tokens: int = 2048, batch: int = 32) -> 
                          *(one(f"warmup-{i}", hello) for i in range(1, batch + 1)))
 
 
-def _start_engine(app: Any, args: argparse.Namespace, engine_args: Any, server: Any) -> Any:
-    """The engine in a child process (default) or a thread; stored on the app for shutdown."""
+def _start_engine(app: Any, args: argparse.Namespace, engine_args: Any, server: Any) -> EngineClient:
+    """The engine in a child process (default) or a thread (the same `EngineClient` either way);
+    stored on the app for shutdown."""
     if args.single_process:
         from hubdeploy.serving.async_engine import AsyncEngine
 
@@ -174,7 +178,7 @@ def _load(app: Any, args: argparse.Namespace, loras: dict[str, str], server: Any
                       max_model_len=engine.max_model_len)
         from hubdeploy.serving.heap import freeze_heap
 
-        freeze_heap()  # a full collection over this heap would stall every stream (~50 ms)
+        freeze_heap()  # a full collection over this heap would stall every stream (serving.heap)
         phase("ready", f"http://{args.host}:{args.port}/v1 model={app.state.server.served_model_name}")
     except BaseException as e:  # noqa: BLE001 - every failure is reported, then the process exits
         log.exception("loading %s failed", args.model)

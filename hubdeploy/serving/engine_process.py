@@ -1,4 +1,4 @@
-"""`EngineProcess`: the engine's step loop in a child process; the HTTP side stays in this one.
+"""`EngineProcess`: the `EngineClient` transport that runs the engine in a child process.
 
 Why a process and not only a thread (`AsyncEngine`): the server's per-token work (HTTP
 framing, SSE chunks, asyncio) is Python, and in one process it takes turns with the
@@ -15,10 +15,9 @@ The wire is one `multiprocessing` pipe, pickled tuples, one message per step:
                       ("step", [StepDelta, ...], EngineStats) · ("error", rid, kind, message)
                       ("reply", call_id, None | (kind, message))
 
-Outputs cross the pipe as deltas (new tokens, new text, new logprobs): the front end keeps
-each stream's cumulative `RequestOutput` itself, so a step's message does not grow with the
-length of the sequences. `EngineProcess` has `AsyncEngine`'s interface (`generate`, `abort`,
-`stats`, `tokenizer`, `is_ready`, LoRA admin), so the server takes either.
+Outputs cross the pipe as deltas (new tokens, new text, new logprobs): the front keeps each
+stream's cumulative `RequestOutput` itself (`_DeltaStream`), so a step's message does not
+grow with the length of the sequences. The request bookkeeping is `EngineFront`'s.
 """
 from __future__ import annotations
 
@@ -28,30 +27,20 @@ import logging
 import multiprocessing as mp
 import signal
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
-from hubdeploy.serving.config import ModelConfig
-from hubdeploy.serving.outputs import EngineDeadError, RequestMetrics, RequestOutput, outputs_until_finished
+from hubdeploy.serving.engine_client import (
+    Command, EngineFront, EngineInfo, RequestStream, apply_command, call_soon, lora_manager, step_engine,
+)
+from hubdeploy.serving.outputs import EngineDeadError, RequestMetrics, RequestOutput
 from hubdeploy.serving.sampling_params import SamplingParams
-from hubdeploy.serving.stats import EngineStats
 
 log = logging.getLogger(__name__)
 
 # (request id, new token ids, new text, new logprobs | None, finish reason, finished,
 #  full text when finished else None, metrics tuple when finished else None)
 StepDelta = tuple[str, list[int], str, "list | None", "str | None", bool, "str | None", "tuple | None"]
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What the front end needs from the loaded engine (sent once, when ready)."""
-
-    model_dir: str
-    model_config: ModelConfig
-    max_model_len: int
-    lora_sources: dict[str, str] | None  # None: the engine has no LoRA manager
 
 
 # ============================================================== the engine side (child)
@@ -81,6 +70,9 @@ class _EngineLoop:
         with self._send_lock:
             self.conn.send(msg)
 
+    def fail(self, rid: str, e: BaseException) -> None:
+        self.send(("error", rid, "ValueError" if isinstance(e, ValueError) else type(e).__name__, str(e)))
+
     def run(self) -> None:
         engine = self.engine
         while True:
@@ -94,16 +86,8 @@ class _EngineLoop:
                             break
             except (EOFError, OSError):  # the front end is gone: nothing left to serve
                 return
-            outputs: list[RequestOutput] = []
             stepped = engine.has_unfinished()
-            if stepped:
-                try:
-                    outputs = engine.step()
-                except Exception as e:  # a failed step fails its requests, not the engine
-                    log.exception("engine step failed")
-                    for rid in list(engine.seqs):
-                        engine.abort_request(rid)
-                        self.send(("error", rid, "RuntimeError", f"engine step failed: {e}"))
+            outputs = step_engine(engine, self.fail)
             if stepped or self._pending:
                 deltas, self._pending = self._pending, []
                 deltas += [_delta(o) for o in outputs]
@@ -111,14 +95,8 @@ class _EngineLoop:
 
     def _handle(self, msg: tuple[Any, ...]) -> bool:
         kind = msg[0]
-        if kind == "add":
-            _, rid, ids, params, lora = msg
-            try:
-                self.engine.add_request(rid, ids, params, lora_name=lora)
-            except Exception as e:  # a bad request fails its own stream only
-                self.send(("error", rid, "ValueError" if isinstance(e, ValueError) else type(e).__name__, str(e)))
-        elif kind == "abort":
-            out = self.engine.abort_request(msg[1])
+        if kind in ("add", "abort"):
+            out = apply_command(self.engine, msg, self.fail)
             if out is not None:
                 self._pending.append(_delta(out))
         elif kind == "lora_load":
@@ -133,10 +111,7 @@ class _EngineLoop:
     def _lora_call(self, call_id: int, method: str, *args: Any) -> None:
         """`LoRAManager.register|unregister(*args)`; the outcome goes back as ("reply", call_id, err)."""
         try:
-            mgr = self.engine.lora_manager
-            if mgr is None:
-                raise RuntimeError("this engine has no LoRA manager (started with max_loras=0)")
-            getattr(mgr, method)(*args)
+            getattr(lora_manager(self.engine), method)(*args)
             err = None
         except KeyError as e:
             err = ("KeyError", e.args[0] if e.args else str(e))
@@ -163,30 +138,28 @@ def _engine_main(conn: Any, args: Any, log_level: str) -> None:
         return
     engine.delta_outputs_only = True  # only deltas cross the pipe: no O(length) copies per step
     freeze_heap()  # the loaded model and its imports stay out of every later collection
-    mgr = engine.lora_manager
-    conn.send(("ready", EngineInfo(str(engine.model_dir), engine.model_config, engine.max_model_len,
-                                   dict(mgr.sources) if mgr is not None else None)))
+    conn.send(("ready", EngineInfo.of(engine)))
     _EngineLoop(engine, conn).run()
 
 
 # ============================================================== the front end (this process)
 
 
-class _Stream:
+class _DeltaStream(RequestStream):
     """One request's consumer and its cumulative output, rebuilt from deltas."""
 
-    __slots__ = ("loop", "queue", "prompt_ids", "lora", "token_ids", "text", "logprobs")
+    __slots__ = ("prompt_ids", "lora", "token_ids", "text", "logprobs")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params: SamplingParams,
                  lora: str | None) -> None:
-        self.loop, self.queue = loop, asyncio.Queue()
+        super().__init__(loop)
         self.prompt_ids, self.lora = prompt_ids, lora
         self.token_ids: list[int] = []
         self.text = ""
         self.logprobs: list | None = [] if params.logprobs is not None else None
 
-    def apply(self, d: StepDelta, rid: str) -> RequestOutput:
-        _, new_ids, new_text, new_lps, reason, finished, full_text, metrics = d
+    def output(self, d: StepDelta) -> RequestOutput:
+        rid, new_ids, new_text, new_lps, reason, finished, full_text, metrics = d
         self.token_ids += new_ids
         self.text = full_text if full_text is not None else self.text + new_text
         if self.logprobs is not None and new_lps:
@@ -199,8 +172,8 @@ class _Stream:
             metrics=RequestMetrics(*metrics) if metrics is not None else None)
 
 
-class EngineProcess:
-    """`AsyncEngine`'s interface over an engine in a child process (see the module docstring).
+class EngineProcess(EngineFront):
+    """An `EngineClient` over an engine in a child process (see the module docstring).
 
     The child loads `args` (a spawn, not a fork: CUDA and torch's threads do not survive a
     fork); `wait_ready` blocks until it reports. `on_exit(reason)` is called once if the
@@ -209,6 +182,7 @@ class EngineProcess:
 
     def __init__(self, args: Any, *, load_in_background: bool = False, log_level: str = "INFO",
                  on_exit: Callable[[str], None] | None = None) -> None:
+        super().__init__()
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
         self._proc = ctx.Process(target=_engine_main, args=(child_conn, args, log_level), name="hubdeploy-engine",
@@ -217,17 +191,8 @@ class EngineProcess:
         child_conn.close()  # our copy: EOF on recv once the child is gone
         self._on_exit = on_exit
         self._send_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._streams: dict[str, _Stream] = {}
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._call_ids = itertools.count()
-        self._ready = threading.Event()
-        self._stopping = False
-        self._dead: str | None = None
-        self.load_error: BaseException | None = None
-        self.info: EngineInfo | None = None
-        self._tokenizer: Any = None
-        self._stats = EngineStats()
         self._reader = threading.Thread(target=self._read_loop, name="engine-pipe", daemon=True)
         self._reader.start()
         if not load_in_background:
@@ -235,76 +200,9 @@ class EngineProcess:
             if self.load_error is not None:
                 raise self.load_error
 
-    # --- AsyncEngine's interface -------------------------------------------------------
-    @property
-    def is_ready(self) -> bool:
-        return self._ready.is_set() and self.load_error is None and self._dead is None
-
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Block until loaded (True) or failed/timed out (False)."""
-        self._ready.wait(timeout)
-        return self.is_ready
-
-    def _info(self) -> EngineInfo:
-        if self.info is None:
-            raise EngineDeadError(f"the engine is not loaded: {self.load_error or 'still loading'}")
-        return self.info
-
-    @property
-    def tokenizer(self) -> Any:  # serving.tokenizer.Tokenizer, loaded here from the same files
-        self._info()
-        return self._tokenizer
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return self._info().model_config
-
-    @property
-    def max_model_len(self) -> int:
-        return self._info().max_model_len
-
-    @property
-    def lora_sources(self) -> dict[str, str] | None:
-        """Adapters the engine started with (name -> source); None without a LoRA manager."""
-        return self._info().lora_sources
-
     @property
     def pid(self) -> int | None:
         return self._proc.pid
-
-    def stats(self) -> EngineStats:
-        """The snapshot sent with the engine's latest step."""
-        return self._stats
-
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       lora: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream this request's outputs; leaving the loop early aborts it."""
-        if not self.is_ready:
-            raise EngineDeadError(f"the engine is not ready: {self._dead or self.load_error or 'loading or shut down'}")
-        ids = list(prompt_token_ids)
-        stream = _Stream(asyncio.get_running_loop(), ids, params, lora)
-        with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in flight")
-            self._streams[request_id] = stream
-        finished = False  # else (client gone, cancelled, engine error) abort: harmless if already dropped
-        try:
-            self._send(("add", request_id, ids, params, lora))
-            async for item in outputs_until_finished(stream.queue):
-                finished = item.finished
-                yield item
-        finally:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            if not finished and self._dead is None:
-                try:
-                    self._send(("abort", request_id))
-                except EngineDeadError:  # died meanwhile: nothing left to abort
-                    pass
-
-    async def abort(self, request_id: str) -> None:
-        """Abort a request: its stream ends with finish_reason "abort" and its blocks are freed."""
-        self._send(("abort", request_id))
 
     async def load_lora(self, name: str, source: str) -> None:
         """Register an adapter in the engine (LoRAError when it cannot be served)."""
@@ -318,7 +216,7 @@ class EngineProcess:
         """Stop the child; in-flight streams end with EngineDeadError."""
         self._stopping = True
         try:
-            self._send(("shutdown",))
+            self._submit(("shutdown",))
         except EngineDeadError:
             pass
         self._proc.join(timeout)
@@ -329,12 +227,16 @@ class EngineProcess:
         self._conn.close()
 
     # --- the pipe ----------------------------------------------------------------------
-    def _send(self, msg: tuple[Any, ...]) -> None:
+    def _submit(self, msg: Command) -> None:
         try:
             with self._send_lock:
                 self._conn.send(msg)
         except (OSError, ValueError, BrokenPipeError) as e:
             raise EngineDeadError(f"the engine process is gone: {self._dead or e}") from e
+
+    def _new_stream(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params: SamplingParams,
+                    lora: str | None) -> RequestStream:
+        return _DeltaStream(loop, prompt_ids, params, lora)
 
     async def _call(self, kind: str, *args: Any) -> None:
         if not self.is_ready:
@@ -344,7 +246,7 @@ class EngineProcess:
         fut = loop.create_future()
         with self._lock:
             self._calls[call_id] = (loop, fut)
-        self._send((kind, call_id, *args))
+        self._submit((kind, call_id, *args))
         err = await fut
         if err is None:
             return
@@ -369,7 +271,7 @@ class EngineProcess:
             kind = msg[0]
             if kind == "step":
                 self._stats = msg[2]  # first: a client that has its last token also sees it counted
-                self._deliver(msg[1])
+                self._deliver((d[0], d) for d in msg[1])
             elif kind == "error":
                 _, rid, etype, message = msg
                 self._fail(rid, ValueError(message) if etype == "ValueError" else RuntimeError(message))
@@ -377,7 +279,7 @@ class EngineProcess:
                 with self._lock:
                     loop, fut = self._calls.pop(msg[1], (None, None))
                 if loop is not None:
-                    _call_soon(loop, _resolve, fut, msg[2])
+                    call_soon(loop, _resolve, fut, msg[2])
             elif kind == "ready":
                 self._on_ready(msg[1])
             elif kind == "failed":
@@ -398,54 +300,20 @@ class EngineProcess:
     def _on_ready(self, info: EngineInfo) -> None:
         from hubdeploy.serving.tokenizer import load_tokenizer
 
+        tokenizer = None
         try:
-            self._tokenizer = load_tokenizer(Path(info.model_dir))
+            tokenizer = load_tokenizer(Path(info.model_dir))
         except Exception as e:  # noqa: BLE001 - the engine loaded it; we could not: not servable
             self.load_error = EngineDeadError(f"the front end could not load the tokenizer: {e}")
-        self.info = info
-        self._ready.set()
-
-    def _deliver(self, deltas: list[StepDelta]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
-        with self._lock:
-            streams = self._streams
-            for d in deltas:
-                s = streams.get(d[0])
-                if s is not None:
-                    by_loop.setdefault(s.loop, []).append((s.queue, s.apply(d, d[0])))
-        for loop, items in by_loop.items():
-            _call_soon(loop, _put_all, items)
-
-    def _fail(self, rid: str, exc: BaseException) -> None:
-        with self._lock:
-            s = self._streams.get(rid)
-        if s is not None:
-            _call_soon(s.loop, s.queue.put_nowait, exc)
+        self._loaded(info, tokenizer)
 
     def _mark_dead(self, reason: str) -> None:
-        if self._dead is not None:
-            return
-        self._dead = reason
         with self._lock:
-            streams = list(self._streams.items())
             calls = list(self._calls.values())
             self._calls.clear()
-        for _, s in streams:
-            _call_soon(s.loop, s.queue.put_nowait, EngineDeadError(reason))
         for loop, fut in calls:
-            _call_soon(loop, _resolve, fut, ("EngineDeadError", reason))
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # that event loop is closed: nobody listens any more
-        pass
-
-
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
+            call_soon(loop, _resolve, fut, ("EngineDeadError", reason))
+        super()._mark_dead(reason)
 
 
 def _resolve(fut: asyncio.Future, value: Any) -> None:

@@ -3,7 +3,7 @@
 `build_app(engine, served_model_name, ...)` returns the app; the engine may be attached
 later with `attach_engine(app, engine, ...)` so that `hubdeploy serve` can answer
 `/health` with 503 while the model downloads and loads. Routes turn requests into token
-ids and `SamplingParams`, run `n` sequences through `AsyncEngine.generate`, and answer in
+ids and `SamplingParams`, run `n` sequences through `EngineClient.generate`, and answer in
 OpenAI's shapes (JSON or SSE). Every client-caused failure is an `OpenAIError` (400/401/
 404...), never a 500; a client that goes away mid-request has its sequences aborted so the
 engine frees their KV blocks. The request log carries no prompt text, tokens or headers.
@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -51,6 +51,11 @@ from hubdeploy.serving.server.protocol import (
     random_id,
 )
 
+if TYPE_CHECKING:  # (the engine's modules import torch; the server's types need not)
+    from hubdeploy.serving.engine_client import EngineClient
+    from hubdeploy.serving.outputs import RequestOutput
+    from hubdeploy.serving.stats import EngineStats
+
 logger = logging.getLogger("hubdeploy.server")
 
 # (name, path) -> awaitable; filled by the LoRA manager's integration
@@ -64,7 +69,7 @@ class ServerState:
 
     served_model_name: str
     api_key: str | None = None
-    engine: Any = None  # serving.async_engine.AsyncEngine once loaded
+    engine: EngineClient | None = None  # once loaded
     chat_template: str | None = None
     special_tokens: dict[str, Any] = field(default_factory=dict)
     max_model_len: int | None = None
@@ -79,17 +84,14 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        if self.engine is None or self.failure is not None:
-            return False
-        r = getattr(self.engine, "is_ready", True)
-        return bool(r() if callable(r) else r)
+        return self.engine is not None and self.failure is None and self.engine.is_ready
 
-    def engine_stats(self) -> Any:
-        return self.engine.stats() if self.ready else None
+    def engine_stats(self) -> EngineStats | None:
+        return self.engine.stats() if self.engine is not None and self.ready else None
 
 
 def build_app(
-    engine: Any = None,
+    engine: EngineClient | None = None,
     served_model_name: str = "model",
     api_key: str | None = None,
     chat_template: str | None = None,
@@ -113,18 +115,18 @@ def build_app(
     return app
 
 
-def attach_engine(app: FastAPI, engine: Any, chat_template: str | None = None,
+def attach_engine(app: FastAPI, engine: EngineClient, chat_template: str | None = None,
                   special_tokens: dict[str, Any] | None = None, max_model_len: int | None = None) -> None:
     """Start serving with a loaded engine (`/health` turns 200 once it reports ready)."""
     state: ServerState = app.state.server
-    tok = getattr(engine, "tokenizer", None)
+    tok = engine.tokenizer
     if chat_template is None:
-        chat_template = getattr(tok, "chat_template", None)
+        chat_template = tok.chat_template
     if special_tokens is None:
-        special_tokens = dict(getattr(tok, "special_tokens", None) or {})
+        special_tokens = dict(tok.special_tokens)
     state.chat_template = chat_template
     state.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
-    state.max_model_len = max_model_len or _engine_max_len(engine)
+    state.max_model_len = max_model_len or engine.max_model_len
     state.engine = engine
     state.phase = "ready"
 
@@ -149,17 +151,6 @@ def set_phase(app: FastAPI, phase: str, failure: str | None = None) -> None:
     state.phase = phase
     if failure is not None:
         state.failure = failure
-
-
-def _engine_max_len(engine: Any) -> int | None:
-    for obj, name in ((engine, "max_model_len"), (getattr(engine, "args", None), "max_model_len"),
-                      (getattr(engine, "engine_args", None), "max_model_len"),
-                      (getattr(engine, "model_config", None), "max_model_len"),
-                      (getattr(engine, "model_config", None), "max_position_embeddings")):
-        v = getattr(obj, name, None) if obj is not None else None
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 # ------------------------------------------------------------------ middleware
@@ -289,7 +280,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         prompts = body.prompt_list()
         if not prompts:
             raise OpenAIError("'prompt' must not be empty", 400, param="prompt", code="invalid_value")
-        vocab = getattr(engine.tokenizer, "vocab_size", None)
+        vocab = engine.tokenizer.vocab_size
         prompt_ids_list: list[list[int]] = []
         for p in prompts:
             if isinstance(p, str):
@@ -376,12 +367,13 @@ def _lora_admin_hook(state: ServerState, verb: str, hook: Callable[..., Awaitabl
     return hook
 
 
-def _require_engine(state: ServerState) -> Any:
+def _require_engine(state: ServerState) -> EngineClient:
     if state.failure is not None:
         raise OpenAIError(f"the model failed to load: {state.failure}", 503, code="engine_failed")
     if not state.ready:
         raise OpenAIError(f"the model is still loading (phase: {state.phase}); retry when GET /health answers 200",
                           503, code="model_loading")
+    assert state.engine is not None  # ready
     return state.engine
 
 
@@ -424,16 +416,9 @@ def _params(body: Union[ChatCompletionRequest, CompletionRequest], max_tokens: i
         raise OpenAIError(str(e), 400, param=str(e).split(" ", 1)[0], code="invalid_value") from e
 
 
-def _finish(out: Any) -> str | None:
-    reason = getattr(out, "finish_reason", None)
+def _finish(out: RequestOutput) -> str | None:
+    reason = out.finish_reason
     return reason if reason in ("stop", "length", "abort", None) else str(reason)
-
-
-def _generate(engine: Any, prompt_ids: list[int], params: SamplingParams, request_id: str,
-              lora: str | None) -> AsyncIterator[Any]:
-    """The engine's own stream (no wrapping generator: one fewer hop per token)."""
-    return engine.generate(prompt_ids, params, request_id, lora=lora) if lora else \
-        engine.generate(prompt_ids, params, request_id)
 
 
 class _Tracker:
@@ -443,13 +428,13 @@ class _Tracker:
         self.state, self.model, self.start = state, model, start
         self.last: float | None = None
 
-    def on_output(self, out: Any) -> None:
+    def on_output(self, out: RequestOutput) -> None:
         m = self.state.metrics
         if m is None:
             return
-        delta = getattr(out, "delta_token_ids", None)
+        delta = out.delta_token_ids
         if self.last is None:
-            if (delta or getattr(out, "finished", False)) and out.token_ids:
+            if (delta or out.finished) and out.token_ids:
                 t = time.perf_counter()
                 m.observe_ttft(t - self.start)
                 self.last = t
@@ -459,23 +444,23 @@ class _Tracker:
             m.observe_itl((t - self.last) / n, count=n)
             self.last = t
 
-    def on_finished(self, out: Any) -> None:
+    def on_finished(self, out: RequestOutput) -> None:
         if self.state.metrics is not None:
             self.state.metrics.observe_finished(time.perf_counter() - self.start, len(out.prompt_token_ids),
                                                 len(out.token_ids), _finish(out))
 
 
-async def _run_all(state: ServerState, engine: Any, rid: str, prompts: list[list[int]],
-                   params: list[SamplingParams], lora: str | None, model: str) -> list[Any]:
+async def _run_all(state: ServerState, engine: EngineClient, rid: str, prompts: list[list[int]],
+                   params: list[SamplingParams], lora: str | None, model: str) -> list[RequestOutput]:
     """Run every sequence to completion; abort the rest if one fails or the client leaves."""
     start = time.perf_counter()
     ids = [f"{rid}-{i}" for i in range(len(prompts))]
     done: set[str] = set()
 
-    async def one(i: int) -> Any:
+    async def one(i: int) -> RequestOutput:
         tracker = _Tracker(state, model, start)
         final = None
-        async for out in _generate(engine, prompts[i], params[i], ids[i], lora):
+        async for out in engine.generate(prompts[i], params[i], ids[i], lora):
             tracker.on_output(out)
             final = out
         done.add(ids[i])
@@ -495,7 +480,7 @@ async def _run_all(state: ServerState, engine: Any, rid: str, prompts: list[list
         _cancel_and_abort(engine, tasks, ids, done)
 
 
-def _cancel_and_abort(engine: Any, tasks: list[asyncio.Task], ids: list[str], done: set[str]) -> None:
+def _cancel_and_abort(engine: EngineClient, tasks: list[asyncio.Task], ids: list[str], done: set[str]) -> None:
     """Leaving a request early (error, disconnect, client gone): stop its tasks, free its KV blocks."""
     for t in tasks:
         t.cancel()
@@ -540,17 +525,16 @@ def _engine_error(e: BaseException) -> OpenAIError:
                        code="engine_error")
 
 
-def _abort(engine: Any, request_id: str) -> None:
+def _abort(engine: EngineClient, request_id: str) -> None:
     try:
-        res = engine.abort(request_id)
-        if asyncio.iscoroutine(res):
-            asyncio.ensure_future(res)
+        asyncio.ensure_future(engine.abort(request_id))
     except Exception:  # aborting an already finished request is not an error
         logger.debug("abort of %s failed", request_id, exc_info=True)
 
 
-async def _merged(state: ServerState, engine: Any, rid: str, prompts: list[list[int]],
-                  params: list[SamplingParams], lora: str | None, model: str) -> AsyncIterator[tuple[int, Any]]:
+async def _merged(state: ServerState, engine: EngineClient, rid: str, prompts: list[list[int]],
+                  params: list[SamplingParams], lora: str | None,
+                  model: str) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(choice index, RequestOutput) from all sequences as they come; aborts leftovers on exit."""
     start = time.perf_counter()
     ids = [f"{rid}-{i}" for i in range(len(prompts))]
@@ -558,7 +542,7 @@ async def _merged(state: ServerState, engine: Any, rid: str, prompts: list[list[
         tracker = _Tracker(state, model, start)
         final = None
         try:
-            async for out in _generate(engine, prompts[0], params[0], ids[0], lora):
+            async for out in engine.generate(prompts[0], params[0], ids[0], lora):
                 tracker.on_output(out)
                 final = out
                 yield 0, out
@@ -577,7 +561,7 @@ async def _merged(state: ServerState, engine: Any, rid: str, prompts: list[list[
         tracker = _Tracker(state, model, start)
         try:
             final = None
-            async for out in _generate(engine, prompts[i], params[i], ids[i], lora):
+            async for out in engine.generate(prompts[i], params[i], ids[i], lora):
                 tracker.on_output(out)
                 final = out
                 await queue.put((i, out))
@@ -646,7 +630,7 @@ def _stream_error(e: Exception) -> str:
     return f"data: {json.dumps(_engine_error(e).body())}\n\n"
 
 
-async def _chat_stream(state: ServerState, engine: Any, body: ChatCompletionRequest, rid: str,
+async def _chat_stream(state: ServerState, engine: EngineClient, body: ChatCompletionRequest, rid: str,
                        prompt_ids: list[int], params: list[SamplingParams], lora: str | None) -> AsyncIterator[str]:
     n = len(params)
     tok = engine.tokenizer
@@ -682,7 +666,7 @@ async def _chat_stream(state: ServerState, engine: Any, body: ChatCompletionRequ
     yield "data: [DONE]\n\n"
 
 
-async def _completion_stream(state: ServerState, engine: Any, body: CompletionRequest, rid: str,
+async def _completion_stream(state: ServerState, engine: EngineClient, body: CompletionRequest, rid: str,
                              prompts: list[list[int]], params: list[SamplingParams], lora: str | None,
                              echo_texts: list[str]) -> AsyncIterator[str]:
     tok = engine.tokenizer
