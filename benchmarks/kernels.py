@@ -36,14 +36,10 @@ if "--interp" in sys.argv:  # must precede the first kernel launch (kernels are 
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["HUBDEPLOY_FORCE_TRITON"] = "1"
 
-from hubdeploy.kernels.awq import AWQPacked, awq_config, awq_linear_ref, awq_linear_triton  # noqa: E402
-from hubdeploy.kernels.fused_moe import (  # noqa: E402
-    AWQMoEWeights,
-    MoEWeights,
-    fused_moe_ref,
-    fused_moe_triton,
-    topk_route,
-)
+from hubdeploy.kernels.awq import AWQPacked, awq_config, awq_linear_ref  # noqa: E402
+from hubdeploy.kernels.awq_triton import awq_linear_triton  # noqa: E402
+from hubdeploy.kernels.fused_moe import AWQMoEWeights, MoEWeights, fused_moe_ref, topk_route
+from hubdeploy.kernels.fused_moe_triton import fused_moe_triton
 
 
 @dataclass

@@ -35,8 +35,9 @@ if "--smoke" in sys.argv:  # Triton reads TRITON_INTERPRET when it is first impo
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from hubdeploy.kernels.attention import paged_attention_triton  # noqa: E402
-from hubdeploy.kernels.lora import lora_expand_triton, lora_segments, lora_shrink_triton  # noqa: E402
+from hubdeploy.kernels.attention_triton import paged_attention_triton  # noqa: E402
+from hubdeploy.kernels.lora import lora_segments  # noqa: E402
+from hubdeploy.kernels.lora_triton import lora_expand_triton, lora_shrink_triton  # noqa: E402
 
 
 def bench(fn: Callable[[], Any], device: str, iters: int, warmup: int) -> float:

@@ -32,8 +32,10 @@ if "--smoke" in sys.argv:  # before triton's first import (kernels are built laz
 
 import torch  # noqa: E402
 
-from hubdeploy.kernels.awq import AWQPacked, awq_config, awq_linear_triton  # noqa: E402
-from hubdeploy.kernels.fused_moe import direct_gemm, moe_direct_config  # noqa: E402
+from hubdeploy.kernels.awq import AWQPacked, awq_config  # noqa: E402
+from hubdeploy.kernels.awq_triton import awq_linear_triton  # noqa: E402
+from hubdeploy.kernels.fused_moe import moe_direct_config  # noqa: E402
+from hubdeploy.kernels.fused_moe_triton import direct_gemm  # noqa: E402
 from hubdeploy.kernels.tuned import CONFIG_DIR, device_file_name  # noqa: E402
 
 # (name, hidden, moe intermediate, experts, top_k, group, attention (q+2kv, q) widths)

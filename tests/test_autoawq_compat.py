@@ -22,7 +22,13 @@ import torch
 from safetensors.torch import load_file
 
 from hubdeploy.kernels.awq_format import awq_dequantize, awq_quantize, awq_unpack
-from tests.helpers_forward import dequantized_copy, greedy_generate, hf_greedy, hf_last_logits, prefill_last_logits
+from tests.helpers_forward import (
+    dequantized_copy,
+    greedy_generate,
+    hf_greedy,
+    hf_last_logits,
+    prefill_last_logits,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PY = Path(os.environ.get("AUTOAWQ_VENV", REPO / ".venv-autoawq")) / "bin" / "python"

@@ -23,10 +23,22 @@ import torch.nn.functional as F
 
 from hubdeploy.kernels.cpu_gemm import bucket_rows, padded_linear
 from hubdeploy.kernels.fused_moe import MoEWeights, fused_moe_ref, fused_moe_torch, topk_route
-from hubdeploy.kernels.norm_rope_act import rms_norm_ref, rms_norm_torch, silu_and_mul_ref, silu_and_mul_torch
+from hubdeploy.kernels.norm_rope_act import (
+    rms_norm_ref,
+    rms_norm_torch,
+    silu_and_mul_ref,
+    silu_and_mul_torch,
+)
 from hubdeploy.serving.loader import load_model
+from hubdeploy.kernels.cpu_gemm import blocked_low_precision_supported
 from hubdeploy.serving.model_runner import cpu_gemm_layout
-from tests.helpers_forward import greedy_generate, hf_greedy, hf_last_logits, make_hf_checkpoint, prefill_last_logits
+from tests.helpers_forward import (
+    greedy_generate,
+    hf_greedy,
+    hf_last_logits,
+    make_hf_checkpoint,
+    prefill_last_logits,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -150,6 +162,8 @@ def test_bf16_model_matches_transformers(arch: str, checkpoints) -> None:
             f"float64 separates them by {gap:.3f} > {TIE_TOL}")
 
 
+@pytest.mark.skipif(not blocked_low_precision_supported(),
+                    reason="this CPU has no oneDNN-blocked bf16 GEMM (needs avx512bw/vl/dq or avx_ne_convert)")
 def test_packed_weights_match_plain_and_go_stale_with_their_weight() -> None:
     """oneDNN-blocked copies (made by `cpu_gemm_layout` for bf16) give the plain GEMM's values,
     for a `Linear` and for the experts, and are dropped once the weight's storage changes."""
@@ -180,15 +194,19 @@ def test_packed_weights_match_plain_and_go_stale_with_their_weight() -> None:
 
 
 def test_cpu_gemm_layout_bf16_packs_and_keeps_out_in() -> None:
+    """Every bf16 linear and expert stack keeps [out, in] and gets a blocked copy where this CPU
+    can make one; where it cannot (AVX2 only), none does and the plain GEMMs serve."""
     from hubdeploy.serving.models.layers import Linear, MoE
     from tests.fixtures.tiny import build_tiny_cached
 
+    blocked = blocked_low_precision_supported()
     model, _ = load_model(build_tiny_cached("mixtral", "none"), torch.device("cpu"), torch.bfloat16)
     lins = [m for m in model.modules() if isinstance(m, Linear) and m.weight is not None]
     moes = [m for m in model.modules() if isinstance(m, MoE)]
-    assert cpu_gemm_layout(model) == len(lins) + 2 * len(moes) > 0
-    assert all(m.weight.is_contiguous() and m.cpu_packed is not None for m in lins)  # [out, in] kept
-    assert all(m.weights.cpu_packed is not None for m in moes)
+    assert lins and moes
+    assert cpu_gemm_layout(model) == (len(lins) + 2 * len(moes) if blocked else 0)
+    assert all(m.weight.is_contiguous() and (m.cpu_packed is not None) == blocked for m in lins)  # [out, in] kept
+    assert all((m.weights.cpu_packed is not None) == blocked for m in moes)
     assert cpu_gemm_layout(model) == 0  # all current: nothing repacked
 
 

@@ -15,7 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hubdeploy.kernels.cpu_gemm import pack_weight, weight_key
+from hubdeploy.kernels.cpu_gemm import blocked_low_precision_supported, pack_weight, weight_key
+
+NEEDS_BLOCKED_BF16 = pytest.mark.skipif(not blocked_low_precision_supported(),
+                    reason="this CPU has no oneDNN-blocked bf16 GEMM (needs avx512bw/vl/dq or avx_ne_convert)")
 from hubdeploy.kernels.fused_moe import (MoEWeights, _fused_moe_lowp, _fused_moe_one_token, fused_moe_ref, fused_moe_torch,
                                topk_route)
 from hubdeploy.kernels.norm_rope_act import apply_rotary_ref, apply_rotary_torch, rotary_cos_sin
@@ -71,6 +74,7 @@ def _experts(dtype: torch.dtype, seed: int = 3, e: int = 4, hid: int = 64, inter
     return g, w13, w2
 
 
+@NEEDS_BLOCKED_BF16
 @pytest.mark.parametrize("top_k", [1, 2, 3, 8])
 def test_one_token_moe_bf16_bit_identical_to_batched_path(top_k: int) -> None:
     g, w13, w2 = _experts(torch.bfloat16, e=8)
@@ -188,6 +192,7 @@ def test_direct_decoder_loop_equals_module_calls_and_honours_hooks(dtype: torch.
     assert len(calls) == 4 and _tiny_forward(model, ids)[0][0].shape == fast[0][0].shape  # removed: not called
 
 
+@NEEDS_BLOCKED_BF16
 def test_bf16_lm_head_on_blocked_weight_matches_f_linear() -> None:
     from hubdeploy.serving.loader import load_model
     from hubdeploy.serving.model_runner import cpu_gemm_layout

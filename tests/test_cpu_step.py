@@ -18,8 +18,20 @@ import pytest
 import torch
 
 from hubdeploy.kernels.attention import DecodeKV, paged_attention_ref, paged_attention_torch, store_kv_torch
-from hubdeploy.kernels.fused_moe import MoEWeights, _BATCHED_ACT_MAX, fused_moe_ref, fused_moe_torch, topk_route
-from hubdeploy.kernels.norm_rope_act import apply_rotary_ref, apply_rotary_torch, rms_norm_ref, rms_norm_torch, rotary_cos_sin
+from hubdeploy.kernels.fused_moe import (
+    MoEWeights,
+    _BATCHED_ACT_MAX,
+    fused_moe_ref,
+    fused_moe_torch,
+    topk_route,
+)
+from hubdeploy.kernels.norm_rope_act import (
+    apply_rotary_ref,
+    apply_rotary_torch,
+    rms_norm_ref,
+    rms_norm_torch,
+    rotary_cos_sin,
+)
 
 
 @pytest.mark.parametrize("shape", [(1, 256), (7, 48), (32, 96), (5, 13)])

@@ -14,16 +14,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hubdeploy.kernels import attention as attn
+from hubdeploy.kernels import attention_triton as attn
 from hubdeploy.kernels.attention import (
     paged_attention,
-    paged_attention_decode_triton,
     paged_attention_ref,
     paged_attention_torch,
-    paged_attention_triton,
     store_kv,
     store_kv_ref,
     store_kv_torch,
+)
+from hubdeploy.kernels.attention_triton import (
+    paged_attention_decode_triton,
+    paged_attention_triton,
     store_kv_triton,
 )
 from tests.fixtures.triton_interp import Cases, aot_compile, run_cases_main, triton_case_tests

@@ -18,13 +18,19 @@ from hubdeploy.kernels.awq import (
     awq_config,
     awq_linear,
     awq_linear_ref,
-    awq_linear_triton,
     awq_repack,
     pack_int4_natural,
     unpack_int4_natural,
 )
+from hubdeploy.kernels.awq_triton import awq_linear_triton
 from hubdeploy.kernels.awq_format import awq_dequantize, awq_quantize, awq_unpack
-from tests.fixtures.triton_interp import Cases, aot_compile, assert_rel_close, run_cases_main, triton_case_tests
+from tests.fixtures.triton_interp import (
+    Cases,
+    aot_compile,
+    assert_rel_close,
+    run_cases_main,
+    triton_case_tests,
+)
 
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 CASES = Cases()
@@ -207,11 +213,11 @@ def test_awq_kernel_compiles_for_sm90(dtype: str, bm: int, bn: int, bk: int, f32
     """The CPU cases run the interpreter; the same source must also compile to a cubin
     (GEMV, skinny tl.dot, prefill tiles). A pipelined K loop (LOOP_STAGES > 1) must come out
     as asynchronous copies into shared memory, also for the dot-free GEMV."""
-    import hubdeploy.kernels.awq as awq_mod
+    import hubdeploy.kernels.awq_triton as awq_mod
 
     ptrs = dict(a_ptr=f"*{dtype}", qw_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", c_ptr="*fp32")
     consts = dict(GROUP=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, COMPUTE_F32=f32, LOOP_STAGES=stages)
-    compiled = aot_compile(awq_mod._kernels(), ptrs, consts, num_warps=8 if bm == 128 else 4)
+    compiled = aot_compile(awq_mod.awq_gemm_kernel, ptrs, consts, num_warps=8 if bm == 128 else 4)
     if stages > 1:
         assert "cp.async" in compiled.asm["ptx"], "the K loop was not software-pipelined"
 

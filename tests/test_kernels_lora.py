@@ -10,20 +10,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hubdeploy.kernels import lora as lora_mod
+from hubdeploy.kernels import lora_triton as lora_mod
 from hubdeploy.kernels.lora import (
     lora_expand,
     lora_expand_ref,
-    lora_expand_triton,
     lora_segments,
     lora_shrink,
     lora_shrink_ref,
-    lora_shrink_triton,
     moe_lora_expand,
-    moe_lora_expand_triton,
     moe_lora_ref,
     moe_lora_shrink,
     moe_lora_shrink_ref,
+)
+from hubdeploy.kernels.lora_triton import (
+    lora_expand_triton,
+    lora_shrink_triton,
+    moe_lora_expand_triton,
     moe_lora_shrink_triton,
 )
 from tests.fixtures.triton_interp import Cases, aot_compile, run_cases_main, triton_case_tests

@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from hubdeploy.kernels.awq_format import awq_dequantize, awq_quantize
-from tests.fixtures.triton_interp import Cases, aot_compile, assert_rel_close, run_cases_main, triton_case_tests
+from tests.fixtures.triton_interp import (
+    Cases,
+    aot_compile,
+    assert_rel_close,
+    run_cases_main,
+    triton_case_tests,
+)
 from hubdeploy.kernels.fused_moe import (
     DIRECT_MAX_TOKENS,
     AWQMoEWeights,
@@ -24,11 +30,10 @@ from hubdeploy.kernels.fused_moe import (
     fused_moe,
     fused_moe_ref,
     fused_moe_torch,
-    fused_moe_triton,
     moe_align_block_size,
-    silu_mul,
     topk_route,
 )
+from hubdeploy.kernels.fused_moe_triton import fused_moe_triton
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 CASES = Cases()
@@ -298,8 +303,10 @@ case("top1_and_top4", _triton_top1_and_top4)
 
 
 def _silu_mul(dev: str) -> None:
+    from hubdeploy.kernels.norm_rope_act import silu_and_mul
+
     h = torch.randn(5, 2 * 40, dtype=torch.float16)
-    y = silu_mul(h.to(dev))
+    y = silu_and_mul(h.to(dev))
     assert_rel_close(y, torch.nn.functional.silu(h[:, :40].double()) * h[:, 40:].double(), TOL[torch.float16])
 
 
@@ -320,14 +327,14 @@ _AWQ_PTRS = dict(b_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16")
 ])
 def test_moe_kernel_compiles_for_sm90(is_awq: bool, dtype: str, bm: int, bn: int, bk: int, mul: bool) -> None:
     """Same source as the interpreter cases, compiled to a cubin for an H100 without a GPU."""
-    import hubdeploy.kernels.fused_moe as moe_mod
+    import hubdeploy.kernels.fused_moe_triton as moe_mod
 
     w = _AWQ_PTRS if is_awq else dict(b_ptr=f"*{dtype}", qz_ptr=f"*{dtype}", s_ptr=f"*{dtype}")
     ptrs = dict(a_ptr=f"*{dtype}", c_ptr="*fp32", tw_ptr="*fp32", sorted_ptr="*i32", eids_ptr="*i32",
                 ntp_ptr="*i32", **w)
     consts = dict(TOP_K=2, MUL_WEIGHT=mul, IS_AWQ=is_awq, GROUP=128 if is_awq else 1, BLOCK_M=bm,
                   BLOCK_N=bn, BLOCK_K=bk, COMPUTE_F32=False)
-    aot_compile(moe_mod._kernels(), ptrs, consts, num_warps=8 if bm == 128 else 4)
+    aot_compile(moe_mod.moe_gemm_kernel, ptrs, consts, num_warps=8 if bm == 128 else 4)
 
 
 @pytest.mark.parametrize("is_awq,dtype,bm,bn,per_slot,stages", [
@@ -337,21 +344,21 @@ def test_moe_kernel_compiles_for_sm90(is_awq: bool, dtype: str, bm: int, bn: int
 def test_moe_direct_kernel_compiles_for_sm90(is_awq: bool, dtype: str, bm: int, bn: int, per_slot: bool,
                                              stages: int) -> None:
     """The decode (direct) kernel compiles to a cubin; LOOP_STAGES > 1 pipelines its AWQ K loop."""
-    import hubdeploy.kernels.fused_moe as moe_mod
+    import hubdeploy.kernels.fused_moe_triton as moe_mod
 
     w = _AWQ_PTRS if is_awq else dict(b_ptr=f"*{dtype}", qz_ptr=f"*{dtype}", s_ptr=f"*{dtype}")
     ptrs = dict(a_ptr=f"*{dtype}", c_ptr="*fp32", tw_ptr="*fp32", ids_ptr="*i32", **w)
     consts = dict(TOP_K=2, K_PAD=2, A_PER_SLOT=per_slot, MUL_WEIGHT=per_slot, IS_AWQ=is_awq,
                   GROUP=128 if is_awq else 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, COMPUTE_F32=False,
                   LOOP_STAGES=stages)
-    compiled = aot_compile(moe_mod._direct_kernels(), ptrs, consts)
+    compiled = aot_compile(moe_mod.moe_direct_kernel, ptrs, consts)
     if stages > 1 and is_awq:  # dense experts: strided, masked loads stay synchronous
         assert "cp.async" in compiled.asm["ptx"], "the K loop was not software-pipelined"
 
 
 def test_silu_mul_kernel_compiles_for_sm90() -> None:
-    """`silu_mul` launches kernels/norm_rope_act.py's SiLU·mul kernel (BLOCK 256: I = 256 experts)."""
-    from hubdeploy.kernels import norm_rope_act as nra
+    """Fused MoE's SiLU·up runs kernels/norm_rope_act_triton.py's kernel (BLOCK 256: I = 256 experts)."""
+    from hubdeploy.kernels import norm_rope_act_triton as nra
 
     aot_compile(nra._silu_and_mul_kernel, dict(x_ptr="*bf16", out_ptr="*bf16"), dict(BLOCK=256))
 

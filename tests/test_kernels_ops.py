@@ -8,19 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hubdeploy.kernels import norm_rope_act as nra
+from hubdeploy.kernels import norm_rope_act_triton as nra
 from hubdeploy.kernels.norm_rope_act import (
     apply_rotary,
     apply_rotary_ref,
-    apply_rotary_triton,
     rms_norm,
     rms_norm_ref,
-    rms_norm_triton,
     rotary_cos_sin,
     silu_and_mul,
     silu_and_mul_ref,
-    silu_and_mul_triton,
 )
+from hubdeploy.kernels.norm_rope_act_triton import apply_rotary_triton, rms_norm_triton, silu_and_mul_triton
 from tests.fixtures.triton_interp import Cases, aot_compile, run_cases_main, triton_case_tests
 
 CASES = Cases()

@@ -11,14 +11,10 @@ The Triton kernel never materialises W: per K tile (inside one group) it compute
 `s · (dot(a, q) − z · sum(a))` — raw 0..15 nibbles go through `tl.dot` exactly in fp16/bf16
 and the zero point leaves the inner loop. Small M (decode) splits K so a few output tiles still fill
 the GPU: M ≤ 4 runs as a GEMV (multiply-reduce, no tensor cores), M ≤ 16 as a skinny
-`tl.dot` with BLOCK_M = 16; large M (prefill) uses bigger tiles and no split. Triton kernels are built lazily (`_kernels()`, keyed by interpreter mode) so importing this
-module never imports triton: the CPU engine only needs the torch reference. Triton fixes
-compiled-vs-interpreted at its first import, so TRITON_INTERPRET=1 must be set before that
-(tests run the interpreter in a child process, see tests/test_kernels_awq.py).
+`tl.dot` with BLOCK_M = 16; large M (prefill) uses bigger tiles and no split. The kernel and
+its launcher live in awq_triton.py, imported only when Triton runs (kernels/dispatch.py).
 """
 from __future__ import annotations
-
-import functools
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +22,7 @@ from typing import Any
 import torch
 
 from hubdeploy.kernels.awq_format import PACK_FACTOR, awq_unpack_int4, awq_dequantize, awq_quantize  # noqa: F401
-from hubdeploy.kernels.dispatch import check_launchable, interpreting, lazy_kernels, use_triton
+from hubdeploy.kernels.dispatch import num_sms, use_triton
 from hubdeploy.kernels.tuned import tuned_config
 
 # ----------------------------------------------------------------------------------------
@@ -181,72 +177,6 @@ def awq_linear_ref(x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None
 # Triton
 # ----------------------------------------------------------------------------------------
 
-def _build_kernels() -> Any:
-    import triton
-    import triton.language as tl
-
-    # A module global: Triton's interpreter resolves a kernel's callees through its module's
-    # globals only (it re-executes the rewritten source there; closures are dropped).
-    global _awq_tile_dot
-    from hubdeploy.kernels.awq_tile import awq_tile_dot as _awq_tile_dot
-
-    @triton.jit
-    def awq_gemm_kernel(
-        a_ptr, qw_ptr, qz_ptr, s_ptr, c_ptr,
-        M, N, K,
-        stride_am, stride_ak, stride_wn, stride_zg, stride_sg, stride_cs, stride_cm,
-        TILES_PER_SPLIT,
-        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        COMPUTE_F32: tl.constexpr, LOOP_STAGES: tl.constexpr,
-    ):
-        # grid: (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K); c is [SPLIT_K, M, N]
-        # LOOP_STAGES: software pipelining of the K loop; Triton pipelines a dot-free (GEMV)
-        # loop only when asked through tl.range (a launch's num_stages covers tl.dot loops)
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_mask = offs_m < M
-        n_mask = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
-        offs_kw = tl.arange(0, BLOCK_K // 8)
-        shifts = tl.arange(0, 8) * 4
-        z_shift = (offs_n % 8) * 4
-        num_tiles = K // BLOCK_K
-        t0 = pid_k * TILES_PER_SPLIT
-        t1 = tl.minimum(t0 + TILES_PER_SPLIT, num_tiles)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        a_rows = a_ptr + offs_m[:, None] * stride_am
-        w_rows = qw_ptr + offs_n[:, None] * stride_wn  # explicit strides: divisibility hints
-        for t in tl.range(t0, t1, num_stages=LOOP_STAGES):
-            k0 = t * BLOCK_K
-            a = tl.load(a_rows + (k0 + offs_k)[None, :] * stride_ak, mask=m_mask[:, None], other=0.0)
-            w = tl.load(w_rows + (k0 // 8 + offs_kw)[None, :], mask=n_mask[:, None], other=0)
-            g = k0 // GROUP
-            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            zw = tl.load(qz_ptr + g * stride_zg + offs_n // 8, mask=n_mask, other=0)
-            acc += _awq_tile_dot(a, w, s, zw, shifts, z_shift, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE_F32)
-        c = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-    return awq_gemm_kernel
-
-
-_awq_tile_dot: Any = None
-_kernels = lazy_kernels(_build_kernels)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (4 for the interpreter): sizes split-K."""
-    if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
 
 
 def awq_config(M: int, N: int, K: int, group_size: int, device: torch.device) -> dict[str, int]:
@@ -264,7 +194,7 @@ def awq_config(M: int, N: int, K: int, group_size: int, device: torch.device) ->
         bk = min(group_size, 128)
         tiles = K // bk
         n_tiles = -(-N // bn)
-        split = max(1, min(tiles, (2 * _num_sms(device)) // max(n_tiles, 1)))
+        split = max(1, min(tiles, (2 * num_sms(device)) // max(n_tiles, 1)))
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=4, LOOP_STAGES=3)
     else:
         bm = 64 if M <= 128 else 128
@@ -276,57 +206,11 @@ def awq_config(M: int, N: int, K: int, group_size: int, device: torch.device) ->
     return cfg
 
 
-def awq_linear_triton(
-    x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None = None, **overrides: int
-) -> torch.Tensor:
-    """Triton W4A16 GEMM/GEMV on the packed layout; output in x's dtype."""
-    _check_x(x, packed)
-    lead = x.shape[:-1]
-    a = x.reshape(-1, packed.in_features)
-    if a.stride(-1) != 1:
-        a = a.contiguous()
-    M, K, N = a.shape[0], packed.in_features, packed.out_features
-    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    if M == 0:
-        return out.reshape(*lead, N)
-    cfg = awq_config(M, N, K, packed.group_size, x.device)
-    cfg.update(overrides)
-    bk = cfg["BLOCK_K"]
-    if packed.group_size % bk or K % bk or bk % 8:
-        raise ValueError(f"BLOCK_K {bk} must divide group_size {packed.group_size} and be a multiple of 8")
-    tiles = K // bk
-    split = max(1, min(cfg["SPLIT_K"], tiles))
-    per = -(-tiles // split)
-    split = -(-tiles // per)
-    c = out if split == 1 else torch.empty(split, M, N, device=x.device, dtype=torch.float32)
-    grid = (triton_cdiv(N, cfg["BLOCK_N"]), triton_cdiv(M, cfg["BLOCK_M"]), split)
-    compute_f32 = interpreting() or x.dtype == torch.float32
-    kernel = _kernels()
-    check_launchable(kernel, x)
-    kernel[grid](
-        a, packed.qweight, packed.qzeros, packed.scales, c,
-        M, N, K,
-        a.stride(0), a.stride(1), packed.qweight.stride(0), packed.qzeros.stride(0), packed.scales.stride(0),
-        (M * N if split > 1 else 0), N,
-        per,
-        GROUP=packed.group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
-        COMPUTE_F32=compute_f32, LOOP_STAGES=cfg.get("LOOP_STAGES", 1),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    if split > 1:
-        out = c.sum(0).to(x.dtype)
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.reshape(*lead, N)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def awq_linear(x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x [.., in] @ W.T (+ bias)`: Triton on CUDA (or when forced), torch reference otherwise."""
     if use_triton(x):
+        from hubdeploy.kernels.awq_triton import awq_linear_triton
+
         return awq_linear_triton(x, packed, bias)
     return awq_linear_ref(x, packed, bias)
 
@@ -335,10 +219,8 @@ __all__ = [
     "AWQPacked",
     "awq_repack",
     "awq_linear_ref",
-    "awq_linear_triton",
     "awq_linear",
     "awq_config",
-    "check_launchable",
     "pack_int4_natural",
     "unpack_int4_natural",
     "stack_packed",

@@ -18,6 +18,8 @@ made from (`packed_for`); weights written in place afterwards need packing again
 """
 from __future__ import annotations
 
+import functools
+
 import time
 from typing import Any
 
@@ -56,6 +58,13 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 16)
     except (AttributeError, RuntimeError):  # no mkldnn in this torch build
         return None
+
+
+@functools.lru_cache(maxsize=None)
+def blocked_low_precision_supported() -> bool:
+    """Whether this CPU and torch build make oneDNN-blocked bf16 weights (oneDNN needs avx512bw/vl/dq
+    or avx_ne_convert; on an AVX2-only CPU the engine keeps plain `F.linear`)."""
+    return pack_weight(torch.zeros(16, 16, dtype=torch.bfloat16)) is not None
 
 
 def packed_for(entry: tuple[tuple, Any] | None, *weights: torch.Tensor) -> Any:

@@ -1,18 +1,24 @@
 """Choosing between a Triton kernel and its plain-torch reference.
 
 Triton runs when the tensor lives on CUDA, or when `HUBDEPLOY_FORCE_TRITON=1` asks for it
-on the CPU (then `TRITON_INTERPRET=1` must be set before triton is imported). This is how
-tests prove the Triton path on a machine with no GPU.
+on the CPU (then `TRITON_INTERPRET=1` must be set before triton is imported: Triton fixes
+compiled-vs-interpreted at its first import). This is how tests prove the Triton path on a
+machine with no GPU.
+
+The convention every kernel family follows: `<family>.py` holds the layout, the torch
+reference and CPU paths and the dispatcher, and never imports triton; `<family>_triton.py`
+holds the Triton kernels and their launchers, imports triton at the top, and is imported
+by the dispatcher inside the branch that runs it. So the engine imports, and runs on the
+CPU, where triton is absent (macOS), and a `_triton` module is the only place to look for
+GPU code. tests/test_kernel_modules.py checks both.
 """
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-
-T = TypeVar("T")
 
 
 def force_triton() -> bool:
@@ -55,18 +61,16 @@ def check_launchable(kernel: Any, t: torch.Tensor) -> Any:
     return kernel
 
 
-def lazy_kernels(build: Callable[[], T]) -> Callable[[], T]:
-    """`build()` (which defines `@triton.jit` kernels) run on first use, once per mode
-    (compiled / interpreted), so importing a kernel module never imports triton."""
-    cache: dict[bool, T] = {}
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
-    def get() -> T:
-        mode = interpreting()
-        if mode not in cache:
-            cache[mode] = build()
-        return cache[mode]
 
-    return get
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for the interpreter): sizes split-K grids."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
 
 
 def dot_flags(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
