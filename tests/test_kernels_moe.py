@@ -333,7 +333,7 @@ def test_moe_kernel_compiles_for_sm90(is_awq: bool, dtype: str, bm: int, bn: int
     ptrs = dict(a_ptr=f"*{dtype}", c_ptr="*fp32", tw_ptr="*fp32", sorted_ptr="*i32", eids_ptr="*i32",
                 ntp_ptr="*i32", **w)
     consts = dict(TOP_K=2, MUL_WEIGHT=mul, IS_AWQ=is_awq, GROUP=128 if is_awq else 1, BLOCK_M=bm,
-                  BLOCK_N=bn, BLOCK_K=bk, COMPUTE_F32=False)
+                  BLOCK_N=bn, BLOCK_K=bk, COMPUTE_F32=False, LOOP_STAGES=3)
     aot_compile(moe_mod.moe_gemm_kernel, ptrs, consts, num_warps=8 if bm == 128 else 4)
 
 

@@ -23,6 +23,62 @@ from hubdeploy.kernels.fused_moe import (
     moe_direct_config,
 )
 
+
+@triton.jit
+def _expert_rows_times_w(
+    a_rows, row_mask, b_ptr, qz_ptr, s_ptr, e, offs_n, n_mask, t0, t1, K,
+    stride_be, stride_bn, stride_bk, stride_ze, stride_zg, stride_se, stride_sg,
+    IS_AWQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, COMPUTE_F32: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):
+    """fp32 `[BLOCK_M, BLOCK_N]` = the rows at `a_rows` (masked) times expert e's weight tiles
+    t0..t1 along K (AWQ: dequantized in the tile step; dense: fp16/bf16/fp32 rows of `w[e]`)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    e64 = e.to(tl.int64)
+    b_base = b_ptr + e64 * stride_be
+    if IS_AWQ:
+        offs_kw = tl.arange(0, BLOCK_K // 8)
+        shifts = tl.arange(0, 8) * 4
+        z_shift = (offs_n % 8) * 4
+        w_rows = b_base + offs_n[:, None] * stride_bn
+        qz_base = qz_ptr + e64 * stride_ze
+        s_base = s_ptr + e64 * stride_se
+        for t in tl.range(t0, t1, num_stages=LOOP_STAGES):
+            k0 = t * BLOCK_K
+            a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_rows + (k0 // 8 + offs_kw)[None, :], mask=n_mask[:, None], other=0)
+            g = k0 // GROUP
+            s = tl.load(s_base + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            zw = tl.load(qz_base + g * stride_zg + offs_n // 8, mask=n_mask, other=0)
+            acc += awq_tile_dot(a, w, s, zw, shifts, z_shift, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE_F32)
+    else:
+        for t in tl.range(t0, t1, num_stages=LOOP_STAGES):
+            k = t * BLOCK_K + offs_k
+            k_mask = k < K
+            a = tl.load(a_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_base + offs_n[:, None] * stride_bn + k[None, :] * stride_bk,
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if BLOCK_M < 16:
+                acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+            elif COMPUTE_F32:
+                acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(b.to(a.dtype)))
+    return acc
+
+
+@triton.jit
+def _store_slots(acc, c_ptr, pid_k, stride_cs, stride_cm, slots, slot_mask, offs_n, n_mask, tw_ptr,
+                 MUL_WEIGHT: tl.constexpr):
+    """Write `acc` (· each slot's routing weight) to the slots' rows of split `pid_k`."""
+    if MUL_WEIGHT:
+        tw = tl.load(tw_ptr + slots, mask=slot_mask, other=0.0).to(tl.float32)
+        acc = acc * tw[:, None]
+    c = c_ptr + pid_k * stride_cs + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=slot_mask[:, None] & n_mask[None, :])
+
+
 @triton.jit
 def moe_gemm_kernel(
     a_ptr, b_ptr, qz_ptr, s_ptr, c_ptr, tw_ptr, sorted_ptr, eids_ptr, ntp_ptr,
@@ -32,7 +88,7 @@ def moe_gemm_kernel(
     TILES_PER_SPLIT,
     TOP_K: tl.constexpr, MUL_WEIGHT: tl.constexpr, IS_AWQ: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    COMPUTE_F32: tl.constexpr,
+    COMPUTE_F32: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     # grid: (cdiv(N, BLOCK_N), num_blocks, SPLIT_K); c is [SPLIT_K, num_valid, N]
     pid_n = tl.program_id(0)
@@ -41,52 +97,18 @@ def moe_gemm_kernel(
     ntp = tl.load(ntp_ptr)
     if pid_m * BLOCK_M >= ntp:
         return
-    e = tl.load(eids_ptr + pid_m).to(tl.int64)
+    e = tl.load(eids_ptr + pid_m)
     offs_tok = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     t_mask = offs_tok < num_valid
-    rows = offs_tok // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    num_tiles = tl.cdiv(K, BLOCK_K)
     t0 = pid_k * TILES_PER_SPLIT
-    t1 = tl.minimum(t0 + TILES_PER_SPLIT, num_tiles)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_rows = a_ptr + rows[:, None] * stride_am
-    b_base = b_ptr + e * stride_be
-    if IS_AWQ:
-        offs_kw = tl.arange(0, BLOCK_K // 8)
-        shifts = tl.arange(0, 8) * 4
-        z_shift = (offs_n % 8) * 4
-        w_rows = b_base + offs_n[:, None] * stride_bn
-        qz_base = qz_ptr + e * stride_ze
-        s_base = s_ptr + e * stride_se
-        for t in range(t0, t1):
-            k0 = t * BLOCK_K
-            a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=t_mask[:, None], other=0.0)
-            w = tl.load(w_rows + (k0 // 8 + offs_kw)[None, :], mask=n_mask[:, None], other=0)
-            g = k0 // GROUP
-            s = tl.load(s_base + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            zw = tl.load(qz_base + g * stride_zg + offs_n // 8, mask=n_mask, other=0)
-            acc += awq_tile_dot(a, w, s, zw, shifts, z_shift, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE_F32)
-    else:
-        for t in range(t0, t1):
-            k = t * BLOCK_K + offs_k
-            k_mask = k < K
-            a = tl.load(a_rows + k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_base + offs_n[:, None] * stride_bn + k[None, :] * stride_bk,
-                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            if BLOCK_M < 16:
-                acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
-            elif COMPUTE_F32:
-                acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(b.to(a.dtype)))
-    if MUL_WEIGHT:
-        tw = tl.load(tw_ptr + offs_tok, mask=t_mask, other=0.0).to(tl.float32)
-        acc = acc * tw[:, None]
-    c = c_ptr + pid_k * stride_cs + offs_tok.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
+    t1 = tl.minimum(t0 + TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    acc = _expert_rows_times_w(
+        a_ptr + (offs_tok // TOP_K)[:, None] * stride_am, t_mask, b_ptr, qz_ptr, s_ptr, e, offs_n, n_mask,
+        t0, t1, K, stride_be, stride_bn, stride_bk, stride_ze, stride_zg, stride_se, stride_sg,
+        IS_AWQ, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE_F32, LOOP_STAGES)
+    _store_slots(acc, c_ptr, pid_k, stride_cs, stride_cm, offs_tok, t_mask, offs_n, n_mask, tw_ptr, MUL_WEIGHT)
 
 
 @triton.jit
@@ -118,46 +140,13 @@ def moe_direct_kernel(
     rows = slots if A_PER_SLOT else offs_m
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    num_tiles = tl.cdiv(K, BLOCK_K)
     t0 = pid_k * TILES_PER_SPLIT
-    t1 = tl.minimum(t0 + TILES_PER_SPLIT, num_tiles)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_rows = a_ptr + rows[:, None] * stride_am
-    b_base = b_ptr + e.to(tl.int64) * stride_be
-    if IS_AWQ:
-        offs_kw = tl.arange(0, BLOCK_K // 8)
-        shifts = tl.arange(0, 8) * 4
-        z_shift = (offs_n % 8) * 4
-        w_rows = b_base + offs_n[:, None] * stride_bn
-        qz_base = qz_ptr + e.to(tl.int64) * stride_ze
-        s_base = s_ptr + e.to(tl.int64) * stride_se
-        for t in tl.range(t0, t1, num_stages=LOOP_STAGES):
-            k0 = t * BLOCK_K
-            a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=hit[:, None], other=0.0)
-            w = tl.load(w_rows + (k0 // 8 + offs_kw)[None, :], mask=n_mask[:, None], other=0)
-            g = k0 // GROUP
-            s = tl.load(s_base + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            zw = tl.load(qz_base + g * stride_zg + offs_n // 8, mask=n_mask, other=0)
-            acc += awq_tile_dot(a, w, s, zw, shifts, z_shift, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE_F32)
-    else:
-        for t in tl.range(t0, t1, num_stages=LOOP_STAGES):
-            k = t * BLOCK_K + offs_k
-            k_mask = k < K
-            a = tl.load(a_rows + k[None, :], mask=hit[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_base + offs_n[:, None] * stride_bn + k[None, :] * stride_bk,
-                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            if BLOCK_M < 16:
-                acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
-            elif COMPUTE_F32:
-                acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(b.to(a.dtype)))
-    if MUL_WEIGHT:
-        tw = tl.load(tw_ptr + slots, mask=hit, other=0.0).to(tl.float32)
-        acc = acc * tw[:, None]
-    c = c_ptr + pid_k * stride_cs + slots.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=hit[:, None] & n_mask[None, :])
+    t1 = tl.minimum(t0 + TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    acc = _expert_rows_times_w(
+        a_ptr + rows[:, None] * stride_am, hit, b_ptr, qz_ptr, s_ptr, e, offs_n, n_mask,
+        t0, t1, K, stride_be, stride_bn, stride_bk, stride_ze, stride_zg, stride_se, stride_sg,
+        IS_AWQ, GROUP, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE_F32, LOOP_STAGES)
+    _store_slots(acc, c_ptr, pid_k, stride_cs, stride_cm, slots, hit, offs_n, n_mask, tw_ptr, MUL_WEIGHT)
 
 
 def direct_gemm(
@@ -278,7 +267,7 @@ def grouped_gemm(
         per,
         TOP_K=top_k, MUL_WEIGHT=topk_weights is not None, IS_AWQ=is_awq, GROUP=group,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
-        COMPUTE_F32=interpreting() or a.dtype == torch.float32,
+        COMPUTE_F32=interpreting() or a.dtype == torch.float32, LOOP_STAGES=cfg["num_stages"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return c if split == 1 else c.sum(0).to(out_dtype)
