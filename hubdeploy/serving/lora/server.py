@@ -1,18 +1,20 @@
 """The adapter admin routes' hooks (imported by `hubdeploy serve`).
 
-`lora_hooks(engine)` works with either engine front (`AsyncEngine` in a thread,
-`EngineProcess` in a child process): both read and validate an adapter off the event loop
-and raise `LoRAError` (a ValueError: answered 400 with the reason) for a bad one. Here the
+`lora_hooks(engine)` takes any `EngineClient` (the thread or the process transport): both
+read and validate an adapter off the event loop and raise `LoRAError` (a ValueError: answered 400 with the reason) for a bad one. Here the
 other outcomes get their HTTP meaning: unknown adapter 404, adapter still in use 409.
 """
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from hubdeploy.serving.lora.adapter import LoRAError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from hubdeploy.serving.engine_client import EngineClient
 
-def lora_hooks(engine: Any) -> tuple[Callable[[str, str], Awaitable[None]], Callable[[str], Awaitable[None]]]:
+
+def lora_hooks(engine: EngineClient) -> tuple[Callable[[str, str], Awaitable[None]], Callable[[str], Awaitable[None]]]:
     """`(load(name, source), unload(name))` coroutines for `api_server.set_lora_hooks`."""
     from hubdeploy.serving.server.errors import OpenAIError
 
