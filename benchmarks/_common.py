@@ -11,7 +11,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Mixtral-8x7B's published config (the shapes FIELD-NOTES' roofline figures are for).
+# Mixtral-8x7B's published config (the shapes the roofline figures are for).
 MIXTRAL_8X7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=8, head_dim=128, num_local_experts=8, num_experts_per_tok=2,
                     vocab_size=32000)

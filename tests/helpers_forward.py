@@ -237,7 +237,7 @@ def awq_quantize_checkpoint(src: Path, dst: Path, group_size: int = 32,
 
 def dequantized_copy(src: Path, dst: Path) -> Path:
     """Write a plain float32 copy of an AWQ checkpoint (for transformers references: never load
-    AWQ through transformers, FIELD-NOTES)."""
+    AWQ through transformers: it can leave the experts randomly initialised)."""
     src, dst = Path(src), Path(dst)
     _copy_side_files(src, dst)
     cfg = json.loads((src / "config.json").read_text())

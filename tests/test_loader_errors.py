@@ -207,7 +207,7 @@ def test_gptqmodel_expert_naming(base, tmp_path: Path) -> None:
         return out
 
     rewrite_tensors(d, rename)
-    # gptqmodel's AWQ config (DESIGN.md): method/format/checkpoint_format beside quant_method
+    # gptqmodel's AWQ config: method/format/checkpoint_format beside quant_method
     q = {"quant_method": "awq", "method": "awq", "format": "gemm", "checkpoint_format": "gemm",
          "bits": 4, "group_size": 32, "desc_act": False, "sym": False, "pack_dtype": "int32"}
     edit_config(d, quantization_config=q)

@@ -3,9 +3,10 @@
 For every architecture, fp16 and AWQ checkpoints: last-position logits of a batch of three
 prompts of different lengths (one batched paged prefill) match transformers within
 1e-4 max abs (float32 both sides; logits are O(1)), and 32 greedy tokens are identical. AWQ
-references are transformers loaded with our *dequantized* weights (FIELD-NOTES: its own AWQ
-loading is unreliable). Checkpoints are built here from transformers configs with random
-weights (std 0.1, so that greedy choices are not near-ties).
+references are transformers loaded with our *dequantized* weights (its own AWQ loading is
+unreliable: transformers 5.24 through gptqmodel leaves the experts randomly initialised).
+Checkpoints are built here from transformers configs with random weights (std 0.1, so that
+greedy choices are not near-ties).
 """
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ def test_mixtral_awq_facts_and_exact_sizes(mixtral_awq: ModelReport, hub) -> Non
                    + (E * H + 2 * H) * 2)
     assert r.weights.total_bytes == L * bytes_layer + (2 * V * H + H) * 2
     assert r.weights.param_count / 1e9 == pytest.approx(46.7, abs=0.05)
-    assert r.weights.total_bytes / 1e9 == pytest.approx(24.65, rel=0.02)  # FIELD-NOTES
+    assert r.weights.total_bytes / 1e9 == pytest.approx(24.65, rel=0.02)  # AWQ g128: ≈ 4.16 bits a weight
     assert r.weights.active_bytes_per_token / 1e9 == pytest.approx(6.82, rel=0.02)
     # cross-check with the Hub's file listing: each file = 8 + header + data
     assert r.weights.sizes_consistent is True

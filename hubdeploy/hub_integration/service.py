@@ -1,19 +1,23 @@
 """The deploy service: REST API over the store and a provisioner (`build_service_app`).
 
-Routes are those of DESIGN.md under `/api`, all behind `Authorization: Bearer <admin token>`.
-The web page is mounted by `mount_page(app, blocks)` (the Gradio page from `space/` when the
-command line passes one; a minimal HTML page otherwise) so this module never imports `space`.
+The routes (docs/deploy-service.md, "API") live under `/api`, all behind
+`Authorization: Bearer <admin token>`, in one router per resource: `hub_router` (what a model is,
+what the page pre-fills) and `endpoints_router`. They reach the store and provisioner through
+the app's `ServiceContext`. The web page is mounted by `mount_page(app, blocks)` (the Gradio page
+from `space/` when the command line passes one; a minimal HTML page otherwise) with the badge's
+routes (`page_router`), so this module never imports `space`.
 """
 from __future__ import annotations
 
 import os
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Path as PathParam, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -154,6 +158,245 @@ def ensure_admin_token(store: Store, admin_token: str | None) -> str | None:
     return token
 
 
+@dataclass
+class ServiceContext:
+    """What the routes share (`app.state.service`): the store, the provisioner and the settings."""
+
+    store: Store
+    prov: Provisioner
+    roots: list[Path]
+    hub_endpoint: str | None
+    check_plan: bool
+    default_model: str | None
+    default_adapters: dict[str, str]
+    hub_users: auth.HubUsers | None
+
+    def spec_context(self, token: str | None, name_taken: bool) -> SpecContext:
+        return SpecContext(allowed_roots=self.roots, hub_endpoint=self.hub_endpoint, hf_token=token,
+                           name_taken=self.store.exists if name_taken else None, check_plan=self.check_plan)
+
+    def get_rec(self, name: str) -> EndpointRecord:
+        rec = self.store.get_endpoint(name, with_history=True)
+        if rec is None or rec.status == "deleted":
+            raise HTTPException(404, f"no endpoint named {name!r}; GET /api/endpoints lists them")
+        return rec
+
+    def restart(self, name: str, spec: DeploymentSpec, token: str | None) -> None:
+        key = self.prov.get_api_key(name)
+        try:
+            self.prov.provision(spec, Secrets(hf_token=token, api_key=key if spec.access == "private" else None))
+        except SlotUnavailable as e:
+            self.store.update_endpoint(name, status="paused", desired="paused", reason=str(e))
+            raise HTTPException(409, f"cannot start {name!r}: {e}") from None
+
+
+def get_service(request: Request) -> ServiceContext:
+    """The `ServiceContext` of the app serving this request (a FastAPI dependency)."""
+    return request.app.state.service
+
+
+def require_admin(request: Request, authorization: str | None = Header(None)) -> None:
+    """Every `/api` route: the admin token, or the HF token of a user `hf_users` lets in."""
+    svc = get_service(request)
+    token = auth.bearer_token(authorization)
+    if not auth.verify_secret(token, svc.store.get_meta(ADMIN_HASH_KEY)) and \
+            not (svc.hub_users is not None and svc.hub_users.allows(token)):
+        also = (f", or the Hugging Face token of a user in {sorted(svc.hub_users.allowed)}" if svc.hub_users else "")
+        raise HTTPException(401, "missing or wrong admin token: send 'Authorization: Bearer <admin token>' "
+                                 "(printed by `hubdeploy up` at first start, or HUBDEPLOY_ADMIN_TOKEN)" + also,
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+Service = Annotated[ServiceContext, Depends(get_service)]
+
+
+# --- one error shape for every answer that is not a success (see error_response) ---
+async def _spec_error(_: Request, e: SpecError) -> JSONResponse:
+    return error_response(422, _fields_message(e.detail()), code="invalid_spec", fields=e.detail())
+
+
+async def _hub_down(_: Request, e: HubUnavailable) -> JSONResponse:
+    return error_response(503, str(e), code="hub_unavailable")
+
+
+async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    fields = [{"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
+              for err in e.errors()]
+    return error_response(422, _fields_message(fields), code="invalid_request", fields=fields)
+
+
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    if isinstance(e.detail, list):  # field errors raised by a route (e.g. /api/inspect's model)
+        return error_response(e.status_code, _fields_message(e.detail), fields=e.detail, headers=e.headers)
+    return error_response(e.status_code, str(e.detail), headers=e.headers)
+
+
+async def _inspect_error(_: Request, e: InspectError) -> JSONResponse:
+    return error_response(e.status, e.message, code=e.code, model=e.repo_id, revision=e.revision)
+
+
+async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+    return error_response(500, f"internal error ({type(e).__name__}); the service log has the details",
+                          code="internal_error")
+
+
+ERROR_HANDLERS: dict[type[Exception], Any] = {
+    SpecError: _spec_error, HubUnavailable: _hub_down, RequestValidationError: _invalid,
+    StarletteHTTPException: _http_error, InspectError: _inspect_error, Exception: _unexpected}
+
+
+# --- /api/inspect, /api/defaults: what a model is, what the page pre-fills ---
+hub_router = APIRouter(prefix="/api", dependencies=[Depends(require_admin)])
+
+
+@hub_router.get("/inspect", tags=["hub"])
+def inspect_model(svc: Service, model: str = Query(..., min_length=1, max_length=512),
+                  revision: str | None = Query(None, max_length=256),
+                  x_hf_token: str | None = Header(None, include_in_schema=False)) -> Any:
+    """What the model is and whether it can be served (the Hub integration's report)."""
+    from hubdeploy.hub_integration.inspect_api import inspect_payload
+
+    try:
+        local = classify_source(model) == "path"
+    except ValueError as e:
+        raise HTTPException(422, [{"loc": ["query", "model"], "msg": str(e), "type": "value_error"}]) from None
+    if local:
+        try:
+            model = str(resolve_local_dir(model, svc.roots, "config.json", ("model",)))
+        except SpecError as e:
+            raise HTTPException(422, [{"loc": ["query", "model"], "msg": e.msg, "type": e.type}]) from None
+    return inspect_payload(model, None if local else revision, token=x_hf_token, endpoint=svc.hub_endpoint)
+
+
+@hub_router.get("/defaults", response_model=DefaultsOut, tags=["endpoints"])
+def defaults(svc: Service) -> DefaultsOut:
+    return DefaultsOut(model=svc.default_model, adapters=svc.default_adapters,
+                       allowed_model_roots=[str(r) for r in svc.roots], gpus=["cpu", *_gpu_names()])
+
+
+# --- /api/endpoints: create, list, read, change, delete, pause, resume, rotate the key, logs ---
+endpoints_router = APIRouter(prefix="/api/endpoints", tags=["endpoints"], dependencies=[Depends(require_admin)])
+
+
+@endpoints_router.post("", response_model=EndpointOut, status_code=201)
+def create_endpoint(body: CreateEndpointRequest, svc: Service) -> EndpointOut:
+    """Validate, record and start an endpoint. A private endpoint's API key is in this answer only."""
+    store, prov = svc.store, svc.prov
+    token = body.hf_token.get_secret_value() if body.hf_token else None
+    spec = check_spec(body.spec(), svc.spec_context(token, name_taken=True))
+    api_key = auth.generate_token() if spec.access == "private" else None
+    try:
+        store.create_endpoint(spec.name, spec.model_dump(), auth.hash_secret(api_key) if api_key else None)
+    except KeyError:
+        raise SpecError(("name",), f"an endpoint named {spec.name!r} already exists") from None
+    try:
+        prov.provision(spec, Secrets(hf_token=token, api_key=api_key))
+    except SlotUnavailable as e:  # lost the race for the last device: nothing of it remains
+        store.remove_endpoint(spec.name)
+        raise HTTPException(409, f"cannot start {spec.name!r}: {e}") from None
+    except BaseException:
+        prov.set_api_key(spec.name, None)
+        store.remove_endpoint(spec.name)
+        raise
+    return _out(svc.get_rec(spec.name), api_key=api_key, history=True)
+
+
+@endpoints_router.get("", response_model=EndpointList)
+def list_endpoints(svc: Service) -> EndpointList:
+    return EndpointList(endpoints=[_out(r) for r in svc.store.list_endpoints()])
+
+
+@endpoints_router.get("/{name}", response_model=EndpointOut)
+def get_endpoint(svc: Service, name: str = NamePath) -> EndpointOut:
+    return _out(svc.get_rec(name), history=True)
+
+
+@endpoints_router.patch("/{name}", response_model=EndpointOut)
+def patch_endpoint(body: PatchEndpointRequest, svc: Service, name: str = NamePath) -> EndpointOut:
+    """Change options; a running endpoint restarts with them. Turning access private makes a key."""
+    store, prov = svc.store, svc.prov
+    rec = svc.get_rec(name)
+    old = DeploymentSpec.model_validate(rec.spec)
+    token = body.hf_token.get_secret_value() if body.hf_token else None
+    try:
+        new = body.apply(old)
+    except ValidationError as e:  # the merged spec breaks a field rule: name that field
+        raise RequestValidationError([{"loc": ("body", *err["loc"]), "msg": err["msg"], "type": err["type"]}
+                                      for err in e.errors()]) from None
+    new = check_spec(new, svc.spec_context(token, name_taken=False))
+    api_key = None
+    key_hash = rec.api_key_hash
+    if new.access == "private" and (old.access != "private" or not key_hash):
+        api_key = auth.generate_token()
+        key_hash = auth.hash_secret(api_key)
+    elif new.access == "public":
+        key_hash = None
+    store.update_endpoint(name, spec=new.model_dump(), api_key_hash=key_hash)
+    if api_key is not None or new.access == "public":
+        prov.set_api_key(name, api_key)
+    if rec.desired == "running" and rec.status != "failed":
+        prov.stop(name)
+        svc.restart(name, new, token)
+    return _out(svc.get_rec(name), api_key=api_key, history=True)
+
+
+@endpoints_router.delete("/{name}", response_model=EndpointOut)
+def delete_endpoint(svc: Service, name: str = NamePath) -> EndpointOut:
+    """Stop the process, free the device, remove logs and key; the status becomes `deleted`."""
+    svc.get_rec(name)
+    svc.prov.delete(name)
+    rec = svc.store.get_endpoint(name, with_history=True)
+    assert rec is not None
+    return _out(rec, history=True)
+
+
+@endpoints_router.post("/{name}/pause", response_model=EndpointOut)
+def pause_endpoint(svc: Service, name: str = NamePath) -> EndpointOut:
+    """Stop the process and free its device; the record, key and URL port are kept."""
+    svc.get_rec(name)
+    svc.prov.stop(name)
+    return _out(svc.get_rec(name), history=True)
+
+
+@endpoints_router.post("/{name}/resume", response_model=EndpointOut)
+def resume_endpoint(svc: Service, name: str = NamePath,
+                    x_hf_token: str | None = Header(None, include_in_schema=False)) -> EndpointOut:
+    """Start a paused or failed endpoint again (same key, same port when it is still free)."""
+    rec = svc.get_rec(name)
+    if rec.status in ("paused", "failed"):
+        svc.store.update_endpoint(name, restarts=0)
+        svc.restart(name, DeploymentSpec.model_validate(rec.spec), x_hf_token)
+    return _out(svc.get_rec(name), history=True)
+
+
+@endpoints_router.post("/{name}/rotate_key", response_model=EndpointOut)
+def rotate_key(svc: Service, name: str = NamePath) -> EndpointOut:
+    """A new API key for a private endpoint (the old one stops working); running ones restart."""
+    rec = svc.get_rec(name)
+    spec = DeploymentSpec.model_validate(rec.spec)
+    if spec.access != "private":
+        raise HTTPException(409, f"{name!r} is public and has no key; PATCH access to 'private' first")
+    api_key = auth.generate_token()
+    svc.store.update_endpoint(name, api_key_hash=auth.hash_secret(api_key))
+    svc.prov.set_api_key(name, api_key)
+    if rec.desired == "running" and rec.status != "failed":
+        svc.prov.stop(name)
+        svc.restart(name, spec, None)
+    return _out(svc.get_rec(name), api_key=api_key, history=True)
+
+
+@endpoints_router.get("/{name}/logs", response_model=LogsOut)
+def endpoint_logs(svc: Service, name: str = NamePath, tail: int = Query(200, ge=1, le=10_000)) -> LogsOut:
+    svc.get_rec(name)
+    return LogsOut(name=name, lines=svc.prov.logs(name, tail))
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    app.state.provisioner.close()
+
+
 def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, admin_token: str | None = None, *,
                       allowed_model_roots: list[str | Path] | None = None, provisioner: Provisioner | None = None,
                       cpu_slots: int = 1, default_model: str | None = None,
@@ -179,209 +422,23 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
 
         provisioner = LocalProvisioner(store, data_dir, hub_endpoint=hub_endpoint, cpu_slots=cpu_slots,
                                        **provisioner_options)
-    prov = provisioner
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        prov.close()
-
-    app = FastAPI(title="hubdeploy deploy service", version="0.1.0", lifespan=lifespan, responses=_ERROR_RESPONSES,
-                  description="Deploy Hugging Face Hub models to OpenAI-compatible endpoints.")
-    app.state.store, app.state.provisioner, app.state.new_admin_token = store, prov, new_token
-    app.state.data_dir, app.state.allowed_model_roots, app.state.hub_endpoint = data_dir, roots, hub_endpoint
-    app.state.default_model, app.state.default_adapters = default_model, default_adapters or {}
-
     if hf_users is None:
         hf_users = [u for u in os.environ.get("HUBDEPLOY_HF_USERS", "").split(",") if u.strip()]
     hub_users = auth.HubUsers(hf_users, endpoint=hub_endpoint) if hf_users else None
+
+    app = FastAPI(title="hubdeploy deploy service", version="0.1.0", lifespan=_lifespan, responses=_ERROR_RESPONSES,
+                  description="Deploy Hugging Face Hub models to OpenAI-compatible endpoints.")
+    app.state.service = ServiceContext(store, provisioner, roots, hub_endpoint, check_plan, default_model,
+                                       default_adapters or {}, hub_users)
+    app.state.store, app.state.provisioner, app.state.new_admin_token = store, provisioner, new_token
+    app.state.data_dir, app.state.allowed_model_roots, app.state.hub_endpoint = data_dir, roots, hub_endpoint
+    app.state.default_model, app.state.default_adapters = default_model, default_adapters or {}
     app.state.hub_users = hub_users
-
-    def require_admin(authorization: str | None = Header(None)) -> None:
-        token = auth.bearer_token(authorization)
-        if not auth.verify_secret(token, store.get_meta(ADMIN_HASH_KEY)) and \
-                not (hub_users is not None and hub_users.allows(token)):
-            also = (f", or the Hugging Face token of a user in {sorted(hub_users.allowed)}" if hub_users else "")
-            raise HTTPException(401, "missing or wrong admin token: send 'Authorization: Bearer <admin token>' "
-                                     "(printed by `hubdeploy up` at first start, or HUBDEPLOY_ADMIN_TOKEN)" + also,
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    # --- one error shape for every answer that is not a success (see error_response) ---
-    @app.exception_handler(SpecError)
-    async def _spec_error(_: Request, e: SpecError) -> JSONResponse:
-        return error_response(422, _fields_message(e.detail()), code="invalid_spec", fields=e.detail())
-
-    @app.exception_handler(HubUnavailable)
-    async def _hub_down(_: Request, e: HubUnavailable) -> JSONResponse:
-        return error_response(503, str(e), code="hub_unavailable")
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        fields = [{"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
-                  for err in e.errors()]
-        return error_response(422, _fields_message(fields), code="invalid_request", fields=fields)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        if isinstance(e.detail, list):  # field errors raised by a route (e.g. /api/inspect's model)
-            return error_response(e.status_code, _fields_message(e.detail), fields=e.detail, headers=e.headers)
-        return error_response(e.status_code, str(e.detail), headers=e.headers)
-
-    @app.exception_handler(InspectError)
-    async def _inspect_error(_: Request, e: InspectError) -> JSONResponse:
-        return error_response(e.status, e.message, code=e.code, model=e.repo_id, revision=e.revision)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
-        return error_response(500, f"internal error ({type(e).__name__}); the service log has the details",
-                              code="internal_error")
-
-    def ctx(token: str | None, name_taken: bool) -> SpecContext:
-        return SpecContext(allowed_roots=roots, hub_endpoint=hub_endpoint, hf_token=token,
-                           name_taken=store.exists if name_taken else None, check_plan=check_plan)
-
-    def get_rec(name: str) -> EndpointRecord:
-        rec = store.get_endpoint(name, with_history=True)
-        if rec is None or rec.status == "deleted":
-            raise HTTPException(404, f"no endpoint named {name!r}; GET /api/endpoints lists them")
-        return rec
-
-    api = [Depends(require_admin)]
-
-    @app.get("/api/inspect", dependencies=api, tags=["hub"])
-    def inspect_model(model: str = Query(..., min_length=1, max_length=512),
-                      revision: str | None = Query(None, max_length=256),
-                      x_hf_token: str | None = Header(None, include_in_schema=False)) -> Any:
-        """What the model is and whether it can be served (the Hub integration's report)."""
-        from hubdeploy.hub_integration.inspect_api import inspect_payload
-
-        try:
-            local = classify_source(model) == "path"
-        except ValueError as e:
-            raise HTTPException(422, [{"loc": ["query", "model"], "msg": str(e), "type": "value_error"}]) from None
-        if local:
-            try:
-                model = str(resolve_local_dir(model, roots, "config.json", ("model",)))
-            except SpecError as e:
-                raise HTTPException(422, [{"loc": ["query", "model"], "msg": e.msg, "type": e.type}]) from None
-        return inspect_payload(model, None if local else revision, token=x_hf_token, endpoint=hub_endpoint)
-
-    @app.get("/api/defaults", dependencies=api, response_model=DefaultsOut, tags=["endpoints"])
-    def defaults() -> DefaultsOut:
-        return DefaultsOut(model=default_model, adapters=default_adapters or {}, allowed_model_roots=[str(r) for r in roots],
-                           gpus=["cpu", *_gpu_names()])
-
-    @app.post("/api/endpoints", dependencies=api, response_model=EndpointOut, status_code=201, tags=["endpoints"])
-    def create_endpoint(body: CreateEndpointRequest) -> EndpointOut:
-        """Validate, record and start an endpoint. A private endpoint's API key is in this answer only."""
-        token = body.hf_token.get_secret_value() if body.hf_token else None
-        spec = check_spec(body.spec(), ctx(token, name_taken=True))
-        api_key = auth.generate_token() if spec.access == "private" else None
-        try:
-            store.create_endpoint(spec.name, spec.model_dump(), auth.hash_secret(api_key) if api_key else None)
-        except KeyError:
-            raise SpecError(("name",), f"an endpoint named {spec.name!r} already exists") from None
-        try:
-            prov.provision(spec, Secrets(hf_token=token, api_key=api_key))
-        except SlotUnavailable as e:  # lost the race for the last device: nothing of it remains
-            store.remove_endpoint(spec.name)
-            raise HTTPException(409, f"cannot start {spec.name!r}: {e}") from None
-        except BaseException:
-            prov.set_api_key(spec.name, None)
-            store.remove_endpoint(spec.name)
-            raise
-        return _out(get_rec(spec.name), api_key=api_key, history=True)
-
-    @app.get("/api/endpoints", dependencies=api, response_model=EndpointList, tags=["endpoints"])
-    def list_endpoints() -> EndpointList:
-        return EndpointList(endpoints=[_out(r) for r in store.list_endpoints()])
-
-    @app.get("/api/endpoints/{name}", dependencies=api, response_model=EndpointOut, tags=["endpoints"])
-    def get_endpoint(name: str = NamePath) -> EndpointOut:
-        return _out(get_rec(name), history=True)
-
-    @app.patch("/api/endpoints/{name}", dependencies=api, response_model=EndpointOut, tags=["endpoints"])
-    def patch_endpoint(body: PatchEndpointRequest, name: str = NamePath) -> EndpointOut:
-        """Change options; a running endpoint restarts with them. Turning access private makes a key."""
-        rec = get_rec(name)
-        old = DeploymentSpec.model_validate(rec.spec)
-        token = body.hf_token.get_secret_value() if body.hf_token else None
-        try:
-            new = body.apply(old)
-        except ValidationError as e:  # the merged spec breaks a field rule: name that field
-            raise RequestValidationError([{"loc": ("body", *err["loc"]), "msg": err["msg"], "type": err["type"]}
-                                          for err in e.errors()]) from None
-        new = check_spec(new, ctx(token, name_taken=False))
-        api_key = None
-        key_hash = rec.api_key_hash
-        if new.access == "private" and (old.access != "private" or not key_hash):
-            api_key = auth.generate_token()
-            key_hash = auth.hash_secret(api_key)
-        elif new.access == "public":
-            key_hash = None
-        store.update_endpoint(name, spec=new.model_dump(), api_key_hash=key_hash)
-        if api_key is not None or new.access == "public":
-            prov.set_api_key(name, api_key)
-        if rec.desired == "running" and rec.status != "failed":
-            prov.stop(name)
-            _restart(name, new, token)
-        return _out(get_rec(name), api_key=api_key, history=True)
-
-    def _restart(name: str, spec: DeploymentSpec, token: str | None) -> None:
-        key = prov.get_api_key(name)
-        try:
-            prov.provision(spec, Secrets(hf_token=token, api_key=key if spec.access == "private" else None))
-        except SlotUnavailable as e:
-            store.update_endpoint(name, status="paused", desired="paused", reason=str(e))
-            raise HTTPException(409, f"cannot start {name!r}: {e}") from None
-
-    @app.delete("/api/endpoints/{name}", dependencies=api, response_model=EndpointOut, tags=["endpoints"])
-    def delete_endpoint(name: str = NamePath) -> EndpointOut:
-        """Stop the process, free the device, remove logs and key; the status becomes `deleted`."""
-        get_rec(name)
-        prov.delete(name)
-        rec = store.get_endpoint(name, with_history=True)
-        assert rec is not None
-        return _out(rec, history=True)
-
-    @app.post("/api/endpoints/{name}/pause", dependencies=api, response_model=EndpointOut, tags=["endpoints"])
-    def pause_endpoint(name: str = NamePath) -> EndpointOut:
-        """Stop the process and free its device; the record, key and URL port are kept."""
-        get_rec(name)
-        prov.stop(name)
-        return _out(get_rec(name), history=True)
-
-    @app.post("/api/endpoints/{name}/resume", dependencies=api, response_model=EndpointOut, tags=["endpoints"])
-    def resume_endpoint(name: str = NamePath,
-                        x_hf_token: str | None = Header(None, include_in_schema=False)) -> EndpointOut:
-        """Start a paused or failed endpoint again (same key, same port when it is still free)."""
-        rec = get_rec(name)
-        if rec.status in ("paused", "failed"):
-            store.update_endpoint(name, restarts=0)
-            _restart(name, DeploymentSpec.model_validate(rec.spec), x_hf_token)
-        return _out(get_rec(name), history=True)
-
-    @app.post("/api/endpoints/{name}/rotate_key", dependencies=api, response_model=EndpointOut, tags=["endpoints"])
-    def rotate_key(name: str = NamePath) -> EndpointOut:
-        """A new API key for a private endpoint (the old one stops working); running ones restart."""
-        rec = get_rec(name)
-        spec = DeploymentSpec.model_validate(rec.spec)
-        if spec.access != "private":
-            raise HTTPException(409, f"{name!r} is public and has no key; PATCH access to 'private' first")
-        api_key = auth.generate_token()
-        store.update_endpoint(name, api_key_hash=auth.hash_secret(api_key))
-        prov.set_api_key(name, api_key)
-        if rec.desired == "running" and rec.status != "failed":
-            prov.stop(name)
-            _restart(name, spec, None)
-        return _out(get_rec(name), api_key=api_key, history=True)
-
-    @app.get("/api/endpoints/{name}/logs", dependencies=api, response_model=LogsOut, tags=["endpoints"])
-    def endpoint_logs(name: str = NamePath, tail: int = Query(200, ge=1, le=10_000)) -> LogsOut:
-        get_rec(name)
-        return LogsOut(name=name, lines=prov.logs(name, tail))
-
-    prov.reconcile()
+    for exc, handler in ERROR_HANDLERS.items():
+        app.add_exception_handler(exc, handler)
+    app.include_router(hub_router)
+    app.include_router(endpoints_router)
+    provisioner.reconcile()
     return app
 
 
@@ -401,6 +458,30 @@ _MINIMAL_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>hubde
 <script>document.getElementById('m').textContent=new URLSearchParams(location.search).get('model')||'(none)'</script>
 </body></html>"""
 
+# --- the page's own routes: the badge's target and image (the page itself is mounted by mount_page) ---
+page_router = APIRouter(include_in_schema=False)
+
+
+@page_router.get("/deploy")
+def deploy(request: Request) -> RedirectResponse:
+    q = request.url.query
+    return RedirectResponse("/" + (f"?{q}" if q else ""), status_code=307)
+
+
+@page_router.get("/badge.svg", response_class=Response)
+def badge():  # noqa: ANN201 - the Deploy badge image model cards link to (hub_integration.badge)
+    from hubdeploy.hub_integration.badge import badge_svg
+
+    return Response(badge_svg(), media_type="image/svg+xml", headers={"Cache-Control": "public, max-age=86400"})
+
+
+minimal_page_router = APIRouter(include_in_schema=False)
+
+
+@minimal_page_router.get("/", response_class=HTMLResponse)
+def index() -> str:
+    return _MINIMAL_PAGE
+
 
 def mount_page(app: FastAPI, blocks: Any | None = None) -> FastAPI:
     """Mount the web page at `/` (badge target `/deploy` keeps its query string).
@@ -408,27 +489,11 @@ def mount_page(app: FastAPI, blocks: Any | None = None) -> FastAPI:
     `blocks` is the Gradio page from `space/` (passed by the command line, which may import
     it); without one a minimal HTML page points at the API.
     """
-    @app.get("/deploy", include_in_schema=False)
-    def deploy(request: Request) -> RedirectResponse:
-        q = request.url.query
-        return RedirectResponse("/" + (f"?{q}" if q else ""), status_code=307)
-
-    from fastapi.responses import Response as SvgResponse
-
-    @app.get("/badge.svg", include_in_schema=False, response_class=SvgResponse)
-    def badge():  # noqa: ANN202 - the Deploy badge image model cards link to (hub_integration.badge)
-        from hubdeploy.hub_integration.badge import badge_svg
-
-        return SvgResponse(badge_svg(), media_type="image/svg+xml", headers={"Cache-Control": "public, max-age=86400"})
-
+    app.include_router(page_router)
     if blocks is not None:
         import gradio as gr
 
         # the page carries its own CSS/theme (Gradio 6 takes them here, not in Blocks)
         return gr.mount_gradio_app(app, blocks, path="/", **getattr(blocks, "mount_kwargs", {}))
-
-    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
-    def index() -> str:
-        return _MINIMAL_PAGE
-
+    app.include_router(minimal_page_router)
     return app

@@ -279,14 +279,6 @@ class Store:
         with self.tx() as conn:
             conn.execute("DELETE FROM slots WHERE endpoint=?", (endpoint,))
 
-    def slot_of(self, endpoint: str) -> str | None:
-        conn = self._connect()
-        try:
-            row = conn.execute("SELECT device FROM slots WHERE endpoint=?", (endpoint,)).fetchone()
-            return str(row[0]) if row else None
-        finally:
-            conn.close()
-
     def claimed_slots(self) -> dict[str, str]:
         conn = self._connect()
         try:

@@ -1,6 +1,6 @@
 """The engine: models, loader, scheduler, paged KV cache, runner, sampler, LoRA manager.
 
-`from hubdeploy import LLM, SamplingParams` (defined here) is the offline API (see DESIGN.md).
+`from hubdeploy import LLM, SamplingParams` (defined here) is the offline API.
 """
 from hubdeploy.serving.sampling_params import SamplingParams
 

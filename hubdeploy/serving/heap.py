@@ -1,15 +1,16 @@
 """Memory hygiene for serving processes: no collector pauses, no page faults per step.
 
 `freeze_heap` keeps Python's cyclic garbage collector off the serving path. A server process holds a large, long-lived heap (torch, the model, the tokenizer, FastAPI):
-about 200,000 tracked objects in the front end alone, where one full collection takes ~50 ms
-on this project's CPU box, stalling every stream at once while it runs (a traced 32-way
-benchmark showed one 57 ms front-end stall with no HTTP event and no engine step, most likely
-that; it did not recur after the freeze). `freeze_heap` collects once after start-up and moves what
+about 200,000 tracked objects in the front end alone, where one full collection takes tens of
+milliseconds on this project's CPU box, stalling every stream at once while it runs (a traced
+32-way benchmark showed one such front-end stall with no HTTP event and no engine step, most
+likely that; it did not recur after the freeze: benchmarks/RESULTS.md, "Serving vs peers (CPU):
+where a 32-way run went"). `freeze_heap` collects once after start-up and moves what
 is alive then into the permanent generation (`gc.freeze`), so later collections scan only
 what requests create. vLLM does the same after its engine starts.
 
 `retain_freed_memory` keeps glibc from unmapping and re-faulting the large temporaries of
-every CPU step (see its docstring for the numbers).
+every CPU step (see its docstring).
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 
 
     A CPU prefill step makes hundreds of MB-sized temporaries. By default glibc maps each one
     fresh (`mmap`) and unmaps it when freed, so every step pays page faults on memory it just
-    gave back: measured here, a 2048-token prefill step of the benchmark model took 47 -> 33 ms
-    (bf16) and 84 -> 69 ms (fp32) with these settings, decode steps unchanged. The price is
+    gave back: with these settings a 2048-token prefill step of the benchmark model got markedly
+    faster in bf16 and fp32, decode steps unchanged (benchmarks/RESULTS.md, "Serving vs peers
+    (CPU): where a 32-way run went"). The price is
     resident memory the process keeps after a peak (at most `trim_threshold` above what it
     uses). vLLM's CPU guide gets the same from preloading tcmalloc. Returns False where this
     is not glibc (nothing changed)."""

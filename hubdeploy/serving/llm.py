@@ -1,4 +1,4 @@
-"""`LLM`: the offline API (DESIGN.md) — a batch of prompts in, finished outputs out."""
+"""`LLM`: the offline API — a batch of prompts in, finished outputs out."""
 from __future__ import annotations
 
 import itertools

@@ -1,4 +1,4 @@
-"""An httpx client of the deploy service REST API (DESIGN.md), so one page works anywhere.
+"""An httpx client of the deploy service REST API (docs/deploy-service.md), so one page works anywhere.
 
 Mounted in `hubdeploy up` the page calls its own service over loopback; on a Hugging Face
 Space it calls a remote one whose URL and admin token come from the Space secrets
@@ -8,7 +8,6 @@ own reason (its `detail`, or the inspection error's message) and the field it na
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,11 +72,6 @@ class ServiceClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
 
-    @classmethod
-    def from_env(cls, **kw: Any) -> "ServiceClient":
-        """From the Space secrets `HUBDEPLOY_URL` and `HUBDEPLOY_TOKEN`."""
-        return cls(os.environ.get(URL_ENV, ""), os.environ.get(TOKEN_ENV) or None, **kw)
-
     def close(self) -> None:
         self._http.close()
 
@@ -101,7 +95,7 @@ class ServiceClient:
             raise ServiceError(resp.status_code, msg, loc)
         return resp.json()
 
-    # -- the routes of DESIGN.md ------------------------------------------------------
+    # -- the routes (docs/deploy-service.md, "API") -----------------------------------
     def inspect(self, model: str, revision: str | None = None, hf_token: str | None = None) -> dict[str, Any]:
         """Report, compatibility and one memory plan per GPU (`GET /api/inspect`)."""
         params = {"model": model, **({"revision": revision} if revision else {})}

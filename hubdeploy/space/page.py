@@ -132,504 +132,602 @@ def query_prefill(query: dict[str, str]) -> dict[str, Any]:
     return pre
 
 
-def build_page(config: PageConfig | None = None) -> gr.Blocks:
-    """The whole page. `blocks.mount_kwargs` holds the CSS/theme for `gr.mount_gradio_app`."""
-    cfg = (config or PageConfig()).resolved()
-    server_token = cfg.token
+class _Page:
+    """What every section shares: the configuration, the visitor's state (made inside the page's
+    `gr.Blocks`, before any section) and a service client per request."""
 
-    def client(request: gr.Request | None, box_token: str | None, hf_token: str | None = None) -> ServiceClient:
+    def __init__(self, cfg: PageConfig) -> None:
+        self.cfg = cfg
+        self.server_token = cfg.token
+        self.prefill = gr.State({})  # what the badge's query (or Connect) asked the form to show
+        self.report_state = gr.State(None)  # the last inspect payload (report and plans)
+        self.endpoint_state = gr.State(None)  # the endpoint just deployed, for the playground
+        self.saved_token = gr.BrowserState("", storage_key="hubdeploy-service-token")
+        # The visitor's Hugging Face token: a State filled by OAuth on a Space (`_Access`), else
+        # the Options section's textbox. Set by whichever section builds it.
+        self.hf_token: gr.components.Component | None = None
+
+    def client(self, request: gr.Request | None, box_token: str | None, hf_token: str | None = None) -> ServiceClient:
         """A client for this request: the page's secret, else the pasted admin token, else (on a
         Space) the visitor's own Hugging Face token, which a service started with
         `HUBDEPLOY_HF_USERS` accepts for the users and organisations it lists."""
-        token = server_token or (box_token or "").strip() or ((hf_token or None) if cfg.on_space else None)
+        token = self.server_token or (box_token or "").strip() or ((hf_token or None) if self.cfg.on_space else None)
         if token is None:
             raise ServiceError(401, "no service token: this deploy service needs its admin token")
-        return ServiceClient(cfg.service_url or _own_url(request), token)
+        return ServiceClient(self.cfg.service_url or _own_url(request), token)
 
-    with gr.Blocks(title="Deploy a Hub model · hubdeploy", analytics_enabled=False) as demo:
-        prefill = gr.State({})
-        report_state = gr.State(None)
-        endpoint_state = gr.State(None)
-        saved_token = gr.BrowserState("", storage_key="hubdeploy-service-token")
+    def connect_notice(self) -> str:
+        """How to get in, said the same wherever the page finds no token."""
+        how = ("Sign in with Hugging Face above (if this service lets your account in), or paste its "
+               "admin token under Service access" if self.cfg.on_space
+               else "Open the sign-in link that hubdeploy up printed, or paste its admin token "
+                    "under Service access")
+        return view.notice("info", "Connect to the deploy service", how + ", then press Connect.")
 
+
+class _Access:
+    """The header, "Service access" (token box, Connect; Sign in on a Space) and the status line.
+    Its events are the arrival: a page load (badge query, saved token, sign-in link) or Connect."""
+
+    def __init__(self, page: _Page) -> None:
+        self.page, cfg = page, page.cfg
         gr.HTML('<div class="hd-header"><div><h1>Deploy a Hub model</h1>'
                 '<p>An OpenAI-compatible endpoint on one GPU — AWQ Mixture-of-Experts and multi-LoRA, '
                 'with a URL, a key, code snippets and a playground when it is up.</p></div></div>')
-        with gr.Accordion("Service access", open=not server_token, visible=not server_token,
-                          elem_id="hd-access") as access_box:
+        with gr.Accordion("Service access", open=not page.server_token, visible=not page.server_token,
+                          elem_id="hd-access") as self.access_box:
             with gr.Row(equal_height=True):
-                token_box = gr.Textbox(label="Deploy service token", type="password", scale=4,
-                                       placeholder="the admin token `hubdeploy up` printed at first start",
-                                       info="Kept in this browser only (encrypted local storage).",
-                                       elem_id="hd-service-token")
-                connect_btn = gr.Button("Connect", scale=1, elem_id="hd-connect")
+                self.token_box = gr.Textbox(label="Deploy service token", type="password", scale=4,
+                                            placeholder="the admin token `hubdeploy up` printed at first start",
+                                            info="Kept in this browser only (encrypted local storage).",
+                                            elem_id="hd-service-token")
+                self.connect_btn = gr.Button("Connect", scale=1, elem_id="hd-connect")
         if cfg.on_space:
             with gr.Row():
                 gr.LoginButton(value="Sign in with Hugging Face")
-            hf_token: gr.components.Component = gr.State(None)
-        status_html = gr.HTML(elem_id="hd-status")
+            page.hf_token = gr.State(None)
+        self.status_html = gr.HTML(elem_id="hd-status")
 
-        with gr.Tabs(elem_id="hd-tabs") as tabs:
-            with gr.Tab("Deploy", id="deploy", elem_id="hd-tab-deploy"):
-                # ---- Model ------------------------------------------------------------------
-                gr.Markdown("## 1 · Model", elem_classes="hd-h2")
-                with gr.Row(equal_height=True):
-                    model_box = gr.Dropdown(label="Model id", choices=[], value=None, allow_custom_value=True,
-                                            filterable=True, scale=5, elem_id="hd-model",
-                                            info="A Hub repo (org/name) — type to search — or a local folder "
-                                                 "under the service's model root.")
-                    revision_box = gr.Textbox(label="Revision", placeholder="main", scale=1, elem_id="hd-revision")
-                    inspect_btn = gr.Button("Inspect", variant="secondary", scale=1, elem_id="hd-inspect")
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        card_summary = gr.HTML('<div class="hd-muted">Enter a model id to see what it is.</div>',
-                                               elem_id="hd-card-summary")
-                        verdict = gr.HTML(elem_id="hd-verdict")
-                    with gr.Column(scale=2):
-                        facts = gr.HTML(elem_id="hd-facts")
-                with gr.Accordion("Model card", open=False, elem_id="hd-card-acc"):
-                    card_html = gr.HTML(elem_id="hd-card")
-                with gr.Accordion("Deploy badge for this model's card", open=False, elem_id="hd-badge-acc"):
-                    badge_preview = gr.HTML(elem_id="hd-badge-preview")
-                    badge_code = gr.Code(language="markdown", label="Markdown (paste into README.md)",
-                                         interactive=False, lines=2, elem_id="hd-badge-md")
-                    badge_html_code = gr.Code(language="html", label="HTML", interactive=False, lines=2)
-
-                # ---- Hardware ---------------------------------------------------------------
-                gr.Markdown("## 2 · Hardware", elem_classes="hd-h2")
-                gpu_radio = gr.Radio(choices=[(g.name, g.name) for g in catalog()] + [(view.CPU, view.CPU)],
-                                     value=view.CPU,
-                                     label="Target", elem_id="hd-gpu", elem_classes="hd-gpu-list",
-                                     info="✓ fits · memory for weights of the GPU's total · longest context · "
-                                          "sequences at once · estimated batch-1 decode speed")
-                plan_box = gr.HTML(elem_id="hd-plan")
-
-                # ---- Options ----------------------------------------------------------------
-                gr.Markdown("## 3 · Options", elem_classes="hd-h2")
-                with gr.Row():
-                    adapters_cb = gr.CheckboxGroup(choices=[], label="LoRA adapters found on the Hub", scale=3,
-                                                   elem_id="hd-adapters",
-                                                   info="Each is served under its own name next to the base model.")
-                    adapters_extra = gr.Textbox(label="More adapters", scale=2, lines=1, elem_id="hd-adapters-extra",
-                                                placeholder="org/my-lora, name=org/other-lora")
-                with gr.Row():
-                    name_box = gr.Textbox(label="Endpoint name", elem_id="hd-name",
-                                          info="Lowercase letters, digits and '-'; suggested from the model.")
-                    access_radio = gr.Radio([("Private — API key", "private"), ("Public — no key", "public")],
-                                            value="private", label="Access", elem_id="hd-access-radio")
-                with gr.Row():
-                    max_len = gr.Number(label="Max context (tokens)", precision=0, value=0,
-                                        info="0 = the plan's maximum.", elem_id="hd-max-len")
-                    max_seqs = gr.Number(label="Max concurrent sequences", precision=0, value=0,
-                                         info="0 = what the KV cache allows.", elem_id="hd-max-seqs")
-                    max_loras = gr.Number(label="LoRA slots on the device", precision=0, value=0,
-                                          info="0 = one per adapter, up to 4.", elem_id="hd-max-loras")
-                if not cfg.on_space:
-                    hf_token = gr.Textbox(label="Hugging Face token (gated or private models)", type="password",
-                                          placeholder="hf_…  — used to download, never stored",
-                                          elem_id="hd-hf-token")
-                with gr.Accordion("Advanced", open=False, elem_id="hd-advanced"):
-                    with gr.Row():
-                        max_rank = gr.Number(label="Max LoRA rank (0 = largest adapter's)", precision=0, value=0)
-                        kv_tokens = gr.Number(label="KV cache tokens (0 = all that fit)", precision=0, value=0)
-                        dtype = gr.Dropdown(["auto", "float16", "bfloat16", "float32"], value="auto",
-                                            label="Activation dtype")
-                    with gr.Row():
-                        tags_box = gr.Textbox(label="Tags", placeholder="team-a, demo")
-                        restart_cb = gr.Checkbox(label="Restart automatically on failure", value=False)
-
-                # ---- Deploy -----------------------------------------------------------------
-                gr.Markdown("## 4 · Deploy", elem_classes="hd-h2")
-                deploy_btn = gr.Button("Deploy", variant="primary", size="lg", elem_id="hd-deploy")
-                progress = gr.HTML(elem_id="hd-progress")
-                with gr.Accordion("Log tail", open=False, elem_id="hd-logs-acc"):
-                    log_box = gr.Code(language=None, label="Endpoint log (last lines)", interactive=False, lines=8,
-                                      max_lines=20, elem_id="hd-log")
-
-                # ---- Result -----------------------------------------------------------------
-                with gr.Group(visible=False, elem_id="hd-result") as result_group:
-                    gr.Markdown("## 5 · Your endpoint", elem_classes="hd-h2")
-                    with gr.Row():
-                        url_box = gr.Textbox(label="Endpoint URL (OpenAI base URL)", interactive=False,
-                                             buttons=["copy"], elem_id="hd-url")
-                        key_box = gr.Textbox(label="API key — shown once, copy it now", interactive=False,
-                                             buttons=["copy"], elem_id="hd-key")
-                    with gr.Tabs():
-                        with gr.Tab("curl"):
-                            curl_code = gr.Code(language="shell", label="curl", interactive=False, elem_id="hd-snippet-curl")
-                        with gr.Tab("openai"):
-                            openai_code = gr.Code(language="python", label="Python · openai", interactive=False,
-                                                  elem_id="hd-snippet-openai")
-                        with gr.Tab("InferenceClient"):
-                            ic_code = gr.Code(language="python", label="Python · huggingface_hub.InferenceClient",
-                                              interactive=False, elem_id="hd-snippet-ic")
-                    gr.Markdown("### Playground", elem_classes="hd-h3")
-                    with gr.Row():
-                        with gr.Column(scale=1, min_width=220):
-                            chat_model = gr.Dropdown(choices=[], label="Model or adapter", elem_id="hd-chat-model")
-                            system_box = gr.Textbox(label="System prompt", lines=2, value="",
-                                                    placeholder="optional (Mixtral/Mistral templates take "
-                                                                "none: it is then put before your first message)")
-                            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
-                            max_tokens = gr.Slider(1, 1024, value=64, step=1, label="Max tokens")
-                        with gr.Column(scale=3):
-                            chatbot = gr.Chatbot(label="Chat", height=320, elem_id="hd-chatbot")
-                            with gr.Row():
-                                chat_in = gr.Textbox(show_label=False, placeholder="Say something…", scale=5,
-                                                     elem_id="hd-chat-input")
-                                send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="hd-send")
-
-            with gr.Tab("My endpoints", id="endpoints", elem_id="hd-tab-endpoints"):
-                with gr.Row(equal_height=False, elem_classes="hd-ep-actions"):
-                    ep_pick = gr.Dropdown(choices=[], label="Endpoint", scale=3, min_width=220, elem_id="hd-ep-pick")
-                    refresh_btn = gr.Button("Refresh", size="md", scale=1, min_width=90, elem_id="hd-refresh")
-                    pause_btn = gr.Button("Pause", size="md", scale=1, min_width=90, elem_id="hd-pause")
-                    resume_btn = gr.Button("Resume", size="md", scale=1, min_width=90, elem_id="hd-resume")
-                    delete_btn = gr.Button("Delete", variant="stop", size="md", scale=1, min_width=90,
-                                           elem_id="hd-delete")
-                    logs_btn = gr.Button("Logs", size="md", scale=1, min_width=90, elem_id="hd-logs-btn")
-                ep_table = gr.Dataframe(headers=view.ENDPOINT_COLUMNS, value=[], interactive=False, wrap=True,
-                                        elem_id="hd-endpoints")
-                ep_status = gr.HTML(elem_id="hd-ep-status")
-                ep_logs = gr.Code(language=None, label="Endpoint log", interactive=False, lines=10, max_lines=30, visible=False,
-                                  elem_id="hd-ep-logs")
-
-        # ---- handlers ---------------------------------------------------------------------------
-        def connect_notice() -> str:
-            """How to get in, said the same wherever the page finds no token."""
-            how = ("Sign in with Hugging Face above (if this service lets your account in), or paste its "
-                   "admin token under Service access" if cfg.on_space
-                   else "Open the sign-in link that hubdeploy up printed, or paste its admin token "
-                        "under Service access")
-            return view.notice("info", "Connect to the deploy service", how + ", then press Connect.")
-
-        def arrive(pre: dict[str, Any], token: str, hf_token: str | None, request: gr.Request | None,
-                   just_given: bool) -> tuple[Any, ...]:
-            """The form as a visitor with `token` sees it: a page load with a saved token, the sign-in
-            link and Connect all end here, so none of them needs a reload. The badge's model, else
-            the service's demo model, is prefilled (and inspected by the next step)."""
-            pre = dict(pre)
-            signed_in = bool(cfg.on_space and hf_token)
-            need_token = not server_token and not token and not signed_in
-            status, refused = "", False
-            if need_token:
-                status = connect_notice()
-            else:
-                try:
-                    with client(request, token, hf_token) as c:
-                        demo_model = c.defaults().get("model") or ""
-                except ServiceError as e:  # a wrong or stale token: say so, and ask for the right one
-                    demo_model, status, refused = "", _err_html(e), e.status == 401
-                if not pre.get("model") and demo_model:
-                    pre["model"] = demo_model
-                    pre.setdefault("gpu", view.CPU)  # the built-in demo model is there to try things without a GPU
-                if just_given and token and not refused:
-                    status = view.notice("ok", "Token saved in this browser.")
-            model = pre.get("model") or ""
-            access = pre.get("access") if pre.get("access") in ("private", "public") else "private"
-            return (gr.update(value=model or None, choices=[model] if model else []), pre.get("revision") or "",
-                    pre, token, "" if refused else token, gr.update(open=need_token or refused), status, access,
-                    *(pre.get(k) or 0 for k in NUMBER_PARAMS))
-
-        def on_load(saved: str | None, hf_token: str | None, link_token: str | None,
-                    request: gr.Request) -> tuple[Any, ...]:
-            """The badge's query prefills the form; a sign-in link's token (read from the URL fragment
-            by READ_SIGN_IN_JS) is saved like a pasted one."""
-            pre = query_prefill(dict(request.query_params) if request is not None else {})
-            link_token = (link_token or "").strip()
-            return arrive(pre, link_token or (saved or ""), hf_token, request, just_given=bool(link_token))
-
-        def on_connect(token: str | None, pre: dict[str, Any] | None, model: str | None, revision: str | None,
-                       hf_token: str | None, request: gr.Request) -> tuple[Any, ...]:
-            """Save the pasted token and show what a reload would: the prefilled model, inspected.
-            A model typed before connecting wins over the badge's (whose choices then no longer apply)."""
-            pre, typed = dict(pre or {}), (model or "").strip()
-            if typed and typed != pre.get("model"):
-                pre = {"model": typed, "revision": (revision or "").strip()}
-            return arrive(pre, (token or "").strip(), hf_token, request, just_given=True)
-
-        def suggest(data: gr.KeyUpData, hf_token: str | None) -> Any:
-            hits = search_models(data.input_value, endpoint=cfg.hub_endpoint, token=hf_token or None)
-            return gr.update(choices=hits) if hits else gr.update()
-
-        def inspect(model: str | None, revision: str | None = None, hf_token: str | None = None,
-                    token: str | None = None, pre: dict[str, Any] | None = None,
-                    request: gr.Request | None = None) -> tuple[Any, ...]:
-            """Inspect a model through the service; fill the Model, Hardware and Options sections."""
-            model = (model or "").strip()
-            pre = pre if pre and pre.get("model") == model else {}  # the badge's choices apply to its model only
-            keep = tuple(gr.update() for _ in range(14))
-            if not server_token and not (token or "").strip() and not (cfg.on_space and hf_token):
-                return (connect_notice(), *keep)
-            if not model:
-                return (view.notice("info", "Enter a model id", "For example org/name, then press Inspect."),
-                        *keep)
+    def arrive(self, pre: dict[str, Any], token: str, hf_token: str | None, request: gr.Request | None,
+               just_given: bool) -> tuple[Any, ...]:
+        """The form as a visitor with `token` sees it: a page load with a saved token, the sign-in
+        link and Connect all end here, so none of them needs a reload. The badge's model, else
+        the service's demo model, is prefilled (and inspected by the next step)."""
+        page = self.page
+        pre = dict(pre)
+        signed_in = bool(page.cfg.on_space and hf_token)
+        need_token = not page.server_token and not token and not signed_in
+        status, refused = "", False
+        if need_token:
+            status = page.connect_notice()
+        else:
             try:
-                with client(request, token, hf_token) as c:
-                    payload = c.inspect(model, revision or None, hf_token=hf_token or None)
-                    taken = {ep["name"] for ep in c.list()}
-            except ServiceError as e:
-                return (_err_html(e), *keep)
-            report, plans = payload["report"], payload["plans"]
-            card = card_view(model, revision or None, report["card"], endpoint=cfg.hub_endpoint, token=hf_token or None,
-                             read_local=cfg.read_local_cards)
-            choices = view.gpu_choices(plans)
-            names = {v for _, v in choices}
-            want = pre.get("gpu")
-            gpu = (next((n for n in names if want and n.lower() == want.lower()), None)
-                   or payload.get("suggested_gpu") or view.CPU)
-            found = [a["repo_id"] for a in report.get("adapters") or [] if not a.get("error")]
-            asked = [a.strip() for a in (pre.get("adapters") or "").split(",") if a.strip()]
-            checked = [a for a in asked if a in found]
-            extra = ", ".join(a for a in asked if a not in found)
-            public = _public_url(cfg, request)
-            is_repo = not model.startswith(("/", "./", "~/"))
-            badge_md = badge_markdown(model, public) if is_repo else "(badges link Hub repos; this is a local folder)"
-            preview = (f'{badge_html(model, public)} <span class="hd-muted">← opens this page prefilled</span>'
-                       if is_repo else "")
-            note = view.notice("info", card.note) if card.note else ""
-            card_body = (f'<div class="hd-card-body">{card.html}</div>' if card.html
-                         else '<div class="hd-muted">No card.</div>')
-            adapter_choices = [(f"{a.rstrip('/').split('/')[-1]}  ({a})", a) for a in found]
-            return (note, view.card_summary_html(card, report),
-                    view.verdict_html(report, plans, payload.get("suggested_gpu")), view.facts_html(report),
-                    card_body, preview, badge_md, badge_html(model, public) if is_repo else "",
-                    gr.update(choices=choices, value=gpu), view.plan_html(_plan(plans, gpu), gpu),
-                    gr.update(choices=adapter_choices, value=checked), extra,
-                    pre.get("name") or view.suggest_name(model, taken), payload,
-                    gr.update(choices=[model], value=model))
+                with page.client(request, token, hf_token) as c:
+                    demo_model = c.defaults().get("model") or ""
+            except ServiceError as e:  # a wrong or stale token: say so, and ask for the right one
+                demo_model, status, refused = "", _err_html(e), e.status == 401
+            if not pre.get("model") and demo_model:
+                pre["model"] = demo_model
+                pre.setdefault("gpu", view.CPU)  # the built-in demo model is there to try things without a GPU
+            if just_given and token and not refused:
+                status = view.notice("ok", "Token saved in this browser.")
+        model = pre.get("model") or ""
+        access = pre.get("access") if pre.get("access") in ("private", "public") else "private"
+        return (gr.update(value=model or None, choices=[model] if model else []), pre.get("revision") or "",
+                pre, token, "" if refused else token, gr.update(open=need_token or refused), status, access,
+                *(pre.get(k) or 0 for k in NUMBER_PARAMS))
 
-        def inspect_prefill(model: str | None, revision: str | None = None, hf_token: str | None = None,
-                            token: str | None = None, pre: dict[str, Any] | None = None,
-                            request: gr.Request | None = None) -> tuple[Any, ...]:
-            """After a load or Connect: inspect the model they prefilled. With none (no token, or one the
-            service refused) nothing changes, so their notice stays; an empty note keeps it too."""
-            if not (pre or {}).get("model") or (model or "").strip() != pre["model"]:
-                return tuple(gr.update() for _ in range(15))
-            out = inspect(model, revision, hf_token, token, pre, request)
-            return (gr.update(), *out[1:]) if out[0] == "" else out
+    def on_load(self, saved: str | None, hf_token: str | None, link_token: str | None,
+                request: gr.Request) -> tuple[Any, ...]:
+        """The badge's query prefills the form; a sign-in link's token (read from the URL fragment
+        by READ_SIGN_IN_JS) is saved like a pasted one."""
+        pre = query_prefill(dict(request.query_params) if request is not None else {})
+        link_token = (link_token or "").strip()
+        return self.arrive(pre, link_token or (saved or ""), hf_token, request, just_given=bool(link_token))
 
-        def _plan(plans: list[dict[str, Any]], gpu: str | None) -> dict[str, Any] | None:
-            return next((p for p in plans if p["gpu"] == gpu), None)
+    def on_connect(self, token: str | None, pre: dict[str, Any] | None, model: str | None, revision: str | None,
+                   hf_token: str | None, request: gr.Request) -> tuple[Any, ...]:
+        """Save the pasted token and show what a reload would: the prefilled model, inspected.
+        A model typed before connecting wins over the badge's (whose choices then no longer apply)."""
+        pre, typed = dict(pre or {}), (model or "").strip()
+        if typed and typed != pre.get("model"):
+            pre = {"model": typed, "revision": (revision or "").strip()}
+        return self.arrive(pre, (token or "").strip(), hf_token, request, just_given=True)
 
-        def on_gpu(gpu: str, payload: dict[str, Any] | None) -> str:
-            return view.plan_html(_plan((payload or {}).get("plans") or [], gpu), gpu) if payload else ""
-
-        def deploy(model: str | None, revision: str | None = None, gpu: str | None = None,
-                   adapters: list[str] | None = None, adapters_more: str | None = None,
-                   max_model_len: float | None = None, max_num_seqs: float | None = None,
-                   lora_slots: float | None = None, access: str | None = None, name: str | None = None,
-                   max_lora_rank: float | None = None, kv_cache_tokens: float | None = None,
-                   act_dtype: str | None = None, tags: str | None = None, restart: bool | None = None,
-                   hf_token: str | None = None, token: str | None = None,
-                   request: gr.Request | None = None) -> Iterator[tuple[Any, ...]]:
-            """Create the endpoint, then follow its phases until it runs or fails."""
-            hidden = gr.update(visible=False)
-            nothing = (gr.update(),) * 7
-            try:
-                spec = {"name": (name or "").strip() or view.suggest_name(model or "endpoint"),
-                        "model": (model or "").strip(), "revision": (revision or "").strip() or None,
-                        "adapters": view.parse_adapters(adapters, adapters_more), "gpu": gpu or view.CPU,
-                        "access": access or "private",
-                        "tags": [t.strip() for t in (tags or "").split(",") if t.strip()],
-                        "restart_on_failure": bool(restart),
-                        "engine": {k: v for k, v in {
-                            "max_model_len": _int_or_none(max_model_len), "max_num_seqs": _int_or_none(max_num_seqs),
-                            "max_loras": _int_or_none(lora_slots), "max_lora_rank": _int_or_none(max_lora_rank),
-                            "kv_cache_tokens": _int_or_none(kv_cache_tokens)}.items() if v is not None}}
-                if act_dtype and act_dtype != "auto":
-                    spec["engine"]["dtype"] = act_dtype
-                if not spec["model"]:
-                    raise ServiceError(422, "model: enter a model id first", ["body", "model"])
-                c = client(request, token, hf_token)
-            except (ServiceError, ValueError) as e:
-                yield (_err_html(e if isinstance(e, ServiceError) else ServiceError(422, str(e))), "", hidden, *nothing)
-                return
-            with c:
-                try:
-                    ep = c.create(spec, hf_token=hf_token or None)
-                except ServiceError as e:
-                    yield (_err_html(e), "", hidden, *nothing)
-                    return
-                key = ep.get("api_key")
-                state = {"name": ep["name"], "api_key": key, "served_model_name": ep["served_model_name"],
-                         "adapters": list(ep["spec"]["adapters"]), "url": None}
-                key_text = key or "(public endpoint: no key needed)"
-                deadline = time.monotonic() + cfg.deploy_timeout
-                logs: list[str] = []
-                while True:
-                    if ep["status"] in ("running", "failed", "deleted", "paused") or time.monotonic() > deadline:
-                        break
-                    try:
-                        logs = c.logs(ep["name"], MAX_LOG_LINES)
-                    except ServiceError:
-                        pass
-                    yield (view.progress_html(ep), "\n".join(logs), hidden, *nothing)
-                    time.sleep(cfg.poll_interval)
-                    try:
-                        ep = c.get(ep["name"])
-                    except ServiceError as e:
-                        yield (_err_html(e), "\n".join(logs), hidden, *nothing)
-                        return
-                try:
-                    logs = c.logs(ep["name"], MAX_LOG_LINES)
-                except ServiceError:
-                    pass
-            if ep["status"] != "running":
-                msg = view.progress_html(ep) if ep["status"] == "failed" else view.notice(
-                    "error", f"{ep['name']} is {ep['status']}", "it did not reach running in "
-                    f"{cfg.deploy_timeout:.0f} s" if ep["status"] == "initializing" else "",
-                    "Read the log tail; it keeps starting in the background (see My endpoints).")
-                yield (msg, "\n".join(logs), hidden, *nothing)
-                return
-            state["url"] = ep["url"]
-            snips = render_snippets(ep["url"], ep["served_model_name"], private=bool(key))
-            models = [ep["served_model_name"], *state["adapters"]]
-            yield (view.progress_html(ep), "\n".join(logs), gr.update(visible=True), ep["url"], key_text,
-                   snips["curl"], snips["openai"], snips["inference_client"],
-                   gr.update(choices=models, value=models[0]), state)
-
-        def chat(message: str, history: list[dict[str, Any]] | None = None, state: dict[str, Any] | None = None,
-                 model: str | None = None, system: str | None = None, temp: float | None = None,
-                 max_new: float | None = None) -> Iterator[tuple[Any, ...]]:
-            """Stream an answer from the endpoint (OpenAI chat completions with stream=true)."""
-            history = list(history or [])
-            if not (message or "").strip():
-                yield history, ""
-                return
-            history.append({"role": "user", "content": message})
-            if not state or not state.get("url"):
-                history.append({"role": "assistant",
-                                "content": "Deploy an endpoint first: the playground talks to it."})
-                yield history, ""
-                return
-            history = [{"role": m["role"], "content": _text(m.get("content"))} for m in history]
-            msgs = ([{"role": "system", "content": system}] if (system or "").strip() else []) + [
-                dict(m) for m in history]
-            history.append({"role": "assistant", "content": ""})
-            kw = {"temperature": 0.7 if temp is None else float(temp), "max_tokens": int(max_new or 64)}
-            target = model or state["served_model_name"]
-            try:
-                try:
-                    for delta in stream_chat(state["url"], state.get("api_key"), target, msgs, **kw):
-                        history[-1]["content"] += delta
-                        yield history, ""
-                except ServiceError as e:
-                    # Templates such as Mixtral's refuse a system role: fold it into the first user turn.
-                    if e.status != 400 or msgs[0]["role"] != "system" or history[-1]["content"]:
-                        raise
-                    first = next(i for i, m in enumerate(msgs) if m["role"] == "user")
-                    msgs[first] = {"role": "user", "content": f"{msgs[0]['content']}\n\n{msgs[first]['content']}"}
-                    for delta in stream_chat(state["url"], state.get("api_key"), target, msgs[1:], **kw):
-                        history[-1]["content"] += delta
-                        yield history, ""
-            except (ServiceError, OSError) as e:
-                history[-1]["content"] += f"\n\n⚠️ {e}"
-            except Exception as e:  # noqa: BLE001 - e.g. httpx errors: show them in the chat, not as a crash
-                history[-1]["content"] += f"\n\n⚠️ {type(e).__name__}: {e}"
-            if not history[-1]["content"]:
-                history[-1]["content"] = "(empty answer)"
-            yield history, ""
-
-        def list_endpoints(token: str | None = None, current: str | None = None, hf_token: str | None = None,
-                           request: gr.Request | None = None) -> tuple[Any, ...]:
-            try:
-                with client(request, token, hf_token) as c:
-                    eps = c.list()
-            except ServiceError as e:
-                return gr.update(), gr.update(), _err_html(e)
-            names = [ep["name"] for ep in eps]
-            pick = current if current in names else (names[0] if names else None)
-            msg = "" if eps else view.notice("info", "No endpoints yet", "Deploy one from the Deploy tab.")
-            return view.endpoint_rows(eps), gr.update(choices=names, value=pick), msg
-
-        def act(action: str):  # noqa: ANN202 - returns a Gradio handler
-            def handler(name: str | None, token: str | None = None, hf_token: str | None = None,
-                        request: gr.Request | None = None) -> tuple[Any, ...]:
-                if not name:
-                    return gr.update(), gr.update(), view.notice("info", "Pick an endpoint first")
-                try:
-                    with client(request, token, hf_token) as c:
-                        if action == "pause":
-                            ep = c.pause(name)
-                        elif action == "resume":
-                            ep = c.resume(name, hf_token=hf_token or None)
-                        else:
-                            ep = c.delete(name)
-                        eps = c.list()
-                except ServiceError as e:
-                    return gr.update(), gr.update(), _err_html(e)
-                names = [x["name"] for x in eps]
-                done = {"pause": "paused", "resume": "starting again", "delete": "deleted"}[action]
-                return (view.endpoint_rows(eps), gr.update(choices=names, value=names[0] if names else None),
-                        view.notice("ok", f"{ep['name']}: {done}", f"status {ep['status']}"))
-            handler.__name__ = action
-            return handler
-
-        def show_logs(name: str | None, token: str | None = None, hf_token: str | None = None,
-                      request: gr.Request | None = None) -> tuple[Any, ...]:
-            if not name:
-                return gr.update(visible=False), view.notice("info", "Pick an endpoint first")
-            try:
-                with client(request, token, hf_token) as c:
-                    lines = c.logs(name, 200)
-            except ServiceError as e:
-                return gr.update(visible=False), _err_html(e)
-            return gr.update(value="\n".join(lines) or "(no log lines yet)", visible=True), ""
-
-        def pick_row(evt: gr.SelectData) -> Any:
-            row = evt.row_value if hasattr(evt, "row_value") else None
-            return gr.update(value=row[0]) if row else gr.update()
-
-        # ---- wiring -----------------------------------------------------------------------------
-        inspect_outputs = [status_html, card_summary, verdict, facts, card_html, badge_preview, badge_code,
-                           badge_html_code, gpu_radio, plan_box, adapters_cb, adapters_extra, name_box, report_state,
-                           model_box]
-        inspect_inputs = [model_box, revision_box, hf_token, token_box, prefill]
-        ep_outputs = [ep_table, ep_pick, ep_status]
-        gr.on([inspect_btn.click, model_box.select, revision_box.submit], inspect, inspect_inputs, inspect_outputs,
-              api_name="inspect", concurrency_limit=8)
-        if cfg.on_space:  # the visitor's OAuth token first: it may be what lets them into the service
+    def wire(self, demo: gr.Blocks, form: _ModelForm, endpoints: _Endpoints) -> None:
+        """Load and Connect: arrive, then inspect what was prefilled, then list the endpoints."""
+        hf_token = self.page.hf_token
+        if self.page.cfg.on_space:  # the visitor's OAuth token first: it may be what lets them into the service
             def from_oauth(oauth_token: gr.OAuthToken | None) -> str | None:
                 return oauth_token.token if oauth_token is not None else None
 
             first = demo.load(from_oauth, None, [hf_token], api_visibility="private", queue=False).then
         else:
             first = demo.load
-        arrive_outputs = [model_box, revision_box, prefill, token_box, saved_token, access_box, status_html,
-                          access_radio, max_len, max_seqs, max_loras]
-        first(on_load, [saved_token, hf_token, token_box], arrive_outputs, js=READ_SIGN_IN_JS,
+        arrive_outputs = [form.model_box, form.revision_box, self.page.prefill, self.token_box, self.page.saved_token,
+                          self.access_box, self.status_html, form.access_radio, form.max_len, form.max_seqs,
+                          form.max_loras]
+        first(self.on_load, [self.page.saved_token, hf_token, self.token_box], arrive_outputs, js=READ_SIGN_IN_JS,
               api_visibility="private", queue=False).then(
-            inspect_prefill, inspect_inputs, inspect_outputs, api_name="inspect_on_load",
+            form.inspect_prefill, form.inspect_inputs, form.inspect_outputs, api_name="inspect_on_load",
             api_visibility="private").then(
-            list_endpoints, [token_box, ep_pick, hf_token], ep_outputs, api_name="list_on_load",
+            endpoints.list_endpoints, endpoints.list_inputs, endpoints.list_outputs, api_name="list_on_load",
             api_visibility="private")
-        connect_btn.click(on_connect, [token_box, prefill, model_box, revision_box, hf_token], arrive_outputs,
-                          api_visibility="private").then(
-            inspect_prefill, inspect_inputs, inspect_outputs, api_name="inspect_on_connect",
+        self.connect_btn.click(self.on_connect, [self.token_box, self.page.prefill, form.model_box, form.revision_box,
+                                                 hf_token], arrive_outputs, api_visibility="private").then(
+            form.inspect_prefill, form.inspect_inputs, form.inspect_outputs, api_name="inspect_on_connect",
             api_visibility="private").then(
-            list_endpoints, [token_box, ep_pick, hf_token], ep_outputs, api_name="list_on_connect",
+            endpoints.list_endpoints, endpoints.list_inputs, endpoints.list_outputs, api_name="list_on_connect",
             api_visibility="private")
-        model_box.key_up(suggest, [hf_token], [model_box], trigger_mode="always_last", show_progress="hidden",
-                         api_visibility="private")
-        gpu_radio.change(on_gpu, [gpu_radio, report_state], [plan_box], api_visibility="private", queue=False)
-        deploy_btn.click(
-            deploy, [model_box, revision_box, gpu_radio, adapters_cb, adapters_extra, max_len, max_seqs, max_loras,
-                     access_radio, name_box, max_rank, kv_tokens, dtype, tags_box, restart_cb, hf_token, token_box],
-            [progress, log_box, result_group, url_box, key_box, curl_code, openai_code, ic_code, chat_model,
-             endpoint_state], api_name="deploy", concurrency_limit=8, trigger_mode="once").then(
-            list_endpoints, [token_box, ep_pick, hf_token], ep_outputs, api_name="list_after_deploy",
+
+
+class _ModelForm:
+    """Sections 1-3 of the Deploy tab: Model (id, card, verdict, facts, badge), Hardware (the GPU
+    list with each plan) and Options. Inspect fills all three from the service's report."""
+
+    def __init__(self, page: _Page, access: _Access) -> None:
+        self.page, self.access = page, access
+        self._model()
+        self._hardware()
+        self._options()
+        self.inspect_inputs = [self.model_box, self.revision_box, page.hf_token, access.token_box, page.prefill]
+        self.inspect_outputs = [access.status_html, self.card_summary, self.verdict, self.facts, self.card_html,
+                                self.badge_preview, self.badge_code, self.badge_html_code, self.gpu_radio,
+                                self.plan_box, self.adapters_cb, self.adapters_extra, self.name_box,
+                                page.report_state, self.model_box]
+
+    def _model(self) -> None:
+        gr.Markdown("## 1 · Model", elem_classes="hd-h2")
+        with gr.Row(equal_height=True):
+            self.model_box = gr.Dropdown(label="Model id", choices=[], value=None, allow_custom_value=True,
+                                         filterable=True, scale=5, elem_id="hd-model",
+                                         info="A Hub repo (org/name) — type to search — or a local folder "
+                                              "under the service's model root.")
+            self.revision_box = gr.Textbox(label="Revision", placeholder="main", scale=1, elem_id="hd-revision")
+            self.inspect_btn = gr.Button("Inspect", variant="secondary", scale=1, elem_id="hd-inspect")
+        with gr.Row():
+            with gr.Column(scale=3):
+                self.card_summary = gr.HTML('<div class="hd-muted">Enter a model id to see what it is.</div>',
+                                            elem_id="hd-card-summary")
+                self.verdict = gr.HTML(elem_id="hd-verdict")
+            with gr.Column(scale=2):
+                self.facts = gr.HTML(elem_id="hd-facts")
+        with gr.Accordion("Model card", open=False, elem_id="hd-card-acc"):
+            self.card_html = gr.HTML(elem_id="hd-card")
+        with gr.Accordion("Deploy badge for this model's card", open=False, elem_id="hd-badge-acc"):
+            self.badge_preview = gr.HTML(elem_id="hd-badge-preview")
+            self.badge_code = gr.Code(language="markdown", label="Markdown (paste into README.md)",
+                                      interactive=False, lines=2, elem_id="hd-badge-md")
+            self.badge_html_code = gr.Code(language="html", label="HTML", interactive=False, lines=2)
+
+    def _hardware(self) -> None:
+        gr.Markdown("## 2 · Hardware", elem_classes="hd-h2")
+        self.gpu_radio = gr.Radio(choices=[(g.name, g.name) for g in catalog()] + [(view.CPU, view.CPU)],
+                                  value=view.CPU,
+                                  label="Target", elem_id="hd-gpu", elem_classes="hd-gpu-list",
+                                  info="✓ fits · memory for weights of the GPU's total · longest context · "
+                                       "sequences at once · estimated batch-1 decode speed")
+        self.plan_box = gr.HTML(elem_id="hd-plan")
+
+    def _options(self) -> None:
+        gr.Markdown("## 3 · Options", elem_classes="hd-h2")
+        with gr.Row():
+            self.adapters_cb = gr.CheckboxGroup(choices=[], label="LoRA adapters found on the Hub", scale=3,
+                                                elem_id="hd-adapters",
+                                                info="Each is served under its own name next to the base model.")
+            self.adapters_extra = gr.Textbox(label="More adapters", scale=2, lines=1, elem_id="hd-adapters-extra",
+                                             placeholder="org/my-lora, name=org/other-lora")
+        with gr.Row():
+            self.name_box = gr.Textbox(label="Endpoint name", elem_id="hd-name",
+                                       info="Lowercase letters, digits and '-'; suggested from the model.")
+            self.access_radio = gr.Radio([("Private — API key", "private"), ("Public — no key", "public")],
+                                         value="private", label="Access", elem_id="hd-access-radio")
+        with gr.Row():
+            self.max_len = gr.Number(label="Max context (tokens)", precision=0, value=0,
+                                     info="0 = the plan's maximum.", elem_id="hd-max-len")
+            self.max_seqs = gr.Number(label="Max concurrent sequences", precision=0, value=0,
+                                      info="0 = what the KV cache allows.", elem_id="hd-max-seqs")
+            self.max_loras = gr.Number(label="LoRA slots on the device", precision=0, value=0,
+                                       info="0 = one per adapter, up to 4.", elem_id="hd-max-loras")
+        if not self.page.cfg.on_space:
+            self.page.hf_token = gr.Textbox(label="Hugging Face token (gated or private models)", type="password",
+                                            placeholder="hf_…  — used to download, never stored",
+                                            elem_id="hd-hf-token")
+        with gr.Accordion("Advanced", open=False, elem_id="hd-advanced"):
+            with gr.Row():
+                self.max_rank = gr.Number(label="Max LoRA rank (0 = largest adapter's)", precision=0, value=0)
+                self.kv_tokens = gr.Number(label="KV cache tokens (0 = all that fit)", precision=0, value=0)
+                self.dtype = gr.Dropdown(["auto", "float16", "bfloat16", "float32"], value="auto",
+                                         label="Activation dtype")
+            with gr.Row():
+                self.tags_box = gr.Textbox(label="Tags", placeholder="team-a, demo")
+                self.restart_cb = gr.Checkbox(label="Restart automatically on failure", value=False)
+
+    def suggest(self, data: gr.KeyUpData, hf_token: str | None) -> Any:
+        hits = search_models(data.input_value, endpoint=self.page.cfg.hub_endpoint, token=hf_token or None)
+        return gr.update(choices=hits) if hits else gr.update()
+
+    def inspect(self, model: str | None, revision: str | None = None, hf_token: str | None = None,
+                token: str | None = None, pre: dict[str, Any] | None = None,
+                request: gr.Request | None = None) -> tuple[Any, ...]:
+        """Inspect a model through the service; fill the Model, Hardware and Options sections."""
+        page, cfg = self.page, self.page.cfg
+        model = (model or "").strip()
+        pre = pre if pre and pre.get("model") == model else {}  # the badge's choices apply to its model only
+        keep = tuple(gr.update() for _ in range(14))
+        if not page.server_token and not (token or "").strip() and not (cfg.on_space and hf_token):
+            return (page.connect_notice(), *keep)
+        if not model:
+            return (view.notice("info", "Enter a model id", "For example org/name, then press Inspect."),
+                    *keep)
+        try:
+            with page.client(request, token, hf_token) as c:
+                payload = c.inspect(model, revision or None, hf_token=hf_token or None)
+                taken = {ep["name"] for ep in c.list()}
+        except ServiceError as e:
+            return (_err_html(e), *keep)
+        report, plans = payload["report"], payload["plans"]
+        card = card_view(model, revision or None, report["card"], endpoint=cfg.hub_endpoint, token=hf_token or None,
+                         read_local=cfg.read_local_cards)
+        choices = view.gpu_choices(plans)
+        names = {v for _, v in choices}
+        want = pre.get("gpu")
+        gpu = (next((n for n in names if want and n.lower() == want.lower()), None)
+               or payload.get("suggested_gpu") or view.CPU)
+        found = [a["repo_id"] for a in report.get("adapters") or [] if not a.get("error")]
+        asked = [a.strip() for a in (pre.get("adapters") or "").split(",") if a.strip()]
+        checked = [a for a in asked if a in found]
+        extra = ", ".join(a for a in asked if a not in found)
+        public = _public_url(cfg, request)
+        is_repo = not model.startswith(("/", "./", "~/"))
+        badge_md = badge_markdown(model, public) if is_repo else "(badges link Hub repos; this is a local folder)"
+        preview = (f'{badge_html(model, public)} <span class="hd-muted">← opens this page prefilled</span>'
+                   if is_repo else "")
+        note = view.notice("info", card.note) if card.note else ""
+        card_body = (f'<div class="hd-card-body">{card.html}</div>' if card.html
+                     else '<div class="hd-muted">No card.</div>')
+        adapter_choices = [(f"{a.rstrip('/').split('/')[-1]}  ({a})", a) for a in found]
+        return (note, view.card_summary_html(card, report),
+                view.verdict_html(report, plans, payload.get("suggested_gpu")), view.facts_html(report),
+                card_body, preview, badge_md, badge_html(model, public) if is_repo else "",
+                gr.update(choices=choices, value=gpu), view.plan_html(_plan(plans, gpu), gpu),
+                gr.update(choices=adapter_choices, value=checked), extra,
+                pre.get("name") or view.suggest_name(model, taken), payload,
+                gr.update(choices=[model], value=model))
+
+    def inspect_prefill(self, model: str | None, revision: str | None = None, hf_token: str | None = None,
+                        token: str | None = None, pre: dict[str, Any] | None = None,
+                        request: gr.Request | None = None) -> tuple[Any, ...]:
+        """After a load or Connect: inspect the model they prefilled. With none (no token, or one the
+        service refused) nothing changes, so their notice stays; an empty note keeps it too."""
+        if not (pre or {}).get("model") or (model or "").strip() != pre["model"]:
+            return tuple(gr.update() for _ in range(15))
+        out = self.inspect(model, revision, hf_token, token, pre, request)
+        return (gr.update(), *out[1:]) if out[0] == "" else out
+
+    def on_gpu(self, gpu: str, payload: dict[str, Any] | None) -> str:
+        return view.plan_html(_plan((payload or {}).get("plans") or [], gpu), gpu) if payload else ""
+
+    def wire_inspect(self) -> None:
+        """Inspect: the button, a picked suggestion, Enter in Revision."""
+        gr.on([self.inspect_btn.click, self.model_box.select, self.revision_box.submit], self.inspect,
+              self.inspect_inputs, self.inspect_outputs, api_name="inspect", concurrency_limit=8)
+
+    def wire_search_and_plan(self) -> None:
+        """Hub search as they type a model id; the plan of the GPU they pick."""
+        self.model_box.key_up(self.suggest, [self.page.hf_token], [self.model_box], trigger_mode="always_last",
+                              show_progress="hidden", api_visibility="private")
+        self.gpu_radio.change(self.on_gpu, [self.gpu_radio, self.page.report_state], [self.plan_box],
+                              api_visibility="private", queue=False)
+
+
+def _plan(plans: list[dict[str, Any]], gpu: str | None) -> dict[str, Any] | None:
+    return next((p for p in plans if p["gpu"] == gpu), None)
+
+
+class _Deploy:
+    """Sections 4-5 of the Deploy tab: Deploy (button, progress, log tail) and the result (URL, key,
+    snippets, and the playground inside it)."""
+
+    def __init__(self, page: _Page) -> None:
+        self.page = page
+        gr.Markdown("## 4 · Deploy", elem_classes="hd-h2")
+        self.deploy_btn = gr.Button("Deploy", variant="primary", size="lg", elem_id="hd-deploy")
+        self.progress = gr.HTML(elem_id="hd-progress")
+        with gr.Accordion("Log tail", open=False, elem_id="hd-logs-acc"):
+            self.log_box = gr.Code(language=None, label="Endpoint log (last lines)", interactive=False, lines=8,
+                                   max_lines=20, elem_id="hd-log")
+        with gr.Group(visible=False, elem_id="hd-result") as self.result_group:
+            gr.Markdown("## 5 · Your endpoint", elem_classes="hd-h2")
+            with gr.Row():
+                self.url_box = gr.Textbox(label="Endpoint URL (OpenAI base URL)", interactive=False,
+                                          buttons=["copy"], elem_id="hd-url")
+                self.key_box = gr.Textbox(label="API key — shown once, copy it now", interactive=False,
+                                          buttons=["copy"], elem_id="hd-key")
+            with gr.Tabs():
+                with gr.Tab("curl"):
+                    self.curl_code = gr.Code(language="shell", label="curl", interactive=False,
+                                             elem_id="hd-snippet-curl")
+                with gr.Tab("openai"):
+                    self.openai_code = gr.Code(language="python", label="Python · openai", interactive=False,
+                                               elem_id="hd-snippet-openai")
+                with gr.Tab("InferenceClient"):
+                    self.ic_code = gr.Code(language="python", label="Python · huggingface_hub.InferenceClient",
+                                           interactive=False, elem_id="hd-snippet-ic")
+            self.playground = _Playground(page.endpoint_state)
+
+    def deploy(self, model: str | None, revision: str | None = None, gpu: str | None = None,
+               adapters: list[str] | None = None, adapters_more: str | None = None,
+               max_model_len: float | None = None, max_num_seqs: float | None = None,
+               lora_slots: float | None = None, access: str | None = None, name: str | None = None,
+               max_lora_rank: float | None = None, kv_cache_tokens: float | None = None,
+               act_dtype: str | None = None, tags: str | None = None, restart: bool | None = None,
+               hf_token: str | None = None, token: str | None = None,
+               request: gr.Request | None = None) -> Iterator[tuple[Any, ...]]:
+        """Create the endpoint, then follow its phases until it runs or fails."""
+        cfg = self.page.cfg
+        hidden = gr.update(visible=False)
+        nothing = (gr.update(),) * 7
+        try:
+            spec = {"name": (name or "").strip() or view.suggest_name(model or "endpoint"),
+                    "model": (model or "").strip(), "revision": (revision or "").strip() or None,
+                    "adapters": view.parse_adapters(adapters, adapters_more), "gpu": gpu or view.CPU,
+                    "access": access or "private",
+                    "tags": [t.strip() for t in (tags or "").split(",") if t.strip()],
+                    "restart_on_failure": bool(restart),
+                    "engine": {k: v for k, v in {
+                        "max_model_len": _int_or_none(max_model_len), "max_num_seqs": _int_or_none(max_num_seqs),
+                        "max_loras": _int_or_none(lora_slots), "max_lora_rank": _int_or_none(max_lora_rank),
+                        "kv_cache_tokens": _int_or_none(kv_cache_tokens)}.items() if v is not None}}
+            if act_dtype and act_dtype != "auto":
+                spec["engine"]["dtype"] = act_dtype
+            if not spec["model"]:
+                raise ServiceError(422, "model: enter a model id first", ["body", "model"])
+            c = self.page.client(request, token, hf_token)
+        except (ServiceError, ValueError) as e:
+            yield (_err_html(e if isinstance(e, ServiceError) else ServiceError(422, str(e))), "", hidden, *nothing)
+            return
+        with c:
+            try:
+                ep = c.create(spec, hf_token=hf_token or None)
+            except ServiceError as e:
+                yield (_err_html(e), "", hidden, *nothing)
+                return
+            key = ep.get("api_key")
+            state = {"name": ep["name"], "api_key": key, "served_model_name": ep["served_model_name"],
+                     "adapters": list(ep["spec"]["adapters"]), "url": None}
+            key_text = key or "(public endpoint: no key needed)"
+            deadline = time.monotonic() + cfg.deploy_timeout
+            logs: list[str] = []
+            while True:
+                if ep["status"] in ("running", "failed", "deleted", "paused") or time.monotonic() > deadline:
+                    break
+                try:
+                    logs = c.logs(ep["name"], MAX_LOG_LINES)
+                except ServiceError:
+                    pass
+                yield (view.progress_html(ep), "\n".join(logs), hidden, *nothing)
+                time.sleep(cfg.poll_interval)
+                try:
+                    ep = c.get(ep["name"])
+                except ServiceError as e:
+                    yield (_err_html(e), "\n".join(logs), hidden, *nothing)
+                    return
+            try:
+                logs = c.logs(ep["name"], MAX_LOG_LINES)
+            except ServiceError:
+                pass
+        if ep["status"] != "running":
+            msg = view.progress_html(ep) if ep["status"] == "failed" else view.notice(
+                "error", f"{ep['name']} is {ep['status']}", "it did not reach running in "
+                f"{cfg.deploy_timeout:.0f} s" if ep["status"] == "initializing" else "",
+                "Read the log tail; it keeps starting in the background (see My endpoints).")
+            yield (msg, "\n".join(logs), hidden, *nothing)
+            return
+        state["url"] = ep["url"]
+        snips = render_snippets(ep["url"], ep["served_model_name"], private=bool(key))
+        models = [ep["served_model_name"], *state["adapters"]]
+        yield (view.progress_html(ep), "\n".join(logs), gr.update(visible=True), ep["url"], key_text,
+               snips["curl"], snips["openai"], snips["inference_client"],
+               gr.update(choices=models, value=models[0]), state)
+
+    def wire(self, form: _ModelForm, access: _Access, endpoints: _Endpoints) -> None:
+        """Deploy with everything the form holds, then list the endpoints again."""
+        self.deploy_btn.click(
+            self.deploy, [form.model_box, form.revision_box, form.gpu_radio, form.adapters_cb, form.adapters_extra,
+                          form.max_len, form.max_seqs, form.max_loras, form.access_radio, form.name_box,
+                          form.max_rank, form.kv_tokens, form.dtype, form.tags_box, form.restart_cb,
+                          self.page.hf_token, access.token_box],
+            [self.progress, self.log_box, self.result_group, self.url_box, self.key_box, self.curl_code,
+             self.openai_code, self.ic_code, self.playground.chat_model, self.page.endpoint_state],
+            api_name="deploy", concurrency_limit=8, trigger_mode="once").then(
+            endpoints.list_endpoints, endpoints.list_inputs, endpoints.list_outputs, api_name="list_after_deploy",
             api_visibility="private")
-        gr.on([send_btn.click, chat_in.submit], chat,
-              [chat_in, chatbot, endpoint_state, chat_model, system_box, temperature, max_tokens],
-              [chatbot, chat_in], api_name="chat", concurrency_limit=8)
-        refresh_btn.click(list_endpoints, [token_box, ep_pick, hf_token], ep_outputs, api_name="endpoints")
-        tabs.select(list_endpoints, [token_box, ep_pick, hf_token], ep_outputs, api_name="list_on_tab",
+
+
+class _Playground:
+    """Chat with the endpoint just deployed (its base model or one of its adapters)."""
+
+    def __init__(self, endpoint_state: gr.State) -> None:
+        self.endpoint_state = endpoint_state
+        gr.Markdown("### Playground", elem_classes="hd-h3")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=220):
+                self.chat_model = gr.Dropdown(choices=[], label="Model or adapter", elem_id="hd-chat-model")
+                self.system_box = gr.Textbox(label="System prompt", lines=2, value="",
+                                             placeholder="optional (Mixtral/Mistral templates take "
+                                                         "none: it is then put before your first message)")
+                self.temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
+                self.max_tokens = gr.Slider(1, 1024, value=64, step=1, label="Max tokens")
+            with gr.Column(scale=3):
+                self.chatbot = gr.Chatbot(label="Chat", height=320, elem_id="hd-chatbot")
+                with gr.Row():
+                    self.chat_in = gr.Textbox(show_label=False, placeholder="Say something…", scale=5,
+                                              elem_id="hd-chat-input")
+                    self.send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="hd-send")
+
+    @staticmethod
+    def chat(message: str, history: list[dict[str, Any]] | None = None, state: dict[str, Any] | None = None,
+             model: str | None = None, system: str | None = None, temp: float | None = None,
+             max_new: float | None = None) -> Iterator[tuple[Any, ...]]:
+        """Stream an answer from the endpoint (OpenAI chat completions with stream=true)."""
+        history = list(history or [])
+        if not (message or "").strip():
+            yield history, ""
+            return
+        history.append({"role": "user", "content": message})
+        if not state or not state.get("url"):
+            history.append({"role": "assistant",
+                            "content": "Deploy an endpoint first: the playground talks to it."})
+            yield history, ""
+            return
+        history = [{"role": m["role"], "content": _text(m.get("content"))} for m in history]
+        msgs = ([{"role": "system", "content": system}] if (system or "").strip() else []) + [
+            dict(m) for m in history]
+        history.append({"role": "assistant", "content": ""})
+        kw = {"temperature": 0.7 if temp is None else float(temp), "max_tokens": int(max_new or 64)}
+        target = model or state["served_model_name"]
+        try:
+            try:
+                for delta in stream_chat(state["url"], state.get("api_key"), target, msgs, **kw):
+                    history[-1]["content"] += delta
+                    yield history, ""
+            except ServiceError as e:
+                # Templates such as Mixtral's refuse a system role: fold it into the first user turn.
+                if e.status != 400 or msgs[0]["role"] != "system" or history[-1]["content"]:
+                    raise
+                first = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+                msgs[first] = {"role": "user", "content": f"{msgs[0]['content']}\n\n{msgs[first]['content']}"}
+                for delta in stream_chat(state["url"], state.get("api_key"), target, msgs[1:], **kw):
+                    history[-1]["content"] += delta
+                    yield history, ""
+        except (ServiceError, OSError) as e:
+            history[-1]["content"] += f"\n\n⚠️ {e}"
+        except Exception as e:  # noqa: BLE001 - e.g. httpx errors: show them in the chat, not as a crash
+            history[-1]["content"] += f"\n\n⚠️ {type(e).__name__}: {e}"
+        if not history[-1]["content"]:
+            history[-1]["content"] = "(empty answer)"
+        yield history, ""
+
+    def wire(self) -> None:
+        gr.on([self.send_btn.click, self.chat_in.submit], self.chat,
+              [self.chat_in, self.chatbot, self.endpoint_state, self.chat_model, self.system_box, self.temperature,
+               self.max_tokens],
+              [self.chatbot, self.chat_in], api_name="chat", concurrency_limit=8)
+
+
+class _Endpoints:
+    """The "My endpoints" tab: the table, and Refresh, Pause, Resume, Delete and Logs on the one picked."""
+
+    def __init__(self, page: _Page, access: _Access) -> None:
+        self.page, self.access = page, access
+        with gr.Row(equal_height=False, elem_classes="hd-ep-actions"):
+            self.ep_pick = gr.Dropdown(choices=[], label="Endpoint", scale=3, min_width=220, elem_id="hd-ep-pick")
+            self.refresh_btn = gr.Button("Refresh", size="md", scale=1, min_width=90, elem_id="hd-refresh")
+            self.pause_btn = gr.Button("Pause", size="md", scale=1, min_width=90, elem_id="hd-pause")
+            self.resume_btn = gr.Button("Resume", size="md", scale=1, min_width=90, elem_id="hd-resume")
+            self.delete_btn = gr.Button("Delete", variant="stop", size="md", scale=1, min_width=90,
+                                        elem_id="hd-delete")
+            self.logs_btn = gr.Button("Logs", size="md", scale=1, min_width=90, elem_id="hd-logs-btn")
+        self.ep_table = gr.Dataframe(headers=view.ENDPOINT_COLUMNS, value=[], interactive=False, wrap=True,
+                                     elem_id="hd-endpoints")
+        self.ep_status = gr.HTML(elem_id="hd-ep-status")
+        self.ep_logs = gr.Code(language=None, label="Endpoint log", interactive=False, lines=10, max_lines=30,
+                               visible=False, elem_id="hd-ep-logs")
+
+    @property
+    def list_inputs(self) -> list[gr.components.Component]:
+        return [self.access.token_box, self.ep_pick, self.page.hf_token]
+
+    @property
+    def list_outputs(self) -> list[gr.components.Component]:
+        return [self.ep_table, self.ep_pick, self.ep_status]
+
+    def list_endpoints(self, token: str | None = None, current: str | None = None, hf_token: str | None = None,
+                       request: gr.Request | None = None) -> tuple[Any, ...]:
+        try:
+            with self.page.client(request, token, hf_token) as c:
+                eps = c.list()
+        except ServiceError as e:
+            return gr.update(), gr.update(), _err_html(e)
+        names = [ep["name"] for ep in eps]
+        pick = current if current in names else (names[0] if names else None)
+        msg = "" if eps else view.notice("info", "No endpoints yet", "Deploy one from the Deploy tab.")
+        return view.endpoint_rows(eps), gr.update(choices=names, value=pick), msg
+
+    def act(self, action: str):  # noqa: ANN201 - returns a Gradio handler
+        def handler(name: str | None, token: str | None = None, hf_token: str | None = None,
+                    request: gr.Request | None = None) -> tuple[Any, ...]:
+            if not name:
+                return gr.update(), gr.update(), view.notice("info", "Pick an endpoint first")
+            try:
+                with self.page.client(request, token, hf_token) as c:
+                    if action == "pause":
+                        ep = c.pause(name)
+                    elif action == "resume":
+                        ep = c.resume(name, hf_token=hf_token or None)
+                    else:
+                        ep = c.delete(name)
+                    eps = c.list()
+            except ServiceError as e:
+                return gr.update(), gr.update(), _err_html(e)
+            names = [x["name"] for x in eps]
+            done = {"pause": "paused", "resume": "starting again", "delete": "deleted"}[action]
+            return (view.endpoint_rows(eps), gr.update(choices=names, value=names[0] if names else None),
+                    view.notice("ok", f"{ep['name']}: {done}", f"status {ep['status']}"))
+        handler.__name__ = action
+        return handler
+
+    def show_logs(self, name: str | None, token: str | None = None, hf_token: str | None = None,
+                  request: gr.Request | None = None) -> tuple[Any, ...]:
+        if not name:
+            return gr.update(visible=False), view.notice("info", "Pick an endpoint first")
+        try:
+            with self.page.client(request, token, hf_token) as c:
+                lines = c.logs(name, 200)
+        except ServiceError as e:
+            return gr.update(visible=False), _err_html(e)
+        return gr.update(value="\n".join(lines) or "(no log lines yet)", visible=True), ""
+
+    @staticmethod
+    def pick_row(evt: gr.SelectData) -> Any:
+        row = evt.row_value if hasattr(evt, "row_value") else None
+        return gr.update(value=row[0]) if row else gr.update()
+
+    def wire(self, tabs: gr.Tabs) -> None:
+        """Refresh (and opening a tab) lists them; the actions act on the picked one; a row click picks it."""
+        token_box, hf_token = self.access.token_box, self.page.hf_token
+        self.refresh_btn.click(self.list_endpoints, self.list_inputs, self.list_outputs, api_name="endpoints")
+        tabs.select(self.list_endpoints, self.list_inputs, self.list_outputs, api_name="list_on_tab",
                     api_visibility="private")
-        for btn, action in ((pause_btn, "pause"), (resume_btn, "resume"), (delete_btn, "delete")):
-            btn.click(act(action), [ep_pick, token_box, hf_token], ep_outputs, api_name=action)
-        logs_btn.click(show_logs, [ep_pick, token_box, hf_token], [ep_logs, ep_status], api_name="logs")
-        ep_table.select(pick_row, None, [ep_pick], api_visibility="private", queue=False)
+        for btn, action in ((self.pause_btn, "pause"), (self.resume_btn, "resume"), (self.delete_btn, "delete")):
+            btn.click(self.act(action), [self.ep_pick, token_box, hf_token], self.list_outputs, api_name=action)
+        self.logs_btn.click(self.show_logs, [self.ep_pick, token_box, hf_token], [self.ep_logs, self.ep_status],
+                            api_name="logs")
+        self.ep_table.select(self.pick_row, None, [self.ep_pick], api_visibility="private", queue=False)
+
+
+def build_page(config: PageConfig | None = None) -> gr.Blocks:
+    """The whole page. `blocks.mount_kwargs` holds the CSS/theme for `gr.mount_gradio_app`.
+
+    Each section builds its components in page order; its events are wired once all exist (they
+    read and fill other sections' components), in the order below."""
+    cfg = (config or PageConfig()).resolved()
+    with gr.Blocks(title="Deploy a Hub model · hubdeploy", analytics_enabled=False) as demo:
+        page = _Page(cfg)
+        access = _Access(page)
+        with gr.Tabs(elem_id="hd-tabs") as tabs:
+            with gr.Tab("Deploy", id="deploy", elem_id="hd-tab-deploy"):
+                form = _ModelForm(page, access)
+                deploy = _Deploy(page)
+            with gr.Tab("My endpoints", id="endpoints", elem_id="hd-tab-endpoints"):
+                endpoints = _Endpoints(page, access)
+        form.wire_inspect()
+        access.wire(demo, form, endpoints)
+        form.wire_search_and_plan()
+        deploy.wire(form, access, endpoints)
+        deploy.playground.wire()
+        endpoints.wire(tabs)
 
     demo.mount_kwargs = launch_kwargs()  # type: ignore[attr-defined]
     return demo

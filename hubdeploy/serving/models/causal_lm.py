@@ -53,8 +53,9 @@ class DecoderLayer(nn.Module):
         cos_sin: torch.Tensor,
         direct: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`direct`: call every submodule's `forward` itself — `nn.Module.__call__` costs ~2 us a
-        call, ~10 calls a layer, every step. Same ops, same results; our modules carry no torch
+        """`direct`: call every submodule's `forward` itself — `nn.Module.__call__` has an overhead
+        per call, ~10 calls a layer, every step (benchmarks/RESULTS.md, "Engine step (CPU), fixed
+        overhead"). Same ops, same results; our modules carry no torch
         hooks (LoRA's `lora_hook` is a plain attribute the forwards call), and `CausalLM.forward`
         asks for it only while none is registered."""
         norm1 = self.input_layernorm.forward if direct else self.input_layernorm
@@ -137,8 +138,8 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits `[B, V]` fp32. On the CPU in bf16 the head runs on a oneDNN-blocked copy of its
-        weight (`kernels.cpu_gemm`; 1 x 256 @ 256 x 640: ~34 us with `F.linear`, ~22 us blocked,
-        same values here); fp32, fp16 (no AMX here: blocked was slower at one row) and CUDA take
+        weight (`kernels.cpu_gemm`; faster than `F.linear`, same values here: benchmarks/RESULTS.md,
+        "Engine step (CPU), fixed overhead"); fp32, fp16 (no AMX here: blocked was slower at one row) and CUDA take
         `F.linear` as before."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if hidden.dtype != torch.bfloat16 or hidden.device.type != "cpu" or hidden.dim() != 2:
@@ -175,7 +176,8 @@ class CausalLM(nn.Module):
 def _has_torch_hooks(model: "CausalLM") -> bool:
     """Any torch module hook, global or on one of the model's modules (then every module is
     called through `__call__` so the hooks run). Checked per step: one pass over a module
-    list (~0.1 us a module), less than the calls it saves. The list is taken on first use and
+    list, cheaper than the calls it saves (benchmarks/RESULTS.md, "Engine step (CPU), fixed
+    overhead"). The list is taken on first use and
     again when the model's top-level modules or `layers` change; a module swapped in deeper
     than that later is not seen (nothing here does that: LoRA installs `lora_hook` attributes)."""
     from torch.nn.modules import module as _m

@@ -169,7 +169,8 @@ class Attention(nn.Module):
         direct: bool = False,
     ) -> torch.Tensor:
         """`direct=True` (no torch hooks anywhere, see `CausalLM.forward`): the projections'
-        `forward` is called directly, skipping `nn.Module.__call__` (~2 us a call, every layer, every step)."""
+        `forward` is called directly, skipping `nn.Module.__call__`'s overhead (paid per call, every
+        layer, every step: benchmarks/RESULTS.md, "Engine step (CPU), fixed overhead")."""
         n = x.shape[0]
         qkv = self.qkv_proj.forward(x, ctx.lora) if direct else self.qkv_proj(x, ctx.lora)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)

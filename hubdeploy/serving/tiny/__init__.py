@@ -138,7 +138,8 @@ def make_tiny(
 def dequantize_awq_dir(src: str | Path, dst: str | Path) -> Path:
     """Write an fp16 copy of an AWQ model directory (weights = dequantized AWQ, no
     quantization_config): the reference that transformers can load, since transformers 5.x
-    cannot be trusted to load AWQ MoE experts (FIELD-NOTES)."""
+    cannot be trusted to load AWQ MoE experts (5.24 through gptqmodel leaves every expert
+    randomly initialised without an error)."""
     import shutil
 
     src, dst = Path(src), Path(dst)
