@@ -42,8 +42,8 @@ use_source_tree()
 import torch  # noqa: E402
 
 from hubdeploy.serving.config import ModelConfig  # noqa: E402
-from hubdeploy.serving.engine import EngineArgs, LLMEngine, resolve_dtype  # noqa: E402
-from hubdeploy.serving.loader import Slot, _finish, _Pending, build_plan  # noqa: E402
+from hubdeploy.serving.engine import EngineArgs, LLMEngine  # noqa: E402
+from hubdeploy.serving.loader import Slot, _finish, _Pending, build_plan, resolve_dtype  # noqa: E402
 from hubdeploy.serving.models import CausalLM, MoE, build_model  # noqa: E402
 from hubdeploy.serving.models.layers import Linear  # noqa: E402
 from hubdeploy.serving.sampling_params import SamplingParams  # noqa: E402
@@ -106,7 +106,7 @@ def random_awq_model(cfg: ModelConfig, device: torch.device | str, dtype: torch.
     if cfg.quant is None or not cfg.quant.is_awq:
         raise ValueError("random_awq_model needs an AWQ config (quantization_config.quant_method='awq')")
     group = int(cfg.quant.group_size)
-    dtype = dtype or resolve_dtype("auto", cfg, device)
+    dtype = dtype or resolve_dtype(None, cfg, device)  # the engine's "auto"
     model = build_model(cfg, dtype, device)
     pending: dict[int, _Pending] = {}
     for m in model.modules():

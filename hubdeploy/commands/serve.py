@@ -16,8 +16,9 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from hubdeploy.serving.config import EngineArgs, add_engine_flags
 
 if TYPE_CHECKING:
     from hubdeploy.serving.engine_client import EngineClient
@@ -29,32 +30,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model (Hub repo id or local dir) as an OpenAI-compatible endpoint",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="Hub repo id (org/name) or a local directory in Hub layout")
-    p.add_argument("--revision", default=None, help="branch, tag or commit of the Hub repo")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=REPO_OR_PATH",
                    help="serve a LoRA adapter under NAME (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $HUBDEPLOY_API_KEY)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-loras", type=int, default=None)
-    p.add_argument("--max-lora-rank", type=int, default=None)
-    p.add_argument("--max-cpu-loras", type=int, default=None)
     p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: MODEL)")
-    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache size in tokens (CPU default or override)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None)
-    p.add_argument("--cpu-threads", type=int, default=None,
-                   help="CPU: threads for prefill-sized steps (default: OMP_NUM_THREADS or all cores); decode "
-                        "steps use one, leaving the other cores to the HTTP front end")
-    p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--disable-lora-admin", action="store_true",
                    help="refuse /v1/load_lora_adapter and /v1/unload_lora_adapter")
     p.add_argument("--single-process", action="store_true",
                    help="run the engine in a thread of the server process (default: in its own process)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_engine_flags(p)  # one flag per EngineArgs knob
     p.set_defaults(func=run)
 
 
@@ -74,28 +62,6 @@ def parse_loras(items: list[str]) -> dict[str, str]:
 def phase(name: str, detail: str = "") -> None:
     """One machine-readable phase line on stdout (flushed at once)."""
     print(f"phase: {name}" + (f" {detail}" if detail else ""), flush=True)
-
-
-def _resolve(model: str, revision: str | None) -> Path:
-    if Path(model).is_dir() and revision is None:
-        return Path(model)
-    from hubdeploy.serving.hub import resolve_model_dir  # huggingface_hub with the HF cache and HF_TOKEN
-
-    return Path(resolve_model_dir(model, revision=revision, token=os.environ.get("HF_TOKEN")))
-
-
-def _engine_args(args: argparse.Namespace, model_dir: Path, loras: dict[str, str]) -> Any:
-    from hubdeploy.serving.engine import EngineArgs
-
-    kw: dict[str, Any] = dict(model=str(model_dir), revision=None, device=args.device, dtype=args.dtype,
-                              enforce_eager=args.enforce_eager, token=os.environ.get("HF_TOKEN"),
-                              lora_modules=loras or None)
-    for flag in ("max_model_len", "max_num_seqs", "max_loras", "max_lora_rank", "max_cpu_loras",
-                 "kv_cache_tokens", "gpu_memory_utilization", "cpu_threads"):
-        v = getattr(args, flag)
-        if v is not None:
-            kw[flag] = v
-    return EngineArgs(**kw)
 
 
 async def _warm_up(engine: EngineClient, prefill_tokens: int = 2048, batch: int = 32) -> None:
@@ -120,7 +86,7 @@ async def _warm_up(engine: EngineClient, prefill_tokens: int = 2048, batch: int 
                          *(one(f"warmup-{i}", hello) for i in range(1, batch + 1)))
 
 
-def _start_engine(app: Any, args: argparse.Namespace, engine_args: Any, server: Any) -> EngineClient:
+def _start_engine(app: Any, args: argparse.Namespace, engine_args: EngineArgs, server: Any) -> EngineClient:
     """The engine in a child process (default) or a thread (the same `EngineClient` either way);
     stored on the app for shutdown."""
     if args.single_process:
@@ -148,18 +114,21 @@ def _start_engine(app: Any, args: argparse.Namespace, engine_args: Any, server: 
 
 def _load(app: Any, args: argparse.Namespace, loras: dict[str, str], server: Any) -> None:
     """Background thread: download, load, warm up, then attach the engine to the app."""
+    from hubdeploy.serving.hub import resolve_model_dir
     from hubdeploy.serving.server.api_server import attach_engine, set_phase
 
     try:
         set_phase(app, "downloading")
         phase("downloading", args.model)
-        model_dir = _resolve(args.model, args.revision)
+        model_dir = resolve_model_dir(args.model, args.revision)  # HF_TOKEN for gated repos
         set_phase(app, "loading")
         phase("loading", str(model_dir))
         from hubdeploy.serving.chat_template import load_chat_template
 
         t0 = time.perf_counter()
-        engine = _start_engine(app, args, _engine_args(args, model_dir, loras), server)
+        engine_args = EngineArgs.from_flags(args, model=str(model_dir), revision=None,
+                                            token=os.environ.get("HF_TOKEN"), lora_modules=loras or None)
+        engine = _start_engine(app, args, engine_args, server)
         lora_sources = engine.lora_sources
         if loras and lora_sources is None:
             raise RuntimeError(f"--lora was given ({', '.join(loras)}) but this engine build loaded no LoRA "

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from hubdeploy.hub_integration.gpus import GPU, catalog, get_gpu
+from hubdeploy.serving.config import engine_argv
 
 if TYPE_CHECKING:
     from hubdeploy.hub_integration.report import AdapterInfo, ModelReport
@@ -27,6 +28,9 @@ DEFAULT_BATCHED_TOKENS = 2048
 MAX_NUM_SEQS_CAP = 256
 MIN_CONTEXT = 2048  # a plan that cannot hold one sequence this long (or the model's context) does not fit
 DECODE_EFFICIENCY = 0.6  # fraction of peak bandwidth a good W4A16 decode reaches (gpt-fast ≈ 61%)
+# the engine knobs a plan sizes: `plan()` keywords, `MemoryPlan` fields and `EngineArgs` fields alike
+PLANNED = ("max_model_len", "max_num_seqs", "gpu_memory_utilization", "max_num_batched_tokens", "max_loras",
+           "max_lora_rank")
 _KV_DTYPE_BYTES = {"auto": 2, "fp16": 2, "bf16": 2, "float16": 2, "bfloat16": 2, "fp8": 1, "fp8_e4m3": 1}
 
 
@@ -68,21 +72,14 @@ class MemoryPlan:
         return d
 
     def engine_defaults(self) -> dict[str, Any]:
-        """`hubdeploy serve` options for this plan (keys are the option names, '-' as '_')."""
+        """The engine knobs this plan sizes (`EngineArgs` fields; the LoRA slots when it has any)."""
         if not self.fits:
             raise ValueError(f"no engine settings: the model does not fit {self.gpu}: {self.reason}")
-        out: dict[str, Any] = {"max_model_len": self.max_model_len, "max_num_seqs": self.max_num_seqs,
-                               "gpu_memory_utilization": self.gpu_memory_utilization,
-                               "max_num_batched_tokens": self.max_num_batched_tokens}
-        if self.max_loras:
-            out.update(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank)
-        return out
+        return {k: getattr(self, k) for k in (PLANNED if self.max_loras else PLANNED[:-2])}
 
     def serve_args(self) -> list[str]:
-        """The `hubdeploy serve` flags of the contract (max-model-len, max-num-seqs, LoRA slots)."""
-        d = self.engine_defaults()
-        keys = ("max_model_len", "max_num_seqs", "max_loras", "max_lora_rank")
-        return [x for k in keys if k in d for x in (f"--{k.replace('_', '-')}", str(d[k]))]
+        """The `hubdeploy serve` flags of `engine_defaults`."""
+        return engine_argv(self.engine_defaults())
 
 
 def _gb(n: float) -> str:

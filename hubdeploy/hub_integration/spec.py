@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, field_validator
 from pydantic.json_schema import SkipJsonSchema
+
+from hubdeploy.serving.config import engine_argv, knobs
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
@@ -47,17 +49,18 @@ def classify_source(value: str) -> Literal["repo", "path"]:
     raise ValueError(f"{value!r} is neither a Hub repo id (org/name) nor an absolute local directory")
 
 
-class EngineOptions(BaseModel):
-    """Engine knobs; None means 'take the memory plan's default'."""
+def _engine_options() -> type[BaseModel]:
+    """The `EngineArgs` knobs with `deploy` bounds, each optional: None takes the memory plan's
+    default (or the engine's), so the spec's options are the engine's fields by construction."""
+    opts: dict[str, Any] = {}
+    for name, (kind, f) in knobs("deploy").items():
+        kind = Literal[f.metadata["choices"]] if "choices" in f.metadata else kind
+        opts[name] = (kind | None, Field(None, description=f.metadata["help"], **f.metadata["deploy"]))
+    return create_model("EngineOptions", __config__=ConfigDict(extra="forbid"), **opts,
+                        __doc__="Engine knobs (serving.config.EngineArgs); None takes the memory plan's default.")
 
-    model_config = ConfigDict(extra="forbid")
 
-    max_model_len: int | None = Field(None, ge=16, le=1_048_576, description="longest prompt+output in tokens")
-    max_num_seqs: int | None = Field(None, ge=1, le=4096, description="sequences decoded at once")
-    max_loras: int | None = Field(None, ge=0, le=64, description="adapters resident on the device at once")
-    max_lora_rank: int | None = Field(None, ge=1, le=512, description="largest LoRA rank accepted")
-    kv_cache_tokens: int | None = Field(None, ge=16, le=16_777_216, description="tokens of paged KV cache")
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+EngineOptions = _engine_options()
 
 
 class DeploymentSpec(BaseModel):
@@ -133,22 +136,10 @@ class DeploymentSpec(BaseModel):
 
     def serve_args(self, *, host: str = "127.0.0.1", port: int, device: str = "auto") -> list[str]:
         """Arguments of `hubdeploy serve` for this spec (no secrets: those go by environment)."""
-        args = [self.model]
-        if self.revision:
-            args += ["--revision", self.revision]
-        for name, src in self.adapters.items():
-            args += ["--lora", f"{name}={src}"]
-        args += ["--host", host, "--port", str(port), "--device", device,
-                 "--served-model-name", self.served_model_name]
-        e = self.engine
-        for flag, value in (("--max-model-len", e.max_model_len), ("--max-num-seqs", e.max_num_seqs),
-                            ("--max-loras", e.max_loras), ("--max-lora-rank", e.max_lora_rank),
-                            ("--kv-cache-tokens", e.kv_cache_tokens)):
-            if value is not None:
-                args += [flag, str(value)]
-        if e.dtype != "auto":
-            args += ["--dtype", e.dtype]
-        return args
+        loras = [x for name, src in self.adapters.items() for x in ("--lora", f"{name}={src}")]
+        return [self.model, *loras, "--host", host, "--port", str(port), "--served-model-name",
+                self.served_model_name,
+                *engine_argv({"revision": self.revision, "device": device, **self.engine.model_dump()})]
 
 
 class CreateEndpointRequest(DeploymentSpec):
@@ -360,15 +351,14 @@ def apply_plan(spec: DeploymentSpec, model_src: str | Path, adapters: dict[str, 
     if spec.gpu == "cpu":
         return spec.model_copy(update={"engine_from_plan": []})
     from hubdeploy.hub_integration.gpus import get_gpu
-    from hubdeploy.hub_integration.memory_plan import plan
+    from hubdeploy.hub_integration.memory_plan import PLANNED, plan
 
     try:
         gpu = get_gpu(spec.gpu).name
     except errors.UnknownGPUError as e:
         raise SpecError(("gpu",), e.message) from None
     ads = list(adapters.values())
-    asked = {k: engine[k] for k in ("max_model_len", "max_num_seqs", "max_loras", "max_lora_rank")
-             if engine[k] is not None}
+    asked = {k: engine[k] for k in PLANNED if engine[k] is not None}
     mp = plan(report, gpu, ads, **asked)
     if not mp.fits:
         base = plan(report, gpu, ads)

@@ -1,14 +1,18 @@
-"""Model and quantization configuration, parsed once from a Hub repo's `config.json`.
+"""The engine's configuration: its knobs (`EngineArgs`) and the model's (`ModelConfig`).
 
 `ModelConfig` is the engine's single view of an architecture; `hub_integration` reuses it
-for its reports so the two never disagree about what a config means.
+for its reports so the two never disagree about what a config means. `EngineArgs` declares
+every engine knob once; the `serve` flags, the deploy spec's options and the argv the deploy
+side renders are generated from its fields. No torch here: the deploy service imports it.
 """
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 # architecture name -> family handled by serving.models
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -191,3 +195,82 @@ class ModelConfig:
         if out.get("quant"):
             out["quant"].pop("raw", None)
         return out
+
+
+def knob(default: Any, help: str, **meta: Any) -> Any:
+    """An `EngineArgs` field with a `serve` flag (`help`, `choices`); `deploy` (pydantic bounds)
+    also makes it an option of the deploy spec (`hub_integration.spec.EngineOptions`)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class EngineArgs:
+    """Every engine knob, once (nano-vllm's `Config`): `LLM(model, **kw)` takes these fields,
+    `serve` has one flag per knob and the deploy side renders argv from them, so none can drift."""
+
+    model: str  # serve: the positional MODEL
+    revision: str | None = knob(None, "branch, tag or commit of the Hub repo")
+    device: str = knob("auto", "where the engine runs", choices=("auto", "cuda", "cpu"))
+    dtype: str = knob("auto", "compute dtype; auto: float32 on the CPU, the checkpoint's on CUDA (float16 for AWQ)",
+                      choices=("auto", "float16", "bfloat16", "float32"), deploy={})
+    max_model_len: int | None = knob(None, "longest prompt+output in tokens (default: the model's context, at "
+                                           "most 4096)", deploy=dict(ge=16, le=1_048_576))
+    max_num_seqs: int = knob(64, "sequences decoded at once", deploy=dict(ge=1, le=4096))
+    max_num_batched_tokens: int = knob(2048, "tokens one step computes (the prefill chunk budget)",
+                                       deploy=dict(ge=16, le=1_048_576))
+    block_size: int = knob(16, "tokens per paged KV-cache block")
+    kv_cache_tokens: int | None = knob(None, "tokens of paged KV cache (default: on CUDA what "
+                                             "gpu_memory_utilization leaves, on the CPU max(4096, 2 x max_model_len))",
+                                       deploy=dict(ge=16, le=16_777_216))
+    gpu_memory_utilization: float = knob(0.9, "fraction of the GPU's memory for weights, activations and KV cache",
+                                         deploy=dict(gt=0, le=1))
+    enable_prefix_caching: bool = knob(True, "reuse the KV blocks of shared prompt prefixes")
+    enforce_eager: bool = knob(False, "no CUDA graphs")
+    cpu_threads: int | None = knob(None, "CPU: threads for prefill-sized steps (default: OMP_NUM_THREADS or all "
+                                         "cores); smaller steps use one, leaving the other cores to the HTTP front end")
+    cpu_parallel_min_tokens: int | None = knob(None, "CPU: steps of at least this many tokens use cpu_threads "
+                                                     "(default: from the model's weights per token)")
+    seed: int = knob(0, "torch's global seed, set when the engine starts")
+    token: str | None = None  # Hub token for gated/private repos: HF_TOKEN, never argv
+    lora_modules: dict[str, str] | None = None  # name -> repo id or local path; serve: --lora NAME=SRC
+    max_loras: int = knob(1, "adapters resident on the device at once", deploy=dict(ge=0, le=64))
+    max_lora_rank: int = knob(16, "largest LoRA rank accepted", deploy=dict(ge=1, le=512))
+    max_cpu_loras: int | None = knob(None, "adapters kept in host memory (default: max(4, max_loras))")
+
+    @classmethod
+    def from_flags(cls, ns: argparse.Namespace, **given: Any) -> "EngineArgs":
+        """The config `add_engine_flags` parsed into `ns`; `given` sets the rest (and wins)."""
+        return cls(**{**{name: getattr(ns, name) for name in knobs()}, **given})
+
+
+def knobs(kind: str = "help") -> dict[str, tuple[type, Field[Any]]]:
+    """The fields whose metadata has `kind` ("help": the serve flags, "deploy": the spec's
+    options), each with its type less `None`."""
+    hints = get_type_hints(EngineArgs)
+    return {f.name: (next(t for t in get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)), f)
+            for f in fields(EngineArgs) if kind in f.metadata}
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per knob, its type, default, help and choices taken from the field."""
+    for name, (kind, f) in knobs().items():
+        help_ = f.metadata["help"] + (" (default: %(default)s)" if f.default is not None else "")
+        how = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
+            dict(type=kind, choices=f.metadata.get("choices"))  # a bool is --x / --no-x
+        parser.add_argument("--" + name.replace("_", "-"), default=f.default, help=help_, **how)
+
+
+def engine_argv(values: Mapping[str, Any]) -> list[str]:
+    """`hubdeploy serve` flags for knob values, in their order (None: the engine's default).
+    KeyError for a name that is no flag, so the deploy side cannot drift from the engine."""
+    flags = knobs()
+    argv: list[str] = []
+    for name, v in values.items():
+        if name not in flags:
+            raise KeyError(f"{name!r} is not an engine flag (serving.config.EngineArgs)")
+        flag = "--" + name.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + flag[2:])
+        elif v is not None:
+            argv += [flag, str(v)]
+    return argv

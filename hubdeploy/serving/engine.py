@@ -9,14 +9,16 @@ it from a single thread.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from hubdeploy.serving.block_manager import BlockManager
-from hubdeploy.serving.config import ModelConfig
+from hubdeploy.serving.config import EngineArgs, ModelConfig
+from hubdeploy.serving.hub import resolve_model_dir
+from hubdeploy.serving.loader import load_model
 from hubdeploy.serving.model_runner import ModelRunner
 from hubdeploy.serving.outputs import RequestMetrics, RequestOutput
 from hubdeploy.serving.sampler import SampleInput, Sampler
@@ -31,41 +33,6 @@ if TYPE_CHECKING:  # serving.lora loads only for an engine that serves adapters
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-           "fp32": torch.float32, "float": torch.float32}
-
-
-@dataclass
-class EngineArgs:
-    """Every engine knob; the `hubdeploy serve` flags and `LLM(**engine_options)` map onto it."""
-
-    model: str
-    revision: str | None = None
-    device: str = "auto"  # "auto" | "cuda" | "cpu"
-    dtype: str = "auto"  # "auto" | "float16" | "bfloat16" | "float32"
-    max_model_len: int | None = None  # default: min(config's max_position_embeddings, 4096)
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    kv_cache_tokens: int | None = None  # CPU (or explicit) KV cache size in tokens
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    # CPU: intra-op threads for steps of >= cpu_parallel_min_tokens tokens (default: torch's,
-    # i.e. OMP_NUM_THREADS or the cores); smaller steps run on one. The threshold defaults to
-    # serving.model_runner.CPU_PARALLEL_MIN_WORK / the model's weights per token (256 for the
-    # benchmark's tiny Mixtral, 1 for a 1B dense model)
-    cpu_threads: int | None = None
-    cpu_parallel_min_tokens: int | None = None
-    seed: int = 0
-    token: str | None = None  # Hub token for gated/private repos
-    # LoRA (serving.lora)
-    lora_modules: dict[str, str] | None = None  # name -> repo id or local path
-    max_loras: int = 1
-    max_lora_rank: int = 16
-    max_cpu_loras: int | None = None
-
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -75,44 +42,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig | None, device: torch.device) -> torch.dtype:
-    """'auto': float32 on the CPU; on CUDA the checkpoint's dtype (float16 for AWQ)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype != "auto":
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(_DTYPES))}")
-        return _DTYPES[dtype]
-    if device.type != "cuda":
-        return torch.float32
-    if cfg is not None and cfg.quant is not None and cfg.quant.is_awq:
-        return torch.float16
-    return _DTYPES.get(cfg.torch_dtype if cfg else "float16", torch.float16)
-
-
-def _model_dir(args: EngineArgs) -> Path:
-    """A local directory as is; a Hub repo id through `serving.hub` (snapshot download)."""
-    if Path(args.model).is_dir() and args.revision is None:
-        return Path(args.model)
-    from hubdeploy.serving.hub import resolve_model_dir
-
-    return Path(resolve_model_dir(args.model, args.revision, args.token))
-
-
 class LLMEngine:
     def __init__(self, args: EngineArgs, *, model: torch.nn.Module | None = None,
                  model_config: ModelConfig | None = None, tokenizer: Tokenizer | None = None) -> None:
         """Load `args.model`; or serve an already built `model` on `args.device` with its
         `model_config` and `tokenizer` (benchmarks with random weights; no checkpoint read)."""
-        from hubdeploy.serving.loader import load_model
-
-        self.args = args
         torch.manual_seed(args.seed)
         self.device = resolve_device(args.device)
         if model is None:
-            self.model_dir: Path | None = _model_dir(args)
-            self.dtype = resolve_dtype(args.dtype, ModelConfig.from_dir(self.model_dir), self.device)
-            model, cfg = load_model(self.model_dir, self.device, self.dtype)
+            self.model_dir: Path | None = resolve_model_dir(args.model, args.revision, args.token)
+            # the engine's "auto" is the loader's None: float32 off CUDA (exact against transformers)
+            model, cfg = load_model(self.model_dir, self.device, None if args.dtype == "auto" else args.dtype)
+            self.dtype = model.dtype
             tokenizer = load_tokenizer(self.model_dir)
         elif model_config is None or tokenizer is None:
             raise ValueError("LLMEngine(args, model=...) also needs model_config= and tokenizer=")
@@ -127,18 +68,14 @@ class LLMEngine:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings="
                              f"{cfg.max_position_embeddings}; lower max_model_len")
         self.max_model_len = max_len
+        self.args = args = replace(args, max_model_len=max_len)  # resolved, as the runner reads it
         # adapters and their device slots come before the KV cache takes the free memory
         self.lora_manager: LoRAManager | None = None
         if args.max_loras > 0:
             from hubdeploy.serving.lora import create_lora_manager
 
             self.lora_manager = create_lora_manager(args, model, self.device, self.dtype)
-        self.runner = ModelRunner(
-            model, cfg, self.device, self.dtype, args.block_size, max_len, args.max_num_seqs,
-            args.max_num_batched_tokens, args.kv_cache_tokens, args.gpu_memory_utilization, args.enforce_eager,
-            cpu_threads=args.cpu_threads, cpu_parallel_min_tokens=args.cpu_parallel_min_tokens,
-            lora_manager=self.lora_manager,
-        )
+        self.runner = ModelRunner(model, cfg, args, self.device, self.dtype, self.lora_manager)
         capacity = self.runner.num_blocks * args.block_size
         if capacity < max_len:
             raise ValueError(f"the KV cache holds {capacity} tokens, less than max_model_len={max_len}: one "

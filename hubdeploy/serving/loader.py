@@ -45,11 +45,12 @@ _DTYPES = {
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """Compute dtype: explicit wins; None -> fp32 on CPU / "auto" elsewhere; "auto" -> config's."""
+    """Compute dtype, the one rule: explicit wins; None (the engine's "auto") -> float32 off CUDA,
+    else "auto"; "auto" -> the config's (float16 for AWQ)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None:
-        if device.type == "cpu":
+        if device.type != "cuda":
             return torch.float32
         dtype = "auto"
     if dtype == "auto":

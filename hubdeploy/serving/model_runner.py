@@ -17,7 +17,7 @@ import torch
 
 from hubdeploy.kernels.attention import DecodeKV
 from hubdeploy.serving.heap import retain_freed_memory
-from hubdeploy.serving.config import ModelConfig
+from hubdeploy.serving.config import EngineArgs, ModelConfig
 from hubdeploy.serving.forward_context import ForwardContext
 from hubdeploy.serving.scheduler import ScheduledSeq
 
@@ -125,34 +125,19 @@ def _warm_up_cpu_gemms(model: torch.nn.Module, max_rows: int, cpu_threads: int) 
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        cfg: ModelConfig,
-        device: torch.device,
-        dtype: torch.dtype,
-        block_size: int,
-        max_model_len: int,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        kv_cache_tokens: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        enforce_eager: bool = False,
-        cpu_threads: int | None = None,
-        cpu_parallel_min_tokens: int | None = None,
-        lora_manager: LoRAManager | None = None,
-    ) -> None:
-        """`lora_manager` gives each step's per-token adapters (None: base model only)."""
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, config: EngineArgs, device: torch.device,
+                 dtype: torch.dtype, lora_manager: LoRAManager | None = None) -> None:
+        """`config` is the engine's, `max_model_len` resolved; `lora_manager` gives each step's
+        per-token adapters (None: base model only)."""
         self.model = model
         self.lora_manager = lora_manager
         self.cfg = cfg
+        self.config = config
         self.device = device
         self.dtype = dtype
-        self.block_size = block_size
-        self.max_model_len = max_model_len
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.block_size = config.block_size
+        self.max_model_len: int = config.max_model_len  # type: ignore[assignment]
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: dict[int, Any] = {}
         # CPU decode: K/V kept dense across steps instead of gathered per layer per step
@@ -162,18 +147,18 @@ class ModelRunner:
         # smaller steps, whose ops are too small to pay for a barrier, and where a second busy
         # core (the HTTP front end, clients) would stall every one of them
         self.cpu_threads = 1
-        self.cpu_parallel_min_tokens = cpu_parallel_min_tokens or max(
+        self.cpu_parallel_min_tokens = config.cpu_parallel_min_tokens or max(
             1, -(-CPU_PARALLEL_MIN_WORK // max(1, active_weights_per_token(model))))
         if device.type == "cpu":
             cpu_gemm_layout(model)
             self.dense_kv = DecodeKV(cfg.num_hidden_layers)
-            self.cpu_threads = max(1, cpu_threads or torch.get_num_threads())
+            self.cpu_threads = max(1, config.cpu_threads or torch.get_num_threads())
             retain_freed_memory()  # prefill temporaries reuse heap memory instead of fresh pages
             if dtype in (torch.bfloat16, torch.float16):
-                _warm_up_cpu_gemms(model, max_num_batched_tokens, self.cpu_threads)
-        self.num_blocks = self._decide_num_blocks(kv_cache_tokens, gpu_memory_utilization)
+                _warm_up_cpu_gemms(model, config.max_num_batched_tokens, self.cpu_threads)
+        self.num_blocks = self._decide_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
-        if device.type == "cuda" and not enforce_eager:
+        if device.type == "cuda" and not config.enforce_eager:
             try:
                 self._capture_graphs()
             except Exception as e:  # pragma: no cover - a model op that cannot be captured
@@ -200,17 +185,18 @@ class ModelRunner:
             for _ in range(self.cfg.num_hidden_layers)
         ]
 
-    def _decide_num_blocks(self, kv_cache_tokens: int | None, util: float) -> int:
-        if self.device.type != "cuda" or kv_cache_tokens:
-            tokens = kv_cache_tokens or max(4096, 2 * self.max_model_len)
+    def _decide_num_blocks(self) -> int:
+        tokens = self.config.kv_cache_tokens
+        if self.device.type != "cuda" or tokens:
+            tokens = tokens or max(4096, 2 * self.max_model_len)
             return max(1, -(-tokens // self.block_size))
-        return self._profile_cuda(util)
+        return self._profile_cuda(self.config.gpu_memory_utilization)
 
     def _profile_cuda(self, util: float) -> int:  # pragma: no cover - needs a GPU
         """Blocks that fit in `util` of the GPU after a warm-up forward of a full token budget."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        n = min(self.max_num_batched_tokens, self.max_model_len)
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
         self._allocate_kv_cache(-(-n // self.block_size))
         self._warmup(n)
         torch.cuda.synchronize(self.device)
@@ -382,7 +368,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:  # pragma: no cover - needs a GPU
-        max_bs = min(self.max_num_seqs, GRAPH_BATCH_SIZES[-1])
+        max_bs = min(self.config.max_num_seqs, GRAPH_BATCH_SIZES[-1])
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_bs]
         self._alloc_graph_buffers(max_bs)
         for b in reversed(sizes):
