@@ -41,7 +41,8 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def interpreting() -> bool:
-    """Triton's CPU interpreter is on: kernels cast bf16 loads to fp32 at once (FIELD-NOTES)."""
+    """Triton's CPU interpreter is on: kernels cast bf16 loads to fp32 at once (the interpreter's bf16 arithmetic is
+    unreliable)."""
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
@@ -77,7 +78,7 @@ def dot_flags(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     """`F32` / `PREC` constexprs for kernels whose `tl.dot` inputs are `a` and `b`.
 
     fp32/fp64 inputs, mixed dtypes, and every dtype under the interpreter (bf16 loads need
-    an fp32 cast right after tl.load there; FIELD-NOTES) run the dots in fp32, in IEEE
+    an fp32 cast right after tl.load there) run the dots in fp32, in IEEE
     precision (no silent tf32); fp16/bf16 dots on CUDA ignore PREC.
     """
     f32 = a.dtype in (torch.float32, torch.float64) or b.dtype != a.dtype or interpreting() or not a.is_cuda
