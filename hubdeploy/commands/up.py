@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-model-root", action="append", default=None, metavar="DIR",
                    help="a folder local models may be deployed from (repeatable; default DATA_DIR/models)")
     p.add_argument("--cpu-slots", type=int, default=1, help="endpoints that may run on the CPU at once (default 1)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="where endpoints run: child processes here (local, default) or actors on a Ray "
+                        "cluster (ray; pip install 'hubdeploy[ray]')")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the Ray cluster to join with --backend ray (default $RAY_ADDRESS, else a local one)")
     p.add_argument("--no-demo", action="store_true", help="do not build the tiny demo model")
     p.add_argument("--hf-user", action="append", default=None, metavar="NAME",
                    help="a Hugging Face user or organisation let in with its own HF token (OAuth on a Space); "
@@ -84,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     roots = args.allowed_model_root or [data_dir / "models"]
     app = build_service_app(data_dir, hub_endpoint=args.hub_endpoint, allowed_model_roots=roots,
                             cpu_slots=args.cpu_slots, default_model=default_model,
-                            default_adapters=default_adapters, hf_users=args.hf_user)
+                            default_adapters=default_adapters, hf_users=args.hf_user, backend=args.backend,
+                            **({"address": args.ray_address} if args.backend == "ray" else {}))
     mount_page(app, _page_blocks())
     base = browse_url(args.host, args.port)
     print(f"hubdeploy: deploy service at {base}/  (API: /api, docs: /docs)", flush=True)

@@ -21,6 +21,7 @@ class GPU:
     bf16: bool = True
     compute_capability: str = ""
     aliases: tuple[str, ...] = field(default=())
+    ray_accelerator_type: str = ""  # the `accelerator_type:<X>` resource of Ray nodes with this GPU
 
     @property
     def memory_bytes(self) -> int:

@@ -401,13 +401,16 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
                       allowed_model_roots: list[str | Path] | None = None, provisioner: Provisioner | None = None,
                       cpu_slots: int = 1, default_model: str | None = None,
                       default_adapters: dict[str, str] | None = None, check_plan: bool = True,
-                      hf_users: list[str] | None = None, **provisioner_options: Any) -> FastAPI:
+                      hf_users: list[str] | None = None, backend: str = "local",
+                      **provisioner_options: Any) -> FastAPI:
     """The deploy service for `data_dir` (store, logs, models). Reconciles endpoints before returning.
 
     `app.state.new_admin_token` is the admin token made at this start (None when it came from
     the argument/`HUBDEPLOY_ADMIN_TOKEN` or was made before): print it once.
     `hf_users` (or `HUBDEPLOY_HF_USERS`, comma-separated): Hugging Face users or organisations
     also let in with their own HF token, e.g. the OAuth token of a Space visitor.
+    `backend` names the provisioner (`local`, `ray`) built with `provisioner_options` unless
+    `provisioner` is given.
     """
     data_dir = Path(data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -418,10 +421,11 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
     store = Store(data_dir / "hubdeploy.db")
     new_token = ensure_admin_token(store, admin_token or os.environ.get("HUBDEPLOY_ADMIN_TOKEN"))
     if provisioner is None:
-        from hubdeploy.hub_integration.provisioner.local import LocalProvisioner
+        from hubdeploy.hub_integration.provisioner import make_provisioner
 
-        provisioner = LocalProvisioner(store, data_dir, hub_endpoint=hub_endpoint, cpu_slots=cpu_slots,
-                                       **provisioner_options)
+        if backend == "local":
+            provisioner_options["cpu_slots"] = cpu_slots
+        provisioner = make_provisioner(backend, store, data_dir, hub_endpoint=hub_endpoint, **provisioner_options)
     if hf_users is None:
         hf_users = [u for u in os.environ.get("HUBDEPLOY_HF_USERS", "").split(",") if u.strip()]
     hub_users = auth.HubUsers(hf_users, endpoint=hub_endpoint) if hf_users else None
