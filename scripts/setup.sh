@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up hubdeploy on a fresh machine: the CPU torch wheel first (an unpinned torch would
 # pull a multi-GB CUDA build), then the package. `--test` adds the test extra, Debian's
-# chromium for the browser tests, and the separate autoawq venv used by one test.
+# chromium for the browser tests, and the separate autoawq and llm-compressor venvs used by
+# a few slow tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,6 +26,9 @@ if [ "$with_tests" = 1 ]; then
   fi
   if [ -f scripts/setup_autoawq_venv.sh ]; then
     bash scripts/setup_autoawq_venv.sh || echo "note: autoawq venv could not be made; its test will be skipped"
+  fi
+  if [ -f scripts/setup_llmcompressor_venv.sh ]; then
+    bash scripts/setup_llmcompressor_venv.sh || echo "note: llm-compressor venv could not be made; its tests will be skipped"
   fi
 else
   "$PY" -m pip install -q -e .

@@ -122,8 +122,9 @@ ARCHS: dict[str, tuple[str, dict]] = {
 }
 
 
-def make_hf_checkpoint(arch: str, out: Path, seed: int = 0) -> Path:
-    """A random tiny model of `arch` saved by transformers itself in fp16 (Hub layout).
+def make_hf_checkpoint(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """A random tiny model of `arch` saved by transformers itself in fp16 (Hub layout);
+    `overrides` change config fields (e.g. wider layers for larger quantization groups).
 
     Weights ~ N(0, 0.1) (norms 1 ± 0.1) rather than transformers' 0.02, so that greedy
     choices are not near-ties that float rounding could flip.
@@ -131,7 +132,7 @@ def make_hf_checkpoint(arch: str, out: Path, seed: int = 0) -> Path:
     cls_name, extra = ARCHS[arch]
     import transformers
 
-    cfg = getattr(transformers, cls_name)(**COMMON, **extra)
+    cfg = getattr(transformers, cls_name)(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():

@@ -94,12 +94,12 @@ BAD_CONFIGS = {
         r"group_size 48 does not divide in_features 64 of model\.layers\.0\.self_attn\.q_proj"),
     "group_size_not_multiple_of_8": (
         "mixtral-awq", edit_quant, dict(group_size=12), r"group_size 12 is not supported.*multiple of 8"),
-    "compressed_tensors_not_served_yet": (
+    "compressed_tensors_not_w4a16_names_the_field": (  # tests/test_compressed_tensors.py has the rest
         "qwen2", edit_config, dict(quantization_config={
             "quant_method": "compressed-tensors", "format": "pack-quantized",
             "config_groups": {"group_0": {"format": "pack-quantized", "weights": {"num_bits": 4}}},
         }),
-        r"compressed-tensors \(pack-quantized.*not served yet"),
+        r"config\.json: compressed-tensors quantization_config\.config_groups\.group_0\.weights\.strategy = None"),
     "gptq_not_supported": (
         "qwen2", edit_config,
         dict(quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False}),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hubdeploy.hub_integration.gpus import catalog
+from hubdeploy.serving.compressed_tensors import SERVED_FORMAT
 from hubdeploy.serving.config import SUPPORTED_ARCHITECTURES
 
 if TYPE_CHECKING:
@@ -46,14 +47,17 @@ def quant_verdict(report: "ModelReport") -> "CompatItem":
         return CompatItem("quantization", "ok",
                           f"AWQ 4-bit, group {q.group_size}, {version.upper()} (from {q.source})")
     if q.method == "compressed-tensors":
-        fmt = q.format or "unknown format"
-        return CompatItem("quantization", "error",
-                          f"compressed-tensors ({fmt}, llm-compressor) is not served yet", _suggest(report))
+        if q.not_served:
+            return CompatItem("quantization", "error", q.not_served, _suggest(report))
+        sym = "symmetric" if not q.zero_point else "asymmetric"
+        return CompatItem("quantization", "ok",
+                          f"compressed-tensors W4A16 {sym}, group {q.group_size} ({SERVED_FORMAT}, llm-compressor; "
+                          f"repacked for the AWQ kernels at load, from {q.source})")
     names = {"gptq": "GPTQ", "bitsandbytes": "bitsandbytes", "gguf": "GGUF", "fp8": "FP8"}
     name = names.get(q.method, q.method)
     return CompatItem("quantization", "error",
                       f"{name}{f' {q.bits}-bit' if q.bits else ''} is not served: the engine runs AWQ 4-bit "
-                      "(GEMM/GEMV) and unquantized fp16/bf16 weights only", _suggest(report))
+                      "(GEMM/GEMV), compressed-tensors W4A16 and unquantized fp16/bf16 weights only", _suggest(report))
 
 
 def check_compat(report: "ModelReport", token_given: bool = False) -> list["CompatItem"]:

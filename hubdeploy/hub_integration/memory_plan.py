@@ -1,7 +1,8 @@
 """Will a model fit one GPU, and with what engine settings? (`plan(report, gpu) -> MemoryPlan`)
 
 Budget = GPU memory × gpu_memory_utilization. From it: weights (exact, from safetensors
-headers, fp16 embeddings/lm_head as stored), runtime overhead (CUDA context, activations
+headers, fp16 embeddings/lm_head as stored, plus the zero points a symmetric
+compressed-tensors checkpoint gets at load), runtime overhead (CUDA context, activations
 for `max_num_batched_tokens`, workspace, CUDA graphs, LoRA slots = max_loras × one adapter
 at max rank), and what is left is the paged KV cache:
 KV bytes/token = 2 (K and V) × layers × kv_heads × head_dim × dtype bytes.
@@ -166,7 +167,7 @@ def plan(report: "ModelReport", gpu: GPU | str, adapters: Sequence["AdapterInfo 
     work = CUDA_CONTEXT_BYTES + WORKSPACE_BYTES
     graphs = CUDA_GRAPH_BYTES if cuda_graphs else 0
     budget = int(g.memory_bytes * gpu_memory_utilization)
-    weights = report.weights.total_bytes
+    weights = report.weights.total_bytes + report.weights.load_extra_bytes
     kv_bytes = budget - weights - act - work - graphs - lora
     per_tok = kv_bytes_per_token(report, kv_cache_dtype)
     blocks = max(kv_bytes, 0) // (per_tok * block_size) if per_tok else 0

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import yaml
 
 from hubdeploy.hub_integration import errors
+from hubdeploy.serving.compressed_tensors import parse_w4a16
 from hubdeploy.serving.config import ConfigError, ModelConfig, QuantConfig
 
 QUANT_META_FILES = ("quant_config.json", "quantize_config.json")
@@ -86,6 +87,8 @@ class QuantInfo:
     source: str | None = None  # config.json / quant_config.json / quantize_config.json
     modules_to_not_convert: list[str] = field(default_factory=list)
     format: str | None = None  # compressed-tensors: pack-quantized, ...
+    # compressed-tensors: why the engine refuses this scheme (the field it names), None if served
+    not_served: str | None = None
 
 
 @dataclass
@@ -98,6 +101,9 @@ class WeightsInfo:
     total_bytes: int = 0  # tensor data bytes (all dtypes)
     param_count: int = 0  # real parameters (packed int4 counted per weight)
     quant_overhead_bytes: int = 0  # zeros / scales / g_idx
+    # bytes the engine adds at load beyond the checkpoint's: the zero-point words of a symmetric
+    # compressed-tensors checkpoint (it stores none; our kernels read one 4-bit zero per group)
+    load_extra_bytes: int = 0
     bytes_by_dtype: dict[str, int] = field(default_factory=dict)
     expert_bytes: int = 0  # routed experts (all of them)
     embed_bytes: int = 0
@@ -497,7 +503,7 @@ class HubSource:
 
 # -- building -----------------------------------------------------------------------------
 def _weights(headers: dict[str, Header], files: dict[str, int | None], cfg: ModelConfig,
-             bits: int | None) -> WeightsInfo:
+             bits: int | None, synthesized_zeros: bool = False) -> WeightsInfo:
     w = WeightsInfo(has_safetensors=bool(headers))
     w.files = {f: files.get(f) for f in sorted(headers)}
     w.other_weight_files = sorted(f for f in files if f.endswith((".bin", ".gguf", ".pt", ".pth")))
@@ -516,6 +522,8 @@ def _weights(headers: dict[str, Header], files: dict[str, int | None], cfg: Mode
             w.bytes_by_dtype[dtype] = w.bytes_by_dtype.get(dtype, 0) + n
             if name.endswith(_OVERHEAD_SUFFIXES):
                 w.quant_overhead_bytes += n
+                if synthesized_zeros and name.endswith(".weight_scale") and len(shape) == 2:
+                    w.load_extra_bytes += -(-shape[0] // 8) * shape[1] * 4  # int32 [in/g, out/8]
                 params = 0
             elif name.endswith(_PACKED_SUFFIXES) and dtype == "I32":
                 params = numel * per_weight
@@ -549,18 +557,27 @@ def _quant(cfg: ModelConfig) -> QuantInfo:
     if q is None:
         return QuantInfo(method="none", source=None)
     fmt = q.raw.get("format") if q.method == "compressed-tensors" else None
+    not_served = None
     if q.method == "compressed-tensors":
         groups = q.raw.get("config_groups") or {}
-        for g in groups.values():
-            wts = (g or {}).get("weights") or {}
+        for g in groups.values() if isinstance(groups, dict) else ():
+            wts = (g or {}).get("weights") or {} if isinstance(g, dict) else {}
             q.bits = q.bits or wts.get("num_bits")
             q.group_size = q.group_size or wts.get("group_size")
+            if "symmetric" in wts:
+                q.zero_point = not wts["symmetric"]
+        try:
+            parse_w4a16(q.raw)
+        except ConfigError as e:
+            not_served = str(e)
     if q.method == "bitsandbytes":
         bits = 4 if q.raw.get("load_in_4bit") else 8 if q.raw.get("load_in_8bit") else q.bits
         q.bits = bits
     return QuantInfo(method=q.method, bits=q.bits, group_size=q.group_size,
-                     zero_point=q.zero_point if q.method == "awq" else None, version=q.version,
-                     source=q.source, modules_to_not_convert=list(q.modules_to_not_convert), format=fmt)
+                     zero_point=q.zero_point if q.method in ("awq", "compressed-tensors") else None,
+                     version=q.version if q.method != "compressed-tensors" else None,
+                     source=q.source, modules_to_not_convert=list(q.modules_to_not_convert), format=fmt,
+                     not_served=not_served)
 
 
 def build_report(src: Source, revision: str | None = None, *, with_adapters: bool = True) -> ModelReport:
@@ -588,7 +605,9 @@ def build_report(src: Source, revision: str | None = None, *, with_adapters: boo
                                       repo_id=src.repo_id, revision=revision) from e
     qinfo = _quant(cfg)
     headers = src.safetensors_headers()
-    weights = _weights(headers, files, cfg, qinfo.bits if qinfo.method in ("awq", "gptq") else None)
+    weights = _weights(headers, files, cfg,
+                       qinfo.bits if qinfo.method in ("awq", "gptq", "compressed-tensors") else None,
+                       synthesized_zeros=qinfo.method == "compressed-tensors" and qinfo.zero_point is False)
 
     card = src.card_data()
     base = card.get("base_model")

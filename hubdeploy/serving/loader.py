@@ -1,16 +1,24 @@
-"""Load a Hub-layout checkpoint (safetensors, fp16/bf16/fp32 or AWQ GEMM) into our decoder.
+"""Load a Hub-layout checkpoint (safetensors, fp16/bf16/fp32, AWQ GEMM or llm-compressor's
+compressed-tensors W4A16 `pack-quantized`) into our decoder.
 
 Streaming: tensors are read one at a time with `safetensors.safe_open` and copied into the
 model's (fused) parameters on the target device; AWQ parts wait only until their fused
 module (qkv, gate|up, one layer's experts) is complete, then are repacked and dropped, so
 host memory never holds a second copy of the model.
 
-Which linears are AWQ is decided by the checkpoint's tensors (`<name>.qweight` present),
-which is what `modules_to_not_convert` meant when the checkpoint was written.
+Which linears are 4-bit is decided by the checkpoint's tensors (`<name>.qweight` for AWQ,
+`<name>.weight_packed` for compressed-tensors), which is what `modules_to_not_convert` /
+`ignore` meant when the checkpoint was written. Both formats end in the same kernel layout
+(`kernels.awq.AWQPacked`): AWQ through `awq_repack`, compressed-tensors through
+`kernels.compressed_tensors.ct_repack` (`PackedFormat` below says which tensors each has).
+Expert tensors may be named `block_sparse_moe.experts.N.w1|w3|w2`,
+`mlp.experts.N.gate_proj|up_proj|down_proj` or, as llm-compressor writes Mixtral,
+`block_sparse_moe.experts.N.gate_proj|up_proj|down_proj` (read as w1|w3|w2).
 
 dtype: `None` means float32 on the CPU (exact comparison against transformers; the CPU
 path is for tests and tiny models) and "auto" on CUDA; "auto" means the config's
-`torch_dtype`, except AWQ which computes in float16 (its scales' dtype). bf16/fp16/fp32 may
+`torch_dtype`, except AWQ which computes in float16 (its scales' dtype; compressed-tensors'
+scales are in the config's dtype). bf16/fp16/fp32 may
 be asked for explicitly.
 """
 from __future__ import annotations
@@ -19,12 +27,15 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
 
+from hubdeploy.kernels.awq import AWQPacked, awq_repack, concat_out
 from hubdeploy.kernels.awq_format import PACK_FACTOR
+from hubdeploy.kernels.compressed_tensors import ct_repack_tensors, moe_from_packed
+from hubdeploy.serving.compressed_tensors import W4A16Scheme, is_compressed_tensors, parse_w4a16
 from hubdeploy.serving.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig
 from hubdeploy.serving.models import CausalLM, build_model, check_supported
 from hubdeploy.serving.models.layers import EXPERT_NAMINGS, Linear, MoE
@@ -80,18 +91,18 @@ def check_quantization(cfg: ModelConfig, model_dir: Path) -> None:
         q.method = "awq"
         if q.version in (None, "awq"):
             q.version = str(raw.get("checkpoint_format") or "gemm").lower()
-    if method in ("compressed-tensors", "compressed_tensors"):
-        fmt = str(raw.get("format", "")) or ",".join(
-            sorted({str(g.get("format", "")) for g in (raw.get("config_groups") or {}).values() if isinstance(g, dict)})
-        )
-        raise ConfigError(
-            f"{src}: compressed-tensors ({fmt or 'unknown format'}, as written by llm-compressor) is not "
-            "served yet; use an AutoAWQ (GEMM) or unquantized fp16/bf16 checkpoint of this model."
-        )
+    if is_compressed_tensors(method):
+        try:
+            scheme = parse_w4a16(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{src}: {e}") from None
+        q.bits, q.group_size, q.zero_point = 4, scheme.group_size, not scheme.symmetric
+        return
     if method != "awq":
         raise ConfigError(
-            f"{src}: quantization method {method!r} is not supported; we serve AWQ 4-bit (GEMM) "
-            "and unquantized fp16/bf16/fp32 checkpoints."
+            f"{src}: quantization method {method!r} is not supported; we serve AWQ 4-bit (GEMM), "
+            "compressed-tensors W4A16 (llm-compressor, pack-quantized) and unquantized fp16/bf16/fp32 "
+            "checkpoints."
         )
     if q.bits != 4:
         raise ConfigError(f"{src}: AWQ with bits={q.bits} is not supported; only 4-bit AWQ is served.")
@@ -178,6 +189,47 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
 # ----------------------------------------------------------------------------- the plan
 
 
+@dataclass(frozen=True)
+class PackedFormat:
+    """One 4-bit checkpoint format: the tensors (leaves) of a quantized linear with their shapes,
+    and how they become our kernel layout."""
+
+    name: str  # for messages
+    marker: str  # the leaf whose presence makes a module 4-bit
+    int32_leaves: tuple[str, ...]
+    shapes: Callable[[int, int, int], dict[str, tuple[int, ...]]]  # (in, out, group) -> leaf -> shape
+    to_packed: Callable[[dict[str, torch.Tensor], int], AWQPacked]  # (leaf -> tensor, group)
+
+
+def _awq_shapes(n_in: int, n_out: int, group: int) -> dict[str, tuple[int, ...]]:
+    g = n_in // group
+    return {"qweight": (n_in, n_out // PACK_FACTOR), "qzeros": (g, n_out // PACK_FACTOR), "scales": (g, n_out)}
+
+
+AWQ_FORMAT = PackedFormat(
+    "AWQ", "qweight", ("qweight", "qzeros"), _awq_shapes,
+    lambda t, group: awq_repack(t["qweight"], t["qzeros"], t["scales"], group),
+)
+
+
+# the leaf that marks a 4-bit linear -> its format's name, for every format we read
+PACKED_MARKERS = {"qweight": "AWQ", "weight_packed": "compressed-tensors"}
+
+
+def ct_format(scheme: W4A16Scheme) -> PackedFormat:
+    """compressed-tensors W4A16: a zero point per group only when asymmetric."""
+
+    def shapes(n_in: int, n_out: int, group: int) -> dict[str, tuple[int, ...]]:
+        g = n_in // group
+        out = {"weight_packed": (n_out, n_in // PACK_FACTOR), "weight_scale": (n_out, g), "weight_shape": (2,)}
+        if not scheme.symmetric:
+            out["weight_zero_point"] = (n_out // PACK_FACTOR, g)
+        return out
+
+    return PackedFormat("compressed-tensors", "weight_packed", ("weight_packed", "weight_zero_point"), shapes,
+                        ct_repack_tensors)
+
+
 @dataclass
 class Slot:
     """Where one checkpoint tensor goes."""
@@ -196,15 +248,13 @@ class _Pending:
     count: int = 0
 
 
-def _linear_slots(lin: Linear, quantized: bool, group: int | None, plan: dict[str, Slot]) -> None:
+def _linear_slots(lin: Linear, quantized: bool, group: int | None, fmt: PackedFormat, plan: dict[str, Slot]) -> None:
     start = 0
     for idx, (name, n) in enumerate(lin.hf_parts):
         sl = slice(start, start + n)
         if quantized:
             _check_awq_shape(name, lin.in_features, n, group)
-            g = lin.in_features // group
-            shapes = {"qweight": (lin.in_features, n // PACK_FACTOR), "qzeros": (g, n // PACK_FACTOR), "scales": (g, n)}
-            for leaf, shp in shapes.items():
+            for leaf, shp in fmt.shapes(lin.in_features, n, group).items():
                 plan[f"{name}.{leaf}"] = Slot("linear_awq", shp, lin, idx, leaf)
         else:
             plan[name + ".weight"] = Slot("linear", (n, lin.in_features), lin.weight.data[sl])
@@ -223,13 +273,13 @@ def _check_awq_shape(name: str, in_features: int, out_features: int, group: int 
         raise ConfigError(f"{name}: out_features {out_features} is not a multiple of 8, cannot be AWQ-packed")
 
 
-def build_plan(model: CausalLM, group: int | None, tied: bool) -> dict[str, Slot]:
-    """Every tensor the checkpoint must hold -> where it goes in `model`."""
+def build_plan(model: CausalLM, group: int | None, tied: bool, fmt: PackedFormat = AWQ_FORMAT) -> dict[str, Slot]:
+    """Every tensor the checkpoint must hold -> where it goes in `model` (4-bit linears in `fmt`)."""
     plan: dict[str, Slot] = {}
     plan["model.embed_tokens.weight"] = Slot("param", tuple(model.embed_tokens.weight.shape), model.embed_tokens.weight.data)
     plan["model.norm.weight"] = Slot("param", tuple(model.norm.weight.shape), model.norm.weight.data)
     if model.lm_head is not None and not tied:
-        _linear_slots(model.lm_head, False, group, plan)
+        _linear_slots(model.lm_head, False, group, fmt, plan)
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -241,19 +291,17 @@ def build_plan(model: CausalLM, group: int | None, tied: bool) -> dict[str, Slot
                 w = getattr(attn, nm).weight
                 plan[p + f"self_attn.{nm}.weight"] = Slot("param", tuple(w.shape), w.data)
         for lin in (attn.qkv_proj, attn.o_proj):
-            _linear_slots(lin, lin.quantized, group, plan)
+            _linear_slots(lin, lin.quantized, group, fmt, plan)
         mlp = layer.mlp
         if isinstance(mlp, MoE):
-            _linear_slots(mlp.gate, False, group, plan)
+            _linear_slots(mlp.gate, False, group, fmt, plan)
             for e in range(mlp.num_experts):
                 for role in ("w1", "w3", "w2"):
                     name = mlp.expert_name(e, role)
                     n_in, n_out = (mlp.hidden, mlp.inter) if role != "w2" else (mlp.inter, mlp.hidden)
                     if mlp.quantized:
                         _check_awq_shape(name, n_in, n_out, group)
-                        g = n_in // group
-                        shapes = {"qweight": (n_in, n_out // 8), "qzeros": (g, n_out // 8), "scales": (g, n_out)}
-                        for leaf, shp in shapes.items():
+                        for leaf, shp in fmt.shapes(n_in, n_out, group).items():
                             plan[f"{name}.{leaf}"] = Slot("moe_awq", shp, mlp, (e, role), leaf)
                     else:
                         if role == "w2":
@@ -264,11 +312,27 @@ def build_plan(model: CausalLM, group: int | None, tied: bool) -> dict[str, Slot
                         plan[name + ".weight"] = Slot("moe", (n_out, n_in), dst)
         else:
             for lin in (mlp.gate_up_proj, mlp.down_proj):
-                _linear_slots(lin, lin.quantized, group, plan)
+                _linear_slots(lin, lin.quantized, group, fmt, plan)
     return plan
 
 
 # ----------------------------------------------------------------------------- load
+
+# llm-compressor's Mixtral naming: block_sparse_moe.experts.N.gate_proj|up_proj|down_proj
+_MIXED_EXPERT = re.compile(r"^(.*\.block_sparse_moe\.experts\.\d+\.)(gate_proj|up_proj|down_proj)(\..+)$")
+_MIXED_ROLE = {hf: role for hf, role in EXPERT_NAMINGS["mlp"].items()}
+
+
+def expert_aliases(names: set[str]) -> dict[str, str]:
+    """Checkpoint name -> the name our plan uses, for expert tensors under llm-compressor's mix
+    of namings (`block_sparse_moe` blocks with `gate_proj|up_proj|down_proj` experts); empty
+    for every other checkpoint."""
+    out = {}
+    for n in names:
+        m = _MIXED_EXPERT.match(n)
+        if m:
+            out[n] = f"{m.group(1)}{_MIXED_ROLE[m.group(2)]}{m.group(3)}"
+    return out
 
 
 def _detect_moe_prefix(cfg: ModelConfig, names: set[str]) -> str | None:
@@ -278,6 +342,18 @@ def _detect_moe_prefix(cfg: ModelConfig, names: set[str]) -> str | None:
         if any(f".{prefix}.experts." in n for n in names):
             return prefix
     return None
+
+
+def _packed_format(cfg: ModelConfig) -> tuple[PackedFormat | None, int | None, W4A16Scheme | None]:
+    """The checkpoint's 4-bit format (None: unquantized), its group size, and for
+    compressed-tensors its scheme (already validated by `check_quantization`)."""
+    q = cfg.quant
+    if q is None:
+        return None, None, None
+    if q.is_awq:
+        return AWQ_FORMAT, q.group_size, None
+    scheme = parse_w4a16(q.raw)
+    return ct_format(scheme), scheme.group_size, scheme
 
 
 def load_model(
@@ -290,22 +366,41 @@ def load_model(
     check_config(cfg, model_dir)
     files = checkpoint_files(model_dir)
     headers = read_headers(files)
+    aliases = expert_aliases(set(headers))
+    headers = {aliases.get(n, n): info for n, info in headers.items()}
     names = set(headers)
-    awq = cfg.quant is not None and cfg.quant.is_awq
-    group = cfg.quant.group_size if awq else None
-    qnames = {n[: -len(".qweight")] for n in names if n.endswith(".qweight")}
-    if qnames and not awq:
-        example = sorted(qnames)[0]
+    declared, group, scheme = _packed_format(cfg)
+    fmt = declared or AWQ_FORMAT
+    where = model_dir / (cfg.quant.source if cfg.quant else "config.json")
+    for marker, other in PACKED_MARKERS.items():
+        found = sorted(n for n in names if n.endswith("." + marker))
+        if found and (declared is None or declared.marker != marker):
+            said = (f"{where} declares {declared.name}" if declared else
+                    f"config.json has no {other} quantization_config (nor quant_config.json)")
+            raise CheckpointError(
+                f"{headers[found[0]].file}: tensor {found[0]} is {other}-packed but {said}; "
+                "fix the config or use an unquantized checkpoint."
+            )
+    g_idx = sorted(n for n in names if n.endswith(".weight_g_idx"))
+    if g_idx:
         raise CheckpointError(
-            f"{headers[example + '.qweight'].file}: tensor {example}.qweight is AWQ-packed but config.json "
-            "has no AWQ quantization_config (nor quant_config.json); add it or use an unquantized checkpoint."
+            f"{headers[g_idx[0]].file}: tensor {g_idx[0]} reorders the input channels (compressed-tensors "
+            "actorder 'group'), which is not served; quantize with actorder 'weight' or none."
         )
-    if awq and not qnames:
+    qnames = {n[: -len(fmt.marker) - 1] for n in names if n.endswith("." + fmt.marker)}
+    if declared is not None and not qnames:
         raise CheckpointError(
-            f"{model_dir / cfg.quant.source} declares AWQ but no tensor in "
-            f"{', '.join(sorted({p.name for p in files}))} is AWQ-packed (no *.qweight); fix the config "
-            "or the weights."
+            f"{where} declares {declared.name} but no tensor in "
+            f"{', '.join(sorted({p.name for p in files}))} is {declared.name}-packed (no *.{declared.marker}); "
+            "fix the config or the weights."
         )
+    if scheme is not None:
+        wrong = sorted(n for n in qnames if scheme.ignored(n))
+        if wrong:
+            raise CheckpointError(
+                f"{headers[f'{wrong[0]}.{fmt.marker}'].file}: {wrong[0]} is listed in quantization_config.ignore "
+                "but stored quantized; the config and the weights disagree."
+            )
     moe_prefix = _detect_moe_prefix(cfg, names)
     # Tied: config says so, or lm_head.weight is simply absent (some exports drop it).
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in names
@@ -317,16 +412,18 @@ def load_model(
         return name in qnames
 
     model = build_model(cfg, compute_dtype, device, quantized=quantized, moe_prefix=moe_prefix)
-    plan = build_plan(model, group, tied)
+    plan = build_plan(model, group, tied, fmt)
 
     missing = sorted(n for n in plan if n not in names)
     if missing:
-        where = ", ".join(sorted({p.name for p in files}))
+        where_files = ", ".join(sorted({p.name for p in files}))
         hint = ""
-        if any(n.endswith(".qweight") for n in missing) and any(n[: -len("qweight")] + "weight" in names for n in missing):
-            hint = " (the checkpoint has plain .weight where AWQ tensors were expected; the fused parts must agree)"
+        marker = "." + fmt.marker
+        if any(n.endswith(marker) and n[: -len(marker)] + ".weight" in names for n in missing):
+            hint = (f" (the checkpoint has plain .weight where {fmt.name} tensors were expected; the fused "
+                    "parts must agree)")
         raise CheckpointError(
-            f"{model_dir}: missing tensor(s) in {where}: {', '.join(missing[:8])}"
+            f"{model_dir}: missing tensor(s) in {where_files}: {', '.join(missing[:8])}"
             f"{' …' if len(missing) > 8 else ''} ({len(missing)} in all){hint}"
         )
     extra = sorted(n for n in names if n not in plan and not IGNORED_TENSORS.search(n)
@@ -345,43 +442,45 @@ def load_model(
                 f"{info.file}: tensor {name} has shape {list(info.shape)}, expected {list(slot.shape)} "
                 f"from config.json ({cfg.architecture})"
             )
-        if slot.leaf in ("qweight", "qzeros") and info.dtype not in ("I32", "int32"):
-            raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}, AWQ {slot.leaf} must be int32")
+        if slot.leaf in fmt.int32_leaves and info.dtype not in ("I32", "int32"):
+            raise CheckpointError(
+                f"{info.file}: tensor {name} has dtype {info.dtype}, {fmt.name} {slot.leaf} must be int32")
 
-    _stream(plan, files, group, model, device)
+    _stream(plan, files, group, model, device, fmt, aliases)
     model.eval()
     return model, cfg
 
 
 def _stream(
-    plan: dict[str, Slot], files: list[Path], group: int | None, model: CausalLM, device: torch.device
+    plan: dict[str, Slot], files: list[Path], group: int | None, model: CausalLM, device: torch.device,
+    fmt: PackedFormat = AWQ_FORMAT, aliases: dict[str, str] | None = None,
 ) -> None:
-    """Read tensors one at a time into their slots; finish fused AWQ modules as they complete.
+    """Read tensors one at a time into their slots; finish fused 4-bit modules as they complete.
 
     A progress bar on stderr (huggingface_hub's tqdm, so HF_HUB_DISABLE_PROGRESS_BARS turns it
     off) shows the load of a large checkpoint moving.
     """
     from huggingface_hub.utils import tqdm as hf_tqdm
 
+    aliases = aliases or {}
     bar = hf_tqdm(total=len(plan), desc="Loading weights", unit="tensor", mininterval=0.5)
     pending: dict[int, _Pending] = {}
-    for module in model.modules():
-        if isinstance(module, Linear) and module.quantized:
-            pending[id(module)] = _Pending(needed=3 * len(module.hf_parts))
-        elif isinstance(module, MoE) and module.quantized:
-            pending[id(module)] = _Pending(needed=9 * module.num_experts)
+    for slot in plan.values():  # a 4-bit module is finished once every one of its tensors is read
+        if slot.kind in ("linear_awq", "moe_awq"):
+            pending.setdefault(id(slot.target), _Pending(needed=0)).needed += 1
     try:
         for path in files:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
+                for stored in f.keys():
+                    name = aliases.get(stored, stored)
                     slot = plan.get(name)
                     if slot is None:
                         continue
                     bar.update(1)
                     try:
-                        t = f.get_tensor(name)
+                        t = f.get_tensor(stored)
                     except Exception as e:
-                        raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+                        raise CheckpointError(f"{path}: cannot read tensor {stored} ({e})") from None
                     if slot.kind in ("param", "linear", "moe"):
                         with torch.no_grad():
                             slot.target.copy_(t)
@@ -390,24 +489,41 @@ def _stream(
                     pend.got.setdefault(slot.part, {})[slot.leaf] = t.to(device)
                     pend.count += 1
                     if pend.count == pend.needed:
-                        _finish(slot.target, pend, group)
+                        _finish(slot.target, pend, group, fmt, path)
                         del pending[id(slot.target)]
     finally:
         bar.close()
     if pending:  # cannot happen after the missing-tensor check; guard the invariant anyway
-        raise CheckpointError(f"{len(pending)} AWQ module(s) incomplete after reading every file")
+        raise CheckpointError(f"{len(pending)} 4-bit module(s) incomplete after reading every file")
 
 
-def _finish(module: Linear | MoE, pend: _Pending, group: int | None) -> None:
+def _finish(module: Linear | MoE, pend: _Pending, group: int | None, fmt: PackedFormat, path: Path) -> None:
+    if fmt is AWQ_FORMAT:  # concatenated in the checkpoint layout, repacked once
+        if isinstance(module, Linear):
+            parts = [pend.got[i] for i in range(len(module.hf_parts))]
+            qweight = torch.cat([p["qweight"] for p in parts], dim=1)
+            qzeros = torch.cat([p["qzeros"] for p in parts], dim=1)
+            scales = torch.cat([p["scales"] for p in parts], dim=1)
+            module.set_awq(qweight, qzeros, scales, group)
+        else:
+            triples = {k: (v["qweight"], v["qzeros"], v["scales"]) for k, v in pend.got.items()}
+            module.set_awq(triples, group)
+        return
+    try:
+        packed = {k: fmt.to_packed(v, group) for k, v in pend.got.items()}
+    except ValueError as e:
+        names = module.hf_parts[0][0] if isinstance(module, Linear) else module.hf_prefix + ".experts"
+        raise CheckpointError(f"{path}: {names}: {e}") from None
     if isinstance(module, Linear):
-        parts = [pend.got[i] for i in range(len(module.hf_parts))]
-        qweight = torch.cat([p["qweight"] for p in parts], dim=1)
-        qzeros = torch.cat([p["qzeros"] for p in parts], dim=1)
-        scales = torch.cat([p["scales"] for p in parts], dim=1)
-        module.set_awq(qweight, qzeros, scales, group)
+        parts = [packed[i] for i in range(len(module.hf_parts))]
+        whole = parts[0]
+        for p in parts[1:]:
+            whole = concat_out(whole, p)
+        module.set_packed(whole)
     else:
-        triples = {k: (v["qweight"], v["qzeros"], v["scales"]) for k, v in pend.got.items()}
-        module.set_awq(triples, group)
+        w1, w3, w2 = ([packed[(e, r)] for e in range(module.num_experts)] for r in ("w1", "w3", "w2"))
+        module.set_packed(moe_from_packed(w1, w3, w2))
 
 
-__all__ = ["CheckpointError", "ConfigError", "check_config", "checkpoint_files", "load_model", "resolve_dtype"]
+__all__ = ["CheckpointError", "ConfigError", "check_config", "checkpoint_files", "expert_aliases", "load_model",
+           "resolve_dtype"]

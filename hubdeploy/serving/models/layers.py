@@ -95,6 +95,13 @@ class Linear(nn.Module):
         """Install AWQ tensors already concatenated over the parts (checkpoint layout)."""
         self.packed = awq_repack(qweight, qzeros, scales, group_size)
 
+    def set_packed(self, packed: AWQPacked) -> None:
+        """Install weights already in the kernel layout (other 4-bit formats, repacked by the loader)."""
+        if (packed.in_features, packed.out_features) != (self.in_features, self.out_features):
+            raise ValueError(f"packed weight is {packed.out_features}x{packed.in_features}, "
+                             f"the linear is {self.out_features}x{self.in_features}")
+        self.packed = packed
+
     def forward(self, x: torch.Tensor, lora: Any | None = None) -> torch.Tensor:
         if self.quantized:
             if self.packed is None:
@@ -286,6 +293,13 @@ class MoE(nn.Module):
         """Stack per-expert AWQ tensors `(e, role) -> (qweight, qzeros, scales)` and repack once."""
         per_role = {r: [parts[(e, r)] for e in range(self.num_experts)] for r in ("w1", "w3", "w2")}
         self.weights = awq_moe_repack(per_role["w1"], per_role["w3"], per_role["w2"], group_size)
+
+    def set_packed(self, weights: AWQMoEWeights) -> None:
+        """Install stacked experts already in the kernel layout (other 4-bit formats)."""
+        if (weights.num_experts, weights.hidden_size, weights.intermediate_size) != (
+                self.num_experts, self.hidden, self.inter):
+            raise ValueError("packed experts do not match the MoE block's experts/hidden/intermediate sizes")
+        self.weights = weights
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, direct: bool = False) -> torch.Tensor:
         """`direct`: as in `Attention.forward`."""
