@@ -146,6 +146,21 @@ def test_repack_names_the_disagreeing_tensor() -> None:
         ct_repack(qw, torch.ones(16, 2), 32, torch.zeros(16, 2, dtype=torch.int32))
 
 
+def test_weight_shape_disagreeing_is_named(ckpts, tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    d = tmp_path / "shape"
+    shutil.copytree(ckpts("mixtral", "mixed", 32, False)[0], d)
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.layers.1.block_sparse_moe.experts.2.up_proj.weight_shape"] = torch.tensor([32, 60])
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.block_sparse_moe\.experts\.2\.w3: "
+                                              r"weight_shape \[32, 60\] disagrees with weight_packed"):
+        load_model(d)
+
+
 def test_ignore_is_honoured(ckpts, tmp_path: Path) -> None:
     """Modules in `ignore` (here every o_proj, besides router gates and lm_head) are read
     plain and still match; a module listed in `ignore` but stored packed is an error."""

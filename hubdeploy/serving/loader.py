@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 
-from hubdeploy.kernels.awq import AWQPacked, awq_repack, concat_out
+from hubdeploy.kernels.awq import concat_out
 from hubdeploy.kernels.awq_format import PACK_FACTOR
 from hubdeploy.kernels.compressed_tensors import ct_repack_tensors, moe_from_packed
 from hubdeploy.serving.compressed_tensors import W4A16Scheme, is_compressed_tensors, parse_w4a16
@@ -191,14 +191,13 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
 
 @dataclass(frozen=True)
 class PackedFormat:
-    """One 4-bit checkpoint format: the tensors (leaves) of a quantized linear with their shapes,
-    and how they become our kernel layout."""
+    """One 4-bit checkpoint format: the tensors (leaves) of a quantized linear with their shapes
+    (`_finish` turns them into our kernel layout)."""
 
     name: str  # for messages
     marker: str  # the leaf whose presence makes a module 4-bit
     int32_leaves: tuple[str, ...]
     shapes: Callable[[int, int, int], dict[str, tuple[int, ...]]]  # (in, out, group) -> leaf -> shape
-    to_packed: Callable[[dict[str, torch.Tensor], int], AWQPacked]  # (leaf -> tensor, group)
 
 
 def _awq_shapes(n_in: int, n_out: int, group: int) -> dict[str, tuple[int, ...]]:
@@ -206,10 +205,7 @@ def _awq_shapes(n_in: int, n_out: int, group: int) -> dict[str, tuple[int, ...]]
     return {"qweight": (n_in, n_out // PACK_FACTOR), "qzeros": (g, n_out // PACK_FACTOR), "scales": (g, n_out)}
 
 
-AWQ_FORMAT = PackedFormat(
-    "AWQ", "qweight", ("qweight", "qzeros"), _awq_shapes,
-    lambda t, group: awq_repack(t["qweight"], t["qzeros"], t["scales"], group),
-)
+AWQ_FORMAT = PackedFormat("AWQ", "qweight", ("qweight", "qzeros"), _awq_shapes)
 
 
 # the leaf that marks a 4-bit linear -> its format's name, for every format we read
@@ -226,8 +222,7 @@ def ct_format(scheme: W4A16Scheme) -> PackedFormat:
             out["weight_zero_point"] = (n_out // PACK_FACTOR, g)
         return out
 
-    return PackedFormat("compressed-tensors", "weight_packed", ("weight_packed", "weight_zero_point"), shapes,
-                        ct_repack_tensors)
+    return PackedFormat("compressed-tensors", "weight_packed", ("weight_packed", "weight_zero_point"), shapes)
 
 
 @dataclass
@@ -253,7 +248,7 @@ def _linear_slots(lin: Linear, quantized: bool, group: int | None, fmt: PackedFo
     for idx, (name, n) in enumerate(lin.hf_parts):
         sl = slice(start, start + n)
         if quantized:
-            _check_awq_shape(name, lin.in_features, n, group)
+            _check_packed_shape(name, lin.in_features, n, group, fmt)
             for leaf, shp in fmt.shapes(lin.in_features, n, group).items():
                 plan[f"{name}.{leaf}"] = Slot("linear_awq", shp, lin, idx, leaf)
         else:
@@ -263,14 +258,15 @@ def _linear_slots(lin: Linear, quantized: bool, group: int | None, fmt: PackedFo
         start += n
 
 
-def _check_awq_shape(name: str, in_features: int, out_features: int, group: int | None) -> None:
+def _check_packed_shape(name: str, in_features: int, out_features: int, group: int | None, fmt: PackedFormat) -> None:
     if not group or in_features % group:
         raise ConfigError(
-            f"AWQ group_size {group} does not divide in_features {in_features} of {name}; the kernel "
+            f"{fmt.name} group_size {group} does not divide in_features {in_features} of {name}; the kernel "
             "needs a group size that divides every quantized layer's input dimension."
         )
     if out_features % PACK_FACTOR:
-        raise ConfigError(f"{name}: out_features {out_features} is not a multiple of 8, cannot be AWQ-packed")
+        raise ConfigError(f"{name}: out_features {out_features} is not a multiple of 8, cannot be {fmt.name}-packed "
+                          "for the kernels")
 
 
 def build_plan(model: CausalLM, group: int | None, tied: bool, fmt: PackedFormat = AWQ_FORMAT) -> dict[str, Slot]:
@@ -300,7 +296,7 @@ def build_plan(model: CausalLM, group: int | None, tied: bool, fmt: PackedFormat
                     name = mlp.expert_name(e, role)
                     n_in, n_out = (mlp.hidden, mlp.inter) if role != "w2" else (mlp.inter, mlp.hidden)
                     if mlp.quantized:
-                        _check_awq_shape(name, n_in, n_out, group)
+                        _check_packed_shape(name, n_in, n_out, group, fmt)
                         for leaf, shp in fmt.shapes(n_in, n_out, group).items():
                             plan[f"{name}.{leaf}"] = Slot("moe_awq", shp, mlp, (e, role), leaf)
                     else:
@@ -446,13 +442,13 @@ def load_model(
             raise CheckpointError(
                 f"{info.file}: tensor {name} has dtype {info.dtype}, {fmt.name} {slot.leaf} must be int32")
 
-    _stream(plan, files, group, model, device, fmt, aliases)
+    _stream(plan, files, group, device, fmt, aliases)
     model.eval()
     return model, cfg
 
 
 def _stream(
-    plan: dict[str, Slot], files: list[Path], group: int | None, model: CausalLM, device: torch.device,
+    plan: dict[str, Slot], files: list[Path], group: int | None, device: torch.device,
     fmt: PackedFormat = AWQ_FORMAT, aliases: dict[str, str] | None = None,
 ) -> None:
     """Read tensors one at a time into their slots; finish fused 4-bit modules as they complete.
@@ -509,11 +505,13 @@ def _finish(module: Linear | MoE, pend: _Pending, group: int | None, fmt: Packed
             triples = {k: (v["qweight"], v["qzeros"], v["scales"]) for k, v in pend.got.items()}
             module.set_awq(triples, group)
         return
-    try:
-        packed = {k: fmt.to_packed(v, group) for k, v in pend.got.items()}
-    except ValueError as e:
-        names = module.hf_parts[0][0] if isinstance(module, Linear) else module.hf_prefix + ".experts"
-        raise CheckpointError(f"{path}: {names}: {e}") from None
+    packed = {}
+    for part, tensors in pend.got.items():  # compressed-tensors: per HF linear, then fused as AWQPacked
+        try:
+            packed[part] = ct_repack_tensors(tensors, group)
+        except ValueError as e:
+            name = module.hf_parts[part][0] if isinstance(module, Linear) else module.expert_name(*part)
+            raise CheckpointError(f"{path}: {name}: {e}") from None
     if isinstance(module, Linear):
         parts = [packed[i] for i in range(len(module.hf_parts))]
         whole = parts[0]
