@@ -293,6 +293,25 @@ def test_report_serves_and_sizes_it_from_headers(ckpts) -> None:
         assert plan(report, "H100").weights_bytes == w.total_bytes + w.load_extra_bytes
 
 
+def test_full_size_mixtral_w4a16_is_sized_like_its_awq_twin(tmp_path: Path) -> None:
+    """Shape-only Mixtral-8x7B (real names, dtypes and shapes; no data): llm-compressor's W4A16
+    has the AWQ repo's 46.7 B parameters, and with the zero points it gets at load exactly the
+    AWQ repo's bytes but for `weight_shape` (16 bytes per linear); both fit an H100."""
+    from hubdeploy.hub_integration.memory_plan import plan
+    from hubdeploy.hub_integration.report import inspect_model
+    from tests.fixtures.shape_only import mixtral_awq, mixtral_w4a16_ct
+
+    ct = inspect_model(str(mixtral_w4a16_ct(tmp_path / "ct")), with_adapters=False)
+    awq = inspect_model(str(mixtral_awq(tmp_path / "awq")), with_adapters=False)
+    assert next(c for c in ct.compat if c.capability == "quantization").status == "ok"
+    assert ct.weights.param_count == awq.weights.param_count and round(ct.weights.param_count / 1e9, 1) == 46.7
+    linears = 32 * (4 + 8 * 3)  # per layer: q, k, v, o and 8 experts x 3
+    assert ct.weights.load_extra_bytes > 0
+    assert ct.weights.total_bytes + ct.weights.load_extra_bytes == awq.weights.total_bytes + 16 * linears
+    assert ct.weights.expert_params == awq.weights.expert_params
+    assert plan(ct, "H100").fits and plan(ct, "H100").weights_bytes == ct.weights.total_bytes + ct.weights.load_extra_bytes
+
+
 # ----------------------------------------------------------------------------- slow
 
 
