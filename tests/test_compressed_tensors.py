@@ -7,8 +7,9 @@ weights the library's own unpacker dequantizes. For Mixtral under all three expe
 Qwen3-MoE and Llama, group sizes 32/64/128, symmetric and asymmetric: last-position logits
 within 1e-4 (float32 both sides, logits O(1)) and 16 greedy tokens identical. The repack
 alone is bit-exact against the library's dequantization; `ignore` is honoured; what is not
-W4A16 is refused naming the field, by the engine and by the deploy-side report alike, and the
-report sizes the checkpoint from its headers. Slow: the Triton path under the interpreter,
+W4A16 is refused naming the field, by the engine and by the deploy-side report alike; the
+whole engine (`LLM`) serves one; the report sizes them from their headers (also a shape-only
+full-size Mixtral-8x7B against its AWQ twin). Slow: the Triton path under the interpreter,
 and checkpoints made by llm-compressor itself in its own venv
 (`scripts/setup_llmcompressor_venv.sh`).
 """
