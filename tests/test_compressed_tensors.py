@@ -147,6 +147,27 @@ def test_repack_names_the_disagreeing_tensor() -> None:
         ct_repack(qw, torch.ones(16, 2), 32, torch.zeros(16, 2, dtype=torch.int32))
 
 
+def test_unpacked_zero_points_of_older_releases_load_the_same(ckpts, tmp_path: Path) -> None:
+    """compressed-tensors before 0.10 stored asymmetric zero points unpacked (int8 [out, in/g]);
+    turned into that form by the library's own unpacker, the same model loads, logits equal."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = ckpts("qwen3_moe", "w", 32, False)[0]
+    d = tmp_path / "old"
+    shutil.copytree(src, d)
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for k in [k for k in tensors if k.endswith(".weight_zero_point")]:
+        mod = k[: -len(".weight_zero_point")]
+        shape = (int(tensors[mod + ".weight_shape"][0]), tensors[mod + ".weight_scale"].shape[1])
+        tensors[k] = unpack_from_int32(tensors[k], 4, torch.Size(shape), packed_dim=0).contiguous()
+        assert tensors[k].dtype == torch.int8 and tuple(tensors[k].shape) == shape
+    save_file(tensors, str(d / "model.safetensors"))
+    assert torch.equal(prefill_last_logits(load_model(d)[0], PROMPTS), prefill_last_logits(load_model(src)[0], PROMPTS))
+
+
 def test_weight_shape_disagreeing_is_named(ckpts, tmp_path: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file

@@ -6,7 +6,8 @@ llm-compressor writes, per quantized linear with weight `w [out, in]` and group 
   channel `8c + j`, stored unsigned as `q + 8` for the signed integer `q` in -8..7;
 - `weight_scale` `[out, in/g]` in the model's dtype;
 - `weight_zero_point` (asymmetric only) int32 `[out/8, in/g]`: the signed zero points `zp`
-  (-8..7) packed the same way but along the *output* dimension (`packed_dim=0`), also `+ 8`;
+  (-8..7) packed the same way but along the *output* dimension (`packed_dim=0`), also `+ 8`
+  (compressed-tensors before 0.10 stored them unpacked: int8 `[out, in/g]`, read too);
 - `weight_shape` int `[2]` = `(out, in)`;
 - `w[n, k] = (q[n, k] - zp[n, k // g]) * s[n, k // g]` (symmetric: `zp = 0`).
 
@@ -23,7 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from hubdeploy.kernels.awq import AWQPacked, concat_out, stack_packed
+from hubdeploy.kernels.awq import AWQPacked, concat_out, pack_int4_natural, stack_packed
 from hubdeploy.kernels.awq_format import PACK_FACTOR
 from hubdeploy.kernels.fused_moe import AWQMoEWeights
 
@@ -65,11 +66,17 @@ def ct_repack(
     if weight_zero_point is None:
         qzeros = torch.full((groups, out_f // PACK_FACTOR), SYMMETRIC_ZERO_WORD, dtype=torch.int32,
                             device=weight_packed.device)
+    elif weight_zero_point.dtype == torch.int8 and weight_zero_point.shape == (out_f, groups):  # before 0.10
+        zp = weight_zero_point.to(torch.int32)
+        if zp.numel() and (int(zp.min()) < -8 or int(zp.max()) > 7):
+            raise ValueError("weight_zero_point (int8, unpacked) holds values outside the int4 range -8..7")
+        qzeros = pack_int4_natural((zp + 8).t().contiguous())
     else:
         if weight_zero_point.dtype != torch.int32 or weight_zero_point.shape != (out_f // PACK_FACTOR, groups):
             raise ValueError(
                 f"weight_zero_point has shape {tuple(weight_zero_point.shape)} ({weight_zero_point.dtype}), "
-                f"expected int32 [{out_f // PACK_FACTOR}, {groups}] (packed along the output dimension)"
+                f"expected int32 [{out_f // PACK_FACTOR}, {groups}] (packed along the output dimension) "
+                f"or int8 [{out_f}, {groups}] (unpacked, compressed-tensors before 0.10)"
             )
         qzeros = weight_zero_point.t().contiguous()
     return AWQPacked(weight_packed.contiguous(), qzeros, weight_scale.t().contiguous(), in_f, out_f, group_size)

@@ -212,17 +212,19 @@ AWQ_FORMAT = PackedFormat("AWQ", "qweight", ("qweight", "qzeros"), _awq_shapes)
 PACKED_MARKERS = {"qweight": "AWQ", "weight_packed": "compressed-tensors"}
 
 
-def ct_format(scheme: W4A16Scheme) -> PackedFormat:
-    """compressed-tensors W4A16: a zero point per group only when asymmetric."""
+def ct_format(scheme: W4A16Scheme, unpacked_zeros: bool = False) -> PackedFormat:
+    """compressed-tensors W4A16: a zero point per group only when asymmetric, packed along out
+    (int32 `[out/8, in/g]`) or, as written before compressed-tensors 0.10, int8 `[out, in/g]`."""
 
     def shapes(n_in: int, n_out: int, group: int) -> dict[str, tuple[int, ...]]:
         g = n_in // group
         out = {"weight_packed": (n_out, n_in // PACK_FACTOR), "weight_scale": (n_out, g), "weight_shape": (2,)}
         if not scheme.symmetric:
-            out["weight_zero_point"] = (n_out // PACK_FACTOR, g)
+            out["weight_zero_point"] = (n_out, g) if unpacked_zeros else (n_out // PACK_FACTOR, g)
         return out
 
-    return PackedFormat("compressed-tensors", "weight_packed", ("weight_packed", "weight_zero_point"), shapes)
+    int32 = ("weight_packed",) if unpacked_zeros else ("weight_packed", "weight_zero_point")
+    return PackedFormat("compressed-tensors", "weight_packed", int32, shapes)
 
 
 @dataclass
@@ -340,7 +342,9 @@ def _detect_moe_prefix(cfg: ModelConfig, names: set[str]) -> str | None:
     return None
 
 
-def _packed_format(cfg: ModelConfig) -> tuple[PackedFormat | None, int | None, W4A16Scheme | None]:
+def _packed_format(
+    cfg: ModelConfig, headers: dict[str, TensorInfo]
+) -> tuple[PackedFormat | None, int | None, W4A16Scheme | None]:
     """The checkpoint's 4-bit format (None: unquantized), its group size, and for
     compressed-tensors its scheme (already validated by `check_quantization`)."""
     q = cfg.quant
@@ -349,7 +353,8 @@ def _packed_format(cfg: ModelConfig) -> tuple[PackedFormat | None, int | None, W
     if q.is_awq:
         return AWQ_FORMAT, q.group_size, None
     scheme = parse_w4a16(q.raw)
-    return ct_format(scheme), scheme.group_size, scheme
+    unpacked = any(n.endswith(".weight_zero_point") and i.dtype in ("I8", "int8") for n, i in headers.items())
+    return ct_format(scheme, unpacked), scheme.group_size, scheme
 
 
 def load_model(
@@ -365,7 +370,7 @@ def load_model(
     aliases = expert_aliases(set(headers))
     headers = {aliases.get(n, n): info for n, info in headers.items()}
     names = set(headers)
-    declared, group, scheme = _packed_format(cfg)
+    declared, group, scheme = _packed_format(cfg, headers)
     fmt = declared or AWQ_FORMAT
     where = model_dir / (cfg.quant.source if cfg.quant else "config.json")
     for marker, other in PACKED_MARKERS.items():
