@@ -168,6 +168,28 @@ def test_unpacked_zero_points_of_older_releases_load_the_same(ckpts, tmp_path: P
     assert torch.equal(prefill_last_logits(load_model(d)[0], PROMPTS), prefill_last_logits(load_model(src)[0], PROMPTS))
 
 
+def test_quantized_router_gate_is_named(ckpts, tmp_path: Path) -> None:
+    """A router gate (or lm_head) stored 4-bit: the engine runs those unquantized; the error says so."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    d = tmp_path / "gate"
+    shutil.copytree(ckpts("mixtral", "w", 32, True)[0], d)
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    gate = "model.layers.1.block_sparse_moe.gate"
+    del tensors[gate + ".weight"]
+    tensors |= {gate + ".weight_packed": torch.zeros(4, 8, dtype=torch.int32),
+                gate + ".weight_scale": torch.ones(4, 2, dtype=torch.float16), gate + ".weight_shape": torch.tensor([4, 64])}
+    save_file(tensors, str(d / "model.safetensors"))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["ignore"].remove(gate)  # quantized on purpose, as the config now says
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"block_sparse_moe\.gate is stored 4-bit \(compressed-tensors\) "
+                                              r"but the engine runs it unquantized"):
+        load_model(d)
+
+
 def test_weight_shape_disagreeing_is_named(ckpts, tmp_path: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file

@@ -415,6 +415,13 @@ def load_model(
     model = build_model(cfg, compute_dtype, device, quantized=quantized, moe_prefix=moe_prefix)
     plan = build_plan(model, group, tied, fmt)
 
+    stray = sorted(n for n in qnames if f"{n}.{fmt.marker}" not in plan)
+    if stray:
+        raise CheckpointError(
+            f"{headers[f'{stray[0]}.{fmt.marker}'].file}: {stray[0]} is stored 4-bit ({fmt.name}) but the engine "
+            "runs it unquantized (router gates and lm_head always are); quantize the model with it left out "
+            "(ignore / modules_to_not_convert)."
+        )
     missing = sorted(n for n in plan if n not in names)
     if missing:
         where_files = ", ".join(sorted({p.name for p in files}))
