@@ -49,6 +49,8 @@ class QuantConfig:
             method = "awq"  # AutoAWQ's legacy quant_config.json
         if not method and "bits" in q and "desc_act" in q:
             method = "gptq"
+        if method == "compressed_tensors":  # one spelling for the report and the loader
+            method = "compressed-tensors"
         bits = q.get("bits", q.get("w_bit"))
         group = q.get("group_size", q.get("q_group_size"))
         version = q.get("version") or q.get("format") or q.get("checkpoint_format")
