@@ -564,8 +564,7 @@ def _quant(cfg: ModelConfig) -> QuantInfo:
             wts = (g or {}).get("weights") or {} if isinstance(g, dict) else {}
             q.bits = q.bits or wts.get("num_bits")
             q.group_size = q.group_size or wts.get("group_size")
-            if "symmetric" in wts:
-                q.zero_point = not wts["symmetric"]
+            q.zero_point = not wts.get("symmetric", True)  # the library's default: symmetric
         try:
             parse_w4a16(q.raw)
         except ConfigError as e:
