@@ -39,6 +39,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: MODEL)")
     p.add_argument("--disable-lora-admin", action="store_true",
                    help="refuse /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    from hubdeploy.serving.server.request_limits import RequestLimits
+
+    d = RequestLimits()
+    p.add_argument("--max-request-bytes", type=int, default=d.max_body_bytes,
+                   help="largest request body accepted; larger ones get 413 before they are read")
+    p.add_argument("--max-sequences-per-request", type=int, default=d.max_sequences,
+                   help="most prompts x n one request may ask for (400 above)")
+    p.add_argument("--max-tokens-per-request", type=int, default=d.max_tokens,
+                   help="most prompt + generated tokens, summed over its sequences, one request may ask for "
+                        "(at least one full context)")
+    p.add_argument("--max-logprobs-per-request", type=int, default=d.max_logprob_entries,
+                   help="most log-prob entries (generated tokens x (1 + top log-probs)) one answer may carry")
     p.add_argument("--single-process", action="store_true",
                    help="run the engine in a thread of the server process (default: in its own process)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -166,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from hubdeploy.serving.server.api_server import build_app
+        from hubdeploy.serving.server.request_limits import RequestLimits
     except ImportError as e:
         raise SystemExit(f"hubdeploy serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from e
 
@@ -174,8 +187,10 @@ def run(args: argparse.Namespace) -> int:
     loras = parse_loras(args.lora)
     api_key = args.api_key or os.environ.get("HUBDEPLOY_API_KEY") or None
     name = args.served_model_name or args.model
+    limits = RequestLimits(max_body_bytes=args.max_request_bytes, max_sequences=args.max_sequences_per_request,
+                           max_tokens=args.max_tokens_per_request, max_logprob_entries=args.max_logprobs_per_request)
     app = build_app(None, served_model_name=name, api_key=api_key, adapters=loras,
-                    disable_lora_admin=args.disable_lora_admin)
+                    disable_lora_admin=args.disable_lora_admin, limits=limits)
     app.state.exit_code = 0
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False, timeout_graceful_shutdown=5)

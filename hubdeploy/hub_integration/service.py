@@ -27,8 +27,10 @@ from hubdeploy.hub_integration.provisioner.base import Provisioner, Secrets
 from hubdeploy.hub_integration.spec import (CreateEndpointRequest, DeploymentSpec, HubUnavailable, PatchEndpointRequest,
                                   SpecContext, SpecError, check_spec, classify_source, resolve_local_dir)
 from hubdeploy.hub_integration.store import EndpointRecord, SlotUnavailable, Store
+from hubdeploy.serving.server.body_limit import BodyLimit
 
 ADMIN_HASH_KEY = "admin_token_hash"
+MAX_BODY_BYTES = 1024 * 1024  # specs and patches are a few KB; the page uploads nothing
 NamePath = PathParam(..., min_length=1, max_length=64, description="endpoint name")
 
 
@@ -86,7 +88,8 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     "5XX": {"model": ErrorOut, "description": "server or Hub error (the one error shape)"}}
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 422: "invalid_request", 500: "internal_error",
+                 405: "method_not_allowed", 409: "conflict", 413: "request_too_large", 422: "invalid_request",
+                 500: "internal_error",
                  502: "hub_unreachable", 503: "hub_unavailable"}
 
 
@@ -402,7 +405,7 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
                       cpu_slots: int = 1, default_model: str | None = None,
                       default_adapters: dict[str, str] | None = None, check_plan: bool = True,
                       hf_users: list[str] | None = None, backend: str = "local",
-                      **provisioner_options: Any) -> FastAPI:
+                      max_body_bytes: int = MAX_BODY_BYTES, **provisioner_options: Any) -> FastAPI:
     """The deploy service for `data_dir` (store, logs, models). Reconciles endpoints before returning.
 
     `app.state.new_admin_token` is the admin token made at this start (None when it came from
@@ -410,7 +413,7 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
     `hf_users` (or `HUBDEPLOY_HF_USERS`, comma-separated): Hugging Face users or organisations
     also let in with their own HF token, e.g. the OAuth token of a Space visitor.
     `backend` names the provisioner (`local`, `ray`) built with `provisioner_options` unless
-    `provisioner` is given.
+    `provisioner` is given. Request bodies over `max_body_bytes` get 413 before they are read.
     """
     data_dir = Path(data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -440,6 +443,8 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
     app.state.hub_users = hub_users
     for exc, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(exc, handler)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes,
+                       reject=lambda message: error_response(413, message, code="request_too_large"))
     app.include_router(hub_router)
     app.include_router(endpoints_router)
     provisioner.reconcile()

@@ -7,17 +7,26 @@ ids and `SamplingParams`, run `n` sequences through `EngineClient.generate`, and
 OpenAI's shapes (JSON or SSE). Every client-caused failure is an `OpenAIError` (400/401/
 404...), never a 500; a client that goes away mid-request has its sequences aborted so the
 engine frees their KV blocks. The request log carries no prompt text, tokens or headers.
+
+No single request may stall the event loop (and with it `/health`, which the deploy
+service's watchdog polls): bodies are capped before they are read (`body_limit.BodyLimit`),
+requests are capped in sequences, tokens and log-prob entries (`request_limits.RequestLimits`), and
+the CPU-heavy parts of a request (chat template, tokenizing, formatting a whole answer
+with its log-probs) run on a small thread pool (`_off_loop`).
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
 import time
+import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,6 +34,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from hubdeploy.serving.chat_template import ChatTemplateError, render_chat
 from hubdeploy.serving.sampling_params import SamplingParams
 from hubdeploy.serving.server.errors import ClientGone, OpenAIError, error_response, install_error_handlers
+from hubdeploy.serving.server.body_limit import BodyLimit
+from hubdeploy.serving.server.request_limits import LimitExceeded, RequestLimits, cap_tokens, check_sequences
+from hubdeploy.serving.server.log_text import printable
 from hubdeploy.serving.server.metrics import CONTENT_TYPE, ServerMetrics
 from hubdeploy.serving.server.protocol import (
     ChatChoiceLogprobs,
@@ -58,6 +70,9 @@ if TYPE_CHECKING:  # (the engine's modules import torch; the server's types need
 
 logger = logging.getLogger("hubdeploy.server")
 
+T = TypeVar("T")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
 # (name, path) -> awaitable; filled by the LoRA manager's integration
 LoRALoadHook = Callable[[str, str], Awaitable[None]]
 LoRAUnloadHook = Callable[[str], Awaitable[None]]
@@ -81,6 +96,10 @@ class ServerState:
     lora_unload: LoRAUnloadHook | None = None
     disable_lora_admin: bool = False
     metrics: ServerMetrics | None = None
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    # CPU-heavy request work (templates, tokenizing, whole answers): off the event loop
+    cpu_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="request-cpu"))
 
     @property
     def ready(self) -> bool:
@@ -99,11 +118,13 @@ def build_app(
     max_model_len: int | None = None,
     adapters: dict[str, str] | None = None,
     disable_lora_admin: bool = False,
+    limits: RequestLimits | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app; pass `engine=None` and call `attach_engine` when loaded."""
     app = FastAPI(title="hubdeploy endpoint", docs_url=None, redoc_url=None, openapi_url=None)
     state = ServerState(served_model_name=served_model_name, api_key=api_key or None,
-                        adapters=dict(adapters or {}), disable_lora_admin=disable_lora_admin)
+                        adapters=dict(adapters or {}), disable_lora_admin=disable_lora_admin,
+                        limits=limits or RequestLimits())
     state.metrics = ServerMetrics(served_model_name, state.engine_stats)
     app.state.server = state
     install_error_handlers(app)
@@ -157,6 +178,9 @@ def set_phase(app: FastAPI, phase: str, failure: str | None = None) -> None:
 
 
 def _install_middleware(app: FastAPI, state: ServerState) -> None:
+    # the last added runs first: the key is checked (and the line logged) before any body is read
+    app.add_middleware(BodyLimit, max_bytes=state.limits.max_body_bytes,
+                       reject=lambda message: error_response(OpenAIError(message, 413, code="request_too_large")))
     app.add_middleware(_AuthAndLogMiddleware, state=state)
 
 
@@ -178,7 +202,9 @@ class _AuthAndLogMiddleware:
         state = self.state
         path: str = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        rid = headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        rid = headers.get("x-request-id", "")
+        if not _REQUEST_ID.fullmatch(rid):  # the client's id is echoed and logged: plain tokens only
+            rid = uuid.uuid4().hex[:16]
         t0 = time.perf_counter()
         status = {"code": 500}
 
@@ -206,7 +232,8 @@ class _AuthAndLogMiddleware:
                 await self.app(scope, receive, send_with_id)
         finally:
             if path not in ("/health", "/metrics"):
-                logger.info("request %s %s %s -> %d in %.1f ms", rid, scope.get("method"), path, status["code"],
+                logger.info("request %s %s %s -> %d in %.1f ms", rid, printable(str(scope.get("method"))),
+                            printable(path), status["code"],
                             (time.perf_counter() - t0) * 1e3)
             if status["code"] >= 400 and path.startswith("/v1") and state.metrics is not None:
                 state.metrics.observe_error(status["code"])
@@ -245,31 +272,22 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
                 f"model '{state.served_model_name}' has no chat template (tokenizer_config.json has no "
                 "'chat_template'), so chat messages cannot be turned into a prompt; use /v1/completions "
                 "with a plain prompt instead", 400, param="messages", code="no_chat_template")
-        try:
-            prompt = render_chat(state.chat_template, body.template_messages(),
-                                 add_generation_prompt=body.add_generation_prompt,
-                                 **{**state.special_tokens, **(body.chat_template_kwargs or {})})
-        except ChatTemplateError as e:
-            raise OpenAIError(f"the model's chat template rejected the conversation: {e}", 400,
-                              param="messages", code="chat_template_error") from e
-        prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-        max_tokens = _check_lengths(state, len(prompt_ids), body.requested_max_tokens(),
-                                    "messages", "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+        _limit(check_sequences, state.limits, 1, body.n, "messages")
+        prompt_ids = await _off_loop(state, _chat_prompt_ids, state.chat_template, state.special_tokens,
+                                     engine.tokenizer, body)
+        requested = body.requested_max_tokens()
+        max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = _check_lengths(state, len(prompt_ids), requested, "messages", max_param)
+        max_tokens = _limit(cap_tokens, state.limits, [len(prompt_ids)], body.n, max_tokens, requested is not None,
+                            body.num_logprobs(), state.max_model_len, prompt_param="messages",
+                            max_param=max_param, logprobs_param="top_logprobs")
         params = [_params(body, max_tokens, i) for i in range(body.n)]
         rid = random_id("chatcmpl")
         if body.stream:
             return _sse(_chat_stream(state, engine, body, rid, prompt_ids, params, lora))
         finals = await _unless_disconnected(request, _run_all(state, engine, rid, [prompt_ids] * body.n, params,
                                                               lora, body.model))
-        choices = [ChatCompletionChoice(
-            index=i, message=ChatResponseMessage(content=o.text), finish_reason=_finish(o),
-            logprobs=_chat_logprobs(engine.tokenizer, o.logprobs) if params[i].logprobs is not None else None,
-        ) for i, o in enumerate(finals)]
-        completion = sum(len(o.token_ids) for o in finals)
-        return JSONResponse(ChatCompletionResponse(
-            id=rid, model=body.model, choices=choices,
-            usage=UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion,
-                            total_tokens=len(prompt_ids) + completion)).model_dump())
+        return await _off_loop(state, _chat_answer, engine.tokenizer, body, rid, prompt_ids, params, finals)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -280,44 +298,28 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         prompts = body.prompt_list()
         if not prompts:
             raise OpenAIError("'prompt' must not be empty", 400, param="prompt", code="invalid_value")
-        vocab = engine.tokenizer.vocab_size
-        prompt_ids_list: list[list[int]] = []
-        for p in prompts:
-            if isinstance(p, str):
-                ids = engine.tokenizer.encode(p)
-            else:
-                ids = list(p)
-                if vocab and any(t < 0 or t >= vocab for t in ids):
-                    raise OpenAIError(f"token ids in 'prompt' must be in [0, {vocab})", 400, param="prompt",
-                                      code="invalid_value")
-            if not ids:
-                raise OpenAIError("'prompt' must contain at least one token", 400, param="prompt", code="invalid_value")
-            prompt_ids_list.append(ids)
+        _limit(check_sequences, state.limits, len(prompts), body.n, "prompt")
+        prompt_ids_list = await _off_loop(state, _completion_prompt_ids, engine.tokenizer, prompts)
         # OpenAI's completions default is 16 tokens (chat defaults to the rest of the context)
         requested = body.requested_max_tokens()
         max_tokens = min(_check_lengths(state, len(ids), requested, "prompt", "max_tokens")
                          for ids in prompt_ids_list)
         if requested is None:
             max_tokens = min(max_tokens, 16)
+        max_tokens = _limit(cap_tokens, state.limits, [len(ids) for ids in prompt_ids_list], body.n, max_tokens,
+                            requested is not None, body.num_logprobs(), state.max_model_len,
+                            prompt_param="prompt", max_param="max_tokens", logprobs_param="logprobs")
         # choice index = prompt index * n + i, as OpenAI numbers them
         all_ids = [ids for ids in prompt_ids_list for _ in range(body.n)]
         params = [_params(body, max_tokens, i) for _ in prompt_ids_list for i in range(body.n)]
         rid = random_id("cmpl")
-        echo_texts = [(p if isinstance(p, str) else engine.tokenizer.decode(p)) if body.echo else ""
-                      for p in prompts for _ in range(body.n)]
+        echo_texts = (await _off_loop(state, _echo_texts, engine.tokenizer, prompts, body.n) if body.echo
+                      else [""] * len(all_ids))
         if body.stream:
             return _sse(_completion_stream(state, engine, body, rid, all_ids, params, lora, echo_texts))
         finals = await _unless_disconnected(request, _run_all(state, engine, rid, all_ids, params, lora, body.model))
-        choices = [CompletionChoice(
-            index=i, text=echo_texts[i] + o.text, finish_reason=_finish(o),
-            logprobs=_completion_logprobs(engine.tokenizer, o.logprobs) if params[i].logprobs is not None else None,
-        ) for i, o in enumerate(finals)]
-        prompt_tokens = sum(len(ids) for ids in prompt_ids_list)
-        completion = sum(len(o.token_ids) for o in finals)
-        return JSONResponse(CompletionResponse(
-            id=rid, model=body.model, choices=choices,
-            usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                            total_tokens=prompt_tokens + completion)).model_dump())
+        return await _off_loop(state, _completion_answer, engine.tokenizer, body, rid, prompt_ids_list, params,
+                               finals, echo_texts)
 
     _install_lora_routes(app, state)
 
@@ -349,6 +351,86 @@ def _install_lora_routes(app: FastAPI, state: ServerState) -> None:
         await unload(body.lora_name)
         state.adapters.pop(body.lora_name, None)
         return JSONResponse({"status": "ok", "lora_name": body.lora_name})
+
+
+# ------------------------------------------------------------------ request work off the event loop
+
+
+async def _off_loop(state: ServerState, fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn(*args)` on the request thread pool: the event loop keeps answering `/health`
+    and streaming other requests meanwhile. Exceptions (e.g. `OpenAIError`) come through."""
+    return await asyncio.get_running_loop().run_in_executor(state.cpu_pool, functools.partial(fn, *args))
+
+
+def _chat_prompt_ids(template: str, special_tokens: dict[str, Any], tok: Any, body: ChatCompletionRequest) -> list[int]:
+    """The rendered chat template of `body`'s messages, tokenized."""
+    try:
+        prompt = render_chat(template, body.template_messages(), add_generation_prompt=body.add_generation_prompt,
+                             **{**special_tokens, **(body.chat_template_kwargs or {})})
+    except ChatTemplateError as e:
+        raise OpenAIError(f"the model's chat template rejected the conversation: {e}", 400,
+                          param="messages", code="chat_template_error") from e
+    return tok.encode(prompt, add_special_tokens=False)
+
+
+def _completion_prompt_ids(tok: Any, prompts: list[Union[str, list[int]]]) -> list[list[int]]:
+    """Each prompt as token ids (strings tokenized, id lists checked against the vocabulary)."""
+    vocab = tok.vocab_size
+    out: list[list[int]] = []
+    for p in prompts:
+        if isinstance(p, str):
+            ids = tok.encode(p)
+        else:
+            ids = list(p)
+            if vocab and any(t < 0 or t >= vocab for t in ids):
+                raise OpenAIError(f"token ids in 'prompt' must be in [0, {vocab})", 400, param="prompt",
+                                  code="invalid_value")
+        if not ids:
+            raise OpenAIError("'prompt' must contain at least one token", 400, param="prompt", code="invalid_value")
+        out.append(ids)
+    return out
+
+
+def _echo_texts(tok: Any, prompts: list[Union[str, list[int]]], n: int) -> list[str]:
+    return [p if isinstance(p, str) else tok.decode(p) for p in prompts for _ in range(n)]
+
+
+def _chat_answer(tok: Any, body: ChatCompletionRequest, rid: str, prompt_ids: list[int],
+                 params: list[SamplingParams], finals: list[RequestOutput]) -> JSONResponse:
+    """The whole non-streamed chat answer, serialized (log-probs of every token included)."""
+    choices = [ChatCompletionChoice(
+        index=i, message=ChatResponseMessage(content=o.text), finish_reason=_finish(o),
+        logprobs=_chat_logprobs(tok, o.logprobs) if params[i].logprobs is not None else None,
+    ) for i, o in enumerate(finals)]
+    completion = sum(len(o.token_ids) for o in finals)
+    return JSONResponse(ChatCompletionResponse(
+        id=rid, model=body.model, choices=choices,
+        usage=UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion,
+                        total_tokens=len(prompt_ids) + completion)).model_dump())
+
+
+def _completion_answer(tok: Any, body: CompletionRequest, rid: str, prompt_ids_list: list[list[int]],
+                       params: list[SamplingParams], finals: list[RequestOutput],
+                       echo_texts: list[str]) -> JSONResponse:
+    """The whole non-streamed completions answer, serialized."""
+    choices = [CompletionChoice(
+        index=i, text=echo_texts[i] + o.text, finish_reason=_finish(o),
+        logprobs=_completion_logprobs(tok, o.logprobs) if params[i].logprobs is not None else None,
+    ) for i, o in enumerate(finals)]
+    prompt_tokens = sum(len(ids) for ids in prompt_ids_list)
+    completion = sum(len(o.token_ids) for o in finals)
+    return JSONResponse(CompletionResponse(
+        id=rid, model=body.model, choices=choices,
+        usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                        total_tokens=prompt_tokens + completion)).model_dump())
+
+
+def _limit(check: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A `request_limits` check whose `LimitExceeded` becomes the client's 400."""
+    try:
+        return check(*args, **kwargs)
+    except LimitExceeded as e:
+        raise OpenAIError(e.message, 400, param=e.param, code="request_too_large") from e
 
 
 # ------------------------------------------------------------------ helpers
