@@ -186,7 +186,8 @@ def test_health_503_and_routes_503_while_loading() -> None:
     set_phase(app, "downloading")
     with TestClient(app) as c:
         r = c.get("/health")
-        assert r.status_code == 503 and r.json() == {"status": "loading", "phase": "downloading"}
+        assert r.status_code == 503
+        assert r.json() == {"status": "loading", "phase": "downloading", "phases": ["downloading"]}
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x"}, headers={"Authorization": "Bearer k"})
         err = assert_error(r, 503, None, "service_unavailable_error")
         assert "downloading" in err["message"] and err["code"] == "model_loading"

@@ -4,7 +4,8 @@ The HTTP server starts first and answers `/health` with 503 while the model down
 loads, so a deploy service can poll it. The engine runs in its own process (the HTTP side's
 per-token Python never takes turns with the engine's under one GIL); `--single-process`
 runs it in a thread of this one instead. Phases go to stdout as
-`phase: downloading|loading|warming_up|ready|failed` lines (the deploy service reads them).
+`phase: downloading|loading|warming_up|ready|failed` lines for people reading the log; the
+deploy service reads them from `/health` (its `phases` list), which no request can write into.
 fastapi/uvicorn are imported here, lazily: `serving` itself must import without them.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubdeploy.serving.config import EngineArgs, add_engine_flags
@@ -39,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: MODEL)")
     p.add_argument("--disable-lora-admin", action="store_true",
                    help="refuse /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    p.add_argument("--lora-admin-key", default=None,
+                   help="a key that may also load/unload adapters (default: $HUBDEPLOY_LORA_ADMIN_KEY); adapter "
+                        "admin always needs --api-key or this key, so a public endpoint without it has none")
+    p.add_argument("--lora-root", action="append", default=[], metavar="DIR",
+                   help="a directory run-time adapter loads may read from (repeatable; also "
+                        "$HUBDEPLOY_LORA_ROOTS, ':'-separated); without any, only Hub ids load at run time")
     from hubdeploy.serving.server.request_limits import RequestLimits
 
     d = RequestLimits()
@@ -177,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
+        from hubdeploy.serving.server.adapter_policy import LORA_ROOTS_ENV, roots_from_env
         from hubdeploy.serving.server.api_server import build_app
         from hubdeploy.serving.server.request_limits import RequestLimits
     except ImportError as e:
@@ -189,8 +198,11 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model
     limits = RequestLimits(max_body_bytes=args.max_request_bytes, max_sequences=args.max_sequences_per_request,
                            max_tokens=args.max_tokens_per_request, max_logprob_entries=args.max_logprobs_per_request)
+    lora_roots = [*map(Path, args.lora_root), *roots_from_env(os.environ.get(LORA_ROOTS_ENV))]
     app = build_app(None, served_model_name=name, api_key=api_key, adapters=loras,
-                    disable_lora_admin=args.disable_lora_admin, limits=limits)
+                    disable_lora_admin=args.disable_lora_admin, limits=limits,
+                    lora_admin_key=args.lora_admin_key or os.environ.get("HUBDEPLOY_LORA_ADMIN_KEY"),
+                    lora_roots=lora_roots)
     app.state.exit_code = 0
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False, timeout_graceful_shutdown=5)

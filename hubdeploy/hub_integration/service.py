@@ -428,6 +428,7 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
 
         if backend == "local":
             provisioner_options["cpu_slots"] = cpu_slots
+        provisioner_options.setdefault("adapter_roots", roots)  # run-time adapter loads: the same roots
         provisioner = make_provisioner(backend, store, data_dir, hub_endpoint=hub_endpoint, **provisioner_options)
     if hf_users is None:
         hf_users = [u for u in os.environ.get("HUBDEPLOY_HF_USERS", "").split(",") if u.strip()]

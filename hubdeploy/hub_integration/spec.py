@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, fiel
 from pydantic.json_schema import SkipJsonSchema
 
 from hubdeploy.serving.config import engine_argv, knobs
+from hubdeploy.serving.server.adapter_policy import ADAPTER_NAME_PATTERN
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
-ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$"
 REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,127}$"
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")  # http:, https:, file:, hf:, s3: ...

@@ -9,7 +9,8 @@ reports `initializing` and hands it the secrets again. Secrets travel only as ar
 the `start()` method call, which Ray's state API, its logs and `ps` do not show.
 
 One watcher thread per endpoint polls `report()`, mirrors the node's log lines into the
-service's log file, follows the phases and `/health` on the node's address, and applies
+service's log file, follows the phases and readiness `/health` reports on the node's address
+(`health`; never the log), and applies
 `restart_on_failure` as the local backend does. Pause and delete kill the actor, which frees
 its Ray resources and (by parent-death signal) the server. A new service process re-adopts
 live actors by name (`reconcile`).
@@ -22,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from hubdeploy.hub_integration.provisioner.base import Provisioner, Secrets
 from hubdeploy.hub_integration.provisioner.files import EndpointFiles
+from hubdeploy.hub_integration.provisioner.health import later_phases, probe_health
 from hubdeploy.hub_integration.provisioner.ray_host import EndpointHost
 from hubdeploy.hub_integration.spec import DeploymentSpec
 from hubdeploy.hub_integration.store import EndpointRecord, Store
@@ -76,7 +76,8 @@ class RayProvisioner(Provisioner):
 
     def __init__(self, store: Store, data_dir: str | Path, *, address: str | None = None,
                  hub_endpoint: str | None = None, engine_device: str = "auto", poll_interval: float = 0.5,
-                 health_failures: int = 3, start_timeout: float = 600.0, max_restarts: int = 3) -> None:
+                 health_failures: int = 3, start_timeout: float = 600.0, max_restarts: int = 3,
+                 adapter_roots: list[Path] | None = None) -> None:
         import ray
 
         self._ray = ray
@@ -84,6 +85,7 @@ class RayProvisioner(Provisioner):
         self.files = EndpointFiles(data_dir)
         self.hub_endpoint = hub_endpoint
         self.engine_device = engine_device  # "cpu": nodes declare GPUs the engine must not use (tests)
+        self.adapter_roots = [str(r) for r in adapter_roots or []]  # run-time adapter loads: only from these
         self.poll_interval = poll_interval
         self.health_failures = health_failures
         self.start_timeout = start_timeout
@@ -133,7 +135,7 @@ class RayProvisioner(Provisioner):
         return self._remote_host.options(
             name=actor_name(spec.name), namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
             max_task_retries=0, max_concurrency=4, **placement(spec.gpu),
-        ).remote(spec.name, self.hub_endpoint, self.engine_device)
+        ).remote(spec.name, self.hub_endpoint, self.engine_device, adapter_roots=self.adapter_roots)
 
     # --- interface ----------------------------------------------------------------------
     def provision(self, spec: DeploymentSpec, secrets: Secrets) -> None:
@@ -225,6 +227,7 @@ class RayProvisioner(Provisioner):
         after = 0
         misses = 0
         ready = False
+        phase: str | None = None
         pending_ref = None
         started_at = time.monotonic()
         last: dict[str, Any] = {}
@@ -255,8 +258,11 @@ class RayProvisioner(Provisioner):
                     self.store.add_event(name, "moved", f"its node was lost; Ray restarted it on {rep['host']}")
                     self.files.note(name, f"node lost; the endpoint restarts on node {rep['host']}")
                 incarnation, after, ready, misses, started_at = rep["incarnation"], 0, False, 0, time.monotonic()
+                phase = None
                 if adopt and rep["started"]:
                     after = rep["next_line"]
+                    rec = self.store.get_endpoint(name)
+                    phase = rec.phase if rec is not None else None  # the phases it has passed are recorded
                 else:
                     self._set(name, last, status="initializing", url=None, reason=None)
                     self._start(spec, actor)
@@ -264,12 +270,16 @@ class RayProvisioner(Provisioner):
                 continue
             self.files.append(name, rep["lines"])
             after = rep["next_line"]
-            self._set(name, last, phase=rep["phase"] if not ready else "ready", bytes_done=rep["bytes_done"],
-                      bytes_total=rep["bytes_total"], port=rep["port"], pid=rep["pid"],
-                      device=f"ray-node:{rep['node_id']}")
             failure = _failure(rep)
+            health = probe_health(rep["host"], rep["port"]) if failure is None and rep["port"] is not None else None
+            for new in later_phases(phase, [rep["phase"], *(health.phases if health is not None else ())]):
+                if new != "ready":  # `ready` is recorded with the status, below
+                    phase = new
+                    self._set(name, last, phase=phase)
+            self._set(name, last, bytes_done=rep["bytes_done"], bytes_total=rep["bytes_total"], port=rep["port"],
+                      pid=rep["pid"], device=f"ray-node:{rep['node_id']}")
             if failure is None:
-                healthy = rep["port"] is not None and _healthy(rep["host"], rep["port"])
+                healthy = health is not None and health.ready
                 if healthy and not ready:
                     ready = True
                     url = f"http://{rep['host']}:{rep['port']}/v1"
@@ -323,9 +333,3 @@ def _failure(rep: dict[str, Any]) -> str | None:
         return f"server process exited with code {rep['exit_code']}"
     return None
 
-
-def _healthy(host: str, port: int) -> bool:
-    try:
-        return httpx.get(f"http://{host}:{port}/health", timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -26,6 +26,7 @@ import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar, Union
 
 from fastapi import FastAPI, Request
@@ -33,6 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from hubdeploy.serving.chat_template import ChatTemplateError, render_chat
 from hubdeploy.serving.sampling_params import SamplingParams
+from hubdeploy.serving.server.adapter_policy import AdapterRefused, allowed_source, check_adapter_name
 from hubdeploy.serving.server.errors import ClientGone, OpenAIError, error_response, install_error_handlers
 from hubdeploy.serving.server.body_limit import BodyLimit
 from hubdeploy.serving.server.request_limits import LimitExceeded, RequestLimits, cap_tokens, check_sequences
@@ -72,6 +74,7 @@ logger = logging.getLogger("hubdeploy.server")
 
 T = TypeVar("T")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_LORA_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 # (name, path) -> awaitable; filled by the LoRA manager's integration
 LoRALoadHook = Callable[[str, str], Awaitable[None]]
@@ -89,12 +92,16 @@ class ServerState:
     special_tokens: dict[str, Any] = field(default_factory=dict)
     max_model_len: int | None = None
     phase: str = "starting"
+    phases: list[str] = field(default_factory=list)  # every phase so far, in order (`/health` lists them)
     failure: str | None = None
     # adapters served beside the base model: name -> source (path or repo id)
     adapters: dict[str, str] = field(default_factory=dict)
     lora_load: LoRALoadHook | None = None
     lora_unload: LoRAUnloadHook | None = None
     disable_lora_admin: bool = False
+    # adapter admin needs `api_key` or this key, even on a public endpoint (none of both: closed)
+    lora_admin_key: str | None = None
+    lora_roots: list[Path] = field(default_factory=list)  # where run-time loads may read (adapter_policy)
     metrics: ServerMetrics | None = None
     limits: RequestLimits = field(default_factory=RequestLimits)
     # CPU-heavy request work (templates, tokenizing, whole answers): off the event loop
@@ -119,12 +126,15 @@ def build_app(
     adapters: dict[str, str] | None = None,
     disable_lora_admin: bool = False,
     limits: RequestLimits | None = None,
+    lora_admin_key: str | None = None,
+    lora_roots: list[Path] | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app; pass `engine=None` and call `attach_engine` when loaded."""
     app = FastAPI(title="hubdeploy endpoint", docs_url=None, redoc_url=None, openapi_url=None)
     state = ServerState(served_model_name=served_model_name, api_key=api_key or None,
                         adapters=dict(adapters or {}), disable_lora_admin=disable_lora_admin,
-                        limits=limits or RequestLimits())
+                        limits=limits or RequestLimits(), lora_admin_key=lora_admin_key or None,
+                        lora_roots=list(lora_roots or []))
     state.metrics = ServerMetrics(served_model_name, state.engine_stats)
     app.state.server = state
     install_error_handlers(app)
@@ -149,7 +159,7 @@ def attach_engine(app: FastAPI, engine: EngineClient, chat_template: str | None 
     state.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
     state.max_model_len = max_model_len or engine.max_model_len
     state.engine = engine
-    state.phase = "ready"
+    _enter_phase(state, "ready")
 
 
 def set_lora_hooks(app: FastAPI, load: LoRALoadHook | None, unload: LoRAUnloadHook | None,
@@ -169,9 +179,15 @@ def set_lora_hooks(app: FastAPI, load: LoRALoadHook | None, unload: LoRAUnloadHo
 def set_phase(app: FastAPI, phase: str, failure: str | None = None) -> None:
     """Record the loading phase (shown by `/health` while not ready) or a failure."""
     state: ServerState = app.state.server
-    state.phase = phase
+    _enter_phase(state, phase)
     if failure is not None:
         state.failure = failure
+
+
+def _enter_phase(state: ServerState, phase: str) -> None:
+    state.phase = phase
+    if not state.phases or state.phases[-1] != phase:
+        state.phases.append(phase)
 
 
 # ------------------------------------------------------------------ middleware
@@ -186,6 +202,9 @@ def _install_middleware(app: FastAPI, state: ServerState) -> None:
 
 class _AuthAndLogMiddleware:
     """Bearer-key check on `/v1` routes and one log line per request (after its last byte).
+
+    Adapter admin always needs a key (the endpoint's, or `lora_admin_key`), public endpoint
+    or not; with neither set it is closed (403). Keys are checked before any body is read.
 
     Plain ASGI rather than `BaseHTTPMiddleware`, so streamed responses and client disconnects
     pass straight through. The log line has no body, query string or headers: prompts and
@@ -216,15 +235,16 @@ class _AuthAndLogMiddleware:
             await send(message)
 
         denied: OpenAIError | None = None
-        if state.api_key and path.startswith("/v1"):
-            auth = headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if not auth:
-                denied = OpenAIError("missing API key: send the header 'Authorization: Bearer <key>' (the key "
-                                     "printed when the endpoint was created)", 401, code="missing_api_key")
-            elif scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
-                denied = OpenAIError("invalid API key: the bearer token does not match this endpoint's key", 401,
-                                     code="invalid_api_key")
+        if path in _LORA_ADMIN_PATHS:
+            keys = [k for k in (state.api_key, state.lora_admin_key) if k]
+            if not keys:
+                denied = OpenAIError("adapter admin is closed on this endpoint: it has no key (start it with "
+                                     "--api-key or --lora-admin-key), so anyone could load adapters", 403,
+                                     code="lora_admin_disabled")
+            else:
+                denied = _key_error(headers.get("authorization", ""), keys)
+        elif state.api_key and path.startswith("/v1"):
+            denied = _key_error(headers.get("authorization", ""), [state.api_key])
         try:
             if denied is not None:
                 await error_response(denied)(scope, receive, send_with_id)
@@ -239,17 +259,35 @@ class _AuthAndLogMiddleware:
                 state.metrics.observe_error(status["code"])
 
 
+def _key_error(auth: str, keys: list[str]) -> OpenAIError | None:
+    """None when the `Authorization` header carries one of `keys`, else the 401 to answer."""
+    scheme, _, token = auth.partition(" ")
+    if not auth:
+        return OpenAIError("missing API key: send the header 'Authorization: Bearer <key>' (the key "
+                           "printed when the endpoint was created)", 401, code="missing_api_key")
+    given = token.strip().encode()
+    matches = [hmac.compare_digest(given, k.encode()) for k in keys]  # every key compared: constant time
+    if scheme.lower() != "bearer" or not any(matches):
+        return OpenAIError("invalid API key: the bearer token does not match this endpoint's key", 401,
+                           code="invalid_api_key")
+    return None
+
+
 # ------------------------------------------------------------------ routes
 
 
 def _install_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health() -> Response:
+        """The one channel of phases and readiness the deploy service reads (`provisioner.health`):
+        set only by the server itself, never by what a request carries."""
+        phases = list(state.phases)
         if state.failure is not None:
-            return JSONResponse({"status": "failed", "phase": state.phase, "error": state.failure}, status_code=503)
+            return JSONResponse({"status": "failed", "phase": state.phase, "phases": phases, "error": state.failure},
+                                status_code=503)
         if not state.ready:
-            return JSONResponse({"status": "loading", "phase": state.phase}, status_code=503)
-        return JSONResponse({"status": "ok", "phase": "ready", "model": state.served_model_name})
+            return JSONResponse({"status": "loading", "phase": state.phase, "phases": phases}, status_code=503)
+        return JSONResponse({"status": "ok", "phase": "ready", "phases": phases, "model": state.served_model_name})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -331,20 +369,30 @@ def _install_lora_routes(app: FastAPI, state: ServerState) -> None:
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
         load = _lora_admin_hook(state, "loading", state.lora_load,
                                 "; start the server with --lora NAME=PATH instead")
+        try:
+            check_adapter_name(body.lora_name)
+            source = allowed_source(body.lora_path, state.lora_roots)
+        except AdapterRefused as e:
+            raise OpenAIError(e.message, 400, param=e.param, code="invalid_adapter_source"
+                              if e.param == "lora_path" else "invalid_value") from e
         if body.lora_name == state.served_model_name or body.lora_name in state.adapters:
             raise OpenAIError(f"an adapter or model named '{body.lora_name}' is already served", 400,
                               param="lora_name", code="adapter_exists")
         try:
-            await load(body.lora_name, body.lora_path)
+            await load(body.lora_name, source)
         except ValueError as e:
-            raise OpenAIError(f"cannot load adapter '{body.lora_name}' from {body.lora_path}: {e}", 400,
+            raise OpenAIError(f"cannot load adapter '{body.lora_name}' from {source}: {e}", 400,
                               param="lora_path", code="invalid_adapter") from e
-        state.adapters[body.lora_name] = body.lora_path
+        state.adapters[body.lora_name] = source
         return JSONResponse({"status": "ok", "lora_name": body.lora_name})
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
         unload = _lora_admin_hook(state, "unloading", state.lora_unload)
+        try:
+            check_adapter_name(body.lora_name)
+        except AdapterRefused as e:
+            raise OpenAIError(e.message, 400, param=e.param, code="invalid_value") from e
         if body.lora_name not in state.adapters:
             raise OpenAIError(f"no adapter named '{body.lora_name}' is loaded; see /v1/models", 404,
                               param="lora_name", code="model_not_found")
