@@ -34,8 +34,9 @@ from typing import Any, Callable
 from tqdm.auto import tqdm as _tqdm
 
 from hubdeploy.hub_integration.provisioner.base import Provisioner, Secrets
+from hubdeploy.hub_integration.provisioner.files import open_log, private_dir
 from hubdeploy.hub_integration.provisioner.health import later_phases, probe_health
-from hubdeploy.hub_integration.spec import DeploymentSpec, classify_source
+from hubdeploy.hub_integration.spec import DeploymentSpec, SpecError, classify_source, recheck_local_paths
 from hubdeploy.hub_integration.store import EndpointRecord, SlotUnavailable, Store
 from hubdeploy.serving.server.adapter_policy import LORA_ROOTS_ENV
 
@@ -183,16 +184,15 @@ class LocalProvisioner(Provisioner):
                  endpoint_host: str = "127.0.0.1", url_host: str | None = None, cpu_slots: int = 1,
                  cuda_devices: list[int] | None = None, health_interval: float = 0.5,
                  health_failures: int = 3, start_timeout: float = 600.0, max_restarts: int = 3,
-                 adapter_roots: list[Path] | None = None) -> None:
+                 allowed_roots: list[Path] | None = None) -> None:
         self.store = store
-        self.adapter_roots = list(adapter_roots or [])  # where endpoints may load adapters from at run time
+        # where local models and adapters may live: re-checked at every start, and the only
+        # places a running endpoint may load adapters from (None: no check, as for `hubdeploy serve`)
+        self.allowed_roots = None if allowed_roots is None else list(allowed_roots)
         self.data_dir = Path(data_dir)
-        self.logs_dir = self.data_dir / "logs"
-        self.secrets_dir = self.data_dir / "secrets"
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        self.secrets_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir = private_dir(self.data_dir / "logs")
+        self.secrets_dir = private_dir(self.data_dir / "secrets")
         self._lock_file = self._take_service_lock()
-        os.chmod(self.secrets_dir, 0o700)
         self.hub_endpoint = hub_endpoint
         self.endpoint_host = endpoint_host
         self.url_host = url_host or endpoint_host
@@ -258,7 +258,7 @@ class LocalProvisioner(Provisioner):
             return None
 
     def _log(self, name: str, line: str) -> None:
-        with open(self.log_path(name), "a", encoding="utf-8") as f:
+        with open_log(self.log_path(name)) as f:
             f.write(f"[hubdeploy {time.strftime('%H:%M:%S')}] {line}\n")
 
     def _name_lock(self, name: str) -> threading.RLock:
@@ -462,6 +462,11 @@ class LocalProvisioner(Provisioner):
             p.unlink(missing_ok=True)
 
     def _bring_up(self, spec: DeploymentSpec, device: str, port: int, run: _Running) -> None:
+        if self.allowed_roots is not None:
+            try:
+                recheck_local_paths(spec, self.allowed_roots)
+            except SpecError as e:
+                raise EndpointFailed(f"not started: {'.'.join(map(str, e.loc))}: {e.msg}") from None
         self._download(spec, run)
         if run.stop.is_set():
             return
@@ -471,8 +476,8 @@ class LocalProvisioner(Provisioner):
         env["HF_HUB_CACHE"] = hub_cache_dir()  # the very cache `_download` filled
         if self.hub_endpoint:
             env["HF_ENDPOINT"] = self.hub_endpoint
-        if self.adapter_roots:
-            env[LORA_ROOTS_ENV] = os.pathsep.join(map(str, self.adapter_roots))
+        if self.allowed_roots:
+            env[LORA_ROOTS_ENV] = os.pathsep.join(map(str, self.allowed_roots))
         token = self._hf_tokens.get(spec.name)
         if token:
             env["HF_TOKEN"] = token
@@ -488,7 +493,7 @@ class LocalProvisioner(Provisioner):
         cmd = [sys.executable, "-m", "hubdeploy", "serve",
                *spec.serve_args(host=self.endpoint_host, port=port, device=dev_arg)]
         self._log(spec.name, "starting: " + " ".join(cmd[1:]))
-        with open(self.log_path(spec.name), "ab") as log:
+        with open_log(self.log_path(spec.name), binary=True) as log:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True, cwd=self.data_dir)
         run.popen, run.pid = popen, popen.pid

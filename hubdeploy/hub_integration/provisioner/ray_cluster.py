@@ -77,7 +77,7 @@ class RayProvisioner(Provisioner):
     def __init__(self, store: Store, data_dir: str | Path, *, address: str | None = None,
                  hub_endpoint: str | None = None, engine_device: str = "auto", poll_interval: float = 0.5,
                  health_failures: int = 3, start_timeout: float = 600.0, max_restarts: int = 3,
-                 adapter_roots: list[Path] | None = None) -> None:
+                 allowed_roots: list[Path] | None = None) -> None:
         import ray
 
         self._ray = ray
@@ -85,7 +85,7 @@ class RayProvisioner(Provisioner):
         self.files = EndpointFiles(data_dir)
         self.hub_endpoint = hub_endpoint
         self.engine_device = engine_device  # "cpu": nodes declare GPUs the engine must not use (tests)
-        self.adapter_roots = [str(r) for r in adapter_roots or []]  # run-time adapter loads: only from these
+        self.adapter_roots = [str(r) for r in allowed_roots or []]  # run-time adapter loads: only from these
         self.poll_interval = poll_interval
         self.health_failures = health_failures
         self.start_timeout = start_timeout
