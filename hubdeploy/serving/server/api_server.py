@@ -58,7 +58,6 @@ from hubdeploy.serving.server.protocol import (
     LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
-    TopLogprob,
     UnloadLoRAAdapterRequest,
     UsageInfo,
     now,
@@ -446,31 +445,62 @@ def _echo_texts(tok: Any, prompts: list[Union[str, list[int]]], n: int) -> list[
 def _chat_answer(tok: Any, body: ChatCompletionRequest, rid: str, prompt_ids: list[int],
                  params: list[SamplingParams], finals: list[RequestOutput]) -> JSONResponse:
     """The whole non-streamed chat answer, serialized (log-probs of every token included)."""
-    choices = [ChatCompletionChoice(
-        index=i, message=ChatResponseMessage(content=o.text), finish_reason=_finish(o),
-        logprobs=_chat_logprobs(tok, o.logprobs) if params[i].logprobs is not None else None,
-    ) for i, o in enumerate(finals)]
+    choices = [_with_logprobs(ChatCompletionChoice(
+        index=i, message=ChatResponseMessage(content=o.text), finish_reason=_finish(o)),
+        _chat_logprobs_json(tok, o.logprobs) if params[i].logprobs is not None else None)
+        for i, o in enumerate(finals)]
     completion = sum(len(o.token_ids) for o in finals)
-    return JSONResponse(ChatCompletionResponse(
-        id=rid, model=body.model, choices=choices,
+    return _json_answer(ChatCompletionResponse(
+        id=rid, model=body.model, choices=[],
         usage=UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion,
-                        total_tokens=len(prompt_ids) + completion)).model_dump())
+                        total_tokens=len(prompt_ids) + completion)), choices)
 
 
 def _completion_answer(tok: Any, body: CompletionRequest, rid: str, prompt_ids_list: list[list[int]],
                        params: list[SamplingParams], finals: list[RequestOutput],
                        echo_texts: list[str]) -> JSONResponse:
     """The whole non-streamed completions answer, serialized."""
-    choices = [CompletionChoice(
-        index=i, text=echo_texts[i] + o.text, finish_reason=_finish(o),
-        logprobs=_completion_logprobs(tok, o.logprobs) if params[i].logprobs is not None else None,
-    ) for i, o in enumerate(finals)]
+    choices = [_with_logprobs(CompletionChoice(index=i, text=echo_texts[i] + o.text, finish_reason=_finish(o)),
+                              _completion_logprobs_json(tok, o.logprobs) if params[i].logprobs is not None else None)
+               for i, o in enumerate(finals)]
     prompt_tokens = sum(len(ids) for ids in prompt_ids_list)
     completion = sum(len(o.token_ids) for o in finals)
-    return JSONResponse(CompletionResponse(
-        id=rid, model=body.model, choices=choices,
+    return _json_answer(CompletionResponse(
+        id=rid, model=body.model, choices=[],
         usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                        total_tokens=prompt_tokens + completion)).model_dump())
+                        total_tokens=prompt_tokens + completion)), choices)
+
+
+def _render(obj: Any) -> str:
+    """JSON exactly as `JSONResponse` renders it."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _with_logprobs(choice: Any, logprobs_json: str | None) -> str:
+    """A choice (built with `logprobs=None`) as JSON, with its log-probs' JSON put in.
+
+    The fields before `logprobs` are an index and JSON-escaped text: the first
+    `"logprobs":null` is the key itself.
+    """
+    text = _render(choice.model_dump())
+    if logprobs_json is None:
+        return text
+    return text.replace('"logprobs":null', f'"logprobs":{logprobs_json}', 1)
+
+
+def _json_answer(head: Any, choices: list[str]) -> Response:
+    """`head` (a response with `choices=[]`) with the choices' JSON put in.
+
+    A whole answer with its log-probs as pydantic models is about a million objects: the
+    collector's full passes over them, and one C/Rust dump of them all, each hold the GIL for
+    hundreds of ms, stalling the event loop. Built as text, choice by choice and token by
+    token, little is kept alive and no call runs long. The bytes are those of
+    `JSONResponse(whole.model_dump())`.
+    """
+    text = _render(head.model_dump())
+    # the fields before `choices` are an id, a type, a number and a JSON-escaped name
+    return Response(text.replace('"choices":[]', f'"choices":[{",".join(choices)}]', 1).encode("utf-8"),
+                    media_type="application/json")
 
 
 def _limit(check: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -847,31 +877,49 @@ def _tok_str(tok: Any, token_id: int) -> str:
     return tok.decode([token_id], skip_special_tokens=False)
 
 
+def _chat_token_entry(tok: Any, lp: Any) -> dict[str, Any]:
+    """One token of chat log-probs (`ChatTokenLogprob`'s fields, in its order)."""
+    tid, value, top = _lp_fields(lp)
+    s = _tok_str(tok, tid)
+    alts = []
+    for a, b in top:
+        alt = _tok_str(tok, a)
+        alts.append({"token": alt, "logprob": b, "bytes": list(alt.encode())})
+    return {"token": s, "logprob": value, "bytes": list(s.encode()), "top_logprobs": alts}
+
+
 def _chat_logprobs(tok: Any, logprobs: Any) -> ChatChoiceLogprobs | None:
+    """Log-probs of a few streamed tokens, as the chunk's model."""
     if logprobs is None:
         return None
-    content = []
-    for lp in logprobs:
-        tid, value, top = _lp_fields(lp)
-        s = _tok_str(tok, tid)
-        content.append(ChatTokenLogprob(
-            token=s, logprob=value, bytes=list(s.encode()),
-            top_logprobs=[TopLogprob(token=_tok_str(tok, a), logprob=b, bytes=list(_tok_str(tok, a).encode()))
-                          for a, b in top]))
-    return ChatChoiceLogprobs(content=content)
+    return ChatChoiceLogprobs(content=[ChatTokenLogprob(**_chat_token_entry(tok, lp)) for lp in logprobs])
 
 
-def _completion_logprobs(tok: Any, logprobs: Any) -> CompletionLogprobs | None:
+def _chat_logprobs_json(tok: Any, logprobs: Any) -> str | None:
+    """Log-probs of a whole answer as JSON text, token by token (see `_json_answer` for why)."""
     if logprobs is None:
         return None
-    out = CompletionLogprobs()
+    return '{"content":[' + ",".join(_render(_chat_token_entry(tok, lp)) for lp in logprobs) + "]}"
+
+
+def _completion_columns(tok: Any, logprobs: Any) -> dict[str, list[Any]]:
+    """The legacy completions log-probs (`CompletionLogprobs`'s fields, in its order)."""
+    cols: dict[str, list[Any]] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
     offset = 0
     for lp in logprobs:
         tid, value, top = _lp_fields(lp)
         s = _tok_str(tok, tid)
-        out.tokens.append(s)
-        out.token_logprobs.append(value)
-        out.text_offset.append(offset)
+        cols["tokens"].append(s)
+        cols["token_logprobs"].append(value)
+        cols["text_offset"].append(offset)
         offset += len(s)
-        out.top_logprobs.append({_tok_str(tok, a): b for a, b in top} or None)
-    return out
+        cols["top_logprobs"].append({_tok_str(tok, a): b for a, b in top} or None)
+    return cols
+
+
+def _completion_logprobs(tok: Any, logprobs: Any) -> CompletionLogprobs | None:
+    return None if logprobs is None else CompletionLogprobs(**_completion_columns(tok, logprobs))
+
+
+def _completion_logprobs_json(tok: Any, logprobs: Any) -> str | None:
+    return None if logprobs is None else _render(_completion_columns(tok, logprobs))
