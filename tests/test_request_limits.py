@@ -7,7 +7,7 @@
 - bodies over the limit get 413 in OpenAI's shape before they are read (declared
   `Content-Length`) or as soon as they cross it (chunked);
 - requests over the caps on prompts x n, tokens asked and log-prob entries get 400 naming
-  the field, and the server keeps serving.
+  the field, and the server keeps serving; a key with too many requests in flight gets 429.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def server(tiny_models):
     with start_serve(tiny_models("mixtral", "awq"), api_key=TEST_API_KEY, extra_args=[
             "--max-model-len", "256", "--kv-cache-tokens", "4096", "--max-request-bytes", str(MAX_BODY),
             "--max-sequences-per-request", "32", "--max-tokens-per-request", "2048",
-            "--max-logprobs-per-request", "30000"]) as s:
+            "--max-logprobs-per-request", "30000", "--max-concurrent-requests-per-key", "2"]) as s:
         yield s
 
 
@@ -177,3 +177,32 @@ def test_caps_on_sequences_tokens_and_logprob_entries(server) -> None:
     assert usage["completion_tokens"] == 16 * ((2048 - 16 * usage["prompt_tokens"]) // 16)
     ok = post(server, "/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_requests_in_flight_per_key_are_capped(server) -> None:
+    # two requests whose bodies are still on their way hold both slots of this key
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_API_KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{\"model\": ")
+    holders = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+    try:
+        for s in holders:
+            s.sendall(head.encode())
+        time.sleep(0.5)
+        with httpx.Client(timeout=60) as c:
+            over = c.post(server.base_url + "/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1},
+                          headers=server.headers)
+            assert over.status_code == 429, over.text
+            err = over.json()["error"]
+            assert err["type"] == "rate_limit_error" and err["code"] == "too_many_concurrent_requests"
+            assert c.get(server.url + "/health").status_code == 200  # other routes are not counted
+    finally:
+        for s in holders:
+            s.close()
+    deadline = time.monotonic() + 10  # the clients left: their slots are free again
+    while True:
+        ok = httpx.post(server.base_url + "/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1},
+                        headers=server.headers, timeout=30)
+        if ok.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert ok.status_code == 200, ok.text

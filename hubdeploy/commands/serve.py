@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(at least one full context)")
     p.add_argument("--max-logprobs-per-request", type=int, default=d.max_logprob_entries,
                    help="most log-prob entries (generated tokens x (1 + top log-probs)) one answer may carry")
+    p.add_argument("--max-concurrent-requests-per-key", type=int, default=d.max_concurrent_per_key,
+                   help="generation requests in flight at once per API key (per client address when public); "
+                        "429 above")
     p.add_argument("--single-process", action="store_true",
                    help="run the engine in a thread of the server process (default: in its own process)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -197,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("HUBDEPLOY_API_KEY") or None
     name = args.served_model_name or args.model
     limits = RequestLimits(max_body_bytes=args.max_request_bytes, max_sequences=args.max_sequences_per_request,
-                           max_tokens=args.max_tokens_per_request, max_logprob_entries=args.max_logprobs_per_request)
+                           max_tokens=args.max_tokens_per_request, max_logprob_entries=args.max_logprobs_per_request,
+                           max_concurrent_per_key=args.max_concurrent_requests_per_key)
     lora_roots = [*map(Path, args.lora_root), *roots_from_env(os.environ.get(LORA_ROOTS_ENV))]
     app = build_app(None, served_model_name=name, api_key=api_key, adapters=loras,
                     disable_lora_admin=args.disable_lora_admin, limits=limits,

@@ -27,7 +27,7 @@ from hubdeploy.hub_integration.provisioner.base import Provisioner, Secrets
 from hubdeploy.hub_integration.provisioner.files import EndpointFiles
 from hubdeploy.hub_integration.provisioner.health import later_phases, probe_health
 from hubdeploy.hub_integration.provisioner.ray_host import EndpointHost
-from hubdeploy.hub_integration.spec import DeploymentSpec
+from hubdeploy.hub_integration.spec import DeploymentSpec, SpecError, recheck_local_paths
 from hubdeploy.hub_integration.store import EndpointRecord, Store
 
 NAMESPACE = "hubdeploy"
@@ -85,7 +85,9 @@ class RayProvisioner(Provisioner):
         self.files = EndpointFiles(data_dir)
         self.hub_endpoint = hub_endpoint
         self.engine_device = engine_device  # "cpu": nodes declare GPUs the engine must not use (tests)
-        self.adapter_roots = [str(r) for r in allowed_roots or []]  # run-time adapter loads: only from these
+        # where local models and adapters may live: re-checked at every start; run-time adapter loads too
+        self.allowed_roots = None if allowed_roots is None else [Path(r) for r in allowed_roots]
+        self.adapter_roots = [str(r) for r in self.allowed_roots or []]
         self.poll_interval = poll_interval
         self.health_failures = health_failures
         self.start_timeout = start_timeout
@@ -147,6 +149,11 @@ class RayProvisioner(Provisioner):
         self.set_api_key(name, secrets.api_key if spec.access == "private" else None)
         self.store.update_endpoint(name, status="initializing", phase=None, desired="running", device=f"ray:{spec.gpu}",
                                    port=None, url=None, pid=None, reason=None, bytes_done=0, bytes_total=0)
+        outside = self._outside_roots(spec)
+        if outside is not None:
+            self.store.update_endpoint(name, status="failed", reason=outside)
+            self.files.note(name, "failed: " + outside)
+            return
         actor = self._create_actor(spec)
         self.store.add_event(name, "provision", f"Ray actor {actor_name(name)} asks for {placement(spec.gpu)}")
         self.files.note(name, f"provisioning on the Ray cluster: {placement(spec.gpu)}")
@@ -314,9 +321,24 @@ class RayProvisioner(Provisioner):
             return False
         if w.stop.wait(min(2.0 ** rec.restarts, 30.0)) or self._closed.is_set():
             return False
+        outside = self._outside_roots(spec)
+        if outside is not None:
+            self._set(name, last, status="failed", reason=outside)
+            self._ray.kill(actor, no_restart=True)
+            return False
         self.store.update_endpoint(name, restarts=rec.restarts + 1)
         self.store.add_event(name, "restart", f"restart {rec.restarts + 1} of {self.max_restarts}")
         return True
+
+    def _outside_roots(self, spec: DeploymentSpec) -> str | None:
+        """Why `spec` may not start now (a local path no longer under the allowed roots), or None."""
+        if self.allowed_roots is None:
+            return None
+        try:
+            recheck_local_paths(spec, self.allowed_roots)
+        except SpecError as e:
+            return f"not started: {'.'.join(map(str, e.loc))}: {e.msg}"
+        return None
 
     def _set(self, name: str, last: dict[str, Any], **fields: Any) -> None:
         """Write only what changed (the store keeps a history of status and phase changes)."""

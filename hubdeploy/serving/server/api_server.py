@@ -74,6 +74,7 @@ logger = logging.getLogger("hubdeploy.server")
 T = TypeVar("T")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _LORA_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+_GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 # (name, path) -> awaitable; filled by the LoRA manager's integration
 LoRALoadHook = Callable[[str, str], Awaitable[None]]
@@ -204,6 +205,7 @@ class _AuthAndLogMiddleware:
 
     Adapter admin always needs a key (the endpoint's, or `lora_admin_key`), public endpoint
     or not; with neither set it is closed (403). Keys are checked before any body is read.
+    Generation requests in flight are capped per key (per client address when public): 429.
 
     Plain ASGI rather than `BaseHTTPMiddleware`, so streamed responses and client disconnects
     pass straight through. The log line has no body, query string or headers: prompts and
@@ -212,6 +214,7 @@ class _AuthAndLogMiddleware:
 
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app, self.state = app, state
+        self.in_flight: dict[str, int] = {}  # key (or client address) -> generation requests running
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
@@ -244,12 +247,29 @@ class _AuthAndLogMiddleware:
                 denied = _key_error(headers.get("authorization", ""), keys)
         elif state.api_key and path.startswith("/v1"):
             denied = _key_error(headers.get("authorization", ""), [state.api_key])
+        # in-flight generation requests per key (per client address on a public endpoint)
+        holder = (headers.get("authorization", "") if state.api_key else (scope.get("client") or ("?",))[0]) \
+            if path in _GENERATION_PATHS and denied is None else None
+        if holder is not None:
+            if self.in_flight.get(holder, 0) >= state.limits.max_concurrent_per_key:
+                denied = OpenAIError(f"too many requests in flight for this key (at most "
+                                     f"{state.limits.max_concurrent_per_key} at once); retry when one has finished",
+                                     429, code="too_many_concurrent_requests")
+                holder = None
+            else:
+                self.in_flight[holder] = self.in_flight.get(holder, 0) + 1
         try:
             if denied is not None:
                 await error_response(denied)(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
+            if holder is not None:
+                left = self.in_flight[holder] - 1
+                if left:
+                    self.in_flight[holder] = left
+                else:
+                    del self.in_flight[holder]
             if path not in ("/health", "/metrics"):
                 logger.info("request %s %s %s -> %d in %.1f ms", rid, printable(str(scope.get("method"))),
                             printable(path), status["code"],

@@ -18,12 +18,14 @@ class RequestLimits:
     `max_sequences`: prompts × n. `max_tokens`: prompt plus generated tokens summed over
     all sequences (never below one full-context sequence). `max_logprob_entries`: generated
     tokens × (1 + top log-probs) summed over sequences, the strings the answer would carry.
+    `max_concurrent_per_key`: requests in flight at once per key (429 above).
     """
 
     max_body_bytes: int = 8 * MIB
     max_sequences: int = 64
     max_tokens: int = 131_072
     max_logprob_entries: int = 262_144
+    max_concurrent_per_key: int = 256  # generation requests in flight per key (or client address if public)
 
 
 def check_sequences(limits: RequestLimits, prompts: int, n: int, prompt_param: str) -> None:
