@@ -5,7 +5,8 @@
 - wrong tokens: each is verified off the event loop, and a client that keeps sending them
   gets 429 without further verification;
 - resume re-checks the allowed roots (a model symlink re-pointed outside them does not load);
-- state files are owner-only, and path errors do not tell whether a path outside the roots exists.
+- state files are owner-only, and path errors do not tell whether a path outside the roots exists;
+- the watchdog tells a busy endpoint (answers late) from a dead one (point 1).
 """
 from __future__ import annotations
 
@@ -134,6 +135,51 @@ def test_state_is_owner_only_and_path_errors_do_not_probe(tmp_path: Path, tiny_m
         assert "outside the allowed model roots" in answers[0].json()["error"]["message"]
         assert answers[1].json()["error"]["message"] == answers[0].json()["error"]["message"].replace(
             "/etc", "/no/such/dir")  # exists or not: the same answer
+    finally:
+        live.stop()
+        reap(data)
+
+
+def test_watchdog_tells_busy_from_dead() -> None:
+    from hubdeploy.hub_integration.provisioner.health import ServerHealth, Watchdog
+
+    ok, busy, down = ServerHealth(ready=True), ServerHealth(ready=False, busy=True), None
+    dog = Watchdog(failures=3, busy_grace=0.3)
+    assert [dog.observe(h) for h in (ok, down, down)] == [None, None, None]
+    assert dog.observe(down) == "/health failed 3 times in a row"
+    dog = Watchdog(failures=3, busy_grace=0.3)
+    assert [dog.observe(h) for h in (busy, busy, busy, ok, down, busy, busy)] == [None] * 7  # late is not dead
+    time.sleep(0.35)
+    assert dog.observe(busy) is None  # busy too long: from now on each late answer is a miss (2 so far)
+    assert "not answering for over 0 s" in dog.observe(busy)
+
+
+@pytest.mark.slow
+def test_a_stalled_endpoint_is_busy_not_dead(tmp_path: Path, tiny_models: Any) -> None:
+    """An endpoint that accepts connections but answers nothing for 8 s (SIGSTOP: what a stalled
+    event loop looks like from outside) stays `running`; it used to be killed after 3 x 2 s."""
+    import signal
+
+    model = tiny_models("mixtral", "awq")
+    data = tmp_path / "svc"
+    live = LiveService(build_service_app(data, admin_token=ADMIN, allowed_model_roots=[model.parent],
+                                         health_interval=0.2, busy_grace=30.0))
+    try:
+        r = live.client.post("/api/endpoints", json={"name": "slow", "model": str(model), "access": "public"})
+        assert r.status_code == 201, r.text
+        e = wait_status(live, "slow", {"running", "failed"})
+        assert e["status"] == "running", e["reason"]
+        pid = live.app.state.store.get_endpoint("slow").pid
+        os.killpg(pid, signal.SIGSTOP)
+        try:
+            time.sleep(8.0)
+            assert live.client.get("/api/endpoints/slow").json()["status"] == "running"
+        finally:
+            os.killpg(pid, signal.SIGCONT)
+        time.sleep(1.0)
+        rec = live.app.state.store.get_endpoint("slow")
+        assert rec.status == "running" and rec.pid == pid and rec.restarts == 0
+        assert httpx.get(e["url"].removesuffix("/v1") + "/health", timeout=10).status_code == 200
     finally:
         live.stop()
         reap(data)

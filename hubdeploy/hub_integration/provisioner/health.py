@@ -5,9 +5,14 @@ the log carries client-controlled text (request paths), so a request such as
 `GET /x%0aphase:%20warming_up` could forge a log line, but nothing a request sends can
 change what `/health` reports. `/health` lists every phase the server has passed through
 (`phases`), so a poll that misses a short phase still records it, in order.
+
+`Watchdog` judges a running server by its answers: dead after a few misses in a row (refused,
+an error, not ready), but busy, not dead, while it accepts the connection and only answers
+late, for up to `busy_grace` seconds (a loaded machine, a long request).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +29,7 @@ class ServerHealth:
     ready: bool
     phases: tuple[str, ...] = ()
     failure: str | None = None
+    busy: bool = False  # connected, but no answer within the timeout: alive and slow
 
 
 def parse_health(status_code: int, body: Any) -> ServerHealth:
@@ -43,6 +49,8 @@ def probe_health(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> Serv
     """`GET /health` on the endpoint server; None when it does not answer (not up, or hung)."""
     try:
         r = httpx.get(f"http://{host}:{port}/health", timeout=timeout)
+    except (httpx.ReadTimeout, httpx.PoolTimeout):
+        return ServerHealth(ready=False, busy=True)
     except httpx.HTTPError:
         return None
     try:
@@ -56,3 +64,35 @@ def later_phases(current: str | None, phases: tuple[str, ...] | list[str]) -> li
     """The phases of `phases` after `current`, in server order: phases only move forward."""
     start = SERVER_PHASES.index(current) + 1 if current in SERVER_PHASES else 0
     return [p for p in SERVER_PHASES[start:] if p in phases]
+
+
+class Watchdog:
+    """Failure verdicts on a running server from its `/health` answers, one per probe.
+
+    `failures` misses in a row (no connection, an error, not ready) fail it; answers that only
+    come late (`ServerHealth.busy`) count as misses once they have lasted `busy_grace` seconds.
+    """
+
+    def __init__(self, failures: int = 3, busy_grace: float = 10.0) -> None:
+        self.failures, self.busy_grace = failures, busy_grace
+        self.misses = 0
+        self.busy_since: float | None = None
+
+    def observe(self, health: ServerHealth | None) -> str | None:
+        """The reason to fail the server after this probe, or None."""
+        if health is not None and health.ready:
+            self.misses, self.busy_since = 0, None
+            return None
+        if health is not None and health.busy:
+            now = time.monotonic()
+            self.busy_since = now if self.busy_since is None else self.busy_since
+            if now - self.busy_since < self.busy_grace:
+                return None
+        else:
+            self.busy_since = None
+        self.misses += 1
+        if self.misses < self.failures:
+            return None
+        late = " (accepting connections but not answering for over " \
+               f"{self.busy_grace:.0f} s)" if health is not None and health.busy else ""
+        return f"/health failed {self.misses} times in a row{late}"

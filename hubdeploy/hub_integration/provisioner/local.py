@@ -35,7 +35,7 @@ from tqdm.auto import tqdm as _tqdm
 
 from hubdeploy.hub_integration.provisioner.base import Provisioner, Secrets
 from hubdeploy.hub_integration.provisioner.files import open_log, private_dir
-from hubdeploy.hub_integration.provisioner.health import later_phases, probe_health
+from hubdeploy.hub_integration.provisioner.health import Watchdog, later_phases, probe_health
 from hubdeploy.hub_integration.spec import DeploymentSpec, SpecError, classify_source, recheck_local_paths
 from hubdeploy.hub_integration.store import EndpointRecord, SlotUnavailable, Store
 from hubdeploy.serving.server.adapter_policy import LORA_ROOTS_ENV
@@ -184,8 +184,9 @@ class LocalProvisioner(Provisioner):
                  endpoint_host: str = "127.0.0.1", url_host: str | None = None, cpu_slots: int = 1,
                  cuda_devices: list[int] | None = None, health_interval: float = 0.5,
                  health_failures: int = 3, start_timeout: float = 600.0, max_restarts: int = 3,
-                 allowed_roots: list[Path] | None = None) -> None:
+                 allowed_roots: list[Path] | None = None, busy_grace: float = 10.0) -> None:
         self.store = store
+        self.busy_grace = busy_grace
         # where local models and adapters may live: re-checked at every start, and the only
         # places a running endpoint may load adapters from (None: no check, as for `hubdeploy serve`)
         self.allowed_roots = None if allowed_roots is None else list(allowed_roots)
@@ -546,21 +547,18 @@ class LocalProvisioner(Provisioner):
         self._watch(spec, run, pid, port)
 
     def _watch(self, spec: DeploymentSpec, run: _Running, pid: int, port: int) -> None:
-        """Until stopped: the process must live and `/health` must answer; else `failed`."""
+        """Until stopped: the process must live and `/health` must answer (`health.Watchdog`: a
+        server that answers late is busy, not dead, for `busy_grace` s); else `failed`."""
         run.pid = pid
-        misses = 0
+        dog = Watchdog(self.health_failures, self.busy_grace)
         while not run.stop.wait(self.health_interval):
             if not self._alive(run):
                 code = run.popen.returncode if run.popen is not None else None
                 raise EndpointFailed(self._exit_reason(spec.name, code))
-            if self._healthy(port):
-                misses = 0
-                continue
-            misses += 1
-            if misses >= self.health_failures and not run.stop.is_set():
+            failure = dog.observe(probe_health(self.endpoint_host, port))
+            if failure is not None and not run.stop.is_set():
                 _kill_group(pid, popen=run.popen)
-                raise EndpointFailed(f"/health failed {misses} times in a row; last log lines:\n"
-                                     + "\n".join(self.logs(spec.name, 20)))
+                raise EndpointFailed(f"{failure}; last log lines:\n" + "\n".join(self.logs(spec.name, 20)))
 
     def _fail(self, name: str, run: _Running, reason: str) -> None:
         """Record a failure, free the device, and restart when the spec asks for it."""

@@ -25,7 +25,7 @@ from typing import Any
 
 from hubdeploy.hub_integration.provisioner.base import Provisioner, Secrets
 from hubdeploy.hub_integration.provisioner.files import EndpointFiles
-from hubdeploy.hub_integration.provisioner.health import later_phases, probe_health
+from hubdeploy.hub_integration.provisioner.health import Watchdog, later_phases, probe_health
 from hubdeploy.hub_integration.provisioner.ray_host import EndpointHost
 from hubdeploy.hub_integration.spec import DeploymentSpec, SpecError, recheck_local_paths
 from hubdeploy.hub_integration.store import EndpointRecord, Store
@@ -77,7 +77,7 @@ class RayProvisioner(Provisioner):
     def __init__(self, store: Store, data_dir: str | Path, *, address: str | None = None,
                  hub_endpoint: str | None = None, engine_device: str = "auto", poll_interval: float = 0.5,
                  health_failures: int = 3, start_timeout: float = 600.0, max_restarts: int = 3,
-                 allowed_roots: list[Path] | None = None) -> None:
+                 allowed_roots: list[Path] | None = None, busy_grace: float = 10.0) -> None:
         import ray
 
         self._ray = ray
@@ -90,6 +90,7 @@ class RayProvisioner(Provisioner):
         self.adapter_roots = [str(r) for r in self.allowed_roots or []]
         self.poll_interval = poll_interval
         self.health_failures = health_failures
+        self.busy_grace = busy_grace  # a server that answers late is busy, not dead, this long (health.Watchdog)
         self.start_timeout = start_timeout
         self.max_restarts = max_restarts
         if not ray.is_initialized():
@@ -232,7 +233,7 @@ class RayProvisioner(Provisioner):
         name = spec.name
         incarnation: str | None = None
         after = 0
-        misses = 0
+        dog = Watchdog(self.health_failures, self.busy_grace)
         ready = False
         phase: str | None = None
         pending_ref = None
@@ -264,7 +265,8 @@ class RayProvisioner(Provisioner):
                 if incarnation is not None:
                     self.store.add_event(name, "moved", f"its node was lost; Ray restarted it on {rep['host']}")
                     self.files.note(name, f"node lost; the endpoint restarts on node {rep['host']}")
-                incarnation, after, ready, misses, started_at = rep["incarnation"], 0, False, 0, time.monotonic()
+                incarnation, after, ready, started_at = rep["incarnation"], 0, False, time.monotonic()
+                dog = Watchdog(self.health_failures, self.busy_grace)
                 phase = None
                 if adopt and rep["started"]:
                     after = rep["next_line"]
@@ -293,11 +295,10 @@ class RayProvisioner(Provisioner):
                     self._set(name, last, status="running", phase="ready", url=url, reason=None)
                     self.store.add_event(name, "running", f"healthy at {url}")
                     self.files.note(name, f"running at {url}")
-                misses = 0 if healthy or not ready else misses + 1
                 if not ready and time.monotonic() - started_at > self.start_timeout:
                     failure = f"not healthy within {self.start_timeout:.0f} s"
-                if ready and misses >= self.health_failures:
-                    failure = f"/health failed {misses} times in a row"
+                if ready:
+                    failure = dog.observe(health)
             if failure is not None:
                 if not self._restart_after_failure(spec, actor, w, failure, last):
                     return
