@@ -467,7 +467,8 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
     # the last added runs first: the token is checked before the body limit, and both before any body is read
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes,
                        reject=lambda message: error_response(413, message, code="request_too_large"))
-    app.add_middleware(AdminGate, allowed=lambda token: admin_allowed(svc, token), deny=deny)
+    app.add_middleware(AdminGate, allowed=lambda token: admin_allowed(svc, token), deny=deny,
+                       known=lambda token: auth.verified_before(token, store.get_meta(ADMIN_HASH_KEY)))
     app.include_router(hub_router)
     app.include_router(endpoints_router)
     provisioner.reconcile()
