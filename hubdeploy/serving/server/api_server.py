@@ -21,8 +21,8 @@ import functools
 import hmac
 import json
 import logging
-import time
 import re
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,9 +35,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from hubdeploy.serving.chat_template import ChatTemplateError, render_chat
 from hubdeploy.serving.sampling_params import SamplingParams
 from hubdeploy.serving.server.adapter_policy import AdapterRefused, allowed_source, check_adapter_name
-from hubdeploy.serving.server.errors import ClientGone, OpenAIError, error_response, install_error_handlers
 from hubdeploy.serving.server.body_limit import BodyLimit
-from hubdeploy.serving.server.request_limits import LimitExceeded, RequestLimits, cap_tokens, check_sequences
+from hubdeploy.serving.server.errors import ClientGone, OpenAIError, error_response, install_error_handlers
 from hubdeploy.serving.server.log_text import printable
 from hubdeploy.serving.server.metrics import CONTENT_TYPE, ServerMetrics
 from hubdeploy.serving.server.protocol import (
@@ -63,6 +62,7 @@ from hubdeploy.serving.server.protocol import (
     now,
     random_id,
 )
+from hubdeploy.serving.server.request_limits import LimitExceeded, RequestLimits, cap_tokens, check_sequences
 
 if TYPE_CHECKING:  # (the engine's modules import torch; the server's types need not)
     from hubdeploy.serving.engine_client import EngineClient
