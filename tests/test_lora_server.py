@@ -40,9 +40,11 @@ def model_dir(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(hub_env, hub_tiny_model, model_dir):
+def server(hub_env, hub_tiny_model, model_dir, tmp_path_factory):
     repo = hub_tiny_model("mixtral", "none", adapters=3)
-    args = ["--lora", f"a0={adapter_dir(model_dir, 0)}", "--lora", f"a1={repo}-lora-1",
+    # run-time loads may read under the test session's temporary folder only
+    args = ["--lora-root", str(tmp_path_factory.getbasetemp()),
+            "--lora", f"a0={adapter_dir(model_dir, 0)}", "--lora", f"a1={repo}-lora-1",
             "--lora", f"a2={adapter_dir(model_dir, 2)}", "--max-loras", "1", "--max-cpu-loras", "1", "--max-lora-rank", "16",
             "--max-model-len", "128", "--kv-cache-tokens", "2048"]
     with start_serve(model_dir, api_key=TEST_API_KEY, extra_args=args) as s:
@@ -207,3 +209,66 @@ def test_disable_lora_admin(model_dir) -> None:
         r = httpx.post(s.base_url + "/unload_lora_adapter", headers=s.headers, json={"lora_name": "a0"})
         assert r.status_code == 403
         assert _complete(s, "a0", PROMPTS[0]).status_code == 200  # the adapter from --lora still serves
+
+
+def _load(server, name: str, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(server.base_url + "/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+                      headers=server.headers if headers is None else headers, timeout=60)
+
+
+def test_adapter_sources_limited_to_roots_and_hub_ids(server, model_dir, tmp_path, refs) -> None:
+    """Issue 21, point 2: run-time loads read only under --lora-root; outside paths are refused
+    with one answer whether they exist or not (no probing the server's disk); names are checked."""
+    import tempfile
+
+    outside = Path(tempfile.mkdtemp(prefix="hubdeploy-outside-"))
+    try:
+        shutil.copytree(adapter_dir(model_dir, 1), outside / "good")  # a valid adapter, outside the root
+        (tmp_path / "link").symlink_to(outside / "good")  # under the root, pointing outside
+        answers = [_load(server, "x1", p) for p in (str(outside / "good"), "/etc", "/no/such/dir",
+                                                     str(tmp_path / "link"), "~/.ssh")]
+        for r in answers:
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == "lora_path" and r.json()["error"]["code"] == "invalid_adapter_source"
+        assert len({r.json()["error"]["message"] for r in answers}) == 1  # exists or not: the same answer
+        assert "/etc" not in answers[1].text and "/no/such" not in answers[2].text
+        for p in ("./good", "org/../x", "file:///etc", "good"):
+            r = _load(server, "x2", p)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", (p, r.text)
+        for bad_name in ("../a0", "a b", "x" * 65, "-lead", "a\nb"):
+            r = _load(server, bad_name, str(tmp_path))
+            assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name", (bad_name, r.text)
+        shutil.copytree(outside / "good", tmp_path / "inside")  # the same adapter under the root loads
+        r = _load(server, "inside", str(tmp_path / "inside"))
+        assert r.status_code == 200, r.text
+        _assert_matches(server, _complete(server, "inside", PROMPTS[1]), refs[1][1], "adapter from under the root")
+        assert httpx.post(server.base_url + "/unload_lora_adapter", json={"lora_name": "inside"},
+                          headers=server.headers).status_code == 200
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_public_endpoint_adapter_admin_needs_a_key(model_dir, tmp_path) -> None:
+    """Issue 21, point 2: without an endpoint key, adapter admin needs --lora-admin-key; with
+    neither it is closed, while completions stay public."""
+    from fastapi.testclient import TestClient
+
+    from hubdeploy.serving.server.api_server import build_app
+
+    shutil.copytree(adapter_dir(model_dir, 1), tmp_path / "a1")
+    with start_serve(model_dir, extra_args=["--lora", f"a0={adapter_dir(model_dir, 0)}", "--lora-admin-key", "adm-k",
+                                            "--lora-root", str(tmp_path), "--max-model-len", "64",
+                                            "--kv-cache-tokens", "512"]) as s:
+        assert _load(s, "a1", str(tmp_path / "a1"), headers={}).status_code == 401
+        assert _load(s, "a1", str(tmp_path / "a1"), headers={"Authorization": "Bearer nope"}).status_code == 401
+        r = httpx.post(s.base_url + "/unload_lora_adapter", json={"lora_name": "a0"})
+        assert r.status_code == 401
+        r = _load(s, "a1", str(tmp_path / "a1"), headers={"Authorization": "Bearer adm-k"})
+        assert r.status_code == 200, r.text
+        assert _complete(s, "a1", PROMPTS[0]).status_code == 200  # inference needs no key
+    app = build_app(None, served_model_name="tiny")  # public, no admin key
+    with TestClient(app) as c:
+        for path, body in (("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "org/x"}),
+                           ("/v1/unload_lora_adapter", {"lora_name": "x"})):
+            r = c.post(path, json=body, headers={"Authorization": "Bearer anything"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "lora_admin_disabled", r.text

@@ -186,7 +186,8 @@ def test_health_503_and_routes_503_while_loading() -> None:
     set_phase(app, "downloading")
     with TestClient(app) as c:
         r = c.get("/health")
-        assert r.status_code == 503 and r.json() == {"status": "loading", "phase": "downloading"}
+        assert r.status_code == 503
+        assert r.json() == {"status": "loading", "phase": "downloading", "phases": ["downloading"]}
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x"}, headers={"Authorization": "Bearer k"})
         err = assert_error(r, 503, None, "service_unavailable_error")
         assert "downloading" in err["message"] and err["code"] == "model_loading"
@@ -195,3 +196,27 @@ def test_health_503_and_routes_503_while_loading() -> None:
         set_phase(app, "loading", failure="CheckpointError: model.safetensors is truncated")
         r = c.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "failed" and "truncated" in r.json()["error"]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"messages": []}, "'messages' is not allowed"),
+    ({"add_generation_prompt": False}, "'add_generation_prompt' is not allowed"),
+    ({"template": "{{ 7 * 7 }}"}, "'template' is not allowed"),
+    ({"eos_token": 5}, "'eos_token' is not allowed"),
+    ({"bos_token": "<evil>"}, "'bos_token' is not allowed"),
+    ({"enable_thinking": "yes"}, "enable_thinking must be a bool"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort must be one of"),
+])
+def test_chat_template_kwargs_outside_the_allow_list_are_400(tiny_server, kwargs: dict, words: str) -> None:
+    """Issue 21, point 4: these used to reach the template (500 with a traceback, or overriding
+    the model's special tokens)."""
+    r = post(tiny_server, "/chat/completions", {"model": "tiny", "messages": USER, "max_tokens": 1,
+                                                 "chat_template_kwargs": kwargs})
+    err = assert_error(r, 400, "chat_template_kwargs")
+    assert words in err["message"], err["message"]
+
+
+def test_allowed_chat_template_kwargs_serve(tiny_server) -> None:
+    r = post(tiny_server, "/chat/completions", {"model": "tiny", "messages": USER, "max_tokens": 1,
+                                                 "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.status_code == 200, r.text

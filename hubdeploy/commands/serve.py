@@ -4,7 +4,8 @@ The HTTP server starts first and answers `/health` with 503 while the model down
 loads, so a deploy service can poll it. The engine runs in its own process (the HTTP side's
 per-token Python never takes turns with the engine's under one GIL); `--single-process`
 runs it in a thread of this one instead. Phases go to stdout as
-`phase: downloading|loading|warming_up|ready|failed` lines (the deploy service reads them).
+`phase: downloading|loading|warming_up|ready|failed` lines for people reading the log; the
+deploy service reads them from `/health` (its `phases` list), which no request can write into.
 fastapi/uvicorn are imported here, lazily: `serving` itself must import without them.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubdeploy.serving.config import EngineArgs, add_engine_flags
@@ -39,6 +41,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: MODEL)")
     p.add_argument("--disable-lora-admin", action="store_true",
                    help="refuse /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    p.add_argument("--lora-admin-key", default=None,
+                   help="a key that may also load/unload adapters (default: $HUBDEPLOY_LORA_ADMIN_KEY); adapter "
+                        "admin always needs --api-key or this key, so a public endpoint without it has none")
+    p.add_argument("--lora-root", action="append", default=[], metavar="DIR",
+                   help="a directory run-time adapter loads may read from (repeatable; also "
+                        "$HUBDEPLOY_LORA_ROOTS, ':'-separated); without any, only Hub ids load at run time")
+    from hubdeploy.serving.server.request_limits import RequestLimits
+
+    d = RequestLimits()
+    p.add_argument("--max-request-bytes", type=int, default=d.max_body_bytes,
+                   help="largest request body accepted; larger ones get 413 before they are read")
+    p.add_argument("--max-sequences-per-request", type=int, default=d.max_sequences,
+                   help="most prompts x n one request may ask for (400 above)")
+    p.add_argument("--max-tokens-per-request", type=int, default=d.max_tokens,
+                   help="most prompt + generated tokens, summed over its sequences, one request may ask for "
+                        "(at least one full context)")
+    p.add_argument("--max-logprobs-per-request", type=int, default=d.max_logprob_entries,
+                   help="most log-prob entries (generated tokens x (1 + top log-probs)) one answer may carry")
+    p.add_argument("--max-concurrent-requests-per-key", type=int, default=d.max_concurrent_per_key,
+                   help="generation requests in flight at once per API key (per client address when public); "
+                        "429 above")
     p.add_argument("--single-process", action="store_true",
                    help="run the engine in a thread of the server process (default: in its own process)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -165,7 +188,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
+        from hubdeploy.serving.server.adapter_policy import LORA_ROOTS_ENV, roots_from_env
         from hubdeploy.serving.server.api_server import build_app
+        from hubdeploy.serving.server.request_limits import RequestLimits
     except ImportError as e:
         raise SystemExit(f"hubdeploy serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn") from e
 
@@ -174,8 +199,14 @@ def run(args: argparse.Namespace) -> int:
     loras = parse_loras(args.lora)
     api_key = args.api_key or os.environ.get("HUBDEPLOY_API_KEY") or None
     name = args.served_model_name or args.model
+    limits = RequestLimits(max_body_bytes=args.max_request_bytes, max_sequences=args.max_sequences_per_request,
+                           max_tokens=args.max_tokens_per_request, max_logprob_entries=args.max_logprobs_per_request,
+                           max_concurrent_per_key=args.max_concurrent_requests_per_key)
+    lora_roots = [*map(Path, args.lora_root), *roots_from_env(os.environ.get(LORA_ROOTS_ENV))]
     app = build_app(None, served_model_name=name, api_key=api_key, adapters=loras,
-                    disable_lora_admin=args.disable_lora_admin)
+                    disable_lora_admin=args.disable_lora_admin, limits=limits,
+                    lora_admin_key=args.lora_admin_key or os.environ.get("HUBDEPLOY_LORA_ADMIN_KEY"),
+                    lora_roots=lora_roots)
     app.state.exit_code = 0
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False, timeout_graceful_shutdown=5)

@@ -42,6 +42,14 @@ def hash_secret(secret: str) -> str:
     return f"scrypt${_N}${_R}${_P}${_b64(salt)}${_b64(dk)}"
 
 
+def verified_before(secret: str | None, encoded: str | None) -> bool:
+    """True when `secret` was verified against `encoded` in this process already (no hashing)."""
+    if not secret or not encoded:
+        return False
+    with _verified_lock:
+        return (hashlib.sha256(secret.encode()).hexdigest(), encoded) in _verified
+
+
 def verify_secret(secret: str | None, encoded: str | None) -> bool:
     """True when `secret` hashes to `encoded`; constant-time comparison, False on any junk."""
     if not secret or not encoded:

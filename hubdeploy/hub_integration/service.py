@@ -22,13 +22,16 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hubdeploy.hub_integration import auth
+from hubdeploy.hub_integration.admin_gate import AdminGate
 from hubdeploy.hub_integration.errors import InspectError
 from hubdeploy.hub_integration.provisioner.base import Provisioner, Secrets
 from hubdeploy.hub_integration.spec import (CreateEndpointRequest, DeploymentSpec, HubUnavailable, PatchEndpointRequest,
                                   SpecContext, SpecError, check_spec, classify_source, resolve_local_dir)
 from hubdeploy.hub_integration.store import EndpointRecord, SlotUnavailable, Store
+from hubdeploy.serving.server.body_limit import BodyLimit
 
 ADMIN_HASH_KEY = "admin_token_hash"
+MAX_BODY_BYTES = 1024 * 1024  # specs and patches are a few KB; the page uploads nothing
 NamePath = PathParam(..., min_length=1, max_length=64, description="endpoint name")
 
 
@@ -86,7 +89,8 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     "5XX": {"model": ErrorOut, "description": "server or Hub error (the one error shape)"}}
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 422: "invalid_request", 500: "internal_error",
+                 405: "method_not_allowed", 409: "conflict", 413: "request_too_large", 422: "invalid_request",
+                 429: "too_many_failures", 500: "internal_error",
                  502: "hub_unreachable", 503: "hub_unavailable"}
 
 
@@ -195,16 +199,27 @@ def get_service(request: Request) -> ServiceContext:
     return request.app.state.service
 
 
+def admin_allowed(svc: ServiceContext, token: str | None) -> bool:
+    """The admin token, or the HF token of a user `hf_users` lets in (blocking: scrypt, maybe a Hub call)."""
+    return auth.verify_secret(token, svc.store.get_meta(ADMIN_HASH_KEY)) or \
+        (svc.hub_users is not None and svc.hub_users.allows(token))
+
+
+def _unauthorized_message(svc: ServiceContext) -> str:
+    also = (f", or the Hugging Face token of a user in {sorted(svc.hub_users.allowed)}" if svc.hub_users else "")
+    return ("missing or wrong admin token: send 'Authorization: Bearer <admin token>' "
+            "(printed by `hubdeploy up` at first start, or HUBDEPLOY_ADMIN_TOKEN)" + also)
+
+
 def require_admin(request: Request, authorization: str | None = Header(None)) -> None:
-    """Every `/api` route: the admin token, or the HF token of a user `hf_users` lets in."""
+    """Every `/api` route: the admin token, or the HF token of a user `hf_users` lets in.
+
+    `AdminGate` has checked already, before the body was read; this keeps each route safe on
+    its own (a verified token is remembered, so the second check costs a hash lookup).
+    """
     svc = get_service(request)
-    token = auth.bearer_token(authorization)
-    if not auth.verify_secret(token, svc.store.get_meta(ADMIN_HASH_KEY)) and \
-            not (svc.hub_users is not None and svc.hub_users.allows(token)):
-        also = (f", or the Hugging Face token of a user in {sorted(svc.hub_users.allowed)}" if svc.hub_users else "")
-        raise HTTPException(401, "missing or wrong admin token: send 'Authorization: Bearer <admin token>' "
-                                 "(printed by `hubdeploy up` at first start, or HUBDEPLOY_ADMIN_TOKEN)" + also,
-                            headers={"WWW-Authenticate": "Bearer"})
+    if not admin_allowed(svc, auth.bearer_token(authorization)):
+        raise HTTPException(401, _unauthorized_message(svc), headers={"WWW-Authenticate": "Bearer"})
 
 
 Service = Annotated[ServiceContext, Depends(get_service)]
@@ -402,7 +417,7 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
                       cpu_slots: int = 1, default_model: str | None = None,
                       default_adapters: dict[str, str] | None = None, check_plan: bool = True,
                       hf_users: list[str] | None = None, backend: str = "local",
-                      **provisioner_options: Any) -> FastAPI:
+                      max_body_bytes: int = MAX_BODY_BYTES, **provisioner_options: Any) -> FastAPI:
     """The deploy service for `data_dir` (store, logs, models). Reconciles endpoints before returning.
 
     `app.state.new_admin_token` is the admin token made at this start (None when it came from
@@ -410,7 +425,7 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
     `hf_users` (or `HUBDEPLOY_HF_USERS`, comma-separated): Hugging Face users or organisations
     also let in with their own HF token, e.g. the OAuth token of a Space visitor.
     `backend` names the provisioner (`local`, `ray`) built with `provisioner_options` unless
-    `provisioner` is given.
+    `provisioner` is given. Request bodies over `max_body_bytes` get 413 before they are read.
     """
     data_dir = Path(data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -425,6 +440,7 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
 
         if backend == "local":
             provisioner_options["cpu_slots"] = cpu_slots
+        provisioner_options.setdefault("allowed_roots", roots)  # re-checked at every start; run-time adapters
         provisioner = make_provisioner(backend, store, data_dir, hub_endpoint=hub_endpoint, **provisioner_options)
     if hf_users is None:
         hf_users = [u for u in os.environ.get("HUBDEPLOY_HF_USERS", "").split(",") if u.strip()]
@@ -440,6 +456,19 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
     app.state.hub_users = hub_users
     for exc, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(exc, handler)
+    svc = app.state.service
+
+    def deny(status: int, retry_after: float | None) -> JSONResponse:
+        if status == 429:
+            return error_response(429, f"too many wrong admin tokens from this address; retry in {retry_after:.0f} s",
+                                  code="too_many_failures", headers={"Retry-After": str(int(retry_after or 0) + 1)})
+        return error_response(401, _unauthorized_message(svc), headers={"WWW-Authenticate": "Bearer"})
+
+    # the last added runs first: the token is checked before the body limit, and both before any body is read
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes,
+                       reject=lambda message: error_response(413, message, code="request_too_large"))
+    app.add_middleware(AdminGate, allowed=lambda token: admin_allowed(svc, token), deny=deny,
+                       known=lambda token: auth.verified_before(token, store.get_meta(ADMIN_HASH_KEY)))
     app.include_router(hub_router)
     app.include_router(endpoints_router)
     provisioner.reconcile()

@@ -8,6 +8,7 @@ adapters exist, options within the memory plan) are `check_spec` below, which ra
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,10 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, fiel
 from pydantic.json_schema import SkipJsonSchema
 
 from hubdeploy.serving.config import engine_argv, knobs
+from hubdeploy.serving.server.adapter_policy import ADAPTER_NAME_PATTERN
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
-ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$"
 REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,127}$"
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")  # http:, https:, file:, hf:, s3: ...
@@ -219,18 +220,33 @@ def resolve_local_dir(value: str, roots: list[Path], marker: str, loc: tuple[str
         if not roots:
             raise SpecError(loc, "relative paths need an allowed model root; none is configured")
         raw = roots[0] / value[2:]
-    try:
-        real = raw.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise SpecError(loc, f"directory {value!r} does not exist") from None
+    try:  # not strict: whether a path outside the roots exists is none of the caller's business
+        real = Path(os.path.realpath(raw))
+    except (OSError, RuntimeError, ValueError):
+        real = None
     real_roots = [r.resolve() for r in roots]
-    if not any(real == r or real.is_relative_to(r) for r in real_roots):
+    if real is None or not any(real == r or real.is_relative_to(r) for r in real_roots):
         raise SpecError(loc, f"{value!r} is outside the allowed model roots "
                              f"({', '.join(map(str, real_roots)) or 'none'}); start `hubdeploy up` "
                              "with --allowed-model-root to allow another folder")
+    if not real.exists():
+        raise SpecError(loc, f"directory {value!r} does not exist")
     if not real.is_dir() or not (real / marker).is_file():
         raise SpecError(loc, f"{value!r} is not a model directory in Hub layout (no {marker})")
     return real
+
+
+def recheck_local_paths(spec: DeploymentSpec, roots: list[Path]) -> None:
+    """`SpecError` unless the spec's local model and adapter directories still resolve under `roots`.
+
+    `check_spec` checked them at create/PATCH time; a symlink may have been re-pointed since, so
+    every (re)start (resume, service restart, automatic restart) checks again.
+    """
+    if spec.model_kind == "path":
+        resolve_local_dir(spec.model, roots, "config.json", ("model",))
+    for name, src in spec.adapters.items():
+        if classify_source(src) == "path":
+            resolve_local_dir(src, roots, "adapter_config.json", ("adapters", name))
 
 
 def _hub_api(ctx: SpecContext) -> Any:

@@ -7,6 +7,7 @@ Secrets never enter this file except as salted hashes.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -97,6 +98,9 @@ class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # owner-only: the database holds key hashes, specs and reasons (SQLite gives -wal/-shm the same mode)
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(self.path, 0o600)
         conn = self._connect()
         try:
             conn.execute("PRAGMA journal_mode=WAL")

@@ -179,7 +179,9 @@ class _Access:
             with gr.Row(equal_height=True):
                 self.token_box = gr.Textbox(label="Deploy service token", type="password", scale=4,
                                             placeholder="the admin token `hubdeploy up` printed at first start",
-                                            info="Kept in this browser only (encrypted local storage).",
+                                            info="Kept in this browser's local storage, encrypted with a key this page holds: "
+                                                 "obfuscated, not secret from whoever uses this browser profile. "
+                                                 "On a shared machine, use a private window.",
                                             elem_id="hd-service-token")
                 self.connect_btn = gr.Button("Connect", scale=1, elem_id="hd-connect")
         if cfg.on_space:

@@ -1,8 +1,8 @@
 """What a provisioner keeps on the service's disk per endpoint: its log and its key.
 
 The log (`data_dir/logs/<name>.log`) is what `GET …/logs` shows, wherever the server runs.
-The endpoint key is kept for restarts in `data_dir/secrets/<name>.key` (0600 in a 0700
-folder); the database holds only its hash.
+The endpoint key is kept for restarts in `data_dir/secrets/<name>.key`; the database holds
+only its hash. Everything is owner-only: files 0600, folders 0700 (`private_dir`, `open_log`).
 """
 from __future__ import annotations
 
@@ -10,16 +10,27 @@ import os
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
+
+
+def private_dir(path: Path) -> Path:
+    """`path` created if needed and made owner-only (0700)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def open_log(path: Path, binary: bool = False) -> Any:
+    """`path` opened for appending, created owner-only (0600): logs carry request paths and reasons."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return os.fdopen(fd, "ab") if binary else os.fdopen(fd, "a", encoding="utf-8")
 
 
 class EndpointFiles:
     def __init__(self, data_dir: str | Path) -> None:
         self.data_dir = Path(data_dir)
-        self.logs_dir = self.data_dir / "logs"
-        self.secrets_dir = self.data_dir / "secrets"
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        self.secrets_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.secrets_dir, 0o700)
+        self.logs_dir = private_dir(self.data_dir / "logs")
+        self.secrets_dir = private_dir(self.data_dir / "secrets")
 
     def log_path(self, name: str) -> Path:
         return self.logs_dir / f"{name}.log"
@@ -33,7 +44,7 @@ class EndpointFiles:
 
     def append(self, name: str, lines: list[str]) -> None:
         if lines:
-            with open(self.log_path(name), "a", encoding="utf-8") as f:
+            with open_log(self.log_path(name)) as f:
                 f.write("".join(line + "\n" for line in lines))
 
     def tail(self, name: str, n: int = 200) -> list[str]:

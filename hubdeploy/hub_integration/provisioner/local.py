@@ -3,7 +3,8 @@
 Per endpoint: claim a device slot in SQLite (one `BEGIN IMMEDIATE`), pick a loopback
 port, pre-download weights into the shared HF cache recording bytes done/total, start
 `python -m hubdeploy serve ...` in its own session with secrets only in its environment,
-follow its `phase:` lines and `/health`, and watch it until it stops or fails.
+follow the phases and readiness its `/health` reports (`health`; never its log, which
+carries client-controlled text), and watch it until it stops or fails.
 
 Endpoint URL: the child listens on loopback port P (`endpoint_host`), and the user gets
 `http://<url_host>:P/v1` — reachable from this machine only. Serving it to other machines
@@ -18,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import io
 import os
-import re
 import shutil
 import signal
 import socket
@@ -31,16 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import httpx
 from tqdm.auto import tqdm as _tqdm
 
 from hubdeploy.hub_integration.provisioner.base import Provisioner, Secrets
-from hubdeploy.hub_integration.spec import DeploymentSpec, classify_source
+from hubdeploy.hub_integration.provisioner.files import open_log, private_dir
+from hubdeploy.hub_integration.provisioner.health import Watchdog, later_phases, probe_health
+from hubdeploy.hub_integration.spec import DeploymentSpec, SpecError, classify_source, recheck_local_paths
 from hubdeploy.hub_integration.store import EndpointRecord, SlotUnavailable, Store
+from hubdeploy.serving.server.adapter_policy import LORA_ROOTS_ENV
 
-PHASE_RE = re.compile(r"^phase:\s*(downloading|loading|warming_up|ready)\b", re.M)
-_PHASE_ORDER = ("downloading", "loading", "warming_up", "ready")
-_SCRUBBED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUBDEPLOY_API_KEY", "HUBDEPLOY_ADMIN_TOKEN")
+_SCRUBBED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUBDEPLOY_API_KEY", "HUBDEPLOY_ADMIN_TOKEN",
+                 "HUBDEPLOY_LORA_ADMIN_KEY", "HUBDEPLOY_LORA_ROOTS")
 
 
 def detect_cuda_devices() -> list[int]:
@@ -182,15 +183,17 @@ class LocalProvisioner(Provisioner):
     def __init__(self, store: Store, data_dir: str | Path, *, hub_endpoint: str | None = None,
                  endpoint_host: str = "127.0.0.1", url_host: str | None = None, cpu_slots: int = 1,
                  cuda_devices: list[int] | None = None, health_interval: float = 0.5,
-                 health_failures: int = 3, start_timeout: float = 600.0, max_restarts: int = 3) -> None:
+                 health_failures: int = 3, start_timeout: float = 600.0, max_restarts: int = 3,
+                 allowed_roots: list[Path] | None = None, busy_grace: float = 10.0) -> None:
         self.store = store
+        self.busy_grace = busy_grace
+        # where local models and adapters may live: re-checked at every start, and the only
+        # places a running endpoint may load adapters from (None: no check, as for `hubdeploy serve`)
+        self.allowed_roots = None if allowed_roots is None else list(allowed_roots)
         self.data_dir = Path(data_dir)
-        self.logs_dir = self.data_dir / "logs"
-        self.secrets_dir = self.data_dir / "secrets"
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        self.secrets_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir = private_dir(self.data_dir / "logs")
+        self.secrets_dir = private_dir(self.data_dir / "secrets")
         self._lock_file = self._take_service_lock()
-        os.chmod(self.secrets_dir, 0o700)
         self.hub_endpoint = hub_endpoint
         self.endpoint_host = endpoint_host
         self.url_host = url_host or endpoint_host
@@ -256,7 +259,7 @@ class LocalProvisioner(Provisioner):
             return None
 
     def _log(self, name: str, line: str) -> None:
-        with open(self.log_path(name), "a", encoding="utf-8") as f:
+        with open_log(self.log_path(name)) as f:
             f.write(f"[hubdeploy {time.strftime('%H:%M:%S')}] {line}\n")
 
     def _name_lock(self, name: str) -> threading.RLock:
@@ -347,9 +350,8 @@ class LocalProvisioner(Provisioner):
             ready = self._healthy(rec.port)
             if ready:
                 self.store.update_endpoint(rec.name, status="running", phase="ready", url=self._url(rec.port))
-            offset = self.log_path(rec.name).stat().st_size if self.log_path(rec.name).exists() else 0
             self._start_worker(rec.name, lambda run, spec=spec, pid=rec.pid, port=rec.port, ready=ready,
-                               offset=offset, phase=rec.phase: self._adopt(spec, run, pid, port, ready, offset, phase))
+                               phase=rec.phase: self._adopt(spec, run, pid, port, ready, phase))
             return
         self.store.release_slot(rec.name)
         self.store.add_event(rec.name, "restart", "not running at service start; starting again")
@@ -403,10 +405,8 @@ class LocalProvisioner(Provisioner):
         return f"http://{self.url_host}:{port}/v1"
 
     def _healthy(self, port: int) -> bool:
-        try:
-            return httpx.get(f"http://{self.endpoint_host}:{port}/health", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
-            return False
+        health = probe_health(self.endpoint_host, port)
+        return health is not None and health.ready
 
     @staticmethod
     def _is_our_server(pid: int, port: int | None) -> bool:
@@ -463,6 +463,11 @@ class LocalProvisioner(Provisioner):
             p.unlink(missing_ok=True)
 
     def _bring_up(self, spec: DeploymentSpec, device: str, port: int, run: _Running) -> None:
+        if self.allowed_roots is not None:
+            try:
+                recheck_local_paths(spec, self.allowed_roots)
+            except SpecError as e:
+                raise EndpointFailed(f"not started: {'.'.join(map(str, e.loc))}: {e.msg}") from None
         self._download(spec, run)
         if run.stop.is_set():
             return
@@ -472,6 +477,8 @@ class LocalProvisioner(Provisioner):
         env["HF_HUB_CACHE"] = hub_cache_dir()  # the very cache `_download` filled
         if self.hub_endpoint:
             env["HF_ENDPOINT"] = self.hub_endpoint
+        if self.allowed_roots:
+            env[LORA_ROOTS_ENV] = os.pathsep.join(map(str, self.allowed_roots))
         token = self._hf_tokens.get(spec.name)
         if token:
             env["HF_TOKEN"] = token
@@ -487,14 +494,13 @@ class LocalProvisioner(Provisioner):
         cmd = [sys.executable, "-m", "hubdeploy", "serve",
                *spec.serve_args(host=self.endpoint_host, port=port, device=dev_arg)]
         self._log(spec.name, "starting: " + " ".join(cmd[1:]))
-        log_offset = self.log_path(spec.name).stat().st_size
-        with open(self.log_path(spec.name), "ab") as log:
+        with open_log(self.log_path(spec.name), binary=True) as log:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True, cwd=self.data_dir)
         run.popen, run.pid = popen, popen.pid
         self.store.update_endpoint(spec.name, pid=popen.pid)
         self.store.add_event(spec.name, "start", f"pid {popen.pid}")
-        self._wait_ready(spec, run, port, log_offset, "downloading" if spec.model_kind == "repo" else None)
+        self._wait_ready(spec, run, port, "downloading" if spec.model_kind == "repo" else None)
         self._watch(spec, run, popen.pid, port)
 
     @staticmethod
@@ -503,18 +509,16 @@ class LocalProvisioner(Provisioner):
             return run.popen.poll() is None
         return run.pid is not None and _pid_alive(run.pid)
 
-    def _wait_ready(self, spec: DeploymentSpec, run: _Running, port: int, log_offset: int,
-                    phase: str | None) -> None:
-        """Follow the child's `phase:` lines and `/health` until it is ready (`running`)."""
+    def _wait_ready(self, spec: DeploymentSpec, run: _Running, port: int, phase: str | None) -> None:
+        """Follow the phases the child's `/health` reports until it is ready (`running`)."""
         deadline = time.monotonic() + self.start_timeout
         while not run.stop.is_set():
             if not self._alive(run):
                 raise EndpointFailed(self._exit_reason(spec.name, run.popen.returncode if run.popen else None))
-            healthy = self._healthy(port)  # before reading: every phase line printed so far is in the log
-            text, log_offset = self._read_lines(spec.name, log_offset)
-            for m in PHASE_RE.finditer(text):
-                new = m.group(1)
-                if new != "ready" and (phase is None or _PHASE_ORDER.index(new) > _PHASE_ORDER.index(phase)):
+            health = probe_health(self.endpoint_host, port)
+            healthy = health is not None and health.ready
+            for new in later_phases(phase, health.phases if health is not None else ()):
+                if new != "ready":  # `ready` is recorded with the status, below
                     phase = new
                     self.store.update_endpoint(spec.name, phase=phase)
             if healthy:
@@ -530,42 +534,31 @@ class LocalProvisioner(Provisioner):
                                      + "\n".join(self.logs(spec.name, 20)))
             run.stop.wait(0.2)
 
-    def _read_lines(self, name: str, offset: int) -> tuple[str, int]:
-        """Complete lines appended to the log since `offset`, and the offset after them."""
-        with open(self.log_path(name), "rb") as f:
-            f.seek(offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        return data[:end].decode(errors="replace"), offset + end
-
     def _exit_reason(self, name: str, code: int | None) -> str:
         tail = "\n".join(self.logs(name, 20))
         return f"server process exited with code {code}; last log lines:\n{tail}"
 
-    def _adopt(self, spec: DeploymentSpec, run: _Running, pid: int, port: int, ready: bool, offset: int,
+    def _adopt(self, spec: DeploymentSpec, run: _Running, pid: int, port: int, ready: bool,
                phase: str | None) -> None:
         """Watch a child started by an earlier service process (still loading, or ready)."""
         run.pid = pid
         if not ready:
-            self._wait_ready(spec, run, port, offset, phase)
+            self._wait_ready(spec, run, port, phase)
         self._watch(spec, run, pid, port)
 
     def _watch(self, spec: DeploymentSpec, run: _Running, pid: int, port: int) -> None:
-        """Until stopped: the process must live and `/health` must answer; else `failed`."""
+        """Until stopped: the process must live and `/health` must answer (`health.Watchdog`: a
+        server that answers late is busy, not dead, for `busy_grace` s); else `failed`."""
         run.pid = pid
-        misses = 0
+        dog = Watchdog(self.health_failures, self.busy_grace)
         while not run.stop.wait(self.health_interval):
             if not self._alive(run):
                 code = run.popen.returncode if run.popen is not None else None
                 raise EndpointFailed(self._exit_reason(spec.name, code))
-            if self._healthy(port):
-                misses = 0
-                continue
-            misses += 1
-            if misses >= self.health_failures and not run.stop.is_set():
+            failure = dog.observe(probe_health(self.endpoint_host, port))
+            if failure is not None and not run.stop.is_set():
                 _kill_group(pid, popen=run.popen)
-                raise EndpointFailed(f"/health failed {misses} times in a row; last log lines:\n"
-                                     + "\n".join(self.logs(spec.name, 20)))
+                raise EndpointFailed(f"{failure}; last log lines:\n" + "\n".join(self.logs(spec.name, 20)))
 
     def _fail(self, name: str, run: _Running, reason: str) -> None:
         """Record a failure, free the device, and restart when the spec asks for it."""

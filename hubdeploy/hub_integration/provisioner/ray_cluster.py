@@ -9,7 +9,8 @@ reports `initializing` and hands it the secrets again. Secrets travel only as ar
 the `start()` method call, which Ray's state API, its logs and `ps` do not show.
 
 One watcher thread per endpoint polls `report()`, mirrors the node's log lines into the
-service's log file, follows the phases and `/health` on the node's address, and applies
+service's log file, follows the phases and readiness `/health` reports on the node's address
+(`health`; never the log), and applies
 `restart_on_failure` as the local backend does. Pause and delete kill the actor, which frees
 its Ray resources and (by parent-death signal) the server. A new service process re-adopts
 live actors by name (`reconcile`).
@@ -22,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from hubdeploy.hub_integration.provisioner.base import Provisioner, Secrets
 from hubdeploy.hub_integration.provisioner.files import EndpointFiles
+from hubdeploy.hub_integration.provisioner.health import Watchdog, later_phases, probe_health
 from hubdeploy.hub_integration.provisioner.ray_host import EndpointHost
-from hubdeploy.hub_integration.spec import DeploymentSpec
+from hubdeploy.hub_integration.spec import DeploymentSpec, SpecError, recheck_local_paths
 from hubdeploy.hub_integration.store import EndpointRecord, Store
 
 NAMESPACE = "hubdeploy"
@@ -76,7 +76,8 @@ class RayProvisioner(Provisioner):
 
     def __init__(self, store: Store, data_dir: str | Path, *, address: str | None = None,
                  hub_endpoint: str | None = None, engine_device: str = "auto", poll_interval: float = 0.5,
-                 health_failures: int = 3, start_timeout: float = 600.0, max_restarts: int = 3) -> None:
+                 health_failures: int = 3, start_timeout: float = 600.0, max_restarts: int = 3,
+                 allowed_roots: list[Path] | None = None, busy_grace: float = 10.0) -> None:
         import ray
 
         self._ray = ray
@@ -84,8 +85,12 @@ class RayProvisioner(Provisioner):
         self.files = EndpointFiles(data_dir)
         self.hub_endpoint = hub_endpoint
         self.engine_device = engine_device  # "cpu": nodes declare GPUs the engine must not use (tests)
+        # where local models and adapters may live: re-checked at every start; run-time adapter loads too
+        self.allowed_roots = None if allowed_roots is None else [Path(r) for r in allowed_roots]
+        self.adapter_roots = [str(r) for r in self.allowed_roots or []]
         self.poll_interval = poll_interval
         self.health_failures = health_failures
+        self.busy_grace = busy_grace  # a server that answers late is busy, not dead, this long (health.Watchdog)
         self.start_timeout = start_timeout
         self.max_restarts = max_restarts
         if not ray.is_initialized():
@@ -133,7 +138,7 @@ class RayProvisioner(Provisioner):
         return self._remote_host.options(
             name=actor_name(spec.name), namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
             max_task_retries=0, max_concurrency=4, **placement(spec.gpu),
-        ).remote(spec.name, self.hub_endpoint, self.engine_device)
+        ).remote(spec.name, self.hub_endpoint, self.engine_device, adapter_roots=self.adapter_roots)
 
     # --- interface ----------------------------------------------------------------------
     def provision(self, spec: DeploymentSpec, secrets: Secrets) -> None:
@@ -145,6 +150,11 @@ class RayProvisioner(Provisioner):
         self.set_api_key(name, secrets.api_key if spec.access == "private" else None)
         self.store.update_endpoint(name, status="initializing", phase=None, desired="running", device=f"ray:{spec.gpu}",
                                    port=None, url=None, pid=None, reason=None, bytes_done=0, bytes_total=0)
+        outside = self._outside_roots(spec)
+        if outside is not None:
+            self.store.update_endpoint(name, status="failed", reason=outside)
+            self.files.note(name, "failed: " + outside)
+            return
         actor = self._create_actor(spec)
         self.store.add_event(name, "provision", f"Ray actor {actor_name(name)} asks for {placement(spec.gpu)}")
         self.files.note(name, f"provisioning on the Ray cluster: {placement(spec.gpu)}")
@@ -223,8 +233,9 @@ class RayProvisioner(Provisioner):
         name = spec.name
         incarnation: str | None = None
         after = 0
-        misses = 0
+        dog = Watchdog(self.health_failures, self.busy_grace)
         ready = False
+        phase: str | None = None
         pending_ref = None
         started_at = time.monotonic()
         last: dict[str, Any] = {}
@@ -254,9 +265,13 @@ class RayProvisioner(Provisioner):
                 if incarnation is not None:
                     self.store.add_event(name, "moved", f"its node was lost; Ray restarted it on {rep['host']}")
                     self.files.note(name, f"node lost; the endpoint restarts on node {rep['host']}")
-                incarnation, after, ready, misses, started_at = rep["incarnation"], 0, False, 0, time.monotonic()
+                incarnation, after, ready, started_at = rep["incarnation"], 0, False, time.monotonic()
+                dog = Watchdog(self.health_failures, self.busy_grace)
+                phase = None
                 if adopt and rep["started"]:
                     after = rep["next_line"]
+                    rec = self.store.get_endpoint(name)
+                    phase = rec.phase if rec is not None else None  # the phases it has passed are recorded
                 else:
                     self._set(name, last, status="initializing", url=None, reason=None)
                     self._start(spec, actor)
@@ -264,23 +279,26 @@ class RayProvisioner(Provisioner):
                 continue
             self.files.append(name, rep["lines"])
             after = rep["next_line"]
-            self._set(name, last, phase=rep["phase"] if not ready else "ready", bytes_done=rep["bytes_done"],
-                      bytes_total=rep["bytes_total"], port=rep["port"], pid=rep["pid"],
-                      device=f"ray-node:{rep['node_id']}")
             failure = _failure(rep)
+            health = probe_health(rep["host"], rep["port"]) if failure is None and rep["port"] is not None else None
+            for new in later_phases(phase, [rep["phase"], *(health.phases if health is not None else ())]):
+                if new != "ready":  # `ready` is recorded with the status, below
+                    phase = new
+                    self._set(name, last, phase=phase)
+            self._set(name, last, bytes_done=rep["bytes_done"], bytes_total=rep["bytes_total"], port=rep["port"],
+                      pid=rep["pid"], device=f"ray-node:{rep['node_id']}")
             if failure is None:
-                healthy = rep["port"] is not None and _healthy(rep["host"], rep["port"])
+                healthy = health is not None and health.ready
                 if healthy and not ready:
                     ready = True
                     url = f"http://{rep['host']}:{rep['port']}/v1"
                     self._set(name, last, status="running", phase="ready", url=url, reason=None)
                     self.store.add_event(name, "running", f"healthy at {url}")
                     self.files.note(name, f"running at {url}")
-                misses = 0 if healthy or not ready else misses + 1
                 if not ready and time.monotonic() - started_at > self.start_timeout:
                     failure = f"not healthy within {self.start_timeout:.0f} s"
-                if ready and misses >= self.health_failures:
-                    failure = f"/health failed {misses} times in a row"
+                if ready:
+                    failure = dog.observe(health)
             if failure is not None:
                 if not self._restart_after_failure(spec, actor, w, failure, last):
                     return
@@ -304,9 +322,24 @@ class RayProvisioner(Provisioner):
             return False
         if w.stop.wait(min(2.0 ** rec.restarts, 30.0)) or self._closed.is_set():
             return False
+        outside = self._outside_roots(spec)
+        if outside is not None:
+            self._set(name, last, status="failed", reason=outside)
+            self._ray.kill(actor, no_restart=True)
+            return False
         self.store.update_endpoint(name, restarts=rec.restarts + 1)
         self.store.add_event(name, "restart", f"restart {rec.restarts + 1} of {self.max_restarts}")
         return True
+
+    def _outside_roots(self, spec: DeploymentSpec) -> str | None:
+        """Why `spec` may not start now (a local path no longer under the allowed roots), or None."""
+        if self.allowed_roots is None:
+            return None
+        try:
+            recheck_local_paths(spec, self.allowed_roots)
+        except SpecError as e:
+            return f"not started: {'.'.join(map(str, e.loc))}: {e.msg}"
+        return None
 
     def _set(self, name: str, last: dict[str, Any], **fields: Any) -> None:
         """Write only what changed (the store keeps a history of status and phase changes)."""
@@ -323,9 +356,3 @@ def _failure(rep: dict[str, Any]) -> str | None:
         return f"server process exited with code {rep['exit_code']}"
     return None
 
-
-def _healthy(host: str, port: int) -> bool:
-    try:
-        return httpx.get(f"http://{host}:{port}/health", timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -2,6 +2,8 @@
 
 It downloads the weights into its node's HF cache (recording bytes), runs `hubdeploy serve`
 as a child listening on the node's address, and answers `report()` polls from the service.
+Its `phase` is its own (`downloading`); the server's phases and readiness the service reads
+from the server's `/health` (`health`), never from its output, which carries request paths.
 It knows no secret until `start()` hands them over by method call (never through actor
 options, names, arguments of its creation or `runtime_env`, all of which Ray's state API
 shows), and passes them to the child by environment only.
@@ -25,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from hubdeploy.hub_integration.provisioner.local import (
-    _SCRUBBED_ENV, PHASE_RE, _kill_group, free_port, hub_cache_dir, progress_class,
+    _SCRUBBED_ENV, _kill_group, free_port, hub_cache_dir, progress_class,
 )
 from hubdeploy.hub_integration.spec import DeploymentSpec, classify_source
+from hubdeploy.serving.server.adapter_policy import LORA_ROOTS_ENV
 
 _PR_SET_PDEATHSIG = 1
 _LOG_KEEP = 2000  # lines kept in memory for `report()`; the service keeps the whole log
@@ -45,8 +48,9 @@ class EndpointHost:
     """One endpoint's server on one Ray node. Every public method returns quickly."""
 
     def __init__(self, name: str, hub_endpoint: str | None = None, engine_device: str = "auto",
-                 host: str | None = None) -> None:
+                 host: str | None = None, adapter_roots: list[str] | None = None) -> None:
         self.name = name
+        self.adapter_roots = list(adapter_roots or [])
         self.hub_endpoint = hub_endpoint
         self.engine_device = engine_device
         self.host = host or _node_address()
@@ -112,11 +116,7 @@ class EndpointHost:
             popen = self._spawn(spec, hf_token, api_key)
             assert popen.stdout is not None
             for raw in popen.stdout:  # until the child closes its output (exits)
-                line = raw.decode(errors="replace").rstrip("\n")
-                m = PHASE_RE.match(line)
-                if m:
-                    self._phase = m.group(1)
-                self._say(line)
+                self._say(raw.decode(errors="replace").rstrip("\n"))
             code = popen.wait()
             with self._lock:
                 self._exit_code = code
@@ -162,6 +162,8 @@ class EndpointHost:
         env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_HUB_CACHE=hub_cache_dir())
         if self.hub_endpoint:
             env["HF_ENDPOINT"] = self.hub_endpoint
+        if self.adapter_roots:
+            env[LORA_ROOTS_ENV] = os.pathsep.join(self.adapter_roots)
         if hf_token:
             env["HF_TOKEN"] = hf_token
         if api_key:

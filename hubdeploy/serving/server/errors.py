@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hubdeploy.serving.server.log_text import printable
+
 logger = logging.getLogger("hubdeploy.server")
 
 _TYPES = {
@@ -137,6 +139,8 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             err = OpenAIError(f"method {request.method} is not allowed on {request.url.path}", 405,
                               code="method_not_allowed")
+        elif exc.status_code == 413:  # body_limit.BodyTooLarge, raised while the body streams in
+            err = OpenAIError(str(exc.detail), 413, code="request_too_large")
         else:
             err = OpenAIError(str(exc.detail), exc.status_code)
         return error_response(err)
@@ -148,7 +152,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("internal error on %s %s", request.method, request.url.path)
+        logger.exception("internal error on %s %s", printable(request.method), printable(request.url.path))
         err = OpenAIError(f"internal server error ({type(exc).__name__}); the server log has the details",
                           500, code="internal_error")
         return error_response(err)

@@ -132,6 +132,29 @@ class _SamplingRequest(_Lenient):
         )
 
 
+# The chat template variables a client may set, with their types (`None`: any value of the type).
+# Everything else the template sees (`messages`, `add_generation_prompt`, `bos_token`...) is the
+# server's: a client overriding it gets 400, not a broken prompt or a 500.
+CHAT_TEMPLATE_KWARGS: dict[str, tuple[type, tuple[Any, ...] | None]] = {
+    "enable_thinking": (bool, None),     # Qwen3 and others
+    "thinking": (bool, None),            # DeepSeek V3.1
+    "reasoning_effort": (str, ("low", "medium", "high")),  # gpt-oss
+}
+
+
+def check_chat_template_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` if every key is allowed with a value of its type; ValueError naming the first that is not."""
+    allowed = ", ".join(CHAT_TEMPLATE_KWARGS)
+    for key, value in kwargs.items():
+        if key not in CHAT_TEMPLATE_KWARGS:
+            raise ValueError(f"chat_template_kwargs key {str(key)[:64]!r} is not allowed; allowed: {allowed}")
+        kind, choices = CHAT_TEMPLATE_KWARGS[key]
+        if type(value) is not kind or (choices is not None and value not in choices):
+            want = f"one of {', '.join(map(repr, choices))}" if choices else f"a {kind.__name__}"
+            raise ValueError(f"chat_template_kwargs.{key} must be {want}")
+    return kwargs
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -139,6 +162,11 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _allowed_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if v is None else check_chat_template_kwargs(v)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
