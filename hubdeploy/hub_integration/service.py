@@ -23,13 +23,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hubdeploy.hub_integration import auth
 from hubdeploy.hub_integration.errors import InspectError
+from hubdeploy.hub_integration.gateway import Gateway, GatewayMount, gateway_url
 from hubdeploy.hub_integration.provisioner.base import Provisioner, Secrets
+from hubdeploy.hub_integration.scale_to_zero import ScaleToZero
 from hubdeploy.hub_integration.spec import (CreateEndpointRequest, DeploymentSpec, HubUnavailable, PatchEndpointRequest,
                                   SpecContext, SpecError, check_spec, classify_source, resolve_local_dir)
 from hubdeploy.hub_integration.store import EndpointRecord, SlotUnavailable, Store
 from hubdeploy.serving.server.body_limit import BodyLimit
 
 ADMIN_HASH_KEY = "admin_token_hash"
+INTERNAL_KEY_PREFIX = "hdint_"  # the key the gateway sends to an endpoint's server (never a user's)
 MAX_BODY_BYTES = 1024 * 1024  # specs and patches are a few KB; the page uploads nothing
 NamePath = PathParam(..., min_length=1, max_length=64, description="endpoint name")
 
@@ -52,10 +55,11 @@ class EndpointOut(BaseModel):
 
     name: str
     spec: DeploymentSpec
-    status: Literal["pending", "initializing", "running", "paused", "failed", "deleted"]
+    status: Literal["pending", "initializing", "running", "paused", "scaled_to_zero", "failed", "deleted"]
     phase: str | None = None
     progress: Progress
-    url: str | None = Field(None, description="OpenAI base URL (http://host:port/v1) while running")
+    url: str | None = Field(None, description="OpenAI base URL through the service's gateway "
+                                              "(<service>/endpoints/<name>/v1) while running or scaled to zero")
     served_model_name: str = Field(..., description="the `model` clients send for the base model")
     reason: str | None = None
     device: str | None = None
@@ -142,7 +146,7 @@ def _out(rec: EndpointRecord, api_key: str | None = None, history: bool = False)
     return EndpointOut(
         name=rec.name, spec=spec, status=rec.status, phase=rec.phase,
         progress=Progress(bytes_done=rec.bytes_done, bytes_total=rec.bytes_total, fraction=frac),
-        url=rec.url if rec.status == "running" else None, served_model_name=spec.served_model_name, reason=rec.reason, device=rec.device,
+        url=gateway_url(rec.name) if rec.status in ("running", "scaled_to_zero") else None, served_model_name=spec.served_model_name, reason=rec.reason, device=rec.device,
         restarts=rec.restarts, created_at=rec.created_at, updated_at=rec.updated_at,
         history=[StatusChange(**h) for h in rec.history] if history else None, api_key=api_key)
 
@@ -184,10 +188,19 @@ class ServiceContext:
             raise HTTPException(404, f"no endpoint named {name!r}; GET /api/endpoints lists them")
         return rec
 
+    def accepts(self, token: str | None) -> bool:
+        """A credential of the service: the admin token, or the HF token of a user `hf_users` lets in."""
+        return auth.verify_secret(token, self.store.get_meta(ADMIN_HASH_KEY)) or \
+            (self.hub_users is not None and self.hub_users.allows(token))
+
+    def start(self, name: str, spec: DeploymentSpec, token: str | None = None) -> None:
+        """Provision `name` with a fresh internal key: the child's own key, known to the gateway only
+        (users' keys stay at the gateway). Raises `SlotUnavailable` when no device is free."""
+        self.prov.provision(spec, Secrets(hf_token=token, api_key=auth.generate_token(INTERNAL_KEY_PREFIX)))
+
     def restart(self, name: str, spec: DeploymentSpec, token: str | None) -> None:
-        key = self.prov.get_api_key(name)
         try:
-            self.prov.provision(spec, Secrets(hf_token=token, api_key=key if spec.access == "private" else None))
+            self.start(name, spec, token)
         except SlotUnavailable as e:
             self.store.update_endpoint(name, status="paused", desired="paused", reason=str(e))
             raise HTTPException(409, f"cannot start {name!r}: {e}") from None
@@ -201,9 +214,7 @@ def get_service(request: Request) -> ServiceContext:
 def require_admin(request: Request, authorization: str | None = Header(None)) -> None:
     """Every `/api` route: the admin token, or the HF token of a user `hf_users` lets in."""
     svc = get_service(request)
-    token = auth.bearer_token(authorization)
-    if not auth.verify_secret(token, svc.store.get_meta(ADMIN_HASH_KEY)) and \
-            not (svc.hub_users is not None and svc.hub_users.allows(token)):
+    if not svc.accepts(auth.bearer_token(authorization)):
         also = (f", or the Hugging Face token of a user in {sorted(svc.hub_users.allowed)}" if svc.hub_users else "")
         raise HTTPException(401, "missing or wrong admin token: send 'Authorization: Bearer <admin token>' "
                                  "(printed by `hubdeploy up` at first start, or HUBDEPLOY_ADMIN_TOKEN)" + also,
@@ -293,7 +304,7 @@ def create_endpoint(body: CreateEndpointRequest, svc: Service) -> EndpointOut:
     except KeyError:
         raise SpecError(("name",), f"an endpoint named {spec.name!r} already exists") from None
     try:
-        prov.provision(spec, Secrets(hf_token=token, api_key=api_key))
+        svc.start(spec.name, spec, token)
     except SlotUnavailable as e:  # lost the race for the last device: nothing of it remains
         store.remove_endpoint(spec.name)
         raise HTTPException(409, f"cannot start {spec.name!r}: {e}") from None
@@ -332,11 +343,9 @@ def patch_endpoint(body: PatchEndpointRequest, svc: Service, name: str = NamePat
     if new.access == "private" and (old.access != "private" or not key_hash):
         api_key = auth.generate_token()
         key_hash = auth.hash_secret(api_key)
-    elif new.access == "public":
+    elif new.access != "private":
         key_hash = None
     store.update_endpoint(name, spec=new.model_dump(), api_key_hash=key_hash)
-    if api_key is not None or new.access == "public":
-        prov.set_api_key(name, api_key)
     if rec.desired == "running" and rec.status != "failed":
         prov.stop(name)
         svc.restart(name, new, token)
@@ -364,9 +373,9 @@ def pause_endpoint(svc: Service, name: str = NamePath) -> EndpointOut:
 @endpoints_router.post("/{name}/resume", response_model=EndpointOut)
 def resume_endpoint(svc: Service, name: str = NamePath,
                     x_hf_token: str | None = Header(None, include_in_schema=False)) -> EndpointOut:
-    """Start a paused or failed endpoint again (same key, same port when it is still free)."""
+    """Start a paused, failed or scaled-to-zero endpoint again (same key, same gateway URL)."""
     rec = svc.get_rec(name)
-    if rec.status in ("paused", "failed"):
+    if rec.status in ("paused", "failed", "scaled_to_zero"):
         svc.store.update_endpoint(name, restarts=0)
         svc.restart(name, DeploymentSpec.model_validate(rec.spec), x_hf_token)
     return _out(svc.get_rec(name), history=True)
@@ -374,17 +383,14 @@ def resume_endpoint(svc: Service, name: str = NamePath,
 
 @endpoints_router.post("/{name}/rotate_key", response_model=EndpointOut)
 def rotate_key(svc: Service, name: str = NamePath) -> EndpointOut:
-    """A new API key for a private endpoint (the old one stops working); running ones restart."""
+    """A new API key for a private endpoint: the old one stops working at once, at the gateway
+    (the endpoint keeps running: its server has its own internal key)."""
     rec = svc.get_rec(name)
     spec = DeploymentSpec.model_validate(rec.spec)
     if spec.access != "private":
-        raise HTTPException(409, f"{name!r} is public and has no key; PATCH access to 'private' first")
+        raise HTTPException(409, f"{name!r} is {spec.access} and has no key of its own; PATCH access to 'private' first")
     api_key = auth.generate_token()
     svc.store.update_endpoint(name, api_key_hash=auth.hash_secret(api_key))
-    svc.prov.set_api_key(name, api_key)
-    if rec.desired == "running" and rec.status != "failed":
-        svc.prov.stop(name)
-        svc.restart(name, spec, None)
     return _out(svc.get_rec(name), api_key=api_key, history=True)
 
 
@@ -397,6 +403,8 @@ def endpoint_logs(svc: Service, name: str = NamePath, tail: int = Query(200, ge=
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
+    app.state.scale_to_zero.close()
+    await app.state.gateway.aclose()
     app.state.provisioner.close()
 
 
@@ -405,7 +413,8 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
                       cpu_slots: int = 1, default_model: str | None = None,
                       default_adapters: dict[str, str] | None = None, check_plan: bool = True,
                       hf_users: list[str] | None = None, backend: str = "local",
-                      max_body_bytes: int = MAX_BODY_BYTES, **provisioner_options: Any) -> FastAPI:
+                      max_body_bytes: int = MAX_BODY_BYTES, public_url: str | None = None,
+                      scale_to_zero_interval_s: float = 1.0, **provisioner_options: Any) -> FastAPI:
     """The deploy service for `data_dir` (store, logs, models). Reconciles endpoints before returning.
 
     `app.state.new_admin_token` is the admin token made at this start (None when it came from
@@ -414,6 +423,8 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
     also let in with their own HF token, e.g. the OAuth token of a Space visitor.
     `backend` names the provisioner (`local`, `ray`) built with `provisioner_options` unless
     `provisioner` is given. Request bodies over `max_body_bytes` get 413 before they are read.
+    Endpoints answer at `<public_url>/endpoints/<name>/v1` (`gateway`; `public_url` or
+    `HUBDEPLOY_PUBLIC_URL`, else the URL each API request came to).
     """
     data_dir = Path(data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -448,7 +459,13 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
                        reject=lambda message: error_response(413, message, code="request_too_large"))
     app.include_router(hub_router)
     app.include_router(endpoints_router)
+    svc = app.state.service
+    app.state.scale_to_zero = ScaleToZero(store, provisioner, svc.start, interval_s=scale_to_zero_interval_s)
+    app.state.gateway = Gateway(svc, app.state.scale_to_zero)
+    app.add_middleware(GatewayMount, gateway=app.state.gateway,
+                       public_url=public_url or os.environ.get("HUBDEPLOY_PUBLIC_URL") or None)
     provisioner.reconcile()
+    app.state.scale_to_zero.begin()
     return app
 
 
