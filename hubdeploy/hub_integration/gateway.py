@@ -24,6 +24,7 @@ import asyncio
 import contextvars
 import math
 import re
+import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import anyio
@@ -41,12 +42,16 @@ if TYPE_CHECKING:
 GATEWAY_PREFIX = "/endpoints"
 MAX_BODY_BYTES = 8 * 1024 * 1024  # the endpoint server's own default cap (request_limits)
 SCALE_UP_HEADER = "x-scale-up-timeout"
+# how long a running endpoint's record (address, access, key hash) is reused; changes made through
+# the API reach the gateway at once (`forget`), the watchdog's within this time
+RECORD_TTL_S = 0.5
 MAX_SCALE_UP_WAIT_S = 600.0
 _ROUTE = re.compile(r"^/endpoints/(?P<name>[^/]{1,64})/(?P<rest>health|metrics|v1(?:/.*)?)$")
 _LORA_ADMIN = ("v1/load_lora_adapter", "v1/unload_lora_adapter")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                "transfer-encoding", "upgrade", "host", "content-length", "authorization", SCALE_UP_HEADER}
-_RESPONSE_DROP = {"connection", "keep-alive", "transfer-encoding", "upgrade", "content-length", "date", "server"}
+# content-length stays: the body is relayed raw (`aiter_raw`), byte for byte
+_RESPONSE_DROP = {"connection", "keep-alive", "transfer-encoding", "upgrade", "date", "server"}
 
 ASGIApp = Callable[..., Awaitable[None]]
 
@@ -88,9 +93,11 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         # read: the longest silence between two upstream chunks (a long prefill, a slow answer)
         self.timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=60.0, pool=30.0)
+        self._timeouts = self.timeout.as_dict()
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._keys: dict[str, tuple[tuple[Any, ...], str | None]] = {}
+        self._records: dict[str, tuple[float, Any]] = {}
 
     def client(self) -> httpx.AsyncClient:
         """One pooled upstream client per event loop (uvicorn has one; a TestClient makes several)."""
@@ -124,7 +131,7 @@ class Gateway:
     async def _answer(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any],
                       name: str, rest: str) -> None:
         request = Request(scope, receive)
-        rec = await anyio.to_thread.run_sync(self.svc.store.get_endpoint, name)
+        rec = await self._record(name)
         if rec is None or rec.status == "deleted":
             raise OpenAIError(f"no endpoint named {name!r} on this service", 404, code="endpoint_not_found")
         access = rec.spec.get("access", "private")
@@ -140,16 +147,34 @@ class Gateway:
                                                      max(0.0, deadline - anyio.current_time()), rec)
                 if await self._forward(scope, receive, send, request, rec, rest, body):
                     return
-                # the server died and the watchdog has not noticed yet: nothing reached it, so a
-                # request that may wait tries again (a restart or a wake brings it back)
+                # nothing reached the server: it stopped, or died and the watchdog has not noticed yet
+                self.forget(name)
+                rec = await anyio.to_thread.run_sync(self.svc.store.get_endpoint, name)
+                if rec is not None and rec.status != "running":
+                    continue  # ready_record answers for the new state (503, a wake, a wait)
                 if wait_s is None or anyio.current_time() >= deadline:
-                    state = await anyio.to_thread.run_sync(self.svc.store.get_endpoint, name)
-                    status = state.status if state is not None else "deleted"
-                    code = "upstream_unreachable" if status == "running" else f"endpoint_{status}"
-                    raise GatewayError(f"endpoint {name!r} is {status}: its server refuses connections; "
-                                       "retry shortly", 502, code)
-                rec = None  # read it again: the watchdog or a restart changes it
+                    raise GatewayError(f"endpoint {name!r} is running but its server refuses connections (it may "
+                                       "have just died); retry shortly", 502, "upstream_unreachable")
+                rec = None  # a request that may wait tries again: a restart brings it back
                 await anyio.sleep(0.2)
+
+    def forget(self, name: str) -> None:
+        """Drop the remembered record of `name` (the API changed its key, access or state)."""
+        self._records.pop(name, None)
+
+    async def _record(self, name: str) -> Any:
+        """The endpoint's record; a running one is remembered for `RECORD_TTL_S` (a database read
+        per request is most of the gateway's own time). Anything else is read each time."""
+        now = time.monotonic()
+        hit = self._records.get(name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        rec = await anyio.to_thread.run_sync(self.svc.store.get_endpoint, name)
+        if rec is not None and rec.status == "running":
+            self._records[name] = (now + RECORD_TTL_S, rec)
+        else:
+            self._records.pop(name, None)
+        return rec
 
     def _internal_key(self, rec: Any) -> str | None:
         """The key the endpoint's server runs with; read again when its process changes."""
@@ -193,7 +218,9 @@ class Gateway:
         root = rec.url.removesuffix("/").removesuffix("/v1")
         url = f"{root}/{rest}" + (f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else "")
         client = self.client()
-        upstream_req = client.build_request(request.method, url, headers=headers, content=body)
+        # a plain Request (no cookie/param merging of build_request): the proxy's hot path
+        upstream_req = httpx.Request(request.method, url, headers=headers, content=body,
+                                     extensions={"timeout": self._timeouts})
         async with anyio.create_task_group() as tg:
 
             async def watch_disconnect() -> None:
@@ -276,11 +303,11 @@ class GatewayMount:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope.get("path", "").startswith(GATEWAY_PREFIX + "/"):
+            await self.gateway(scope, receive, send)
+            return
         token = request_base_url.set(self.public_url or str(Request(scope).base_url))
         try:
-            if scope.get("path", "").startswith(GATEWAY_PREFIX + "/"):
-                await self.gateway(scope, receive, send)
-            else:
-                await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
         finally:
             request_base_url.reset(token)

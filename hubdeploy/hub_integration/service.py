@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -177,6 +177,12 @@ class ServiceContext:
     default_model: str | None
     default_adapters: dict[str, str]
     hub_users: auth.HubUsers | None
+    on_change: list[Callable[[str], None]] = field(default_factory=list)  # e.g. the gateway forgets its copy
+
+    def changed(self, name: str) -> None:
+        """An endpoint's key, access or state was changed by the API: tell who keeps a copy."""
+        for listener in self.on_change:
+            listener(name)
 
     def spec_context(self, token: str | None, name_taken: bool) -> SpecContext:
         return SpecContext(allowed_roots=self.roots, hub_endpoint=self.hub_endpoint, hf_token=token,
@@ -346,6 +352,7 @@ def patch_endpoint(body: PatchEndpointRequest, svc: Service, name: str = NamePat
     elif new.access != "private":
         key_hash = None
     store.update_endpoint(name, spec=new.model_dump(), api_key_hash=key_hash)
+    svc.changed(name)
     if rec.desired == "running" and rec.status != "failed":
         prov.stop(name)
         svc.restart(name, new, token)
@@ -357,6 +364,7 @@ def delete_endpoint(svc: Service, name: str = NamePath) -> EndpointOut:
     """Stop the process, free the device, remove logs and key; the status becomes `deleted`."""
     svc.get_rec(name)
     svc.prov.delete(name)
+    svc.changed(name)
     rec = svc.store.get_endpoint(name, with_history=True)
     assert rec is not None
     return _out(rec, history=True)
@@ -367,6 +375,7 @@ def pause_endpoint(svc: Service, name: str = NamePath) -> EndpointOut:
     """Stop the process and free its device; the record, key and URL port are kept."""
     svc.get_rec(name)
     svc.prov.stop(name)
+    svc.changed(name)
     return _out(svc.get_rec(name), history=True)
 
 
@@ -391,6 +400,7 @@ def rotate_key(svc: Service, name: str = NamePath) -> EndpointOut:
         raise HTTPException(409, f"{name!r} is {spec.access} and has no key of its own; PATCH access to 'private' first")
     api_key = auth.generate_token()
     svc.store.update_endpoint(name, api_key_hash=auth.hash_secret(api_key))
+    svc.changed(name)
     return _out(svc.get_rec(name), api_key=api_key, history=True)
 
 
@@ -462,6 +472,7 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
     svc = app.state.service
     app.state.scale_to_zero = ScaleToZero(store, provisioner, svc.start, interval_s=scale_to_zero_interval_s)
     app.state.gateway = Gateway(svc, app.state.scale_to_zero)
+    svc.on_change.append(app.state.gateway.forget)
     app.add_middleware(GatewayMount, gateway=app.state.gateway,
                        public_url=public_url or os.environ.get("HUBDEPLOY_PUBLIC_URL") or None)
     provisioner.reconcile()
