@@ -235,6 +235,13 @@ def test_scale_to_zero_and_wake_up(gw: LiveService) -> None:
         wait_status(gw, "nap", {"scaled_to_zero"}, timeout=60)
         assert gw.client.post("/api/endpoints/nap/resume").json()["status"] == "initializing"
         assert wait_status(gw, "nap", {"running", "failed"}, timeout=180)["status"] == "running"
+        # access is the gateway's: a PATCH applies at once, without a restart
+        pid = store.get_endpoint("nap").pid
+        assert httpx.get(url_of(gw, "nap") + "/models", timeout=10).status_code == 200
+        r = gw.client.patch("/api/endpoints/nap", json={"access": "protected", "scale_to_zero_after_s": 0})
+        assert r.status_code == 200 and r.json()["status"] == "running", r.text
+        assert httpx.get(url_of(gw, "nap") + "/models", timeout=10).status_code == 401
+        assert store.get_endpoint("nap").pid == pid
     finally:
         gw.client.delete("/api/endpoints/nap")
 

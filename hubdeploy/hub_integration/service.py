@@ -32,6 +32,8 @@ from hubdeploy.hub_integration.store import EndpointRecord, SlotUnavailable, Sto
 from hubdeploy.serving.server.body_limit import BodyLimit
 
 ADMIN_HASH_KEY = "admin_token_hash"
+# spec fields the gateway, the reaper or the watchdog read from the store: changing them needs no restart
+GATEWAY_ONLY_FIELDS = {"access", "tags", "restart_on_failure", "scale_to_zero_after_s"}
 INTERNAL_KEY_PREFIX = "hdint_"  # the key the gateway sends to an endpoint's server (never a user's)
 MAX_BODY_BYTES = 1024 * 1024  # specs and patches are a few KB; the page uploads nothing
 NamePath = PathParam(..., min_length=1, max_length=64, description="endpoint name")
@@ -333,7 +335,8 @@ def get_endpoint(svc: Service, name: str = NamePath) -> EndpointOut:
 
 @endpoints_router.patch("/{name}", response_model=EndpointOut)
 def patch_endpoint(body: PatchEndpointRequest, svc: Service, name: str = NamePath) -> EndpointOut:
-    """Change options; a running endpoint restarts with them. Turning access private makes a key."""
+    """Change options; a running endpoint restarts with them (not for access, tags, restart policy or
+    scale-to-zero, which act at the gateway and the service). Turning access private makes a key."""
     store, prov = svc.store, svc.prov
     rec = svc.get_rec(name)
     old = DeploymentSpec.model_validate(rec.spec)
@@ -353,7 +356,8 @@ def patch_endpoint(body: PatchEndpointRequest, svc: Service, name: str = NamePat
         key_hash = None
     store.update_endpoint(name, spec=new.model_dump(), api_key_hash=key_hash)
     svc.changed(name)
-    if rec.desired == "running" and rec.status != "failed":
+    serving = {"exclude": GATEWAY_ONLY_FIELDS}  # what the endpoint's server runs with
+    if rec.desired == "running" and rec.status != "failed" and old.model_dump(**serving) != new.model_dump(**serving):
         prov.stop(name)
         svc.restart(name, new, token)
     return _out(svc.get_rec(name), api_key=api_key, history=True)
