@@ -15,8 +15,8 @@ the gateway URL survives restarts, scale-to-zero and key rotation.
   OpenAI-style error naming the endpoint's state; a scaled-to-zero endpoint is woken
   (`scale_to_zero.ScaleToZero`).
 
-Mounted by `GatewayMount` outside the service's own middleware, so the gateway has its own body
-limit (completion requests are larger than API calls) and its own error shape (OpenAI's).
+`GatewayMount` puts it in front of the service's routes and their 1 MiB body limit: the gateway has
+its own limit (completion requests are larger than API calls) and its own error shape (OpenAI's).
 """
 from __future__ import annotations
 
