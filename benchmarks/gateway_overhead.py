@@ -4,7 +4,8 @@
 model on the CPU; one public endpoint. For each concurrency (1, 8, 32) the rounds alternate the
 order (direct, gateway / gateway, direct) so both see the same machine load; the figures are the
 per-round gateway − direct differences of TTFT p50 and the gateway/direct ratios of TPOT p50, as
-median and min–max over the rounds. Then the wake-up time: the endpoint is left to scale to zero,
+median and min–max over the rounds. The service process's own CPU per streamed event, with the
+stream going direct (its background work) and through the gateway (plus the relay). Then the wake-up time: the endpoint is left to scale to zero,
 and one streamed request with `X-Scale-Up-Timeout` is timed to its first token.
 
     python benchmarks/gateway_overhead.py [--rounds 3] [--json out.json]
@@ -77,6 +78,23 @@ def first_token_s(url: str, model: str) -> float:
     raise RuntimeError("no token came back")
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds of one process (all its threads, not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def service_cpu_per_event_us(service_pid: int, url: str, key: str | None, model: str) -> float:
+    """The service process's CPU per streamed event while one long completion streams through `url`."""
+    body = {"model": model, "prompt": "Hello there", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    c0, events = process_cpu_s(service_pid), 0
+    with httpx.stream("POST", url + "/completions", json=body, headers=headers, timeout=120) as r:
+        for line in r.iter_lines():
+            events += line.startswith("data: {")
+    return (process_cpu_s(service_pid) - c0) / max(events, 1) * 1e6
+
+
 def spread(values: list[float], fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
@@ -136,6 +154,15 @@ def main() -> int:
             results["concurrency"][conc] = {"ttft_p50_diff_ms": ttft_diff, "tpot_p50_ratio": tpot_ratio, "rounds": rows}
             print(f"c={conc:<2d} gateway − direct TTFT p50: {spread(ttft_diff, '{:+.2f}')} ms; "
                   f"gateway/direct TPOT p50: {spread(tpot_ratio)}", flush=True)
+        # the service's own CPU per relayed event: direct (what it spends anyway: watchdog, reaper) vs gateway
+        cpu: dict[str, list[float]] = {"direct": [], "gateway": []}
+        for _ in range(args.rounds):
+            cpu["direct"].append(service_cpu_per_event_us(service.pid, direct, key, e["served_model_name"]))
+            cpu["gateway"].append(service_cpu_per_event_us(service.pid, gateway, None, e["served_model_name"]))
+        results["service_cpu_us_per_event"] = cpu
+        extra = [g - d for g, d in zip(cpu["gateway"], cpu["direct"])]
+        print(f"service process CPU per streamed event: direct {spread(cpu['direct'], '{:.0f}')} µs, gateway "
+              f"{spread(cpu['gateway'], '{:.0f}')} µs; the gateway's share {spread(extra, '{:.0f}')} µs", flush=True)
         # wake-up: scaled_to_zero → first token
         api.patch("/api/endpoints/bench", json={"scale_to_zero_after_s": 2}).raise_for_status()
         wakes = []
