@@ -503,7 +503,7 @@ class _Deploy:
             deadline = time.monotonic() + cfg.deploy_timeout
             logs: list[str] = []
             while True:
-                if ep["status"] in ("running", "failed", "deleted", "paused") or time.monotonic() > deadline:
+                if ep["status"] in ("running", "failed", "deleted", "paused", "scaled_to_zero") or time.monotonic() > deadline:
                     break
                 try:
                     logs = c.logs(ep["name"], MAX_LOG_LINES)
