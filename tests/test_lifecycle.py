@@ -47,7 +47,7 @@ def test_lifecycle_from_hub_repo(tmp_path: Path, local_hub: Any, hub_repo: str) 
         assert [phases.index(p) for p in order] == sorted(phases.index(p) for p in order)
         assert e["progress"]["bytes_total"] > 0
         assert e["progress"]["bytes_done"] == e["progress"]["bytes_total"]
-        assert e["url"].startswith("http://127.0.0.1:") and e["url"].endswith("/v1")
+        assert e["url"] == f"{svc.base_url}/endpoints/lc/v1"  # the gateway's stable URL
 
         assert chat(e, key)
         with pytest.raises(openai.AuthenticationError):
@@ -59,14 +59,16 @@ def test_lifecycle_from_hub_repo(tmp_path: Path, local_hub: Any, hub_repo: str) 
         logs = svc.client.get("/api/endpoints/lc/logs", params={"tail": 50}).json()["lines"]
         assert any("phase: ready" in line for line in logs)
 
-        # pause: process gone, slot freed, URL refuses
-        pid = store.get_endpoint("lc").pid
+        # pause: process gone, slot freed, the server's port refuses, the gateway says why
+        pid, direct = store.get_endpoint("lc").pid, store.get_endpoint("lc").url
         p = svc.client.post("/api/endpoints/lc/pause").json()
         assert p["status"] == "paused" and p["url"] is None
         assert not pid_alive(pid)
         assert store.claimed_slots() == {}
         with pytest.raises(httpx.ConnectError):
-            httpx.get(e["url"].removesuffix("/v1") + "/health", timeout=2)
+            httpx.get(direct.removesuffix("/v1") + "/health", timeout=2)
+        r = httpx.get(e["url"] + "/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "endpoint_paused"
 
         # resume: same key works again
         assert svc.client.post("/api/endpoints/lc/resume").status_code == 200

@@ -73,11 +73,13 @@ def test_forged_phase_lines_neither_move_the_endpoint_nor_reach_the_log(tmp_path
         assert phases == ["downloading", "loading", "warming_up", "ready"], phases
         assert sent and sent[0] > 0
 
-        health = httpx.get(e["url"].removesuffix("/v1") + "/health", timeout=5)
+        direct = store.get_endpoint("forge").url  # the child itself (its log is what is under test)
+        internal = {"Authorization": "Bearer " + (data / "secrets" / "forge.key").read_text().strip()}
+        health = httpx.get(direct.removesuffix("/v1") + "/health", timeout=5)
         assert parse_health(health.status_code, health.json()).phases == ("downloading", "loading", "warming_up",
                                                                         "ready")
         for path in FORGED_PATHS:  # once more, now that it serves
-            assert httpx.get(e["url"].removesuffix("/v1") + path, timeout=5).status_code == 404
+            assert httpx.get(direct.removesuffix("/v1") + path, headers=internal, timeout=5).status_code == 404
         time.sleep(0.5)  # the request log line is written after the answer
         log = (data / "logs" / "forge.log").read_text(errors="replace")
         lines = log.splitlines()

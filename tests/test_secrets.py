@@ -98,7 +98,8 @@ def test_hf_token_and_api_key_never_leak(tmp_path: Path, local_hub: Any, tiny_mo
         pid = app.state.store.get_endpoint("g").pid
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert f"HF_TOKEN={HF_TOKEN}".encode() in environ  # it did get the token, by environment
-        assert f"HUBDEPLOY_API_KEY={key}".encode() in environ
+        # the server runs with the gateway's internal key, never the user's (checked at the gateway)
+        assert b"HUBDEPLOY_API_KEY=hdint_" in environ and key.encode() not in environ
         cmdlines = _all_cmdlines()
         assert b"hubdeploy\x00serve" in cmdlines
         ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, timeout=30).stdout

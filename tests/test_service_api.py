@@ -137,19 +137,18 @@ def test_duplicate_patch_rotate(svc: TestClient) -> None:
     assert e["status"] == "running", e["reason"]
 
     def chat_status(k: str | None) -> int:
-        return httpx.post(e["url"] + "/chat/completions", timeout=60,
-                          headers={"Authorization": f"Bearer {k}"} if k else {},
-                          json={"model": e["served_model_name"], "max_tokens": 2,
-                                "messages": [{"role": "user", "content": "hi"}]}).status_code
+        return svc.post(e["url"] + "/chat/completions", headers={"Authorization": f"Bearer {k}"} if k else {},
+                        json={"model": e["served_model_name"], "max_tokens": 2,
+                              "messages": [{"role": "user", "content": "hi"}]}).status_code
 
     assert chat_status(key) == 200
     # the URL rejects everything but its key: none, a wrong one, another scheme, the admin token
     assert chat_status(None) == 401 and chat_status("hdk_wrong") == 401 and chat_status("adm") == 401
-    r = httpx.get(e["url"] + "/models", headers={"Authorization": f"Basic {key}"}, timeout=30)
+    r = svc.get(e["url"] + "/models", headers={"Authorization": f"Basic {key}"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(e["url"] + "/models", timeout=30).json()["error"]["code"] == "missing_api_key"
-    # GET gives a ready-to-use OpenAI base URL, the phase and the progress
-    assert e["url"].startswith("http://127.0.0.1:") and e["url"].endswith("/v1") and e["phase"] == "ready"
+    assert svc.get(e["url"] + "/models").json()["error"]["code"] == "missing_api_key"
+    # GET gives a ready-to-use OpenAI base URL (the service's gateway), the phase and the progress
+    assert e["url"] == "http://testserver/endpoints/dup/v1" and e["phase"] == "ready"
     assert set(e["progress"]) == {"bytes_done", "bytes_total", "fraction"}
     r = svc.post("/api/endpoints/dup/rotate_key", headers=H)
     new_key = r.json()["api_key"]

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "cluster (ray; pip install 'hubdeploy[ray]')")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="the Ray cluster to join with --backend ray (default $RAY_ADDRESS, else a local one)")
+    p.add_argument("--public-url", default=os.environ.get("HUBDEPLOY_PUBLIC_URL"), metavar="URL",
+                   help="the service's URL as users reach it (behind a proxy, on a Space); endpoint URLs are "
+                        "URL/endpoints/<name>/v1 (default $HUBDEPLOY_PUBLIC_URL, else the URL each request came to)")
     p.add_argument("--no-demo", action="store_true", help="do not build the tiny demo model")
     p.add_argument("--hf-user", action="append", default=None, metavar="NAME",
                    help="a Hugging Face user or organisation let in with its own HF token (OAuth on a Space); "
@@ -90,10 +93,12 @@ def run(args: argparse.Namespace) -> int:
     app = build_service_app(data_dir, hub_endpoint=args.hub_endpoint, allowed_model_roots=roots,
                             cpu_slots=args.cpu_slots, default_model=default_model,
                             default_adapters=default_adapters, hf_users=args.hf_user, backend=args.backend,
+                            public_url=args.public_url,
                             **({"address": args.ray_address} if args.backend == "ray" else {}))
     mount_page(app, _page_blocks())
     base = browse_url(args.host, args.port)
     print(f"hubdeploy: deploy service at {base}/  (API: /api, docs: /docs)", flush=True)
+    print(f"hubdeploy: endpoints answer at {(args.public_url or base).rstrip('/')}/endpoints/<name>/v1", flush=True)
     line = sign_in_line(base, app.state.new_admin_token, os.environ.get(TOKEN_ENV), sys.stdout.isatty())
     if line:
         print(line, flush=True)

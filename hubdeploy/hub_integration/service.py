@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,13 +24,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hubdeploy.hub_integration import auth
 from hubdeploy.hub_integration.admin_gate import AdminGate
 from hubdeploy.hub_integration.errors import InspectError
+from hubdeploy.hub_integration.gateway import Gateway, GatewayMount, gateway_url
 from hubdeploy.hub_integration.provisioner.base import Provisioner, Secrets
+from hubdeploy.hub_integration.scale_to_zero import ScaleToZero
 from hubdeploy.hub_integration.spec import (CreateEndpointRequest, DeploymentSpec, HubUnavailable, PatchEndpointRequest,
                                   SpecContext, SpecError, check_spec, classify_source, resolve_local_dir)
 from hubdeploy.hub_integration.store import EndpointRecord, SlotUnavailable, Store
 from hubdeploy.serving.server.body_limit import BodyLimit
 
 ADMIN_HASH_KEY = "admin_token_hash"
+# spec fields the gateway, the reaper or the watchdog read from the store: changing them needs no restart
+GATEWAY_ONLY_FIELDS = {"access", "tags", "restart_on_failure", "scale_to_zero_after_s"}
+INTERNAL_KEY_PREFIX = "hdint_"  # the key the gateway sends to an endpoint's server (never a user's)
 MAX_BODY_BYTES = 1024 * 1024  # specs and patches are a few KB; the page uploads nothing
 NamePath = PathParam(..., min_length=1, max_length=64, description="endpoint name")
 
@@ -53,10 +58,11 @@ class EndpointOut(BaseModel):
 
     name: str
     spec: DeploymentSpec
-    status: Literal["pending", "initializing", "running", "paused", "failed", "deleted"]
+    status: Literal["pending", "initializing", "running", "paused", "scaled_to_zero", "failed", "deleted"]
     phase: str | None = None
     progress: Progress
-    url: str | None = Field(None, description="OpenAI base URL (http://host:port/v1) while running")
+    url: str | None = Field(None, description="OpenAI base URL through the service's gateway "
+                                              "(<service>/endpoints/<name>/v1) while running or scaled to zero")
     served_model_name: str = Field(..., description="the `model` clients send for the base model")
     reason: str | None = None
     device: str | None = None
@@ -143,7 +149,7 @@ def _out(rec: EndpointRecord, api_key: str | None = None, history: bool = False)
     return EndpointOut(
         name=rec.name, spec=spec, status=rec.status, phase=rec.phase,
         progress=Progress(bytes_done=rec.bytes_done, bytes_total=rec.bytes_total, fraction=frac),
-        url=rec.url if rec.status == "running" else None, served_model_name=spec.served_model_name, reason=rec.reason, device=rec.device,
+        url=gateway_url(rec.name) if rec.status in ("running", "scaled_to_zero") else None, served_model_name=spec.served_model_name, reason=rec.reason, device=rec.device,
         restarts=rec.restarts, created_at=rec.created_at, updated_at=rec.updated_at,
         history=[StatusChange(**h) for h in rec.history] if history else None, api_key=api_key)
 
@@ -174,6 +180,12 @@ class ServiceContext:
     default_model: str | None
     default_adapters: dict[str, str]
     hub_users: auth.HubUsers | None
+    on_change: list[Callable[[str], None]] = field(default_factory=list)  # e.g. the gateway forgets its copy
+
+    def changed(self, name: str) -> None:
+        """An endpoint's key, access or state was changed by the API: tell who keeps a copy."""
+        for listener in self.on_change:
+            listener(name)
 
     def spec_context(self, token: str | None, name_taken: bool) -> SpecContext:
         return SpecContext(allowed_roots=self.roots, hub_endpoint=self.hub_endpoint, hf_token=token,
@@ -185,10 +197,20 @@ class ServiceContext:
             raise HTTPException(404, f"no endpoint named {name!r}; GET /api/endpoints lists them")
         return rec
 
+    def accepts(self, token: str | None) -> bool:
+        """A credential of the service: the admin token, or the HF token of a user `hf_users` lets in
+        (blocking: scrypt, maybe a Hub call)."""
+        return auth.verify_secret(token, self.store.get_meta(ADMIN_HASH_KEY)) or \
+            (self.hub_users is not None and self.hub_users.allows(token))
+
+    def start(self, name: str, spec: DeploymentSpec, token: str | None = None) -> None:
+        """Provision `name` with a fresh internal key: the child's own key, known to the gateway only
+        (users' keys stay at the gateway). Raises `SlotUnavailable` when no device is free."""
+        self.prov.provision(spec, Secrets(hf_token=token, api_key=auth.generate_token(INTERNAL_KEY_PREFIX)))
+
     def restart(self, name: str, spec: DeploymentSpec, token: str | None) -> None:
-        key = self.prov.get_api_key(name)
         try:
-            self.prov.provision(spec, Secrets(hf_token=token, api_key=key if spec.access == "private" else None))
+            self.start(name, spec, token)
         except SlotUnavailable as e:
             self.store.update_endpoint(name, status="paused", desired="paused", reason=str(e))
             raise HTTPException(409, f"cannot start {name!r}: {e}") from None
@@ -197,12 +219,6 @@ class ServiceContext:
 def get_service(request: Request) -> ServiceContext:
     """The `ServiceContext` of the app serving this request (a FastAPI dependency)."""
     return request.app.state.service
-
-
-def admin_allowed(svc: ServiceContext, token: str | None) -> bool:
-    """The admin token, or the HF token of a user `hf_users` lets in (blocking: scrypt, maybe a Hub call)."""
-    return auth.verify_secret(token, svc.store.get_meta(ADMIN_HASH_KEY)) or \
-        (svc.hub_users is not None and svc.hub_users.allows(token))
 
 
 def _unauthorized_message(svc: ServiceContext) -> str:
@@ -218,7 +234,7 @@ def require_admin(request: Request, authorization: str | None = Header(None)) ->
     its own (a verified token is remembered, so the second check costs a hash lookup).
     """
     svc = get_service(request)
-    if not admin_allowed(svc, auth.bearer_token(authorization)):
+    if not svc.accepts(auth.bearer_token(authorization)):
         raise HTTPException(401, _unauthorized_message(svc), headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -305,7 +321,7 @@ def create_endpoint(body: CreateEndpointRequest, svc: Service) -> EndpointOut:
     except KeyError:
         raise SpecError(("name",), f"an endpoint named {spec.name!r} already exists") from None
     try:
-        prov.provision(spec, Secrets(hf_token=token, api_key=api_key))
+        svc.start(spec.name, spec, token)
     except SlotUnavailable as e:  # lost the race for the last device: nothing of it remains
         store.remove_endpoint(spec.name)
         raise HTTPException(409, f"cannot start {spec.name!r}: {e}") from None
@@ -328,7 +344,8 @@ def get_endpoint(svc: Service, name: str = NamePath) -> EndpointOut:
 
 @endpoints_router.patch("/{name}", response_model=EndpointOut)
 def patch_endpoint(body: PatchEndpointRequest, svc: Service, name: str = NamePath) -> EndpointOut:
-    """Change options; a running endpoint restarts with them. Turning access private makes a key."""
+    """Change options; a running endpoint restarts with them (not for access, tags, restart policy or
+    scale-to-zero, which act at the gateway and the service). Turning access private makes a key."""
     store, prov = svc.store, svc.prov
     rec = svc.get_rec(name)
     old = DeploymentSpec.model_validate(rec.spec)
@@ -344,12 +361,12 @@ def patch_endpoint(body: PatchEndpointRequest, svc: Service, name: str = NamePat
     if new.access == "private" and (old.access != "private" or not key_hash):
         api_key = auth.generate_token()
         key_hash = auth.hash_secret(api_key)
-    elif new.access == "public":
+    elif new.access != "private":
         key_hash = None
     store.update_endpoint(name, spec=new.model_dump(), api_key_hash=key_hash)
-    if api_key is not None or new.access == "public":
-        prov.set_api_key(name, api_key)
-    if rec.desired == "running" and rec.status != "failed":
+    svc.changed(name)
+    serving = {"exclude": GATEWAY_ONLY_FIELDS}  # what the endpoint's server runs with
+    if rec.desired == "running" and rec.status != "failed" and old.model_dump(**serving) != new.model_dump(**serving):
         prov.stop(name)
         svc.restart(name, new, token)
     return _out(svc.get_rec(name), api_key=api_key, history=True)
@@ -360,6 +377,7 @@ def delete_endpoint(svc: Service, name: str = NamePath) -> EndpointOut:
     """Stop the process, free the device, remove logs and key; the status becomes `deleted`."""
     svc.get_rec(name)
     svc.prov.delete(name)
+    svc.changed(name)
     rec = svc.store.get_endpoint(name, with_history=True)
     assert rec is not None
     return _out(rec, history=True)
@@ -370,15 +388,16 @@ def pause_endpoint(svc: Service, name: str = NamePath) -> EndpointOut:
     """Stop the process and free its device; the record, key and URL port are kept."""
     svc.get_rec(name)
     svc.prov.stop(name)
+    svc.changed(name)
     return _out(svc.get_rec(name), history=True)
 
 
 @endpoints_router.post("/{name}/resume", response_model=EndpointOut)
 def resume_endpoint(svc: Service, name: str = NamePath,
                     x_hf_token: str | None = Header(None, include_in_schema=False)) -> EndpointOut:
-    """Start a paused or failed endpoint again (same key, same port when it is still free)."""
+    """Start a paused, failed or scaled-to-zero endpoint again (same key, same gateway URL)."""
     rec = svc.get_rec(name)
-    if rec.status in ("paused", "failed"):
+    if rec.status in ("paused", "failed", "scaled_to_zero"):
         svc.store.update_endpoint(name, restarts=0)
         svc.restart(name, DeploymentSpec.model_validate(rec.spec), x_hf_token)
     return _out(svc.get_rec(name), history=True)
@@ -386,17 +405,15 @@ def resume_endpoint(svc: Service, name: str = NamePath,
 
 @endpoints_router.post("/{name}/rotate_key", response_model=EndpointOut)
 def rotate_key(svc: Service, name: str = NamePath) -> EndpointOut:
-    """A new API key for a private endpoint (the old one stops working); running ones restart."""
+    """A new API key for a private endpoint: the old one stops working at once, at the gateway
+    (the endpoint keeps running: its server has its own internal key)."""
     rec = svc.get_rec(name)
     spec = DeploymentSpec.model_validate(rec.spec)
     if spec.access != "private":
-        raise HTTPException(409, f"{name!r} is public and has no key; PATCH access to 'private' first")
+        raise HTTPException(409, f"{name!r} is {spec.access} and has no key of its own; PATCH access to 'private' first")
     api_key = auth.generate_token()
     svc.store.update_endpoint(name, api_key_hash=auth.hash_secret(api_key))
-    svc.prov.set_api_key(name, api_key)
-    if rec.desired == "running" and rec.status != "failed":
-        svc.prov.stop(name)
-        svc.restart(name, spec, None)
+    svc.changed(name)
     return _out(svc.get_rec(name), api_key=api_key, history=True)
 
 
@@ -409,6 +426,8 @@ def endpoint_logs(svc: Service, name: str = NamePath, tail: int = Query(200, ge=
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
+    app.state.scale_to_zero.close()
+    await app.state.gateway.aclose()
     app.state.provisioner.close()
 
 
@@ -417,7 +436,8 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
                       cpu_slots: int = 1, default_model: str | None = None,
                       default_adapters: dict[str, str] | None = None, check_plan: bool = True,
                       hf_users: list[str] | None = None, backend: str = "local",
-                      max_body_bytes: int = MAX_BODY_BYTES, **provisioner_options: Any) -> FastAPI:
+                      max_body_bytes: int = MAX_BODY_BYTES, public_url: str | None = None,
+                      scale_to_zero_interval_s: float = 1.0, **provisioner_options: Any) -> FastAPI:
     """The deploy service for `data_dir` (store, logs, models). Reconciles endpoints before returning.
 
     `app.state.new_admin_token` is the admin token made at this start (None when it came from
@@ -426,6 +446,8 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
     also let in with their own HF token, e.g. the OAuth token of a Space visitor.
     `backend` names the provisioner (`local`, `ray`) built with `provisioner_options` unless
     `provisioner` is given. Request bodies over `max_body_bytes` get 413 before they are read.
+    Endpoints answer at `<public_url>/endpoints/<name>/v1` (`gateway`; `public_url` or
+    `HUBDEPLOY_PUBLIC_URL`, else the URL each API request came to).
     """
     data_dir = Path(data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -467,11 +489,18 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
     # the last added runs first: the token is checked before the body limit, and both before any body is read
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes,
                        reject=lambda message: error_response(413, message, code="request_too_large"))
-    app.add_middleware(AdminGate, allowed=lambda token: admin_allowed(svc, token), deny=deny,
+    app.add_middleware(AdminGate, allowed=svc.accepts, deny=deny,
                        known=lambda token: auth.verified_before(token, store.get_meta(ADMIN_HASH_KEY)))
     app.include_router(hub_router)
     app.include_router(endpoints_router)
+    svc = app.state.service
+    app.state.scale_to_zero = ScaleToZero(store, provisioner, svc.start, interval_s=scale_to_zero_interval_s)
+    app.state.gateway = Gateway(svc, app.state.scale_to_zero)
+    svc.on_change.append(app.state.gateway.forget)
+    app.add_middleware(GatewayMount, gateway=app.state.gateway,
+                       public_url=public_url or os.environ.get("HUBDEPLOY_PUBLIC_URL") or None)
     provisioner.reconcile()
+    app.state.scale_to_zero.begin()
     return app
 
 

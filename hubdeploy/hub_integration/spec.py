@@ -77,9 +77,14 @@ class DeploymentSpec(BaseModel):
                                      description="LoRA adapters: served name -> Hub repo id or local directory")
     gpu: str = Field("cpu", min_length=1, max_length=64, description="a GPU catalog name, or `cpu`")
     engine: EngineOptions = Field(default_factory=EngineOptions)
-    access: Literal["private", "public"] = "private"
+    access: Literal["private", "protected", "public"] = Field(
+        "private", description="at the gateway: `private` the endpoint's own key, `protected` any credential "
+                               "of the service (its admin token), `public` no key")
     tags: list[str] = Field(default_factory=list, max_length=16)
     restart_on_failure: bool = False
+    scale_to_zero_after_s: int = Field(0, ge=0, le=30 * 86400,
+                                       description="stop after this many seconds without a request (device "
+                                                   "freed, status scaled_to_zero; a request wakes it); 0 = never")
     engine_from_plan: list[str] = Field(
         default_factory=list, max_length=len(EngineOptions.model_fields),
         description="engine options filled in from the memory plan (not set by the user); set by the "
@@ -162,9 +167,10 @@ class PatchEndpointRequest(BaseModel):
     adapters: dict[str, str] | None = Field(None, max_length=32)
     gpu: str | None = Field(None, min_length=1, max_length=64)
     engine: EngineOptions | None = None
-    access: Literal["private", "public"] | None = None
+    access: Literal["private", "protected", "public"] | None = None
     tags: list[str] | None = Field(None, max_length=16)
     restart_on_failure: bool | None = None
+    scale_to_zero_after_s: int | None = Field(None, ge=0, le=30 * 86400)
     hf_token: SecretStr | None = None
 
     def apply(self, spec: DeploymentSpec) -> DeploymentSpec:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STATUSES = ("pending", "initializing", "running", "paused", "failed", "deleted")
+STATUSES = ("pending", "initializing", "running", "paused", "scaled_to_zero", "failed", "deleted")
 PHASES = ("downloading", "loading", "warming_up", "ready")
 
 MIGRATIONS: list[str] = [

@@ -214,7 +214,7 @@ class _Access:
             if just_given and token and not refused:
                 status = view.notice("ok", "Token saved in this browser.")
         model = pre.get("model") or ""
-        access = pre.get("access") if pre.get("access") in ("private", "public") else "private"
+        access = pre.get("access") if pre.get("access") in ("private", "protected", "public") else "private"
         return (gr.update(value=model or None, choices=[model] if model else []), pre.get("revision") or "",
                 pre, token, "" if refused else token, gr.update(open=need_token or refused), status, access,
                 *(pre.get(k) or 0 for k in NUMBER_PARAMS))
@@ -322,7 +322,9 @@ class _ModelForm:
         with gr.Row():
             self.name_box = gr.Textbox(label="Endpoint name", elem_id="hd-name",
                                        info="Lowercase letters, digits and '-'; suggested from the model.")
-            self.access_radio = gr.Radio([("Private — API key", "private"), ("Public — no key", "public")],
+            self.access_radio = gr.Radio([("Private — API key", "private"),
+                                          ("Protected — the service's token", "protected"),
+                                          ("Public — no key", "public")],
                                          value="private", label="Access", elem_id="hd-access-radio")
         with gr.Row():
             self.max_len = gr.Number(label="Max context (tokens)", precision=0, value=0,
@@ -498,11 +500,12 @@ class _Deploy:
             key = ep.get("api_key")
             state = {"name": ep["name"], "api_key": key, "served_model_name": ep["served_model_name"],
                      "adapters": list(ep["spec"]["adapters"]), "url": None}
-            key_text = key or "(public endpoint: no key needed)"
+            key_text = key or ("(protected endpoint: send the service's admin token)"
+                               if ep["spec"]["access"] == "protected" else "(public endpoint: no key needed)")
             deadline = time.monotonic() + cfg.deploy_timeout
             logs: list[str] = []
             while True:
-                if ep["status"] in ("running", "failed", "deleted", "paused") or time.monotonic() > deadline:
+                if ep["status"] in ("running", "failed", "deleted", "paused", "scaled_to_zero") or time.monotonic() > deadline:
                     break
                 try:
                     logs = c.logs(ep["name"], MAX_LOG_LINES)

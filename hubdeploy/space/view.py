@@ -236,7 +236,7 @@ def progress_html(ep: dict[str, Any], hint: str = "") -> str:
                       hint or "Read the log tail below; fix the option it names and deploy again, "
                               "or press Resume in My endpoints to retry.")
     current = "running" if status == "running" else (phase if status == "initializing" and phase else "pending")
-    if status == "paused":
+    if status in ("paused", "scaled_to_zero"):
         current = "pending"
     keys = [k for k, _ in PHASES]
     idx = keys.index(current) if current in keys else 0
@@ -253,6 +253,8 @@ def progress_html(ep: dict[str, Any], hint: str = "") -> str:
         text = detail.get(current, current)
     if status == "paused":
         text = "paused"
+    elif status == "scaled_to_zero":
+        text = "scaled to zero (idle): the next request, or Resume, wakes it"
     steps = "".join(
         f'<li class="{"hd-done" if i < idx or current == "running" else "hd-now" if i == idx else ""}">{e(label)}</li>'
         for i, (_, label) in enumerate(PHASES))

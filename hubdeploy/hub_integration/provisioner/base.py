@@ -17,7 +17,7 @@ class Secrets:
     """Secrets handed to the endpoint process by environment only (never argv, DB or logs)."""
 
     hf_token: str | None = None
-    api_key: str | None = None
+    api_key: str | None = None  # the server's internal key (the gateway sends it), never a user's
 
 
 class Provisioner(ABC):
@@ -49,7 +49,7 @@ class Provisioner(ABC):
 
     @abstractmethod
     def set_api_key(self, name: str, api_key: str | None) -> None:
-        """Keep the endpoint's key where the backend can hand it to restarts (None: public)."""
+        """Keep the key the endpoint's server runs with (the gateway's internal key) for restarts."""
 
     @abstractmethod
     def get_api_key(self, name: str) -> str | None:

@@ -45,10 +45,22 @@ def parse_health(status_code: int, body: Any) -> ServerHealth:
     return ServerHealth(ready=ready, phases=phases, failure=failure)
 
 
+_client: httpx.Client | None = None
+
+
+def _probe_client() -> httpx.Client:
+    """One client for every probe (thread-safe): a new one per call builds an SSL context, which at
+    two probes a second per endpoint took CPU from the engines (benchmarks/RESULTS.md, gateway)."""
+    global _client
+    if _client is None:
+        _client = httpx.Client(timeout=PROBE_TIMEOUT_S)
+    return _client
+
+
 def probe_health(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> ServerHealth | None:
     """`GET /health` on the endpoint server; None when it does not answer (not up, or hung)."""
     try:
-        r = httpx.get(f"http://{host}:{port}/health", timeout=timeout)
+        r = _probe_client().get(f"http://{host}:{port}/health", timeout=timeout)
     except (httpx.ReadTimeout, httpx.PoolTimeout):
         return ServerHealth(ready=False, busy=True)
     except httpx.HTTPError:

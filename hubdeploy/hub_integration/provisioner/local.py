@@ -6,11 +6,10 @@ port, pre-download weights into the shared HF cache recording bytes done/total, 
 follow the phases and readiness its `/health` reports (`health`; never its log, which
 carries client-controlled text), and watch it until it stops or fails.
 
-Endpoint URL: the child listens on loopback port P (`endpoint_host`), and the user gets
-`http://<url_host>:P/v1` — reachable from this machine only. Serving it to other machines
-through the deploy service (a proxy path `/e/<name>/v1`) is a later step (docs/scaling.md).
-The endpoint key is kept, for restarts, in `data_dir/secrets/<name>.key` (mode 0600); the
-database holds only its hash. The HF token lives in memory only and reaches the child by
+Endpoint URL: the child listens on loopback port P (`endpoint_host`); the record's
+`http://<url_host>:P/v1` is the gateway's upstream (users get `<service>/endpoints/<name>/v1`,
+`gateway.py`). The child's internal key is kept, for restarts, in `data_dir/secrets/<name>.key`
+(mode 0600); the database holds only the hash of the user's key. The HF token lives in memory only and reaches the child by
 environment; after a service restart the weights are already in the shared cache.
 One service process per data dir.
 """
@@ -282,7 +281,7 @@ class LocalProvisioner(Provisioner):
             else free_port(self.endpoint_host, used)
         if secrets.hf_token:
             self._hf_tokens[name] = secrets.hf_token
-        self.set_api_key(name, secrets.api_key if spec.access == "private" else None)
+        self.set_api_key(name, secrets.api_key)  # the internal key the gateway sends (any access mode)
         self.store.update_endpoint(name, status="initializing", phase=None, desired="running", device=device,
                                    port=port, url=None, pid=None, reason=None, bytes_done=0, bytes_total=0)
         self.store.add_event(name, "provision", f"device {device}, port {port}")
@@ -482,7 +481,7 @@ class LocalProvisioner(Provisioner):
         token = self._hf_tokens.get(spec.name)
         if token:
             env["HF_TOKEN"] = token
-        api_key = self.get_api_key(spec.name) if spec.access == "private" else None
+        api_key = self.get_api_key(spec.name)
         if api_key:
             env["HUBDEPLOY_API_KEY"] = api_key
         if device.startswith("cuda:"):

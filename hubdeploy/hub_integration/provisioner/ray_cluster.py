@@ -147,7 +147,7 @@ class RayProvisioner(Provisioner):
         self._kill_actor(name)
         if secrets.hf_token:
             self._hf_tokens[name] = secrets.hf_token
-        self.set_api_key(name, secrets.api_key if spec.access == "private" else None)
+        self.set_api_key(name, secrets.api_key)  # the internal key the gateway sends (any access mode)
         self.store.update_endpoint(name, status="initializing", phase=None, desired="running", device=f"ray:{spec.gpu}",
                                    port=None, url=None, pid=None, reason=None, bytes_done=0, bytes_total=0)
         outside = self._outside_roots(spec)
@@ -222,7 +222,7 @@ class RayProvisioner(Provisioner):
                 w.thread.join(timeout=30)
 
     def _start(self, spec: DeploymentSpec, actor: Any) -> str:
-        key = self.get_api_key(spec.name) if spec.access == "private" else None
+        key = self.get_api_key(spec.name)
         return self._ray.get(actor.start.remote(spec.model_dump(), self._hf_tokens.get(spec.name), key),
                              timeout=_CALL_TIMEOUT)
 
