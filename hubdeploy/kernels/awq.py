@@ -53,9 +53,11 @@ def unpack_int4_natural(packed: torch.Tensor) -> torch.Tensor:
 class AWQPacked:
     """One AWQ linear (or a stack of E expert linears) in the kernel layout above.
 
-    `_dequant_cache` holds a lazily built dense weight `[.., out, in]` per dtype for the CPU
-    reference path only (the CPU engine calls `awq_linear_ref` every step; dequantizing each
-    call would dominate). It is never filled for CUDA tensors, where the memory is the point.
+    On the CPU, bf16 activations use `cpu_int4()` (the weights stay 4-bit, see
+    `CpuInt4Weight`); other dtypes (fp32 reference mode, fp16, shapes tinygemm does not take)
+    use `_dequant_cache`, a lazily built dense weight `[.., out, in]` per dtype (the CPU engine
+    calls the layer every step; dequantizing each call would dominate). Neither is ever filled
+    for CUDA tensors, where the Triton kernels read this layout directly.
     """
 
     qweight: torch.Tensor  # int32 [out, in/8] or [E, out, in/8]
@@ -65,6 +67,7 @@ class AWQPacked:
     out_features: int
     group_size: int
     _dequant_cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _cpu_int4: "CpuInt4Weight | None" = field(default=None, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -101,6 +104,79 @@ class AWQPacked:
             w = self.dequantize(dtype)
             self._dequant_cache[dtype] = w
         return w
+
+    def cpu_int4(self) -> "CpuInt4Weight | None":
+        """The tinygemm CPU int4 form (built once, cached), or None where the CPU kernel does not
+        take this shape (then callers use `dense_weight`)."""
+        if self._cpu_int4 is None and cpu_int4_supported(self):
+            self._cpu_int4 = to_cpu_int4(self)
+        return self._cpu_int4
+
+    def build_cpu_int4(self) -> bool:
+        """Build the int4 form now (at load); True when it was built by this call."""
+        return self._cpu_int4 is None and self.cpu_int4() is not None
+
+
+# ----------------------------------------------------------------------------------------
+# CPU int4 (torch's tinygemm CPU kernel): AWQ stays 4-bit in memory
+# ----------------------------------------------------------------------------------------
+
+CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)  # what `_weight_int4pack_mm_for_cpu` accepts
+_CPU_INT4_INNER_K_TILES = 2  # K must be a multiple of 16 * this (32); group sizes all are
+
+
+@dataclass
+class CpuInt4Weight:
+    """AWQ weights in torch's tinygemm CPU int4 layout (`aten._convert_weight_to_int4pack_for_cpu`).
+
+    tinygemm computes `W[n, k] = (q - 8) · scale + zero` per group; AWQ's `(q - z) · s` is the
+    same with `scale = s`, `zero = (8 - z) · s` (exact in fp32, stored rounded to bf16 as the
+    kernel requires). The kernel is fast only for bf16 activations on this torch build (fp32 and
+    fp16 take a slow path), so it serves bf16 alone. Same memory as the checkpoint: 4 bits per
+    weight plus two bf16 values per group and output column.
+    """
+
+    weight: torch.Tensor  # uint8 [.., out, in/2]
+    scale_and_zero: torch.Tensor  # bf16 [.., in/g, out, 2]
+    group_size: int
+
+    def mm(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """`x [M, in]` (bf16) @ W.T -> `[M, out]` bf16; `expert` picks one of stacked experts."""
+        w, sz = (self.weight, self.scale_and_zero) if expert is None else (self.weight[expert], self.scale_and_zero[expert])
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, self.group_size, sz)
+
+
+def cpu_int4_supported(packed: AWQPacked) -> bool:
+    """Whether the tinygemm CPU kernel takes this layer: a CPU tensor, out % 16, group 32..256."""
+    return (
+        packed.qweight.device.type == "cpu" and packed.out_features % 16 == 0
+        and packed.group_size in CPU_INT4_GROUP_SIZES and packed.in_features % packed.group_size == 0
+    )
+
+
+def to_cpu_int4(packed: AWQPacked) -> CpuInt4Weight:
+    """Repack `AWQPacked` (one linear or stacked experts) into `CpuInt4Weight`, losslessly for
+    the integers; scale and zero rounded to bf16 (see `CpuInt4Weight`)."""
+    if not cpu_int4_supported(packed):
+        raise ValueError(
+            f"CPU int4 needs out_features % 16 == 0 and group size in {CPU_INT4_GROUP_SIZES}; got out "
+            f"{packed.out_features}, group {packed.group_size} on {packed.device}"
+        )
+    stacked = packed.num_experts is not None
+    qw = packed.qweight if stacked else packed.qweight[None]
+    qz = packed.qzeros if stacked else packed.qzeros[None]
+    sc = packed.scales if stacked else packed.scales[None]
+    weights, szs = [], []
+    for e in range(qw.shape[0]):
+        q = unpack_int4_natural(qw[e]).to(torch.int32).contiguous()  # [out, in]
+        weights.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _CPU_INT4_INNER_K_TILES))
+        s = sc[e].to(torch.float32)  # [in/g, out]
+        z = unpack_int4_natural(qz[e]).to(torch.float32)
+        szs.append(torch.stack([s, (8.0 - z) * s], dim=-1).to(torch.bfloat16))
+    w, sz = torch.stack(weights), torch.stack(szs)
+    if not stacked:
+        w, sz = w[0], sz[0]
+    return CpuInt4Weight(w.contiguous(), sz.contiguous(), packed.group_size)
 
 
 def awq_repack(
@@ -167,10 +243,21 @@ def _check_x(x: torch.Tensor, packed: AWQPacked) -> None:
 
 
 def awq_linear_ref(x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantize then matmul in x's dtype (the CPU engine's path)."""
+    """Dequantize then matmul in x's dtype (the reference; the CPU path for non-bf16 x)."""
     _check_x(x, packed)
     w = packed.dense_weight(x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def awq_linear_cpu(x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The CPU engine's path: bf16 x through the int4 kernel (weights stay 4-bit), otherwise the
+    reference (fp32 keeps exact reference numerics; fp16 has no fast int4 kernel here)."""
+    _check_x(x, packed)
+    w4 = packed.cpu_int4() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
+    if w4 is None:
+        return awq_linear_ref(x, packed, bias)
+    y = w4.mm(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], packed.out_features)
+    return y if bias is None else y.add_(bias.to(y.dtype))
 
 
 # ----------------------------------------------------------------------------------------
@@ -207,15 +294,19 @@ def awq_config(M: int, N: int, K: int, group_size: int, device: torch.device) ->
 
 
 def awq_linear(x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x [.., in] @ W.T (+ bias)`: Triton on CUDA (or when forced), torch reference otherwise."""
+    """`x [.., in] @ W.T (+ bias)`: Triton on CUDA (or when forced), `awq_linear_cpu` otherwise."""
     if use_triton(x):
         from hubdeploy.kernels.awq_triton import awq_linear_triton
 
         return awq_linear_triton(x, packed, bias)
-    return awq_linear_ref(x, packed, bias)
+    return awq_linear_cpu(x, packed, bias)
 
 
 __all__ = [
+    "CpuInt4Weight",
+    "cpu_int4_supported",
+    "to_cpu_int4",
+    "awq_linear_cpu",
     "AWQPacked",
     "awq_repack",
     "awq_linear_ref",

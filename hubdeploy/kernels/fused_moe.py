@@ -16,7 +16,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-from hubdeploy.kernels.awq import AWQPacked, awq_repack, concat_out, stack_packed
+from hubdeploy.kernels.awq import AWQPacked, CpuInt4Weight, awq_repack, concat_out, stack_packed
 from hubdeploy.kernels.cpu_gemm import LOW_PRECISION, PACKED_MAX_ROWS, bucket_rows, packed_for, packed_linear
 from hubdeploy.kernels.dispatch import use_triton
 from hubdeploy.kernels.tuned import tuned_config
@@ -233,6 +233,10 @@ def fused_moe_torch(
     the base model alone).
     """
     _check(x, weights, topk_weights, topk_ids)
+    if hook is None and isinstance(weights, AWQMoEWeights) and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        w4 = (weights.w13.cpu_int4(), weights.w2.cpu_int4())
+        if w4[0] is not None and w4[1] is not None:
+            return _fused_moe_int4(x, weights.intermediate_size, topk_weights, topk_ids, w4[0], w4[1])
     w13, w2 = _dense(weights, x.dtype)
     I = weights.intermediate_size
     M, k = topk_ids.shape
@@ -398,6 +402,44 @@ def _fused_moe_one_token(
             y = y.to(acc_dtype)
         out.add_(y.mul_(tw[j]))
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _fused_moe_int4(
+    x: torch.Tensor, I: int, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    w13: CpuInt4Weight, w2: CpuInt4Weight,
+) -> torch.Tensor:
+    """AWQ experts on the CPU with bf16 x: the 4-bit weights through torch's int4 kernel
+    (`CpuInt4Weight`), no dense copy. Same math and order as `_fused_moe_lowp` /
+    `_fused_moe_one_token` (routing weight applied in x's dtype, the k contributions summed in
+    ascending expert order); the int4 kernel has no per-shape primitive, so no padding.
+    """
+    M, k = topk_ids.shape
+    silu = torch.nn.functional.silu
+    if M == 1:
+        ids = topk_ids[0].tolist()
+        tw = topk_weights[0].to(x.dtype)
+        ys = []
+        for j in sorted(range(k), key=ids.__getitem__):
+            h = w13.mm(x, ids[j])
+            ys.append(w2.mm(silu(h[:, :I]) * h[:, I:], ids[j]).mul_(tw[j]))
+        if len(ys) <= 2:
+            return ys[0] if len(ys) == 1 else ys[0].add_(ys[1])
+        acc = ys[0].float()
+        for y in ys[1:]:
+            acc += y.float()
+        return acc.to(x.dtype)
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w13.weight.shape[0]).tolist()
+    tok = order // k
+    xs = x.index_select(0, tok)
+    y = torch.empty(M * k, x.shape[1], dtype=x.dtype, device=x.device)
+    for e, (c, a) in enumerate(zip(counts, _starts(counts))):
+        if c:
+            h = w13.mm(xs[a:a + c], e)
+            y[a:a + c].copy_(w2.mm(silu(h[:, :I]) * h[:, I:], e))
+    y.mul_(topk_weights.reshape(-1).index_select(0, order).to(x.dtype)[:, None])
+    return torch.zeros(M, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, tok, y)
 
 
 _BATCHED_ACT_MAX = 1 << 16  # elements of the SiLU·up activation up to which it runs once for all experts
