@@ -8,8 +8,10 @@
   dequantized weights: within bf16 rounding (tolerance as tests/test_kernels_awq.py: 2e-2 of
   the output scale); no dense copy of any weight is built.
 - Whole tiny AWQ models (Mixtral's w1/w2/w3 experts, Qwen3-MoE's gate/up/down_proj experts)
-  loaded in bf16: last-position logits against the same checkpoint in fp32 (the reference
-  numerics), 0.1 max abs as tests/test_cpu_bf16.py; every quantized weight int4, none dense.
+  loaded in bf16 and laid out as the CPU runner does: last-position logits against the same
+  checkpoint in fp32 (the reference numerics), 0.1 max abs as tests/test_cpu_bf16.py; every
+  quantized weight int4 only (natural-layout integers freed), none dense.
+- The expert-LoRA hook path (fused_moe_torch with a hook) uses the int4 experts as well.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from hubdeploy.kernels.awq import (
 from hubdeploy.kernels.awq_format import awq_quantize
 from hubdeploy.kernels.fused_moe import AWQMoEWeights, MoEWeights, fused_moe_ref, fused_moe_torch, topk_route
 from hubdeploy.serving.loader import load_model
+from hubdeploy.serving.model_runner import cpu_gemm_layout
 from hubdeploy.serving.models.layers import Linear
 from tests.helpers_forward import awq_quantize_checkpoint, make_hf_checkpoint, prefill_last_logits
 
@@ -136,15 +139,58 @@ def test_tiny_awq_model_bf16_int4_matches_fp32_reference(arch: str, tmp_path: Pa
     ref_model, _ = load_model(ckpt, dtype=torch.float32)
     ref = prefill_last_logits(ref_model, prompts)
     model, _ = load_model(ckpt, dtype=torch.bfloat16)
+    assert cpu_gemm_layout(model) > 0  # what the CPU runner does at load: int4 built, integers freed
     ours = prefill_last_logits(model, prompts)
     diff = (ours - ref).abs().max().item()
     print(f"{arch}: bf16 int4 vs fp32 reference max abs logit diff {diff:.3f}")
     assert diff <= 0.1
     packs = [m.packed for m in model.modules() if isinstance(m, Linear) and m.quantized]
     packs += [w for m in model.modules() for w in _moe_awq(m)]
-    assert packs and all(p._cpu_int4 is not None and p._dequant_cache == {} for p in packs)
+    assert packs and all(p._cpu_int4 is not None and p._dequant_cache == {} and p.qweight.numel() == 0 for p in packs)
 
 
 def _moe_awq(module: torch.nn.Module) -> list[AWQPacked]:
     w = getattr(module, "weights", None)
     return [w.w13, w.w2] if isinstance(w, AWQMoEWeights) else []
+
+
+def test_keep_cpu_int4_only_frees_the_integers_and_refuses_dense() -> None:
+    p = _packed(32, 128, 32, seed=3)
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    before = awq_linear(x, p)
+    assert p.keep_cpu_int4_only() and not p.keep_cpu_int4_only()
+    assert p.qweight.numel() == 0 and p.num_experts is None
+    assert torch.equal(awq_linear(x, p), before)  # same kernel, same operands
+    with pytest.raises(RuntimeError, match="CPU int4 form"):
+        awq_linear(x.float(), p)
+
+
+class _AddHook:
+    """A stand-in expert-LoRA hook with real terms: adds fixed tensors to h and y by slot."""
+
+    def __init__(self, n: int, I2: int, H: int) -> None:
+        g = torch.Generator().manual_seed(9)
+        self.t13, self.t2 = torch.randn(n, I2, generator=g), torch.randn(n, H, generator=g)
+
+    def sort_key(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat
+
+    def add_w13(self, h: torch.Tensor, xs: torch.Tensor, order: torch.Tensor) -> None:
+        h += self.t13.to(h.dtype)
+
+    def add_w2(self, y: torch.Tensor, act: torch.Tensor, order: torch.Tensor, _: object) -> None:
+        y += self.t2.to(y.dtype)
+
+
+def test_fused_moe_awq_bf16_with_hook_uses_int4_too() -> None:
+    E, H, I, g, m = 4, 64, 32, 32, 3
+    w13 = stack_packed([_packed(2 * I, H, g, seed=30 + e) for e in range(E)])
+    w2 = stack_packed([_packed(H, I, g, seed=40 + e) for e in range(E)])
+    exact = MoEWeights(_exact(w13), _exact(w2))
+    gen = torch.Generator().manual_seed(1)
+    x = (0.1 * torch.randn(m, H, generator=gen)).to(torch.bfloat16)
+    tw, ids = topk_route(torch.randn(m, E, generator=gen), 2, True)
+    y = fused_moe_torch(x, AWQMoEWeights(w13, w2), tw, ids, hook=_AddHook(m * 2, 2 * I, H))
+    ref = fused_moe_torch(x.double(), exact, tw.double(), ids, hook=_AddHook(m * 2, 2 * I, H))
+    assert w13._dequant_cache == {} and w2._dequant_cache == {}
+    assert (y.double() - ref).abs().max() <= BF16_REL * ref.abs().max()

@@ -79,6 +79,7 @@ class AWQPacked:
 
     def to(self, device: torch.device | str) -> "AWQPacked":
         """Copy to `device` (the dequantized CPU cache is dropped)."""
+        self._check_ints("to()")
         return AWQPacked(
             self.qweight.to(device), self.qzeros.to(device), self.scales.to(device),
             self.in_features, self.out_features, self.group_size,
@@ -87,6 +88,7 @@ class AWQPacked:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense weight `[.., out, in]` (nn.Linear orientation) in `dtype` (default: scales')."""
         dtype = dtype or self.scales.dtype
+        self._check_ints("dequantize()")
         q = unpack_int4_natural(self.qweight).to(torch.float32)  # [.., out, in]
         z = unpack_int4_natural(self.qzeros).to(torch.float32)  # [.., in/g, out]
         s = self.scales.to(torch.float32)
@@ -94,6 +96,11 @@ class AWQPacked:
         z = z.repeat_interleave(g, dim=-2).transpose(-1, -2)  # [.., out, in]
         s = s.repeat_interleave(g, dim=-2).transpose(-1, -2)
         return ((q - z) * s).to(dtype)
+
+    def _check_ints(self, what: str) -> None:
+        if self.qweight.shape[-1] * PACK_FACTOR != self.in_features:
+            raise RuntimeError(f"AWQ {what}: this weight lives only in the CPU int4 form "
+                               "(keep_cpu_int4_only), which serves bf16 activations only")
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """Dense `[.., out, in]` weight; cached per dtype on the CPU (see class doc)."""
@@ -115,6 +122,16 @@ class AWQPacked:
     def build_cpu_int4(self) -> bool:
         """Build the int4 form now (at load); True when it was built by this call."""
         return self._cpu_int4 is None and self.cpu_int4() is not None
+
+    def keep_cpu_int4_only(self) -> bool:
+        """bf16 CPU serving reads only the int4 form: free the natural-layout integers (`qweight`,
+        half of the resident weight memory otherwise), keeping their shape. Afterwards
+        `dequantize` raises. True when freed now."""
+        if self.cpu_int4() is None or self.qweight.shape[-1] == 0:
+            return False
+        self.qweight = self.qweight.new_empty(*self.qweight.shape[:-1], 0)
+        self._dequant_cache.clear()
+        return True
 
 
 # ----------------------------------------------------------------------------------------

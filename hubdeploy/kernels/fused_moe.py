@@ -233,12 +233,21 @@ def fused_moe_torch(
     the base model alone).
     """
     _check(x, weights, topk_weights, topk_ids)
-    if hook is None and isinstance(weights, AWQMoEWeights) and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        w4 = (weights.w13.cpu_int4(), weights.w2.cpu_int4())
-        if w4[0] is not None and w4[1] is not None:
-            return _fused_moe_int4(x, weights.intermediate_size, topk_weights, topk_ids, w4[0], w4[1])
-    w13, w2 = _dense(weights, x.dtype)
     I = weights.intermediate_size
+    w4 = _cpu_int4_experts(weights, x)
+    if w4 is not None:
+        if hook is None:
+            return _fused_moe_int4(x, I, topk_weights, topk_ids, *w4)
+        w13 = w2 = None
+    else:
+        w13, w2 = _dense(weights, x.dtype)
+
+    def mm13(e: int, a: torch.Tensor, out: torch.Tensor) -> None:
+        torch.mm(a, w13[e].t(), out=out) if w4 is None else out.copy_(w4[0].mm(a, e))
+
+    def mm2(e: int, a: torch.Tensor, out: torch.Tensor) -> None:
+        torch.mm(a, w2[e].t(), out=out) if w4 is None else out.copy_(w4[1].mm(a, e))
+
     M, k = topk_ids.shape
     if hook is None and x.dtype in LOW_PRECISION and x.device.type == "cpu" and M > 0:
         packed = packed_for(weights.cpu_packed, w13, w2) if isinstance(weights, MoEWeights) else None
@@ -264,16 +273,17 @@ def fused_moe_torch(
     if n * I < _BATCHED_ACT_MAX or hook is not None:  # decode sizes: SiLU·up once over all slots (fewer ops)
         h = torch.empty(n, 2 * I, dtype=x.dtype, device=x.device)
         for e, a, b in runs:
-            torch.mm(xs[a:b], w13[e].t(), out=h[a:b])
+            mm13(e, xs[a:b], h[a:b])
         if hook is not None:
             hook.add_w13(h, xs, order)
         act = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
         for e, a, b in runs:
-            torch.mm(act[a:b], w2[e].t(), out=y[a:b])
+            mm2(e, act[a:b], y[a:b])
     else:  # prefill sizes: per expert, so each activation is used while it is still in cache
         for e, a, b in runs:
-            h = xs[a:b] @ w13[e].t()
-            torch.mm(torch.nn.functional.silu(h[:, :I]) * h[:, I:], w2[e].t(), out=y[a:b])
+            h = torch.empty(b - a, 2 * I, dtype=x.dtype, device=x.device)
+            mm13(e, xs[a:b], h)
+            mm2(e, torch.nn.functional.silu(h[:, :I]) * h[:, I:], y[a:b])
     tw = topk_weights.reshape(-1).index_select(0, order)
     if tw.dtype != acc_dtype:
         tw = tw.to(acc_dtype)
@@ -402,6 +412,14 @@ def _fused_moe_one_token(
             y = y.to(acc_dtype)
         out.add_(y.mul_(tw[j]))
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _cpu_int4_experts(weights: Weights, x: torch.Tensor) -> tuple[CpuInt4Weight, CpuInt4Weight] | None:
+    """AWQ experts' int4 forms when x is bf16 on the CPU and the kernel takes both, else None."""
+    if not (isinstance(weights, AWQMoEWeights) and x.dtype == torch.bfloat16 and x.device.type == "cpu"):
+        return None
+    w13, w2 = weights.w13.cpu_int4(), weights.w2.cpu_int4()
+    return None if w13 is None or w2 is None else (w13, w2)
 
 
 def _fused_moe_int4(

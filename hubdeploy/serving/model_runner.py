@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hubdeploy.kernels.attention import DecodeKV
-from hubdeploy.serving.heap import retain_freed_memory
+from hubdeploy.serving.heap import retain_freed_memory, return_freed_memory
 from hubdeploy.serving.config import EngineArgs, ModelConfig
 from hubdeploy.serving.forward_context import ForwardContext
 from hubdeploy.serving.scheduler import ScheduledSeq
@@ -77,6 +77,7 @@ def _pack_low_precision(model: torch.nn.Module) -> int:
                 awq = [m.weights.w13, m.weights.w2]
             for p in awq:
                 n += p.build_cpu_int4()
+                p.keep_cpu_int4_only()  # the int4 form is all a bf16 step reads
     for m in model.modules():
         if isinstance(m, Linear) and isinstance(m.weight, torch.nn.Parameter) and m.weight.dtype in LOW_PRECISION:
             if packed_for(m.cpu_packed, m.weight) is None:
@@ -161,6 +162,7 @@ class ModelRunner:
             cpu_gemm_layout(model)
             self.dense_kv = DecodeKV(cfg.num_hidden_layers)
             self.cpu_threads = max(1, config.cpu_threads or torch.get_num_threads())
+            return_freed_memory()  # load and repack temporaries (AWQ int4: hundreds of MB)
             retain_freed_memory()  # prefill temporaries reuse heap memory instead of fresh pages
             if dtype in (torch.bfloat16, torch.float16):
                 _warm_up_cpu_gemms(model, config.max_num_batched_tokens, self.cpu_threads)
