@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from hubdeploy.kernels.awq_format import PACK_FACTOR, awq_unpack_int4, awq_dequantize, awq_quantize  # noqa: F401
+from hubdeploy.kernels.awq_cpu import Avx2Int4Weight, avx2_supported, to_avx2_int4
 from hubdeploy.kernels.dispatch import num_sms, use_triton
 from hubdeploy.kernels.tuned import tuned_config
 
@@ -53,9 +54,9 @@ def unpack_int4_natural(packed: torch.Tensor) -> torch.Tensor:
 class AWQPacked:
     """One AWQ linear (or a stack of E expert linears) in the kernel layout above.
 
-    On the CPU, bf16 activations use `cpu_int4()` (the weights stay 4-bit, see
-    `CpuInt4Weight`); other dtypes (fp32 reference mode, fp16, shapes tinygemm does not take)
-    use `_dequant_cache`, a lazily built dense weight `[.., out, in]` per dtype (the CPU engine
+    On the CPU, bf16/fp16 activations use `cpu_int4()` (the weights stay 4-bit: our AVX2 kernel,
+    `awq_cpu.Avx2Int4Weight`, or torch's tinygemm, `CpuInt4Weight`, bf16 only); fp32 (the
+    reference mode) and shapes neither kernel takes use `_dequant_cache`, a lazily built dense weight `[.., out, in]` per dtype (the CPU engine
     calls the layer every step; dequantizing each call would dominate). Neither is ever filled
     for CUDA tensors, where the Triton kernels read this layout directly.
     """
@@ -67,7 +68,7 @@ class AWQPacked:
     out_features: int
     group_size: int
     _dequant_cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
-    _cpu_int4: "CpuInt4Weight | None" = field(default=None, repr=False, compare=False)
+    _cpu_int4: "CpuInt4Form | None" = field(default=None, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -100,7 +101,7 @@ class AWQPacked:
     def _check_ints(self, what: str) -> None:
         if self.qweight.shape[-1] * PACK_FACTOR != self.in_features:
             raise RuntimeError(f"AWQ {what}: this weight lives only in the CPU int4 form "
-                               "(keep_cpu_int4_only), which serves bf16 activations only")
+                               "(keep_cpu_int4_only), which serves the model's 16-bit dtype only")
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """Dense `[.., out, in]` weight; cached per dtype on the CPU (see class doc)."""
@@ -112,19 +113,31 @@ class AWQPacked:
             self._dequant_cache[dtype] = w
         return w
 
-    def cpu_int4(self) -> "CpuInt4Weight | None":
-        """The tinygemm CPU int4 form (built once, cached), or None where the CPU kernel does not
-        take this shape (then callers use `dense_weight`)."""
-        if self._cpu_int4 is None and cpu_int4_supported(self):
-            self._cpu_int4 = to_cpu_int4(self)
+    def cpu_int4(self) -> "CpuInt4Form | None":
+        """The 4-bit CPU form (built once, cached): our AVX2 kernel's where it is available and
+        takes the shape, else tinygemm's, else None (then callers use `dense_weight`)."""
+        if self._cpu_int4 is None and self.qweight.device.type == "cpu":
+            if avx2_supported(self.in_features, self.group_size):
+                self._cpu_int4 = to_avx2_int4(unpack_int4_natural(self.qweight), unpack_int4_natural(self.qzeros),
+                                              self.scales, self.group_size)
+            elif cpu_int4_supported(self):
+                self._cpu_int4 = to_cpu_int4(self)
         return self._cpu_int4
+
+    def cpu_int4_for(self, x: torch.Tensor) -> "CpuInt4Form | None":
+        """The 4-bit CPU form when it serves x (on the CPU, in a dtype the kernel takes); None for
+        fp32, which keeps the exact dense reference."""
+        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+            return None
+        w = self.cpu_int4()
+        return w if w is not None and x.dtype in w.dtypes else None
 
     def build_cpu_int4(self) -> bool:
         """Build the int4 form now (at load); True when it was built by this call."""
         return self._cpu_int4 is None and self.cpu_int4() is not None
 
     def keep_cpu_int4_only(self) -> bool:
-        """bf16 CPU serving reads only the int4 form: free the natural-layout integers (`qweight`,
+        """16-bit CPU serving reads only the int4 form: free the natural-layout integers (`qweight`,
         half of the resident weight memory otherwise), keeping their shape. Afterwards
         `dequantize` raises. True when freed now."""
         if self.cpu_int4() is None or self.qweight.shape[-1] == 0:
@@ -156,6 +169,7 @@ class CpuInt4Weight:
     weight: torch.Tensor  # uint8 [.., out, in/2]
     scale_and_zero: torch.Tensor  # bf16 [.., in/g, out, 2]
     group_size: int
+    dtypes = (torch.bfloat16,)  # activations it serves fast
 
     def mm(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """`x [M, in]` (bf16) @ W.T -> `[M, out]` bf16; `expert` picks one of stacked experts."""
@@ -194,6 +208,9 @@ def to_cpu_int4(packed: AWQPacked) -> CpuInt4Weight:
     if not stacked:
         w, sz = w[0], sz[0]
     return CpuInt4Weight(w.contiguous(), sz.contiguous(), packed.group_size)
+
+
+CpuInt4Form = CpuInt4Weight | Avx2Int4Weight  # what `AWQPacked.cpu_int4` holds; both have `.mm(x, expert)`
 
 
 def awq_repack(
@@ -267,10 +284,10 @@ def awq_linear_ref(x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None
 
 
 def awq_linear_cpu(x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The CPU engine's path: bf16 x through the int4 kernel (weights stay 4-bit), otherwise the
-    reference (fp32 keeps exact reference numerics; fp16 has no fast int4 kernel here)."""
+    """The CPU engine's path: 16-bit x through a 4-bit kernel (`AWQPacked.cpu_int4_for`),
+    otherwise the reference (fp32 keeps exact reference numerics)."""
     _check_x(x, packed)
-    w4 = packed.cpu_int4() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
+    w4 = packed.cpu_int4_for(x)
     if w4 is None:
         return awq_linear_ref(x, packed, bias)
     y = w4.mm(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], packed.out_features)
@@ -321,6 +338,7 @@ def awq_linear(x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None = N
 
 __all__ = [
     "CpuInt4Weight",
+    "CpuInt4Form",
     "cpu_int4_supported",
     "to_cpu_int4",
     "awq_linear_cpu",

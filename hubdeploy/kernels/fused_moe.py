@@ -16,7 +16,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-from hubdeploy.kernels.awq import AWQPacked, CpuInt4Weight, awq_repack, concat_out, stack_packed
+from hubdeploy.kernels.awq import AWQPacked, CpuInt4Form, awq_repack, concat_out, stack_packed
 from hubdeploy.kernels.cpu_gemm import LOW_PRECISION, PACKED_MAX_ROWS, bucket_rows, packed_for, packed_linear
 from hubdeploy.kernels.dispatch import use_triton
 from hubdeploy.kernels.tuned import tuned_config
@@ -414,20 +414,20 @@ def _fused_moe_one_token(
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _cpu_int4_experts(weights: Weights, x: torch.Tensor) -> tuple[CpuInt4Weight, CpuInt4Weight] | None:
-    """AWQ experts' int4 forms when x is bf16 on the CPU and the kernel takes both, else None."""
-    if not (isinstance(weights, AWQMoEWeights) and x.dtype == torch.bfloat16 and x.device.type == "cpu"):
+def _cpu_int4_experts(weights: Weights, x: torch.Tensor) -> tuple[CpuInt4Form, CpuInt4Form] | None:
+    """AWQ experts' 4-bit CPU forms when they serve x (`AWQPacked.cpu_int4_for`), else None."""
+    if not isinstance(weights, AWQMoEWeights):
         return None
-    w13, w2 = weights.w13.cpu_int4(), weights.w2.cpu_int4()
+    w13, w2 = weights.w13.cpu_int4_for(x), weights.w2.cpu_int4_for(x)
     return None if w13 is None or w2 is None else (w13, w2)
 
 
 def _fused_moe_int4(
     x: torch.Tensor, I: int, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-    w13: CpuInt4Weight, w2: CpuInt4Weight,
+    w13: CpuInt4Form, w2: CpuInt4Form,
 ) -> torch.Tensor:
-    """AWQ experts on the CPU with bf16 x: the 4-bit weights through torch's int4 kernel
-    (`CpuInt4Weight`), no dense copy. Same math and order as `_fused_moe_lowp` /
+    """AWQ experts on the CPU with 16-bit x: the 4-bit weights through a CPU int4 kernel
+    (`CpuInt4Form`), no dense copy. Same math and order as `_fused_moe_lowp` /
     `_fused_moe_one_token` (routing weight applied in x's dtype, the k contributions summed in
     ascending expert order); the int4 kernel has no per-shape primitive, so no padding.
     """

@@ -63,21 +63,25 @@ def cpu_gemm_layout(model: torch.nn.Module) -> int:
 
 def _pack_low_precision(model: torch.nn.Module) -> int:
     """bf16/fp16: a oneDNN-blocked copy of every plain linear and expert weight
-    (`kernels.cpu_gemm.pack_weight`, used while the weight keeps its storage); bf16 AWQ: the
-    int4 kernel's layout of every AWQ weight (`AWQPacked.cpu_int4`, at load rather than on a
+    (`kernels.cpu_gemm.pack_weight`, used while the weight keeps its storage); bf16/fp16 AWQ: a
+    4-bit kernel's layout of every AWQ weight (`AWQPacked.cpu_int4`, at load rather than on a
     request's first step). Returns how many weights were (re)packed, 0 when all are current."""
     from hubdeploy.kernels.cpu_gemm import LOW_PRECISION, pack_weight, packed_for, weight_key
     from hubdeploy.serving.models.layers import Linear, MoE
 
     n = 0
-    if getattr(model, "dtype", None) == torch.bfloat16:
+    dtype = getattr(model, "dtype", None)
+    if dtype in LOW_PRECISION:
+        probe = torch.empty(0, dtype=dtype)
         for m in model.modules():
             awq = [m.packed] if isinstance(m, Linear) and m.packed is not None else []
             if isinstance(m, MoE) and m.quantized and m.weights is not None:
                 awq = [m.weights.w13, m.weights.w2]
             for p in awq:
-                n += p.build_cpu_int4()
-                p.keep_cpu_int4_only()  # the int4 form is all a bf16 step reads
+                built = p.build_cpu_int4()
+                if p.cpu_int4_for(probe) is not None:
+                    n += built
+                    p.keep_cpu_int4_only()  # the int4 form is all a 16-bit step reads
     for m in model.modules():
         if isinstance(m, Linear) and isinstance(m.weight, torch.nn.Parameter) and m.weight.dtype in LOW_PRECISION:
             if packed_for(m.cpu_packed, m.weight) is None:
