@@ -38,6 +38,7 @@ def _build() -> tuple[ModuleType | None, str]:
     try:
         from torch.utils.cpp_extension import load
 
+        log.info("AWQ CPU: compiling the AVX2 kernel (once; cached under TORCH_EXTENSIONS_DIR)")
         mod = load(name="hubdeploy_awq_cpu_avx2", sources=[str(_SOURCE)],
                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
         return mod, "built"
@@ -117,3 +118,9 @@ def to_avx2_int4(q: torch.Tensor, z: torch.Tensor, s: torch.Tensor, group_size: 
     zs = z.to(torch.float32) * s32
     return Avx2Int4Weight(to_lane_layout(q), s32.transpose(-1, -2).contiguous(),
                           zs.transpose(-1, -2).contiguous(), group_size)
+
+
+if __name__ == "__main__":  # `python -m hubdeploy.kernels.awq_cpu`: build now (scripts/setup.sh does)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    why = avx2_unavailable_reason()
+    print("AWQ CPU kernel: " + ("AVX2 kernel built" if why is None else f"torch's int4 kernel ({why})"))
