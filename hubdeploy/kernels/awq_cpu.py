@@ -43,7 +43,9 @@ def _build() -> tuple[ModuleType | None, str]:
                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
         return mod, "built"
     except Exception as e:  # no compiler, no ninja, headers missing: tinygemm serves instead
-        return None, f"compiling {_SOURCE.name} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}"
+        lines = str(e).strip().splitlines() or [repr(e)]
+        first_error = next((l for l in lines if "error" in l.lower()), lines[-1])
+        return None, f"compiling {_SOURCE.name} failed: {first_error.strip()}"
 
 
 def avx2_kernels() -> ModuleType | None:
@@ -98,7 +100,7 @@ class Avx2Int4Weight:
         if x.shape[0] <= GEMV_MAX_ROWS:
             y = ext.awq_gemm(xf, w, s, zs, self.group_size)
         else:
-            y = xf @ ext.awq_dequantize(w, s, zs, self.group_size).t()
+            y = ext.awq_gemm_tiled(xf, w, s, zs, self.group_size)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

@@ -108,31 +108,76 @@ torch::Tensor awq_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, t
   return out;
 }
 
-// Dense [N, K] fp32 weights from the same layout (prefill: dequantize once, then one GEMM).
+// Rows [n0, n1) of W as dense fp32 into `out` ([n1 - n0, K], row stride K).
+void dequantize_rows(const int32_t* w, const float* s, const float* zs, float* out, int64_t K, int64_t g,
+                     int64_t n0, int64_t n1) {
+  const __m256i mask = _mm256_set1_epi32(15);
+  const int64_t groups = K / g, halves_per_group = g / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t* wr = w + n * (K / 8);
+    float* o = out + (n - n0) * K;
+    int64_t half = 0, group = 0;
+    __m256 sv = _mm256_set1_ps(s[n * groups]), zv = _mm256_set1_ps(zs[n * groups]);
+    for (int64_t b = 0; b < K / 64; ++b) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 8 * b));
+      float* ob = o + 64 * b;
+#define HUBDEPLOY_DQ(t) \
+      _mm256_storeu_ps(ob + 8 * (t), _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4 * (t)), mask)), sv, zv));
+      for (int h = 0; h < 2; ++h) {
+        if (h == 0) { HUBDEPLOY_DQ(0) HUBDEPLOY_DQ(1) HUBDEPLOY_DQ(2) HUBDEPLOY_DQ(3) }
+        else { HUBDEPLOY_DQ(4) HUBDEPLOY_DQ(5) HUBDEPLOY_DQ(6) HUBDEPLOY_DQ(7) }
+        if (++half == halves_per_group && ++group < groups) {
+          half = 0;
+          sv = _mm256_set1_ps(s[n * groups + group]);
+          zv = _mm256_set1_ps(zs[n * groups + group]);
+        }
+      }
+#undef HUBDEPLOY_DQ
+    }
+  }
+}
+
+constexpr int64_t kTileRows = 128;  // rows of W dequantized at a time: 128 x K fp32 stays in L2
+
+// x [M, K] fp32 @ W.T for larger M (prefill): per tile of W's rows, dequantize into an
+// L2-sized buffer and multiply with the BLAS sgemm, so only 4-bit weights cross memory.
+torch::Tensor awq_gemm_tiled(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zero_scales,
+                             int64_t group_size) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [M, K]");
+  TORCH_CHECK(w.dtype() == torch::kInt32 && w.is_contiguous() && w.dim() == 2, "w: contiguous int32 [N, K/8]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % 64 == 0 && w.size(1) == K / 8 && group_size % 32 == 0 && K % group_size == 0,
+              "K: a multiple of 64 matching w; group size: a multiple of 32 dividing K");
+  auto out = torch::empty({M, N}, x.options());
+  auto tile = torch::empty({std::min(kTileRows, N), K}, x.options());
+  const int32_t* wp = w.data_ptr<int32_t>();
+  const float *sp = scales.data_ptr<float>(), *zp = zero_scales.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
+    const int64_t n1 = std::min(N, n0 + kTileRows);
+    float* tp = tile.data_ptr<float>();
+    at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) {
+      dequantize_rows(wp, sp, zp, tp + (a - n0) * K, K, group_size, a, b);
+    });
+    auto out_tile = out.narrow(1, n0, n1 - n0);  // strided rows: BLAS writes with ldc = N
+    at::mm_out(out_tile, x, tile.narrow(0, 0, n1 - n0).t());
+  }
+  return out;
+}
+
+// Dense [N, K] fp32 weights from the same layout (tests, debugging).
 torch::Tensor awq_dequantize(torch::Tensor w, torch::Tensor scales, torch::Tensor zero_scales, int64_t group_size) {
   TORCH_CHECK(w.dtype() == torch::kInt32 && w.is_contiguous() && w.dim() == 2, "w: contiguous int32 [N, K/8]");
-  const int64_t N = w.size(0), K = w.size(1) * 8, groups = K / group_size;
+  const int64_t N = w.size(0), K = w.size(1) * 8;
   auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
   const int32_t* wp = w.data_ptr<int32_t>();
   const float *sp = scales.data_ptr<float>(), *zp = zero_scales.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    const __m256i mask = _mm256_set1_epi32(15);
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t b = 0; b < K / 64; ++b) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + n * (K / 8) + 8 * b));
-        for (int t = 0; t < 8; ++t) {
-          const int64_t k = 64 * b + 8 * t, gi = n * groups + k / group_size;
-          const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, _mm256_set1_epi32(4 * t)), mask));
-          _mm256_storeu_ps(op + n * K + k, _mm256_fmsub_ps(q, _mm256_set1_ps(sp[gi]), _mm256_set1_ps(zp[gi])));
-        }
-      }
-    }
-  });
+  at::parallel_for(0, N, 16, [&](int64_t a, int64_t b) { dequantize_rows(wp, sp, zp, op + a * K, K, group_size, a, b); });
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("awq_gemm", &awq_gemm, "AWQ int4 x fp32 -> fp32 (lane-interleaved layout)");
+  m.def("awq_gemm_tiled", &awq_gemm_tiled, "AWQ int4 x fp32 -> fp32, dequantized per tile of rows + sgemm");
   m.def("awq_dequantize", &awq_dequantize, "AWQ int4 (lane-interleaved layout) -> dense fp32");
 }
