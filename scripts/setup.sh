@@ -34,4 +34,7 @@ else
   "$PY" -m pip install -q -e .
 fi
 command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+# Compile the AVX2 AWQ CPU kernel now (once, cached) rather than on the first AWQ model's load;
+# without a C++ compiler it says so and AWQ on the CPU uses torch's int4 kernel instead.
+"$PY" -m hubdeploy.kernels.awq_cpu || true
 echo "hubdeploy is set up: $(command -v hubdeploy || echo "$PY -m hubdeploy")"

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from hubdeploy.kernels.awq_format import PACK_FACTOR, awq_unpack_int4, awq_dequantize, awq_quantize  # noqa: F401
+from hubdeploy.kernels.awq_cpu import Avx2Int4Weight, avx2_supported, to_avx2_int4
 from hubdeploy.kernels.dispatch import num_sms, use_triton
 from hubdeploy.kernels.tuned import tuned_config
 
@@ -53,9 +54,11 @@ def unpack_int4_natural(packed: torch.Tensor) -> torch.Tensor:
 class AWQPacked:
     """One AWQ linear (or a stack of E expert linears) in the kernel layout above.
 
-    `_dequant_cache` holds a lazily built dense weight `[.., out, in]` per dtype for the CPU
-    reference path only (the CPU engine calls `awq_linear_ref` every step; dequantizing each
-    call would dominate). It is never filled for CUDA tensors, where the memory is the point.
+    On the CPU, bf16/fp16 activations use `cpu_int4()` (the weights stay 4-bit: our AVX2 kernel,
+    `awq_cpu.Avx2Int4Weight`, or torch's tinygemm, `CpuInt4Weight`, bf16 only); fp32 (the
+    reference mode) and shapes neither kernel takes use `_dequant_cache`, a lazily built dense weight `[.., out, in]` per dtype (the CPU engine
+    calls the layer every step; dequantizing each call would dominate). Neither is ever filled
+    for CUDA tensors, where the Triton kernels read this layout directly.
     """
 
     qweight: torch.Tensor  # int32 [out, in/8] or [E, out, in/8]
@@ -65,6 +68,7 @@ class AWQPacked:
     out_features: int
     group_size: int
     _dequant_cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _cpu_int4: "CpuInt4Form | None" = field(default=None, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -76,6 +80,7 @@ class AWQPacked:
 
     def to(self, device: torch.device | str) -> "AWQPacked":
         """Copy to `device` (the dequantized CPU cache is dropped)."""
+        self._check_ints("to()")
         return AWQPacked(
             self.qweight.to(device), self.qzeros.to(device), self.scales.to(device),
             self.in_features, self.out_features, self.group_size,
@@ -84,6 +89,7 @@ class AWQPacked:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense weight `[.., out, in]` (nn.Linear orientation) in `dtype` (default: scales')."""
         dtype = dtype or self.scales.dtype
+        self._check_ints("dequantize()")
         q = unpack_int4_natural(self.qweight).to(torch.float32)  # [.., out, in]
         z = unpack_int4_natural(self.qzeros).to(torch.float32)  # [.., in/g, out]
         s = self.scales.to(torch.float32)
@@ -91,6 +97,11 @@ class AWQPacked:
         z = z.repeat_interleave(g, dim=-2).transpose(-1, -2)  # [.., out, in]
         s = s.repeat_interleave(g, dim=-2).transpose(-1, -2)
         return ((q - z) * s).to(dtype)
+
+    def _check_ints(self, what: str) -> None:
+        if self.qweight.shape[-1] * PACK_FACTOR != self.in_features:
+            raise RuntimeError(f"AWQ {what}: this weight lives only in the CPU int4 form "
+                               "(keep_cpu_int4_only), which serves the model's 16-bit dtype only")
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """Dense `[.., out, in]` weight; cached per dtype on the CPU (see class doc)."""
@@ -101,6 +112,105 @@ class AWQPacked:
             w = self.dequantize(dtype)
             self._dequant_cache[dtype] = w
         return w
+
+    def cpu_int4(self) -> "CpuInt4Form | None":
+        """The 4-bit CPU form (built once, cached): our AVX2 kernel's where it is available and
+        takes the shape, else tinygemm's, else None (then callers use `dense_weight`)."""
+        if self._cpu_int4 is None and self.qweight.device.type == "cpu":
+            if avx2_supported(self.in_features, self.group_size):
+                self._cpu_int4 = to_avx2_int4(unpack_int4_natural(self.qweight), unpack_int4_natural(self.qzeros),
+                                              self.scales, self.group_size)
+            elif cpu_int4_supported(self):
+                self._cpu_int4 = to_cpu_int4(self)
+        return self._cpu_int4
+
+    def cpu_int4_for(self, x: torch.Tensor) -> "CpuInt4Form | None":
+        """The 4-bit CPU form when it serves x (on the CPU, in a dtype the kernel takes); None for
+        fp32, which keeps the exact dense reference."""
+        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+            return None
+        w = self.cpu_int4()
+        return w if w is not None and x.dtype in w.dtypes else None
+
+    def build_cpu_int4(self) -> bool:
+        """Build the int4 form now (at load); True when it was built by this call."""
+        return self._cpu_int4 is None and self.cpu_int4() is not None
+
+    def keep_cpu_int4_only(self) -> bool:
+        """16-bit CPU serving reads only the int4 form: free the natural-layout integers (`qweight`,
+        half of the resident weight memory otherwise), keeping their shape. Afterwards
+        `dequantize` raises. True when freed now."""
+        if self.cpu_int4() is None or self.qweight.shape[-1] == 0:
+            return False
+        self.qweight = self.qweight.new_empty(*self.qweight.shape[:-1], 0)
+        self._dequant_cache.clear()
+        return True
+
+
+# ----------------------------------------------------------------------------------------
+# CPU int4 (torch's tinygemm CPU kernel): AWQ stays 4-bit in memory
+# ----------------------------------------------------------------------------------------
+
+CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)  # what `_weight_int4pack_mm_for_cpu` accepts
+_CPU_INT4_INNER_K_TILES = 2  # K must be a multiple of 16 * this (32); group sizes all are
+
+
+@dataclass
+class CpuInt4Weight:
+    """AWQ weights in torch's tinygemm CPU int4 layout (`aten._convert_weight_to_int4pack_for_cpu`).
+
+    tinygemm computes `W[n, k] = (q - 8) · scale + zero` per group; AWQ's `(q - z) · s` is the
+    same with `scale = s`, `zero = (8 - z) · s` (exact in fp32, stored rounded to bf16 as the
+    kernel requires). The kernel is fast only for bf16 activations on this torch build (fp32 and
+    fp16 take a slow path), so it serves bf16 alone. Same memory as the checkpoint: 4 bits per
+    weight plus two bf16 values per group and output column.
+    """
+
+    weight: torch.Tensor  # uint8 [.., out, in/2]
+    scale_and_zero: torch.Tensor  # bf16 [.., in/g, out, 2]
+    group_size: int
+    dtypes = (torch.bfloat16,)  # activations it serves fast
+
+    def mm(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """`x [M, in]` (bf16) @ W.T -> `[M, out]` bf16; `expert` picks one of stacked experts."""
+        w, sz = (self.weight, self.scale_and_zero) if expert is None else (self.weight[expert], self.scale_and_zero[expert])
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, self.group_size, sz)
+
+
+def cpu_int4_supported(packed: AWQPacked) -> bool:
+    """Whether the tinygemm CPU kernel takes this layer: a CPU tensor, out % 16, group 32..256."""
+    return (
+        packed.qweight.device.type == "cpu" and packed.out_features % 16 == 0
+        and packed.group_size in CPU_INT4_GROUP_SIZES and packed.in_features % packed.group_size == 0
+    )
+
+
+def to_cpu_int4(packed: AWQPacked) -> CpuInt4Weight:
+    """Repack `AWQPacked` (one linear or stacked experts) into `CpuInt4Weight`, losslessly for
+    the integers; scale and zero rounded to bf16 (see `CpuInt4Weight`)."""
+    if not cpu_int4_supported(packed):
+        raise ValueError(
+            f"CPU int4 needs out_features % 16 == 0 and group size in {CPU_INT4_GROUP_SIZES}; got out "
+            f"{packed.out_features}, group {packed.group_size} on {packed.device}"
+        )
+    stacked = packed.num_experts is not None
+    qw = packed.qweight if stacked else packed.qweight[None]
+    qz = packed.qzeros if stacked else packed.qzeros[None]
+    sc = packed.scales if stacked else packed.scales[None]
+    weights, szs = [], []
+    for e in range(qw.shape[0]):
+        q = unpack_int4_natural(qw[e]).to(torch.int32).contiguous()  # [out, in]
+        weights.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _CPU_INT4_INNER_K_TILES))
+        s = sc[e].to(torch.float32)  # [in/g, out]
+        z = unpack_int4_natural(qz[e]).to(torch.float32)
+        szs.append(torch.stack([s, (8.0 - z) * s], dim=-1).to(torch.bfloat16))
+    w, sz = torch.stack(weights), torch.stack(szs)
+    if not stacked:
+        w, sz = w[0], sz[0]
+    return CpuInt4Weight(w.contiguous(), sz.contiguous(), packed.group_size)
+
+
+CpuInt4Form = CpuInt4Weight | Avx2Int4Weight  # what `AWQPacked.cpu_int4` holds; both have `.mm(x, expert)`
 
 
 def awq_repack(
@@ -167,10 +277,21 @@ def _check_x(x: torch.Tensor, packed: AWQPacked) -> None:
 
 
 def awq_linear_ref(x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantize then matmul in x's dtype (the CPU engine's path)."""
+    """Dequantize then matmul in x's dtype (the reference; the CPU path for non-bf16 x)."""
     _check_x(x, packed)
     w = packed.dense_weight(x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def awq_linear_cpu(x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The CPU engine's path: 16-bit x through a 4-bit kernel (`AWQPacked.cpu_int4_for`),
+    otherwise the reference (fp32 keeps exact reference numerics)."""
+    _check_x(x, packed)
+    w4 = packed.cpu_int4_for(x)
+    if w4 is None:
+        return awq_linear_ref(x, packed, bias)
+    y = w4.mm(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], packed.out_features)
+    return y if bias is None else y.add_(bias.to(y.dtype))
 
 
 # ----------------------------------------------------------------------------------------
@@ -207,15 +328,20 @@ def awq_config(M: int, N: int, K: int, group_size: int, device: torch.device) ->
 
 
 def awq_linear(x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x [.., in] @ W.T (+ bias)`: Triton on CUDA (or when forced), torch reference otherwise."""
+    """`x [.., in] @ W.T (+ bias)`: Triton on CUDA (or when forced), `awq_linear_cpu` otherwise."""
     if use_triton(x):
         from hubdeploy.kernels.awq_triton import awq_linear_triton
 
         return awq_linear_triton(x, packed, bias)
-    return awq_linear_ref(x, packed, bias)
+    return awq_linear_cpu(x, packed, bias)
 
 
 __all__ = [
+    "CpuInt4Weight",
+    "CpuInt4Form",
+    "cpu_int4_supported",
+    "to_cpu_int4",
+    "awq_linear_cpu",
     "AWQPacked",
     "awq_repack",
     "awq_linear_ref",

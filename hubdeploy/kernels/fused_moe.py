@@ -16,7 +16,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-from hubdeploy.kernels.awq import AWQPacked, awq_repack, concat_out, stack_packed
+from hubdeploy.kernels.awq import AWQPacked, CpuInt4Form, awq_repack, concat_out, stack_packed
 from hubdeploy.kernels.cpu_gemm import LOW_PRECISION, PACKED_MAX_ROWS, bucket_rows, packed_for, packed_linear
 from hubdeploy.kernels.dispatch import use_triton
 from hubdeploy.kernels.tuned import tuned_config
@@ -233,8 +233,21 @@ def fused_moe_torch(
     the base model alone).
     """
     _check(x, weights, topk_weights, topk_ids)
-    w13, w2 = _dense(weights, x.dtype)
     I = weights.intermediate_size
+    w4 = _cpu_int4_experts(weights, x)
+    if w4 is not None:
+        if hook is None:
+            return _fused_moe_int4(x, I, topk_weights, topk_ids, *w4)
+        w13 = w2 = None
+    else:
+        w13, w2 = _dense(weights, x.dtype)
+
+    def mm13(e: int, a: torch.Tensor, out: torch.Tensor) -> None:
+        torch.mm(a, w13[e].t(), out=out) if w4 is None else out.copy_(w4[0].mm(a, e))
+
+    def mm2(e: int, a: torch.Tensor, out: torch.Tensor) -> None:
+        torch.mm(a, w2[e].t(), out=out) if w4 is None else out.copy_(w4[1].mm(a, e))
+
     M, k = topk_ids.shape
     if hook is None and x.dtype in LOW_PRECISION and x.device.type == "cpu" and M > 0:
         packed = packed_for(weights.cpu_packed, w13, w2) if isinstance(weights, MoEWeights) else None
@@ -260,16 +273,17 @@ def fused_moe_torch(
     if n * I < _BATCHED_ACT_MAX or hook is not None:  # decode sizes: SiLU·up once over all slots (fewer ops)
         h = torch.empty(n, 2 * I, dtype=x.dtype, device=x.device)
         for e, a, b in runs:
-            torch.mm(xs[a:b], w13[e].t(), out=h[a:b])
+            mm13(e, xs[a:b], h[a:b])
         if hook is not None:
             hook.add_w13(h, xs, order)
         act = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
         for e, a, b in runs:
-            torch.mm(act[a:b], w2[e].t(), out=y[a:b])
+            mm2(e, act[a:b], y[a:b])
     else:  # prefill sizes: per expert, so each activation is used while it is still in cache
         for e, a, b in runs:
-            h = xs[a:b] @ w13[e].t()
-            torch.mm(torch.nn.functional.silu(h[:, :I]) * h[:, I:], w2[e].t(), out=y[a:b])
+            h = torch.empty(b - a, 2 * I, dtype=x.dtype, device=x.device)
+            mm13(e, xs[a:b], h)
+            mm2(e, torch.nn.functional.silu(h[:, :I]) * h[:, I:], y[a:b])
     tw = topk_weights.reshape(-1).index_select(0, order)
     if tw.dtype != acc_dtype:
         tw = tw.to(acc_dtype)
@@ -398,6 +412,52 @@ def _fused_moe_one_token(
             y = y.to(acc_dtype)
         out.add_(y.mul_(tw[j]))
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _cpu_int4_experts(weights: Weights, x: torch.Tensor) -> tuple[CpuInt4Form, CpuInt4Form] | None:
+    """AWQ experts' 4-bit CPU forms when they serve x (`AWQPacked.cpu_int4_for`), else None."""
+    if not isinstance(weights, AWQMoEWeights):
+        return None
+    w13, w2 = weights.w13.cpu_int4_for(x), weights.w2.cpu_int4_for(x)
+    return None if w13 is None or w2 is None else (w13, w2)
+
+
+def _fused_moe_int4(
+    x: torch.Tensor, I: int, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    w13: CpuInt4Form, w2: CpuInt4Form,
+) -> torch.Tensor:
+    """AWQ experts on the CPU with 16-bit x: the 4-bit weights through a CPU int4 kernel
+    (`CpuInt4Form`), no dense copy. Same math and order as `_fused_moe_lowp` /
+    `_fused_moe_one_token` (routing weight applied in x's dtype, the k contributions summed in
+    ascending expert order); the int4 kernel has no per-shape primitive, so no padding.
+    """
+    M, k = topk_ids.shape
+    silu = torch.nn.functional.silu
+    if M == 1:
+        ids = topk_ids[0].tolist()
+        tw = topk_weights[0].to(x.dtype)
+        ys = []
+        for j in sorted(range(k), key=ids.__getitem__):
+            h = w13.mm(x, ids[j])
+            ys.append(w2.mm(silu(h[:, :I]) * h[:, I:], ids[j]).mul_(tw[j]))
+        if len(ys) <= 2:
+            return ys[0] if len(ys) == 1 else ys[0].add_(ys[1])
+        acc = ys[0].float()
+        for y in ys[1:]:
+            acc += y.float()
+        return acc.to(x.dtype)
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w13.weight.shape[0]).tolist()
+    tok = order // k
+    xs = x.index_select(0, tok)
+    y = torch.empty(M * k, x.shape[1], dtype=x.dtype, device=x.device)
+    for e, (c, a) in enumerate(zip(counts, _starts(counts))):
+        if c:
+            h = w13.mm(xs[a:a + c], e)
+            y[a:a + c].copy_(w2.mm(silu(h[:, :I]) * h[:, I:], e))
+    y.mul_(topk_weights.reshape(-1).index_select(0, order).to(x.dtype)[:, None])
+    return torch.zeros(M, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, tok, y)
 
 
 _BATCHED_ACT_MAX = 1 << 16  # elements of the SiLU·up activation up to which it runs once for all experts

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hubdeploy.kernels.attention import DecodeKV
-from hubdeploy.serving.heap import retain_freed_memory
+from hubdeploy.serving.heap import retain_freed_memory, return_freed_memory
 from hubdeploy.serving.config import EngineArgs, ModelConfig
 from hubdeploy.serving.forward_context import ForwardContext
 from hubdeploy.serving.scheduler import ScheduledSeq
@@ -63,12 +63,25 @@ def cpu_gemm_layout(model: torch.nn.Module) -> int:
 
 def _pack_low_precision(model: torch.nn.Module) -> int:
     """bf16/fp16: a oneDNN-blocked copy of every plain linear and expert weight
-    (`kernels.cpu_gemm.pack_weight`, used while the weight keeps its storage); returns how many
-    weights were (re)packed, 0 when all are current."""
+    (`kernels.cpu_gemm.pack_weight`, used while the weight keeps its storage); bf16/fp16 AWQ: a
+    4-bit kernel's layout of every AWQ weight (`AWQPacked.cpu_int4`, at load rather than on a
+    request's first step). Returns how many weights were (re)packed, 0 when all are current."""
     from hubdeploy.kernels.cpu_gemm import LOW_PRECISION, pack_weight, packed_for, weight_key
     from hubdeploy.serving.models.layers import Linear, MoE
 
     n = 0
+    dtype = getattr(model, "dtype", None)
+    if dtype in LOW_PRECISION:
+        probe = torch.empty(0, dtype=dtype)
+        for m in model.modules():
+            awq = [m.packed] if isinstance(m, Linear) and m.packed is not None else []
+            if isinstance(m, MoE) and m.quantized and m.weights is not None:
+                awq = [m.weights.w13, m.weights.w2]
+            for p in awq:
+                built = p.build_cpu_int4()
+                if p.cpu_int4_for(probe) is not None:
+                    n += built
+                    p.keep_cpu_int4_only()  # the int4 form is all a 16-bit step reads
     for m in model.modules():
         if isinstance(m, Linear) and isinstance(m.weight, torch.nn.Parameter) and m.weight.dtype in LOW_PRECISION:
             if packed_for(m.cpu_packed, m.weight) is None:
@@ -153,6 +166,7 @@ class ModelRunner:
             cpu_gemm_layout(model)
             self.dense_kv = DecodeKV(cfg.num_hidden_layers)
             self.cpu_threads = max(1, config.cpu_threads or torch.get_num_threads())
+            return_freed_memory()  # load and repack temporaries (AWQ int4: hundreds of MB)
             retain_freed_memory()  # prefill temporaries reuse heap memory instead of fresh pages
             if dtype in (torch.bfloat16, torch.float16):
                 _warm_up_cpu_gemms(model, config.max_num_batched_tokens, self.cpu_threads)

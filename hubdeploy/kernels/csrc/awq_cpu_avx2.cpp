@@ -1,0 +1,183 @@
+// AWQ 4-bit GEMV/GEMM for the CPU (AVX2 + FMA): the weights stay 4-bit in memory.
+//
+// Layout ("lane-interleaved"): row n of W is K/8 int32 words. Block b covers k in [64b, 64b+64);
+// its 8 words hold, in word j and nibble t, the weight for k = 64b + 8t + j. One 256-bit load
+// gives a block; nibble t of all 8 lanes is `(v >> 4t) & 15`, which lines up with x[64b+8t .. +8]:
+// no byte shuffles, so the unpack costs two ALU ops per 8 weights.
+//
+// Math: sum_k s_g (q_k - z_g) x_k = s_g * sum_k q_k x_k - (z_g s_g) * sum_{k in g} x_k, in fp32;
+// the per-group sums of x are computed once per call.
+#include <immintrin.h>
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+namespace {
+
+constexpr int kMaxRows = 4;  // rows of x per pass (accumulators kept in registers)
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// out[m, n] for m in [0, M) (M <= kMaxRows), n in [n0, n1). A accumulators per row of x break
+// the FMA dependency chain (latency, not throughput, bounds one chain at batch 1).
+template <int M, int A = (M == 1 ? 4 : M == 2 ? 2 : 1)>
+void rows_kernel(const int32_t* w, const float* s, const float* zs, const float* x, const float* xg,
+                 float* out, int64_t K, int64_t N, int64_t g, int64_t n0, int64_t n1, int64_t x_stride,
+                 int64_t out_stride) {
+  const __m256i mask = _mm256_set1_epi32(15);
+  const int64_t groups = K / g, halves_per_group = g / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t* wr = w + n * (K / 8);
+    const float* sr = s + n * groups;
+    const float* zr = zs + n * groups;
+    __m256 acc[M], accg[M][A];
+    float corr[M];
+    for (int m = 0; m < M; ++m) {
+      acc[m] = _mm256_setzero_ps();
+      corr[m] = 0.f;
+      for (int a = 0; a < A; ++a) accg[m][a] = _mm256_setzero_ps();
+    }
+    int64_t half = 0, group = 0;
+    for (int64_t b = 0; b < K / 64; ++b) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 8 * b));
+      const float* xb = x + 64 * b;
+#define HUBDEPLOY_SLICE(t)                                                                      \
+      {                                                                                         \
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4 * (t)), mask)); \
+        for (int m = 0; m < M; ++m)                                                             \
+          accg[m][(t) % A] = _mm256_fmadd_ps(q, _mm256_loadu_ps(xb + m * x_stride + 8 * (t)), accg[m][(t) % A]); \
+      }
+      for (int h = 0; h < 2; ++h) {
+        if (h == 0) { HUBDEPLOY_SLICE(0) HUBDEPLOY_SLICE(1) HUBDEPLOY_SLICE(2) HUBDEPLOY_SLICE(3) }
+        else { HUBDEPLOY_SLICE(4) HUBDEPLOY_SLICE(5) HUBDEPLOY_SLICE(6) HUBDEPLOY_SLICE(7) }
+        if (++half == halves_per_group) {  // group done: scale it in, subtract its zero term
+          const __m256 sv = _mm256_set1_ps(sr[group]);
+          for (int m = 0; m < M; ++m) {
+            __m256 sum = accg[m][0];
+            accg[m][0] = _mm256_setzero_ps();
+            for (int a = 1; a < A; ++a) { sum = _mm256_add_ps(sum, accg[m][a]); accg[m][a] = _mm256_setzero_ps(); }
+            acc[m] = _mm256_fmadd_ps(sum, sv, acc[m]);
+            corr[m] += zr[group] * xg[m * groups + group];
+          }
+          half = 0;
+          ++group;
+        }
+      }
+#undef HUBDEPLOY_SLICE
+    }
+    for (int m = 0; m < M; ++m) out[m * out_stride + n] = hsum(acc[m]) - corr[m];
+  }
+}
+
+using RowsFn = void (*)(const int32_t*, const float*, const float*, const float*, const float*, float*,
+                        int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+constexpr RowsFn kRows[kMaxRows + 1] = {nullptr, rows_kernel<1>, rows_kernel<2>, rows_kernel<3>, rows_kernel<4>};
+
+}  // namespace
+
+// x [M, K] fp32 contiguous; w [N, K/8] int32; scales, zero_scales [N, K/g] fp32 -> [M, N] fp32.
+torch::Tensor awq_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zero_scales,
+                       int64_t group_size) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [M, K]");
+  TORCH_CHECK(w.dtype() == torch::kInt32 && w.is_contiguous() && w.dim() == 2, "w: contiguous int32 [N, K/8]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % 64 == 0 && w.size(1) == K / 8, "K must be a multiple of 64 and match w");
+  TORCH_CHECK(group_size % 32 == 0 && K % group_size == 0, "group size: a multiple of 32 dividing K");
+  TORCH_CHECK(scales.is_contiguous() && zero_scales.is_contiguous() && scales.dtype() == torch::kFloat32 &&
+                  zero_scales.dtype() == torch::kFloat32 && scales.numel() == N * (K / group_size) &&
+                  zero_scales.numel() == N * (K / group_size),
+              "scales/zero_scales: contiguous fp32 [N, K/g]");
+  auto out = torch::empty({M, N}, x.options());
+  auto xg = x.view({M, K / group_size, group_size}).sum(-1).contiguous();  // per-group sums of x
+  const int32_t* wp = w.data_ptr<int32_t>();
+  const float *sp = scales.data_ptr<float>(), *zp = zero_scales.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / K);
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
+    const float* xp = x.data_ptr<float>() + m0 * K;
+    const float* xgp = xg.data_ptr<float>() + m0 * (K / group_size);
+    float* op = out.data_ptr<float>() + m0 * N;
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      kRows[rows](wp, sp, zp, xp, xgp, op, K, N, group_size, n0, n1, K, N);
+    });
+  }
+  return out;
+}
+
+// Rows [n0, n1) of W as dense fp32 into `out` ([n1 - n0, K], row stride K).
+void dequantize_rows(const int32_t* w, const float* s, const float* zs, float* out, int64_t K, int64_t g,
+                     int64_t n0, int64_t n1) {
+  const __m256i mask = _mm256_set1_epi32(15);
+  const int64_t groups = K / g, halves_per_group = g / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t* wr = w + n * (K / 8);
+    float* o = out + (n - n0) * K;
+    int64_t half = 0, group = 0;
+    __m256 sv = _mm256_set1_ps(s[n * groups]), zv = _mm256_set1_ps(zs[n * groups]);
+    for (int64_t b = 0; b < K / 64; ++b) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 8 * b));
+      float* ob = o + 64 * b;
+#define HUBDEPLOY_DQ(t) \
+      _mm256_storeu_ps(ob + 8 * (t), _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4 * (t)), mask)), sv, zv));
+      for (int h = 0; h < 2; ++h) {
+        if (h == 0) { HUBDEPLOY_DQ(0) HUBDEPLOY_DQ(1) HUBDEPLOY_DQ(2) HUBDEPLOY_DQ(3) }
+        else { HUBDEPLOY_DQ(4) HUBDEPLOY_DQ(5) HUBDEPLOY_DQ(6) HUBDEPLOY_DQ(7) }
+        if (++half == halves_per_group && ++group < groups) {
+          half = 0;
+          sv = _mm256_set1_ps(s[n * groups + group]);
+          zv = _mm256_set1_ps(zs[n * groups + group]);
+        }
+      }
+#undef HUBDEPLOY_DQ
+    }
+  }
+}
+
+constexpr int64_t kTileRows = 128;  // rows of W dequantized at a time: 128 x K fp32 stays in L2
+
+// x [M, K] fp32 @ W.T for larger M (prefill): per tile of W's rows, dequantize into an
+// L2-sized buffer and multiply with the BLAS sgemm, so only 4-bit weights cross memory.
+torch::Tensor awq_gemm_tiled(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zero_scales,
+                             int64_t group_size) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [M, K]");
+  TORCH_CHECK(w.dtype() == torch::kInt32 && w.is_contiguous() && w.dim() == 2, "w: contiguous int32 [N, K/8]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % 64 == 0 && w.size(1) == K / 8 && group_size % 32 == 0 && K % group_size == 0,
+              "K: a multiple of 64 matching w; group size: a multiple of 32 dividing K");
+  auto out = torch::empty({M, N}, x.options());
+  auto tile = torch::empty({std::min(kTileRows, N), K}, x.options());
+  const int32_t* wp = w.data_ptr<int32_t>();
+  const float *sp = scales.data_ptr<float>(), *zp = zero_scales.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
+    const int64_t n1 = std::min(N, n0 + kTileRows);
+    float* tp = tile.data_ptr<float>();
+    at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) {
+      dequantize_rows(wp, sp, zp, tp + (a - n0) * K, K, group_size, a, b);
+    });
+    auto out_tile = out.narrow(1, n0, n1 - n0);  // strided rows: BLAS writes with ldc = N
+    at::mm_out(out_tile, x, tile.narrow(0, 0, n1 - n0).t());
+  }
+  return out;
+}
+
+// Dense [N, K] fp32 weights from the same layout (tests, debugging).
+torch::Tensor awq_dequantize(torch::Tensor w, torch::Tensor scales, torch::Tensor zero_scales, int64_t group_size) {
+  TORCH_CHECK(w.dtype() == torch::kInt32 && w.is_contiguous() && w.dim() == 2, "w: contiguous int32 [N, K/8]");
+  const int64_t N = w.size(0), K = w.size(1) * 8;
+  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  const int32_t* wp = w.data_ptr<int32_t>();
+  const float *sp = scales.data_ptr<float>(), *zp = zero_scales.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t a, int64_t b) { dequantize_rows(wp, sp, zp, op + a * K, K, group_size, a, b); });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("awq_gemm", &awq_gemm, "AWQ int4 x fp32 -> fp32 (lane-interleaved layout)");
+  m.def("awq_gemm_tiled", &awq_gemm_tiled, "AWQ int4 x fp32 -> fp32, dequantized per tile of rows + sgemm");
+  m.def("awq_dequantize", &awq_dequantize, "AWQ int4 (lane-interleaved layout) -> dense fp32");
+}
