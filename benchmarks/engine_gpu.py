@@ -32,6 +32,7 @@ import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for _common, also when loaded by path
@@ -43,7 +44,7 @@ import torch  # noqa: E402
 
 from hubdeploy.serving.config import ModelConfig  # noqa: E402
 from hubdeploy.serving.engine import EngineArgs, LLMEngine  # noqa: E402
-from hubdeploy.serving.loader import Slot, _finish, _Pending, build_plan, resolve_dtype  # noqa: E402
+from hubdeploy.serving.loader import AWQ_FORMAT, Slot, _finish, _Pending, build_plan, resolve_dtype  # noqa: E402
 from hubdeploy.serving.models import CausalLM, MoE, build_model  # noqa: E402
 from hubdeploy.serving.models.layers import Linear  # noqa: E402
 from hubdeploy.serving.sampling_params import SamplingParams  # noqa: E402
@@ -122,7 +123,7 @@ def random_awq_model(cfg: ModelConfig, device: torch.device | str, dtype: torch.
         pend.got.setdefault(slot.part, {})[slot.leaf] = t
         pend.count += 1
         if pend.count == pend.needed:
-            _finish(slot.target, pend, group)
+            _finish(slot.target, pend, group, AWQ_FORMAT, Path("<random weights>"))
             del pending[id(slot.target)]
     if pending:
         raise RuntimeError(f"{len(pending)} AWQ module(s) left without weights (plan and model disagree)")

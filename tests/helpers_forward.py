@@ -285,3 +285,29 @@ def merged_reference(base: Path, adapter: Path, dst: Path) -> Path:
             shutil.copyfile(f, dst / f.name)
     save_file({k: v.float() for k, v in sd.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
+
+
+_TRITON_CHILD = """
+import json, sys
+from hubdeploy.serving.loader import load_model
+from tests.helpers_forward import greedy_generate, prefill_last_logits
+model, cfg = load_model(sys.argv[1])
+prompts = json.loads(sys.argv[2])
+logits = prefill_last_logits(model, prompts)
+print(json.dumps({"logits": logits.tolist(), "tokens": greedy_generate(model, prompts, int(sys.argv[3]))}))
+"""
+
+
+def run_under_triton_interpreter(ckpt: Path, prompts: list[list[int]], n_tokens: int, timeout: float = 300) -> dict:
+    """Last-position logits and `n_tokens` greedy tokens of `ckpt` through every Triton kernel under
+    the interpreter, in a child process (TRITON_INTERPRET is read at import and must not leak)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", HUBDEPLOY_FORCE_TRITON="1")
+    proc = subprocess.run([sys.executable, "-c", _TRITON_CHILD, str(ckpt), json.dumps(prompts), str(n_tokens)],
+                          env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -31,7 +30,14 @@ from hubdeploy.kernels.compressed_tensors import ct_repack
 from hubdeploy.serving.config import ConfigError
 from hubdeploy.serving.loader import CheckpointError, load_model
 from hubdeploy.serving.models.layers import Linear, MoE
-from tests.helpers_forward import greedy_generate, hf_greedy, hf_last_logits, make_hf_checkpoint, prefill_last_logits
+from tests.helpers_forward import (
+    greedy_generate,
+    hf_greedy,
+    hf_last_logits,
+    make_hf_checkpoint,
+    prefill_last_logits,
+    run_under_triton_interpreter,
+)
 
 pytest.importorskip("compressed_tensors")
 transformers = pytest.importorskip("transformers")
@@ -359,30 +365,13 @@ def test_full_size_mixtral_w4a16_is_sized_like_its_awq_twin(tmp_path: Path) -> N
 # ----------------------------------------------------------------------------- slow
 
 
-TRITON_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from hubdeploy.serving.loader import load_model
-    from tests.helpers_forward import greedy_generate, prefill_last_logits
-    model, cfg = load_model(sys.argv[1])
-    prompts = json.loads(sys.argv[2])
-    logits = prefill_last_logits(model, prompts)
-    print(json.dumps({"logits": logits.tolist(), "tokens": greedy_generate(model, prompts, int(sys.argv[3]))}))
-    """
-)
-
-
 @pytest.mark.slow
 def test_triton_path_under_interpreter_matches_reference(ckpts) -> None:
     """An asymmetric compressed-tensors Mixtral (llm-compressor's naming) through every Triton
     kernel (interpreter, child process so TRITON_INTERPRET never leaks) vs the torch path."""
     ckpt, _ = ckpts("mixtral", "mixed", 32, False)
     prompts = [p[:5] for p in PROMPTS]
-    env = dict(os.environ, TRITON_INTERPRET="1", HUBDEPLOY_FORCE_TRITON="1")
-    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, str(ckpt), json.dumps(prompts), "3"],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = run_under_triton_interpreter(ckpt, prompts, 3)
     model, _ = load_model(ckpt)
     diff = (torch.tensor(got["logits"]) - prefill_last_logits(model, prompts)).abs().max().item()
     assert diff <= 2e-2, f"Triton path logits differ from the reference by {diff:.2e}"

@@ -10,11 +10,6 @@ greedy choices are not near-ties).
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,6 +18,7 @@ import torch
 from hubdeploy.serving.loader import load_model
 from hubdeploy.serving.models.layers import Linear
 from tests.helpers_forward import (
+    run_under_triton_interpreter,
     ARCHS,
     awq_quantize_checkpoint,
     dequantized_copy,
@@ -97,19 +93,6 @@ def test_make_tiny_matches_transformers(arch: str, quant: str, tiny_models, tmp_
     assert greedy_generate(model, prompts, 16) == hf_greedy(hf, prompts, 16)
 
 
-TRITON_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, torch
-    from hubdeploy.serving.loader import load_model
-    from tests.helpers_forward import greedy_generate, prefill_last_logits
-    model, cfg = load_model(sys.argv[1])
-    prompts = json.loads(sys.argv[2])
-    logits = prefill_last_logits(model, prompts)
-    print(json.dumps({"logits": logits.tolist(), "tokens": greedy_generate(model, prompts, int(sys.argv[3]))}))
-    """
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_triton_path_under_interpreter_matches_reference(arch: str, checkpoints) -> None:
@@ -122,14 +105,7 @@ def test_triton_path_under_interpreter_matches_reference(arch: str, checkpoints)
     ckpt, _ = checkpoints(arch, "awq")
     prompts = [p[:5] for p in PROMPTS]
     n_tokens = 3
-    env = dict(os.environ, TRITON_INTERPRET="1", HUBDEPLOY_FORCE_TRITON="1")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-c", TRITON_SCRIPT, str(ckpt), json.dumps(prompts), str(n_tokens)],
-        env=env, cwd=root, capture_output=True, text=True, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = run_under_triton_interpreter(ckpt, prompts, n_tokens, timeout=240)
 
     model, _ = load_model(ckpt)
     ref_logits = prefill_last_logits(model, prompts)

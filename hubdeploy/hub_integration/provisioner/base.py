@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hubdeploy.hub_integration.spec import DeploymentSpec
+
+if TYPE_CHECKING:
+    from hubdeploy.hub_integration.store import EndpointRecord, Store
 
 
 @dataclass
@@ -22,6 +26,8 @@ class Secrets:
 
 class Provisioner(ABC):
     """A backend that runs endpoints. Methods return quickly; long work runs in the background."""
+
+    store: Store
 
     @abstractmethod
     def provision(self, spec: DeploymentSpec, secrets: Secrets) -> None:
@@ -55,9 +61,25 @@ class Provisioner(ABC):
     def get_api_key(self, name: str) -> str | None:
         """The key kept by `set_api_key`, for a restart."""
 
-    @abstractmethod
     def reconcile(self) -> None:
-        """At service start: re-adopt endpoints that still run, restart those that should."""
+        """At service start: re-adopt endpoints that still run, restart those that should. A record
+        that cannot be restored becomes `failed` with the reason; the others go on."""
+        for rec in self.store.list_endpoints():
+            try:
+                self._reconcile_one(rec)
+            except Exception as e:  # noqa: BLE001 - one broken record must not stop the service
+                self.store.update_endpoint(rec.name, status="failed", pid=None,
+                                           reason=f"could not be restored at service start: {type(e).__name__}: {e}")
+
+    @abstractmethod
+    def _reconcile_one(self, rec: EndpointRecord) -> None:
+        """`reconcile` for one record."""
+
+    def _record_deleted(self, name: str, removed: str) -> None:
+        """The store's side of `delete`, once the backend has removed `removed` (said in the event)."""
+        self.store.update_endpoint(name, status="deleted", desired="deleted", phase=None, port=None, pid=None,
+                                   url=None, device=None, api_key_hash=None, bytes_done=0, bytes_total=0)
+        self.store.add_event(name, "delete", f"endpoint deleted; {removed} removed")
 
     @abstractmethod
     def close(self) -> None:

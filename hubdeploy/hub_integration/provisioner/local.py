@@ -25,7 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +32,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm as _tqdm
 
 from hubdeploy.hub_integration.provisioner.base import Provisioner, Secrets
-from hubdeploy.hub_integration.provisioner.files import open_log, private_dir
+from hubdeploy.hub_integration.provisioner.files import EndpointFiles, open_log
 from hubdeploy.hub_integration.provisioner.health import Watchdog, later_phases, probe_health
 from hubdeploy.hub_integration.spec import DeploymentSpec, SpecError, classify_source, recheck_local_paths
 from hubdeploy.hub_integration.store import EndpointRecord, SlotUnavailable, Store
@@ -190,8 +189,7 @@ class LocalProvisioner(Provisioner):
         # places a running endpoint may load adapters from (None: no check, as for `hubdeploy serve`)
         self.allowed_roots = None if allowed_roots is None else list(allowed_roots)
         self.data_dir = Path(data_dir)
-        self.logs_dir = private_dir(self.data_dir / "logs")
-        self.secrets_dir = private_dir(self.data_dir / "secrets")
+        self.files = EndpointFiles(self.data_dir)
         self._lock_file = self._take_service_lock()
         self.hub_endpoint = hub_endpoint
         self.endpoint_host = endpoint_host
@@ -235,31 +233,15 @@ class LocalProvisioner(Provisioner):
         return [f"cuda:{i}" for i in self._cuda]
 
     # --- files --------------------------------------------------------------------
-    def log_path(self, name: str) -> Path:
-        return self.logs_dir / f"{name}.log"
-
-    def _key_path(self, name: str) -> Path:
-        return self.secrets_dir / f"{name}.key"
-
     def set_api_key(self, name: str, api_key: str | None) -> None:
-        """Keep the endpoint key (0600 file beside the DB, which holds only its hash) for restarts."""
-        path = self._key_path(name)
-        if api_key is None:
-            path.unlink(missing_ok=True)
-            return
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(api_key)
+        """Keep the endpoint server's key (0600 file beside the DB) for restarts."""
+        self.files.set_key(name, api_key)
 
     def get_api_key(self, name: str) -> str | None:
-        try:
-            return self._key_path(name).read_text().strip() or None
-        except OSError:
-            return None
+        return self.files.get_key(name)
 
     def _log(self, name: str, line: str) -> None:
-        with open_log(self.log_path(name)) as f:
-            f.write(f"[hubdeploy {time.strftime('%H:%M:%S')}] {line}\n")
+        self.files.note(name, line)
 
     def _name_lock(self, name: str) -> threading.RLock:
         """One lock per endpoint: API calls and automatic restarts never interleave."""
@@ -310,11 +292,7 @@ class LocalProvisioner(Provisioner):
         return rec.status if rec else "deleted"
 
     def logs(self, name: str, tail: int = 200) -> list[str]:
-        path = self.log_path(name)
-        if not path.exists():
-            return []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return [line.rstrip("\n") for line in deque(f, maxlen=max(0, tail))]
+        return self.files.tail(name, tail)
 
     def delete(self, name: str) -> None:
         with self._name_lock(name):
@@ -322,20 +300,9 @@ class LocalProvisioner(Provisioner):
 
     def _delete(self, name: str) -> None:
         self._stop(name)
-        self.log_path(name).unlink(missing_ok=True)
-        self._key_path(name).unlink(missing_ok=True)
+        self.files.remove(name)
         self._hf_tokens.pop(name, None)
-        self.store.update_endpoint(name, status="deleted", desired="deleted", phase=None, port=None, pid=None,
-                                   url=None, device=None, api_key_hash=None, bytes_done=0, bytes_total=0)
-        self.store.add_event(name, "delete", "endpoint deleted; process, slot, logs and key removed")
-
-    def reconcile(self) -> None:
-        for rec in self.store.list_endpoints():
-            try:
-                self._reconcile_one(rec)
-            except Exception as e:  # noqa: BLE001 - one broken record must not stop the service
-                self.store.update_endpoint(rec.name, status="failed", pid=None,
-                                           reason=f"could not be restored at service start: {type(e).__name__}: {e}")
+        self._record_deleted(name, "process, slot, logs and key")
 
     def _reconcile_one(self, rec: EndpointRecord) -> None:
         if rec.desired != "running" or rec.status in ("failed", "paused"):
@@ -493,7 +460,7 @@ class LocalProvisioner(Provisioner):
         cmd = [sys.executable, "-m", "hubdeploy", "serve",
                *spec.serve_args(host=self.endpoint_host, port=port, device=dev_arg)]
         self._log(spec.name, "starting: " + " ".join(cmd[1:]))
-        with open_log(self.log_path(spec.name), binary=True) as log:
+        with open_log(self.files.log_path(spec.name), binary=True) as log:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True, cwd=self.data_dir)
         run.popen, run.pid = popen, popen.pid

@@ -172,17 +172,7 @@ class RayProvisioner(Provisioner):
         self.stop(name)
         self.files.remove(name)
         self._hf_tokens.pop(name, None)
-        self.store.update_endpoint(name, status="deleted", desired="deleted", phase=None, port=None, pid=None,
-                                   url=None, device=None, api_key_hash=None, bytes_done=0, bytes_total=0)
-        self.store.add_event(name, "delete", "endpoint deleted; Ray actor, server, logs and key removed")
-
-    def reconcile(self) -> None:
-        for rec in self.store.list_endpoints():
-            try:
-                self._reconcile_one(rec)
-            except Exception as e:  # noqa: BLE001 - one broken record must not stop the service
-                self.store.update_endpoint(rec.name, status="failed", pid=None,
-                                           reason=f"could not be restored at service start: {type(e).__name__}: {e}")
+        self._record_deleted(name, "Ray actor, server, logs and key")
 
     def _reconcile_one(self, rec: EndpointRecord) -> None:
         if rec.desired != "running" or rec.status in ("failed", "paused"):
