@@ -54,11 +54,12 @@ def unpack_int4_natural(packed: torch.Tensor) -> torch.Tensor:
 class AWQPacked:
     """One AWQ linear (or a stack of E expert linears) in the kernel layout above.
 
-    On the CPU, bf16/fp16 activations use `cpu_int4()` (the weights stay 4-bit: our AVX2 kernel,
-    `awq_cpu.Avx2Int4Weight`, or torch's tinygemm, `CpuInt4Weight`, bf16 only); fp32 (the
-    reference mode) and shapes neither kernel takes use `_dequant_cache`, a lazily built dense weight `[.., out, in]` per dtype (the CPU engine
-    calls the layer every step; dequantizing each call would dominate). Neither is ever filled
-    for CUDA tensors, where the Triton kernels read this layout directly.
+    On the CPU, bf16/fp16 activations use `cpu_int4()` (the weights stay 4-bit: our AVX2
+    kernel, `awq_cpu.Avx2Int4Weight`, or torch's tinygemm, `CpuInt4Weight`, bf16 only). fp32
+    (the reference mode) and shapes neither kernel takes use `_dequant_cache`, a lazily built
+    dense weight `[.., out, in]` per dtype (the CPU engine calls the layer every step;
+    dequantizing each call would dominate). Neither is ever filled for CUDA tensors, where the
+    Triton kernels read this layout directly.
     """
 
     qweight: torch.Tensor  # int32 [out, in/8] or [E, out, in/8]
@@ -124,13 +125,13 @@ class AWQPacked:
                 self._cpu_int4 = to_cpu_int4(self)
         return self._cpu_int4
 
-    def cpu_int4_for(self, x: torch.Tensor) -> "CpuInt4Form | None":
-        """The 4-bit CPU form when it serves x (on the CPU, in a dtype the kernel takes); None for
-        fp32, which keeps the exact dense reference."""
-        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+    def cpu_int4_for(self, dtype: torch.dtype) -> "CpuInt4Form | None":
+        """The 4-bit CPU form when it serves activations of `dtype` (None for fp32, which keeps the
+        exact dense reference, and for CUDA weights)."""
+        if dtype not in (torch.bfloat16, torch.float16):
             return None
         w = self.cpu_int4()
-        return w if w is not None and x.dtype in w.dtypes else None
+        return w if w is not None and dtype in w.dtypes else None
 
     def build_cpu_int4(self) -> bool:
         """Build the int4 form now (at load); True when it was built by this call."""
@@ -277,7 +278,7 @@ def _check_x(x: torch.Tensor, packed: AWQPacked) -> None:
 
 
 def awq_linear_ref(x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantize then matmul in x's dtype (the reference; the CPU path for non-bf16 x)."""
+    """Dequantize then matmul in x's dtype (the reference; the CPU path for fp32 x)."""
     _check_x(x, packed)
     w = packed.dense_weight(x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -287,7 +288,7 @@ def awq_linear_cpu(x: torch.Tensor, packed: AWQPacked, bias: torch.Tensor | None
     """The CPU engine's path: 16-bit x through a 4-bit kernel (`AWQPacked.cpu_int4_for`),
     otherwise the reference (fp32 keeps exact reference numerics)."""
     _check_x(x, packed)
-    w4 = packed.cpu_int4_for(x)
+    w4 = packed.cpu_int4_for(x.dtype) if x.device.type == "cpu" else None
     if w4 is None:
         return awq_linear_ref(x, packed, bias)
     y = w4.mm(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], packed.out_features)

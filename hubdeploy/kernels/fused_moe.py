@@ -416,9 +416,9 @@ def _fused_moe_one_token(
 
 def _cpu_int4_experts(weights: Weights, x: torch.Tensor) -> tuple[CpuInt4Form, CpuInt4Form] | None:
     """AWQ experts' 4-bit CPU forms when they serve x (`AWQPacked.cpu_int4_for`), else None."""
-    if not isinstance(weights, AWQMoEWeights):
+    if not isinstance(weights, AWQMoEWeights) or x.device.type != "cpu":
         return None
-    w13, w2 = weights.w13.cpu_int4_for(x), weights.w2.cpu_int4_for(x)
+    w13, w2 = weights.w13.cpu_int4_for(x.dtype), weights.w2.cpu_int4_for(x.dtype)
     return None if w13 is None or w2 is None else (w13, w2)
 
 

@@ -30,18 +30,24 @@ def freeze_heap() -> int:
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
+def _glibc(name: str):  # noqa: ANN202 - a ctypes function
+    """`name` from glibc, or None where this is not glibc (other OS, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def return_freed_memory() -> bool:
     """glibc: hand the heap's free pages back to the kernel (`malloc_trim(0)`).
 
     Called once after loading: repacking weights (AWQ into the CPU int4 layout) leaves hundreds
     of MB of freed temporaries in the heap that glibc would otherwise keep resident. Returns
     False where this is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
+    malloc_trim = _glibc("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
 
 
 def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30,
@@ -57,11 +63,6 @@ def retain_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 
     resident memory the process keeps after a peak (at most `trim_threshold` above what it
     uses). vLLM's CPU guide gets the same from preloading tcmalloc. Returns False where this
     is not glibc (nothing changed)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
-    return all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, mmap_threshold),
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, mmap_threshold),
                                                 (_M_TRIM_THRESHOLD, trim_threshold), (_M_TOP_PAD, top_pad)))

@@ -72,14 +72,13 @@ def _pack_low_precision(model: torch.nn.Module) -> int:
     n = 0
     dtype = getattr(model, "dtype", None)
     if dtype in LOW_PRECISION:
-        probe = torch.empty(0, dtype=dtype)
         for m in model.modules():
             awq = [m.packed] if isinstance(m, Linear) and m.packed is not None else []
             if isinstance(m, MoE) and m.quantized and m.weights is not None:
                 awq = [m.weights.w13, m.weights.w2]
             for p in awq:
                 built = p.build_cpu_int4()
-                if p.cpu_int4_for(probe) is not None:
+                if p.cpu_int4_for(dtype) is not None:
                     n += built
                     p.keep_cpu_int4_only()  # the int4 form is all a 16-bit step reads
     for m in model.modules():

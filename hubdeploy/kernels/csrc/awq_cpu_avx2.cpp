@@ -164,20 +164,7 @@ torch::Tensor awq_gemm_tiled(torch::Tensor x, torch::Tensor w, torch::Tensor sca
   return out;
 }
 
-// Dense [N, K] fp32 weights from the same layout (tests, debugging).
-torch::Tensor awq_dequantize(torch::Tensor w, torch::Tensor scales, torch::Tensor zero_scales, int64_t group_size) {
-  TORCH_CHECK(w.dtype() == torch::kInt32 && w.is_contiguous() && w.dim() == 2, "w: contiguous int32 [N, K/8]");
-  const int64_t N = w.size(0), K = w.size(1) * 8;
-  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
-  const int32_t* wp = w.data_ptr<int32_t>();
-  const float *sp = scales.data_ptr<float>(), *zp = zero_scales.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t a, int64_t b) { dequantize_rows(wp, sp, zp, op + a * K, K, group_size, a, b); });
-  return out;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("awq_gemm", &awq_gemm, "AWQ int4 x fp32 -> fp32 (lane-interleaved layout)");
   m.def("awq_gemm_tiled", &awq_gemm_tiled, "AWQ int4 x fp32 -> fp32, dequantized per tile of rows + sgemm");
-  m.def("awq_dequantize", &awq_dequantize, "AWQ int4 (lane-interleaved layout) -> dense fp32");
 }
