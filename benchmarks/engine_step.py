@@ -11,7 +11,7 @@ decode steps. Two variants run in the same process so their numbers compare:
              the step, norms, rotary, scheduler and runner, is the current code)
   optimized  what the engine runs on the CPU now (`paged_attention_torch` with the per-step
              plan and `DecodeKV`, `fused_moe_torch`, weights stored transposed for NN GEMMs:
-             `serving.model_runner.cpu_gemm_layout`)
+             `serving.cpu_backend.cpu_gemm_layout`)
 
 and the script checks that both produce the same greedy tokens. The machine this runs on
 is shared: it reports the median and the minimum step time, and the step's thread CPU
@@ -53,7 +53,7 @@ def variant(name: str, model: torch.nn.Module) -> Iterator[None]:
     """`reference`: the engine as it was before the CPU work (reference kernels, weights stored
     `[out, in]`); `optimized`: as it runs now."""
     from hubdeploy.kernels import attention, fused_moe
-    from hubdeploy.serving.model_runner import cpu_gemm_layout
+    from hubdeploy.serving.cpu_backend import cpu_gemm_layout
     from hubdeploy.serving.models import layers
 
     if name == "optimized":
@@ -62,7 +62,7 @@ def variant(name: str, model: torch.nn.Module) -> Iterator[None]:
     if name != "reference":
         raise ValueError(f"unknown variant {name!r}; use reference or optimized")
     saved = layers.paged_attention, layers.fused_moe
-    layers.paged_attention = _without_cpu_extras(attention.paged_attention_ref)
+    layers.paged_attention = attention.paged_attention_ref
     layers.fused_moe = fused_moe.fused_moe_ref
     for p in model.parameters():
         p.data = p.data.contiguous()
@@ -71,13 +71,6 @@ def variant(name: str, model: torch.nn.Module) -> Iterator[None]:
     finally:
         layers.paged_attention, layers.fused_moe = saved
         cpu_gemm_layout(model)
-
-
-def _without_cpu_extras(fn):
-    """`fn` (a reference kernel) called as the layers call the dispatcher: the CPU-path extras dropped."""
-    def call(*args, step_cache=None, dense_kv=None, **kwargs):
-        return fn(*args, **kwargs)
-    return call
 
 
 def run_batch(engine, batch: int, prompt_len: int, steps: int, warmup: int, seed: int) -> dict:

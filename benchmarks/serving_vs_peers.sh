@@ -43,7 +43,7 @@ OURS_QUANT=${OURS_QUANT:-none}
 OUT=${OUT_DIR:-$ROOT/benchmarks/out/serving_vs_peers}
 VENV=$ROOT/.venv-vllm
 # Threads: our engine picks its own per step (all cores for prefill-sized steps, one for decode
-# steps: `--cpu-threads`, hubdeploy/serving/model_runner.py); vLLM binds its own (VLLM_CPU_OMP_THREADS_BIND=auto).
+# steps: `--cpu-threads`, hubdeploy/serving/cpu_backend.py); vLLM binds its own (VLLM_CPU_OMP_THREADS_BIND=auto).
 # The transformers baseline gets one intra-op thread: on a small shared CPU two OpenMP threads
 # in every op stall each other (measured here: step median 2 ms with 1 thread against 20-50 ms,
 # spikes to 400 ms, with 2 while other jobs ran).

@@ -38,7 +38,7 @@ from hubdeploy.kernels.awq_cpu import GEMV_MAX_ROWS, Avx2Int4Weight, avx2_unavai
 from hubdeploy.kernels.awq_format import awq_quantize
 from hubdeploy.kernels.fused_moe import AWQMoEWeights, MoEWeights, fused_moe_ref, fused_moe_torch, topk_route
 from hubdeploy.serving.loader import load_model
-from hubdeploy.serving.model_runner import cpu_gemm_layout
+from hubdeploy.serving.cpu_backend import cpu_gemm_layout
 from hubdeploy.serving.models.layers import Linear
 from tests.helpers_forward import awq_quantize_checkpoint, make_hf_checkpoint, prefill_last_logits
 

@@ -31,7 +31,7 @@ from hubdeploy.kernels.norm_rope_act import (
 )
 from hubdeploy.serving.loader import load_model
 from hubdeploy.kernels.cpu_gemm import blocked_low_precision_supported
-from hubdeploy.serving.model_runner import cpu_gemm_layout
+from hubdeploy.serving.cpu_backend import cpu_gemm_layout
 from tests.helpers_forward import (
     greedy_generate,
     hf_greedy,
@@ -167,7 +167,7 @@ def test_bf16_model_matches_transformers(arch: str, checkpoints) -> None:
 def test_packed_weights_match_plain_and_go_stale_with_their_weight() -> None:
     """oneDNN-blocked copies (made by `cpu_gemm_layout` for bf16) give the plain GEMM's values,
     for a `Linear` and for the experts, and are dropped once the weight's storage changes."""
-    from hubdeploy.kernels.cpu_gemm import pack_weight, packed_for, weight_key
+    from hubdeploy.kernels.cpu_gemm import pack_weight, packed_copy, remember_packed
     from hubdeploy.serving.models.layers import Linear
 
     g = torch.Generator().manual_seed(11)
@@ -175,11 +175,11 @@ def test_packed_weights_match_plain_and_go_stale_with_their_weight() -> None:
     lin.weight.data.copy_(torch.randn(48, 64, generator=g))
     x = torch.randn(5, 64, generator=g).bfloat16()
     plain = lin(x)
-    lin.cpu_packed = (weight_key(lin.weight), pack_weight(lin.weight))
-    assert packed_for(lin.cpu_packed, lin.weight) is not None
+    remember_packed(pack_weight(lin.weight), lin.weight)
+    assert packed_copy(lin.weight) is not None
     torch.testing.assert_close(lin(x), plain, atol=0, rtol=2**-7)  # at most one bf16 ulp apart
     lin.weight.data = lin.weight.data * 2  # new storage: the packed copy no longer applies
-    assert packed_for(lin.cpu_packed, lin.weight) is None
+    assert packed_copy(lin.weight) is None
     torch.testing.assert_close(lin(x), plain * 2, atol=0, rtol=2**-7)
 
     e, hid, inter, m = 4, 64, 96, 40
@@ -189,13 +189,14 @@ def test_packed_weights_match_plain_and_go_stale_with_their_weight() -> None:
     tw, ti = topk_route(torch.randn(m, e, generator=g), 2, True)
     w = MoEWeights(w13, w2)
     plain_moe = fused_moe_torch(xm, w, tw, ti)
-    w.cpu_packed = (weight_key(w13, w2), ([pack_weight(t) for t in w13], [pack_weight(t) for t in w2]))
+    remember_packed(([pack_weight(t) for t in w13], [pack_weight(t) for t in w2]), w13, w2)
     torch.testing.assert_close(fused_moe_torch(xm, w, tw, ti), plain_moe, atol=1e-3, rtol=2**-7)
 
 
 def test_cpu_gemm_layout_bf16_packs_and_keeps_out_in() -> None:
     """Every bf16 linear and expert stack keeps [out, in] and gets a blocked copy where this CPU
     can make one; where it cannot (AVX2 only), none does and the plain GEMMs serve."""
+    from hubdeploy.kernels.cpu_gemm import packed_copy
     from hubdeploy.serving.models.layers import Linear, MoE
     from tests.fixtures.tiny import build_tiny_cached
 
@@ -205,8 +206,8 @@ def test_cpu_gemm_layout_bf16_packs_and_keeps_out_in() -> None:
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     assert lins and moes
     assert cpu_gemm_layout(model) == (len(lins) + 2 * len(moes) if blocked else 0)
-    assert all(m.weight.is_contiguous() and (m.cpu_packed is not None) == blocked for m in lins)  # [out, in] kept
-    assert all((m.weights.cpu_packed is not None) == blocked for m in moes)
+    assert all(m.weight.is_contiguous() and (packed_copy(m.weight) is not None) == blocked for m in lins)  # [out, in] kept
+    assert all((packed_copy(m.w13, m.w2) is not None) == blocked for m in moes)
     assert cpu_gemm_layout(model) == 0  # all current: nothing repacked
 
 

@@ -1,4 +1,4 @@
-"""`serving.model_runner.cpu_gemm_layout`: the CPU engine's weight storage for NN GEMMs.
+"""`serving.cpu_backend.cpu_gemm_layout`: the CPU engine's weight storage for NN GEMMs.
 
 Checked on the real tiny Mixtral loaded by the real loader: values and shapes unchanged,
 strides transposed, idempotent, and the model's hidden states equal (to fp32 rounding) to
@@ -10,7 +10,7 @@ import torch
 
 from hubdeploy.serving.forward_context import ForwardContext
 from hubdeploy.serving.loader import load_model
-from hubdeploy.serving.model_runner import cpu_gemm_layout
+from hubdeploy.serving.cpu_backend import cpu_gemm_layout
 from hubdeploy.serving.models.layers import Linear, MoE
 from tests.fixtures.tiny import build_tiny_cached
 
@@ -48,3 +48,26 @@ def test_layout_keeps_values_and_outputs() -> None:
 
     got = _prefill(model, cfg, ids)
     torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_copies_are_found_by_their_weight_go_stale_and_leave_with_it() -> None:
+    """`remember_packed` / `packed_copy`: a blocked copy is found by the weights it was made from,
+    not after their storage changes, and its entry goes when the weight is freed (no model's
+    copies outlive it). The payload here is any object: the registry does not look inside."""
+    import gc
+
+    from hubdeploy.kernels import cpu_gemm
+
+    w, w2 = torch.randn(8, 4), torch.randn(4, 8)
+    payload = object()
+    cpu_gemm.remember_packed(payload, w, w2)
+    assert cpu_gemm.packed_copy(w, w2) is payload
+    assert cpu_gemm.packed_copy(w) is None  # filed for (w, w2): another key
+    assert cpu_gemm.packed_copy(torch.randn(8, 4)) is None
+    w.data = w.data * 2  # new storage
+    assert cpu_gemm.packed_copy(w, w2) is None
+    key = id(w)
+    assert key in cpu_gemm._PACKED
+    del w
+    gc.collect()
+    assert key not in cpu_gemm._PACKED

@@ -5,8 +5,7 @@
 - `_fused_moe_one_token` (batch-1 decode): bit-identical to `_fused_moe_lowp` (bf16, blocked
   weights) and to `fused_moe_ref` (fp32, fp64).
 - `topk_route` and the rotary rewrite: bit-identical to their previous formulas / reference.
-- `CausalLM`: the direct-`forward` decoder loop equals the `nn.Module.__call__` one, falls
-  back to it when a torch hook is registered (the hook runs), and the bf16 LM head on its
+- `CausalLM`: a registered torch hook runs and changes nothing, and the bf16 LM head on its
   blocked weight gives `F.linear`'s values.
 """
 from __future__ import annotations
@@ -15,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hubdeploy.kernels.cpu_gemm import blocked_low_precision_supported, pack_weight, weight_key
+from hubdeploy.kernels.cpu_gemm import blocked_low_precision_supported, pack_weight, packed_copy, remember_packed
 
 NEEDS_BLOCKED_BF16 = pytest.mark.skipif(not blocked_low_precision_supported(),
                     reason="this CPU has no oneDNN-blocked bf16 GEMM (needs avx512bw/vl/dq or avx_ne_convert)")
@@ -86,7 +85,7 @@ def test_one_token_moe_bf16_bit_identical_to_batched_path(top_k: int) -> None:
         want = _fused_moe_lowp(x, w13, w2, 96, tw, ti, packed)
         assert got.dtype == torch.bfloat16 and torch.equal(got, want)
     w = MoEWeights(w13, w2)
-    w.cpu_packed = (weight_key(w13, w2), packed)
+    remember_packed(packed, w13, w2)
     assert torch.equal(fused_moe_torch(x, w, tw, ti), want)  # the dispatcher takes the one-token path
 
 
@@ -129,7 +128,7 @@ def test_rotary_rewrite_bit_identical(dtype: torch.dtype) -> None:
     q, k, _ = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
     q, k = q.reshape(n, h, d), k.reshape(n, hkv, d)
     rq, rk = apply_rotary_ref(q, k, pos, cs)
-    gq, gk = apply_rotary_torch(q, k, pos, cs, {})
+    gq, gk = apply_rotary_torch(q, k, pos, cs)
     assert torch.equal(gq, rq) and torch.equal(gk, rk)
 
 
@@ -170,9 +169,9 @@ def _tiny_forward(model, ids: list[int]):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_direct_decoder_loop_equals_module_calls_and_honours_hooks(dtype: torch.dtype) -> None:
+def test_decoder_honours_torch_hooks(dtype: torch.dtype) -> None:
     from hubdeploy.serving.loader import load_model
-    from hubdeploy.serving.model_runner import cpu_gemm_layout
+    from hubdeploy.serving.cpu_backend import cpu_gemm_layout
     from tests.fixtures.tiny import build_tiny_cached
 
     model, _ = load_model(build_tiny_cached("mixtral", "none"), torch.device("cpu"), dtype)
@@ -183,7 +182,7 @@ def test_direct_decoder_loop_equals_module_calls_and_honours_hooks(dtype: torch.
     o_proj = model.layers[-1].self_attn.o_proj
     handle = o_proj.register_forward_hook(lambda mod, args, out: calls.append(tuple(out.shape)))
     try:
-        hooked = _tiny_forward(model, ids)  # the hook forces the nn.Module.__call__ path
+        hooked = _tiny_forward(model, ids)
     finally:
         handle.remove()
     assert len(calls) == 4, "a registered forward hook must run on every step"
@@ -195,14 +194,14 @@ def test_direct_decoder_loop_equals_module_calls_and_honours_hooks(dtype: torch.
 @NEEDS_BLOCKED_BF16
 def test_bf16_lm_head_on_blocked_weight_matches_f_linear() -> None:
     from hubdeploy.serving.loader import load_model
-    from hubdeploy.serving.model_runner import cpu_gemm_layout
+    from hubdeploy.serving.cpu_backend import cpu_gemm_layout
     from tests.fixtures.tiny import build_tiny_cached
 
     model, cfg = load_model(build_tiny_cached("mixtral", "none"), torch.device("cpu"), torch.bfloat16)
     cpu_gemm_layout(model)
     weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
     if model.lm_head is not None:
-        assert model.lm_head.cpu_packed is not None  # the head runs on its blocked copy
+        assert packed_copy(model.lm_head.weight) is not None  # the head runs on its blocked copy
     g = torch.Generator().manual_seed(8)
     for m in (1, 3, 8, 33):
         h = torch.randn(m, cfg.hidden_size, generator=g).bfloat16()
@@ -210,12 +209,12 @@ def test_bf16_lm_head_on_blocked_weight_matches_f_linear() -> None:
         want = F.linear(h, weight).float()
         assert got.dtype == torch.float32 and got.shape == (m, cfg.vocab_size)
         torch.testing.assert_close(got, want, atol=0, rtol=2**-7)  # at most one bf16 ulp apart
-    model.lm_head = None  # as a tied checkpoint: the embedding is blocked once, on first use
+    model.lm_head = None  # as a tied checkpoint: the layout blocks the embedding for the head
+    cpu_gemm_layout(model)
+    assert packed_copy(model.embed_tokens.weight) is not None
     h = torch.randn(2, cfg.hidden_size, generator=g).bfloat16()
     want = F.linear(h, model.embed_tokens.weight).float()
     torch.testing.assert_close(model.compute_logits(h), want, atol=0, rtol=2**-7)
-    assert "_tied_head_packed" in model.__dict__
-    torch.testing.assert_close(model.compute_logits(h), want, atol=0, rtol=2**-7)
     with torch.no_grad():
-        model.embed_tokens.weight.data = model.embed_tokens.weight.data * 2  # new storage: blocked again
+        model.embed_tokens.weight.data = model.embed_tokens.weight.data * 2  # new storage: the copy is stale
     torch.testing.assert_close(model.compute_logits(h), want * 2, atol=0, rtol=2**-7)

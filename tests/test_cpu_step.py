@@ -17,7 +17,8 @@ import random
 import pytest
 import torch
 
-from hubdeploy.kernels.attention import DecodeKV, paged_attention_ref, paged_attention_torch, store_kv_torch
+from hubdeploy.kernels.attention import paged_attention_ref, paged_attention_torch, store_kv_torch
+from hubdeploy.kernels.cpu_step import DecodeKV, cpu_step
 from hubdeploy.kernels.fused_moe import (
     MoEWeights,
     _BATCHED_ACT_MAX,
@@ -56,14 +57,14 @@ def test_apply_rotary_torch_is_bit_identical_and_shares_cos_sin() -> None:
     q, k, _ = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
     q, k = q.reshape(n, h, d), k.reshape(n, hkv, d)  # adjacent views: rotated as one tensor
     ref_q, ref_k = apply_rotary_ref(q, k, pos, cs)
-    cache: dict = {}
-    for _ in range(2):  # the second call reuses the step's cos/sin rows
-        got_q, got_k = apply_rotary_torch(q, k, pos, cs, cache)
-        assert torch.equal(got_q, ref_q) and torch.equal(got_k, ref_k)
-    assert len(cache) == 1
-    q2, k2 = q.contiguous(), k.contiguous() * 2  # separate tensors: rotated one by one
-    r2 = apply_rotary_ref(q2, k2, pos, cs)
-    g2 = apply_rotary_torch(q2, k2, pos, cs, cache)
+    with cpu_step() as step:
+        for _ in range(2):  # the second call reuses the step's cos/sin rows
+            got_q, got_k = apply_rotary_torch(q, k, pos, cs)
+            assert torch.equal(got_q, ref_q) and torch.equal(got_k, ref_k)
+        assert len(step.memo) == 1
+        q2, k2 = q.contiguous(), k.contiguous() * 2  # separate tensors: rotated one by one
+        r2 = apply_rotary_ref(q2, k2, pos, cs)
+        g2 = apply_rotary_torch(q2, k2, pos, cs)
     assert torch.equal(g2[0], r2[0]) and torch.equal(g2[1], r2[1])
     assert torch.equal(qkv[:, : h * d].reshape(n, h, d), q)  # inputs untouched
 
@@ -116,14 +117,11 @@ def _decode_steps(sliding_window: int | None, dense: bool) -> list[torch.Tensor]
         tables = torch.tensor([s["table"] + [-1] * (width - len(s["table"])) for s in seqs], dtype=torch.int32)
         lens = torch.tensor([s["len"] for s in seqs], dtype=torch.int32)
         rows = [id(s) for s in seqs]
-        if kv is not None:
-            kv.keys = rows
         q = torch.randn(b, h, d, generator=g)
         cu = torch.arange(b + 1, dtype=torch.int32)
-        cache: dict = {}
-        for _layer in range(2):  # two "layers" share the step's plan (same cache here)
-            out = paged_attention_torch(q, kc, vc, cu, lens, tables, 1, int(lens.max()), 0.25, sliding_window,
-                                        cache, kv)
+        with cpu_step(kv, rows if kv is not None else None):
+            for _layer in range(2):  # two "layers" share the step's plan (same cache here)
+                out = paged_attention_torch(q, kc, vc, cu, lens, tables, 1, int(lens.max()), 0.25, sliding_window)
         ref = paged_attention_ref(q, kc, vc, cu, lens, tables, 1, int(lens.max()), 0.25, sliding_window)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         outs.append(out)
@@ -156,9 +154,9 @@ def test_engine_logits_equal_with_and_without_dense_kv(tiny_models, kv_cache_tok
         eng = LLMEngine(EngineArgs(model=str(model_dir), device="cpu", max_model_len=128, max_num_seqs=8,
                                    max_num_batched_tokens=24, max_loras=0, kv_cache_tokens=kv_cache_tokens))
         if not dense:
-            eng.runner.dense_kv = None
+            eng.runner.cpu.dense_kv = None
         else:
-            eng.runner.dense_kv.min_gather_bytes = 0
+            eng.runner.cpu.dense_kv.min_gather_bytes = 0
         logits: list[torch.Tensor] = []
         run_step = eng.runner.run
         eng.runner.run = lambda batch: (lambda r: logits.append(r) or r)(run_step(batch))  # type: ignore[method-assign]
@@ -173,7 +171,7 @@ def test_engine_logits_equal_with_and_without_dense_kv(tiny_models, kv_cache_tok
         return logits, eng
 
     (a, _), (b, eng) = run(False), run(True)
-    kv = eng.runner.dense_kv
+    kv = eng.runner.cpu.dense_kv
     assert kv.appended > 0 and kv.gathered > 0 and kv.moved > 0
     if kv_cache_tokens == 160:
         assert eng.stats().preemptions_total > 0
@@ -184,7 +182,8 @@ def test_engine_logits_equal_with_and_without_dense_kv(tiny_models, kv_cache_tok
 
 def test_reused_context_rewritten_in_place_is_not_served_stale_values(tiny_models) -> None:
     """A context whose tensors are rewritten in place between forwards (as CUDA-graph static
-    buffers are) must give what a fresh context gives: the per-step cache is per forward."""
+    buffers are) must give what a fresh context gives: the CPU step's memo lives for one step
+    (one forward, as the runner runs them)."""
     from hubdeploy.serving.forward_context import ForwardContext
     from hubdeploy.serving.loader import load_model
 
@@ -204,12 +203,15 @@ def test_reused_context_rewritten_in_place_is_not_served_stale_values(tiny_model
     ids = torch.tensor([5, 9])
     with torch.inference_mode():
         static = ctx_for([5, 7], [[0, 1, 2, 3], [4, 5, 6, 7]])
-        model(ids, torch.tensor([4, 6]), static)
+        with cpu_step():
+            model(ids, torch.tensor([4, 6]), static)
         second = ctx_for([11, 3], [[8, 9, 10, 11], [12, 13, 14, 15]])
         for name in ("context_lens", "block_tables", "slot_mapping"):
             getattr(static, name).copy_(getattr(second, name))
-        got = model(ids, torch.tensor([10, 2]), static)
-        expect = model(ids, torch.tensor([10, 2]), second)
+        with cpu_step():
+            got = model(ids, torch.tensor([10, 2]), static)
+        with cpu_step():
+            expect = model(ids, torch.tensor([10, 2]), second)
     assert torch.equal(got, expect)
 
 
@@ -280,7 +282,7 @@ def test_parallel_threshold_defaults_to_work_per_step(tiny_models) -> None:
     import json
 
     from hubdeploy.serving.engine import EngineArgs, LLMEngine
-    from hubdeploy.serving.model_runner import CPU_PARALLEL_MIN_WORK, active_weights_per_token
+    from hubdeploy.serving.cpu_backend import CPU_PARALLEL_MIN_WORK, active_weights_per_token
 
     model_dir = tiny_models("mixtral", "none")
     c = json.loads((model_dir / "config.json").read_text())
@@ -291,4 +293,4 @@ def test_parallel_threshold_defaults_to_work_per_step(tiny_models) -> None:
     expect = layers * per_layer + (0 if c.get("tie_word_embeddings") else h * v)
     eng = LLMEngine(EngineArgs(model=str(model_dir), device="cpu", max_model_len=64, max_loras=0, kv_cache_tokens=256))
     assert active_weights_per_token(eng.runner.model) == expect
-    assert eng.runner.cpu_parallel_min_tokens == -(-CPU_PARALLEL_MIN_WORK // expect)
+    assert eng.runner.cpu.parallel_min_tokens == -(-CPU_PARALLEL_MIN_WORK // expect)

@@ -13,14 +13,12 @@ kernels (attention_triton.py) and the dispatchers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from hubdeploy.kernels.cpu_step import DecodeKV, DensePlan, current_step, dense_kv_views, gather_blocks, step_memo
 from hubdeploy.kernels.dispatch import use_triton
 
 __all__ = [
-    "DecodeKV",
     "store_kv",
     "store_kv_ref",
     "store_kv_torch",
@@ -58,25 +56,23 @@ def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, step_cache: dict | None = None) -> None:
-    """Store the step's new K/V [N, Hkv, D] into the paged caches in place (slot -1 = skip).
-
-    `step_cache` (optional, `ForwardContext.step_cache`): a dict that lives for one forward
-    step, where the CPU path keeps what every layer would otherwise recompute."""
+             slot_mapping: torch.Tensor) -> None:
+    """Store the step's new K/V [N, Hkv, D] into the paged caches in place (slot -1 = skip)."""
     if use_triton(k):
         from hubdeploy.kernels.attention_triton import store_kv_triton
 
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
-        store_kv_torch(k, v, k_cache, v_cache, slot_mapping, step_cache)
+        store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
 
 
 def store_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor, step_cache: dict | None = None) -> None:
+                   slot_mapping: torch.Tensor) -> None:
     """The CPU path: `index_copy_` into the flat [slots, Hkv, D] view (the reference's boolean
     mask and 2-D advanced indexing cost more than the copy at decode sizes). Same result.
-    Whether the step has padding slots (-1) is looked at once per step (`step_cache`)."""
+    Whether the step has padding slots (-1) is looked at once per CPU step (`cpu_step`)."""
     _check_store(k, v, k_cache, v_cache, slot_mapping)
+    step_cache = step_memo()
     key = ("store_slots", id(slot_mapping))
     slots = step_cache.get(key) if step_cache is not None else None
     if slots is None:
@@ -165,13 +161,6 @@ def paged_attention_ref(
 # ----------------------------------------------------------------------------- torch fast path (CPU)
 
 
-def _gather_kv(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """`cache[blocks]` for a [B, nblk] block index as one `index_select` (2x faster than advanced indexing)."""
-    nb, bs, hkv, d = cache.shape
-    flat = cache.view(nb, bs * hkv * d).index_select(0, blocks.reshape(-1))
-    return flat.view(blocks.shape[0], blocks.shape[1] * bs, hkv, d)
-
-
 def _decode_plan(context_lens: torch.Tensor, block_tables: torch.Tensor, max_context_len: int, bs: int,
                  sliding_window: int | None, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """What a decode batch's attention needs besides q and the caches, the same in every layer:
@@ -187,115 +176,6 @@ def _decode_plan(context_lens: torch.Tensor, block_tables: torch.Tensor, max_con
         hidden |= kpos <= lens - 1 - sliding_window
     mask = torch.zeros(hidden.shape, dtype=acc_dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
     return blocks, mask[:, None, None, :]
-
-
-@dataclass
-class DensePlan:
-    """One decode step's instructions for every layer's `DecodeKV` buffers (made once per step)."""
-
-    step: int
-    prev_step: int  # the plan before this one: a layer whose buffers applied it is up to date
-    shape: tuple[int, int]  # (rows, token capacity) the buffers must have
-    length: int  # L: the step reads buffer[:B, :L]
-    order: torch.Tensor | None  # batch entry of each buffer row 0..B-1; None when row i is entry i
-    rows: torch.Tensor | None  # buffer row of each batch entry (the inverse of `order`)
-    moves: tuple[torch.Tensor, torch.Tensor] | None  # (from rows, to rows): continuing sequences moved below B
-    fill: tuple[torch.Tensor, torch.Tensor] | None  # (batch entries, their rows): gather whole contexts
-    append: tuple[torch.Tensor, torch.Tensor] | None  # (flat buffer positions, cache slots) of new tokens
-    all_rows: torch.Tensor  # rows 0..B-1 with each entry's blocks, for a layer that must gather all
-
-
-class DecodeKV:
-    """Dense copies of the decode rows' K/V, one buffer pair per layer, kept across steps (CPU path).
-
-    Without them, every layer of every decode step gathers each sequence's whole context out
-    of the paged cache (memory traffic that grows with batch x context and dominates the CPU
-    attention). Here each decoding sequence owns a row of the buffers, found by the key its
-    owner gives it (`plan(keys, ...)`: sequence id and preemption count, so a recomputed context
-    is never taken for the old one). A step appends one K/V position to each row that held the
-    sequence up to its previous token, gathers whole contexts only for sequences new to the
-    buffers, and moves the few rows that sit past the batch size into rows freed by finished
-    sequences, so the step reads `[:B, :L]` views (queries permuted to row order when the batch
-    order differs). A batch that changes by one sequence so costs one row, not a regather of all.
-    Every row's values at visible positions equal the gather's, the masked tail is finite, and
-    L is the same: SDPA's output is bit-identical (tests/test_cpu_step.py).
-    Buffers keep `headroom` tokens past L; `max_bytes` bounds them all (over it: gather).
-    """
-
-    def __init__(self, num_layers: int, max_bytes: int = 256 << 20, headroom: int = 64) -> None:
-        self.num_layers = max(1, num_layers)
-        self.max_bytes = max_bytes
-        self.headroom = headroom
-        self.min_gather_bytes = 64 << 10
-        self.keys: list | None = None  # the owner's key of each batch entry, set before each step
-        self.step = 0
-        self.prev_plan_step = -1
-        self.shape = (0, 0)  # (rows, token capacity) of the buffers
-        self.held: dict = {}  # key -> (row, context length the row holds)
-        self.layers: dict[int, list] = {}  # id(k_cache) -> [kd, vd, step of the plan last applied]
-        self.appended = 0  # layer-steps that appended new tokens (for tests and benchmarks)
-        self.gathered = 0  # layer-steps that gathered whole contexts
-        self.moved = 0  # rows moved below the batch size (sequences that kept their data)
-
-    def plan(self, keys: list, context_lens: torch.Tensor, blocks: torch.Tensor, bs: int) -> DensePlan:
-        """Once per step: where each sequence's row is and what every layer must copy into it."""
-        self.step += 1
-        b, nblk = blocks.shape
-        length = nblk * bs
-        lens = context_lens.tolist()
-        rows_cap, cap = self.shape
-        if b > rows_cap or length > cap:
-            rows_cap = max(rows_cap, -(-b // 8) * 8)
-            cap = max(cap, -(-(length + self.headroom) // bs) * bs)
-        held = self.held
-        rows = [-1] * b
-        continuing = [i for i, (k, n) in enumerate(zip(keys, lens)) if held.get(k, (0, -1))[1] == n - 1]
-        for i in continuing:
-            r = held[keys[i]][0]
-            if r < b:
-                rows[i] = r
-        free = iter(sorted(set(range(b)) - set(rows)))
-        move_from, move_to = [], []
-        for i in continuing:
-            if rows[i] < 0:  # its row lies past the batch: move it into a freed one
-                rows[i] = next(free)
-                move_from.append(held[keys[i]][0])
-                move_to.append(rows[i])
-        self.moved += len(move_from)
-        fill = [i for i in range(b) if rows[i] < 0]
-        for i in fill:
-            rows[i] = next(free)
-        self.held = {k: (r, n) for k, r, n in zip(keys, rows, lens)}
-        identity = rows == list(range(b))
-        rows_t = None if identity else torch.tensor(rows, dtype=torch.long)
-        order = None
-        if rows_t is not None:
-            order = torch.empty_like(rows_t)
-            order[rows_t] = torch.arange(b)
-        append = None
-        if continuing:
-            sel = None if len(continuing) == b else torch.tensor(continuing, dtype=torch.long)
-            pos = context_lens.to(torch.long) - 1
-            src = blocks.gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs
-            dst = (rows_t if rows_t is not None else torch.arange(b)) * cap + pos
-            append = (dst, src) if sel is None else (dst.index_select(0, sel), src.index_select(0, sel))
-        t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-        plan = DensePlan(
-            step=self.step, prev_step=self.prev_plan_step, shape=(rows_cap, cap), length=length, order=order,
-            rows=rows_t, moves=(t(move_from), t(move_to)) if move_from else None,
-            fill=(t(fill), t([rows[i] for i in fill])) if fill else None, append=append,
-            all_rows=rows_t if rows_t is not None else torch.arange(b))
-        self.prev_plan_step = self.step
-        self.shape = (rows_cap, cap)
-        return plan
-
-    def worth(self, b: int, length: int, row_bytes: int) -> bool:
-        """Dense buffers for this step: within `max_bytes`, and only when a gather would move
-        enough bytes (>= `min_gather_bytes` per K or V) to pay for the few extra small ops."""
-        rows = max(self.shape[0], b)
-        cap = max(self.shape[1], length + self.headroom)
-        return (b * length * row_bytes >= self.min_gather_bytes
-                and 2 * rows * cap * row_bytes * self.num_layers <= self.max_bytes)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -315,8 +195,8 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     then one SDPA call over strided views with a key mask (positions past a sequence's
     length or outside its window). The Python cost no longer grows with the batch (the
     reference loops over sequences). The block index and mask are built once per step
-    (`step_cache`) and shared by the layers; with `dense` (and the sequences' `keys`) the K/V
-    come from its buffers instead of a gather.
+    (`step_cache`, the CPU step's memo) and shared by the layers; with `dense` (and the
+    sequences' `keys`) the K/V come from its buffers instead of a gather.
     """
     b, h, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -336,14 +216,14 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     blocks, mask = plan[0], plan[1]
     if len(plan) == 3:
         dp: DensePlan = plan[2]
-        kk, vv = _dense_kv(dense, dp, k_cache, v_cache, blocks, acc_dtype)
+        kk, vv = dense_kv_views(dense, dp, k_cache, v_cache, blocks, acc_dtype)
         if dp.order is not None:  # buffer rows are not in batch order: permute q and mask to them
             q = q.index_select(0, dp.order)
             mask = mask.index_select(0, dp.order)
     else:
         dp = None
-        kk = _gather_kv(k_cache, blocks)
-        vv = _gather_kv(v_cache, blocks)
+        kk = gather_blocks(k_cache, blocks)
+        vv = gather_blocks(v_cache, blocks)
         if kk.dtype != acc_dtype:
             kk, vv = kk.to(acc_dtype), vv.to(acc_dtype)
     # GQA folded into the query axis: the group's heads are `group` queries of one KV head
@@ -357,54 +237,14 @@ def _decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return o if o.dtype == q.dtype else o.to(q.dtype)
 
 
-def _dense_kv(dense: DecodeKV, plan: DensePlan, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              blocks: torch.Tensor, acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """This layer's [B, L, Hkv, D] K/V views of `dense`'s buffers (in buffer-row order), brought
-    up to date as `plan` says: grow, move rows, gather new sequences, append new tokens."""
-    b = blocks.shape[0]
-    _, bs, hkv, d = k_cache.shape
-    L = plan.length
-    entry = dense.layers.get(id(k_cache))
-    if entry is not None and entry[2] == plan.step:  # already brought up to date in this step
-        return entry[0][:b, :L], entry[1][:b, :L]
-    current = entry is not None and entry[2] == plan.prev_step and entry[0].dtype == acc_dtype
-    if entry is None or tuple(entry[0].shape[:2]) != plan.shape or entry[0].dtype != acc_dtype:
-        # zeros: the masked tail of a row is read and must be finite
-        grown = [torch.zeros((*plan.shape, hkv, d), dtype=acc_dtype, device=k_cache.device) for _ in range(2)]
-        if current:
-            r, c = (min(x, y) for x, y in zip(entry[0].shape[:2], plan.shape))
-            for new, old in zip(grown, entry[:2]):
-                new[:r, :c] = old[:r, :c]
-        entry = [*grown, 0]
-        dense.layers[id(k_cache)] = entry
-    if not current:  # this layer missed the last plan: gather every row
-        fill: tuple[torch.Tensor, torch.Tensor] | None = (torch.arange(b), plan.all_rows)
-        moves, append = None, None
-    else:
-        fill, moves, append = plan.fill, plan.moves, plan.append
-    for buf, cache in ((entry[0], k_cache), (entry[1], v_cache)):
-        if moves is not None:
-            buf.index_copy_(0, moves[1], buf.index_select(0, moves[0]))
-        if fill is not None:
-            rows = _gather_kv(cache, blocks.index_select(0, fill[0]) if fill[0].shape[0] != b else blocks)
-            buf.narrow(1, 0, L).index_copy_(0, fill[1], rows if rows.dtype == acc_dtype else rows.to(acc_dtype))
-        if append is not None:
-            new = cache.view(-1, hkv, d).index_select(0, append[1])
-            buf.view(-1, hkv, d).index_copy_(0, append[0], new if new.dtype == acc_dtype else new.to(acc_dtype))
-    dense.gathered += fill is not None
-    dense.appended += append is not None
-    entry[2] = plan.step
-    return entry[0][:b, :L], entry[1][:b, :L]
-
-
 def _prefill_seq_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
                        ctx: int, scale: float, sliding_window: int | None) -> torch.Tensor:
     """One sequence's q [qlen, H, D] (its last qlen positions) over its ctx cached tokens, SDPA with GQA."""
     qlen, h, d = q.shape
     hkv = k_cache.shape[2]
     acc_dtype = _work_dtype(q.dtype)
-    kk = _gather_kv(k_cache, blocks[None])[0, :ctx].to(acc_dtype).transpose(0, 1)  # [Hkv, ctx, D]
-    vv = _gather_kv(v_cache, blocks[None])[0, :ctx].to(acc_dtype).transpose(0, 1)
+    kk = gather_blocks(k_cache, blocks[None])[0, :ctx].to(acc_dtype).transpose(0, 1)  # [Hkv, ctx, D]
+    vv = gather_blocks(v_cache, blocks[None])[0, :ctx].to(acc_dtype).transpose(0, 1)
     qq = q.to(acc_dtype).transpose(0, 1)  # [H, qlen, D]
     mask = None
     if qlen != ctx or sliding_window is not None:  # causal, bottom-right aligned
@@ -440,8 +280,8 @@ def _prefill_batched_low_precision(q: torch.Tensor, k_cache: torch.Tensor, v_cac
             continue
         sel = torch.tensor(seqs, dtype=torch.long, device=q.device)
         blocks = block_tables.index_select(0, sel)[:, :(ctx + bs - 1) // bs].to(torch.long)
-        kk = _gather_kv(k_cache, blocks)[:, :ctx].transpose(1, 2)  # [n, Hkv, ctx, D]
-        vv = _gather_kv(v_cache, blocks)[:, :ctx].transpose(1, 2)
+        kk = gather_blocks(k_cache, blocks)[:, :ctx].transpose(1, 2)  # [n, Hkv, ctx, D]
+        vv = gather_blocks(v_cache, blocks)[:, :ctx].transpose(1, 2)
         rows = torch.cat([torch.arange(cu[b], cu[b + 1], device=q.device) for b in seqs])
         qq = q.index_select(0, rows).view(len(seqs), ctx, h, d).transpose(1, 2)  # [n, H, ctx, D]
         o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale,
@@ -462,8 +302,6 @@ def paged_attention_torch(
     max_context_len: int,
     scale: float,
     sliding_window: int | None = None,
-    step_cache: dict | None = None,
-    dense_kv: DecodeKV | None = None,
 ) -> torch.Tensor:
     """The CPU path of `paged_attention` (same contract as `paged_attention_ref`; fp32 math for
     fp32, bf16/fp16 handed to SDPA as they are: its CPU kernel accumulates in fp32 inside).
@@ -477,7 +315,9 @@ def paged_attention_torch(
     nseq = context_lens.shape[0]
     if n == 0 or nseq == 0:
         return torch.zeros_like(q)
-    keys = dense_kv.keys if dense_kv is not None else None
+    step = current_step()  # the CPU step's memo and dense decode K/V, when a CPU backend runs one
+    step_cache, dense_kv = (step.memo, step.dense) if step is not None else (None, None)
+    keys = step.keys if dense_kv is not None else None
     if max_seqlen_q == 1 and n == nseq:
         return _decode_torch(q, k_cache, v_cache, context_lens, block_tables, max_context_len, scale,
                              sliding_window, step_cache, dense_kv, keys)
@@ -531,14 +371,8 @@ def paged_attention(
     max_context_len: int,
     scale: float,
     sliding_window: int | None = None,
-    step_cache: dict | None = None,
-    dense_kv: DecodeKV | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the step's new tokens q [N, H, D] over their sequences' paged K/V.
-
-    CPU-path extras, both optional: `step_cache` (`ForwardContext.step_cache`), a dict that
-    lives for one forward step, where the CPU path keeps what every layer would otherwise
-    recompute; `dense_kv` (`ForwardContext.dense_kv`), decode K/V kept across steps (`DecodeKV`)."""
+    """Causal attention of the step's new tokens q [N, H, D] over their sequences' paged K/V."""
     if use_triton(q):
         from hubdeploy.kernels.attention_triton import paged_attention_triton
 
@@ -548,5 +382,5 @@ def paged_attention(
         )
     return paged_attention_torch(
         q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, max_context_len,
-        scale, sliding_window, step_cache, dense_kv,
+        scale, sliding_window,
     )

@@ -11,7 +11,8 @@ the oneDNN primitive cache warm. fp32 (MKL sgemm, no per-shape build) is never p
 oneDNN also re-blocks a plain weight on every call: at decode sizes that is half the GEMM
 (a 4x256 @ 256x1024 bf16 GEMM: 71 us plain, 35 us on a pre-blocked weight; same bits), so
 up to `PACKED_MAX_ROWS` rows the blocked copy is used. `pack_weight` makes it once (the CPU
-runner does, at load: `serving.model_runner.cpu_gemm_layout`); it costs a second copy of the
+backend does, at load: `serving.cpu_backend.cpu_gemm_layout`) and `remember_packed` files it
+under its weight, where `linear` and the MoE CPU path find it; it costs a second copy of the
 bf16 weights.
 A packed copy is used only while its weight still has the storage, shape and strides it was
 made from (`packed_for`); weights written in place afterwards need packing again.
@@ -19,8 +20,8 @@ made from (`packed_for`); weights written in place afterwards need packing again
 from __future__ import annotations
 
 import functools
-
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -72,6 +73,31 @@ def packed_for(entry: tuple[tuple, Any] | None, *weights: torch.Tensor) -> Any:
     if entry is None or entry[0] != weight_key(*weights):
         return None
     return entry[1]
+
+
+# Blocked copies by the id of the first weight they were made from; an entry goes with its weight.
+_PACKED: dict[int, tuple[tuple, Any]] = {}
+
+
+def remember_packed(payload: Any, *weights: torch.Tensor) -> None:
+    """File `payload` (blocked copies of `weights`) for `packed_copy`, valid while the weights keep
+    their storage, shape and strides."""
+    key = id(weights[0])
+    _PACKED[key] = (weight_key(*weights), payload)
+    weakref.finalize(weights[0], _PACKED.pop, key, None)
+
+
+def packed_copy(*weights: torch.Tensor) -> Any:
+    """What `remember_packed` filed for these weights, if still made from them; else None."""
+    return packed_for(_PACKED.get(id(weights[0])), *weights)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`; on the CPU, 2-D bf16/fp16 x through `padded_linear` on the
+    weight's blocked copy when one was filed."""
+    if x.dtype not in LOW_PRECISION or x.device.type != "cpu" or x.dim() != 2:
+        return F.linear(x, weight, bias)
+    return padded_linear(x, weight, bias, packed_copy(weight))
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,10 +181,13 @@ __all__ = [
     "LOW_PRECISION",
     "PACKED_MAX_ROWS",
     "bucket_rows",
+    "linear",
     "pack_weight",
+    "packed_copy",
     "packed_for",
     "packed_linear",
     "padded_linear",
+    "remember_packed",
     "row_buckets",
     "warm_up",
     "weight_key",

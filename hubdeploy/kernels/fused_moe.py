@@ -12,12 +12,12 @@ with the zero point factored out of the inner loop, see kernels/awq.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 
 from hubdeploy.kernels.awq import AWQPacked, CpuInt4Form, awq_repack, concat_out, stack_packed
-from hubdeploy.kernels.cpu_gemm import LOW_PRECISION, PACKED_MAX_ROWS, bucket_rows, packed_for, packed_linear
+from hubdeploy.kernels.cpu_gemm import LOW_PRECISION, PACKED_MAX_ROWS, bucket_rows, packed_copy, packed_linear
 from hubdeploy.kernels.dispatch import use_triton
 from hubdeploy.kernels.tuned import tuned_config
 
@@ -32,9 +32,6 @@ class MoEWeights:
 
     w13: torch.Tensor
     w2: torch.Tensor
-    # CPU bf16/fp16: (weight_key(w13, w2), (per-expert blocked w13, per-expert blocked w2)),
-    # set by `serving.model_runner.cpu_gemm_layout`; see kernels/cpu_gemm.py
-    cpu_packed: Any = None
 
     def __post_init__(self) -> None:
         E, I2, H = self.w13.shape
@@ -250,7 +247,7 @@ def fused_moe_torch(
 
     M, k = topk_ids.shape
     if hook is None and x.dtype in LOW_PRECISION and x.device.type == "cpu" and M > 0:
-        packed = packed_for(weights.cpu_packed, w13, w2) if isinstance(weights, MoEWeights) else None
+        packed = packed_copy(w13, w2)  # per-expert blocked copies (kernels/cpu_gemm.py), if made
         if M == 1 and packed is not None:
             return _fused_moe_one_token(x, I, topk_weights, topk_ids, packed)
         return _fused_moe_lowp(x, w13, w2, I, topk_weights, topk_ids, packed)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from hubdeploy.kernels.cpu_step import step_memo
 from hubdeploy.kernels.dispatch import use_triton
 
 __all__ = [
@@ -234,17 +235,13 @@ def _check_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos
 
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-    step_cache: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [N, H, D] and k [N, Hkv, D] by their token positions (neox style); returns new tensors.
-
-    `step_cache` (optional, `ForwardContext.step_cache`): a dict that lives for one forward
-    step, where the CPU path keeps what every layer would otherwise recompute."""
+    """Rotate q [N, H, D] and k [N, Hkv, D] by their token positions (neox style); returns new tensors."""
     if use_triton(q):
         from hubdeploy.kernels.norm_rope_act_triton import apply_rotary_triton
 
         return apply_rotary_triton(q, k, positions, cos_sin)
-    return apply_rotary_torch(q, k, positions, cos_sin, step_cache)
+    return apply_rotary_torch(q, k, positions, cos_sin)
 
 
 def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -261,12 +258,11 @@ def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
 
 def apply_rotary_torch(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-    step_cache: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The CPU path: `apply_rotary_ref`'s element-wise math (bit-identical), with fewer ops.
 
-    The cos/sin rows of the step's positions are gathered once per step and kept in
-    `step_cache` (every layer rotates the same positions), and when k's heads follow q's in
+    The cos/sin rows of the step's positions are gathered once per CPU step and kept in its
+    memo (`cpu_step.step_memo`: every layer rotates the same positions), and when k's heads follow q's in
     memory (both sliced from the qkv GEMM output) q and k rotate as one [N, H + Hkv, D] tensor;
     q and k come back as views of that one new tensor.
     """
@@ -281,6 +277,7 @@ def apply_rotary_torch(
     # (tests/test_loader_errors.py::test_bf16_checkpoint), so the reference's rounding stays.
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     key = ("rotary", id(cos_sin), id(positions), work)
+    step_cache = step_memo()
     cs = step_cache.get(key) if step_cache is not None else None
     if cs is None:
         rows = cos_sin.index_select(0, positions.long()).to(work)

@@ -32,14 +32,6 @@ class ForwardContext:
     lora: Any | None = None
     # Per-layer (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim].
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    # Per-forward scratch for the kernels' CPU paths: what every layer would otherwise derive
-    # again from the metadata above (decode block index and key mask, rotary cos/sin rows,
-    # the slot check). The model clears it at the start of each forward, so a context that is
-    # reused with its tensors rewritten in place (CUDA-graph style static buffers) stays right.
-    step_cache: dict[Any, Any] = field(default_factory=dict)
-    # CPU decode steps: the runner's `kernels.attention.DecodeKV` (each layer's decode K/V kept
-    # dense across steps, appended to while the batch continues); None = gather every step.
-    dense_kv: Any | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -10,14 +10,12 @@ also for decode steps with LoRA adapters (a static `LoRABatch`, see `_lora_graph
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hubdeploy.kernels.attention import DecodeKV
-from hubdeploy.serving.heap import retain_freed_memory, return_freed_memory
 from hubdeploy.serving.config import EngineArgs, ModelConfig
+from hubdeploy.serving.cpu_backend import CpuBackend
 from hubdeploy.serving.forward_context import ForwardContext
 from hubdeploy.serving.scheduler import ScheduledSeq
 
@@ -27,113 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-
-
-def cpu_gemm_layout(model: torch.nn.Module) -> int:
-    """Store every plain linear / expert weight `[out, in]` as the transpose of a contiguous `[in, out]`.
-
-    Same shapes and values, other strides: `x @ W.t()` then runs MKL's NN GEMM, 25-45% faster
-    than the NT one at decode sizes on the CPU (measured here: bit-identical results at
-    M >= 16; at M = 1 MKL takes a GEMV whose rounding differs in the last bits). Weights shared with an embedding are left alone (row
-    lookups want rows). fp32 only: bf16/fp16 GEMMs run in oneDNN (AMX), which packs the weight
-    itself and was no faster on `[in, out]` storage (at M = 2048 the gate|up expert GEMM took
-    0.83 ms against 0.66 ms on `[out, in]`), so low-precision weights keep the checkpoint's
-    `[out, in]` and get a oneDNN-blocked copy instead (`_pack_low_precision`: ~2x faster GEMMs
-    at decode sizes, a second copy of those weights in memory). Returns the number of tensors
-    changed (or packed).
-    """
-    from hubdeploy.serving.models.layers import Linear, MoE
-
-    shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    params: list[torch.nn.Parameter] = []
-    for m in model.modules():
-        if isinstance(m, Linear) and isinstance(m.weight, torch.nn.Parameter) and id(m.weight) not in shared:
-            params.append(m.weight)
-        elif isinstance(m, MoE) and not m.quantized:
-            params += [m.w13, m.w2]
-    changed = _pack_low_precision(model)
-    for p in params:
-        if p.dtype in (torch.bfloat16, torch.float16):
-            continue
-        if p.dim() >= 2 and p.is_contiguous():
-            p.data = p.data.transpose(-1, -2).contiguous().transpose(-1, -2)
-            changed += 1
-    return changed
-
-
-def _pack_low_precision(model: torch.nn.Module) -> int:
-    """bf16/fp16: a oneDNN-blocked copy of every plain linear and expert weight
-    (`kernels.cpu_gemm.pack_weight`, used while the weight keeps its storage); bf16/fp16 AWQ: a
-    4-bit kernel's layout of every AWQ weight (`AWQPacked.cpu_int4`, at load rather than on a
-    request's first step). Returns how many weights were (re)packed, 0 when all are current."""
-    from hubdeploy.kernels.cpu_gemm import LOW_PRECISION, pack_weight, packed_for, weight_key
-    from hubdeploy.serving.models.layers import Linear, MoE
-
-    n = 0
-    dtype = getattr(model, "dtype", None)
-    if dtype in LOW_PRECISION:
-        for m in model.modules():
-            awq = [m.packed] if isinstance(m, Linear) and m.packed is not None else []
-            if isinstance(m, MoE) and m.quantized and m.weights is not None:
-                awq = [m.weights.w13, m.weights.w2]
-            for p in awq:
-                built = p.build_cpu_int4()
-                if p.cpu_int4_for(dtype) is not None:
-                    n += built
-                    p.keep_cpu_int4_only()  # the int4 form is all a 16-bit step reads
-    for m in model.modules():
-        if isinstance(m, Linear) and isinstance(m.weight, torch.nn.Parameter) and m.weight.dtype in LOW_PRECISION:
-            if packed_for(m.cpu_packed, m.weight) is None:
-                pw = pack_weight(m.weight)
-                m.cpu_packed = None if pw is None else (weight_key(m.weight), pw)
-                n += pw is not None
-        elif isinstance(m, MoE) and not m.quantized and m.w13.dtype in LOW_PRECISION:
-            w = m.weights
-            if packed_for(w.cpu_packed, w.w13, w.w2) is None:
-                p13 = [pack_weight(t) for t in w.w13]
-                p2 = [pack_weight(t) for t in w.w2]
-                if all(p is not None for p in p13 + p2):
-                    w.cpu_packed = (weight_key(w.w13, w.w2), (p13, p2))
-                    n += 2
-    return n
-
-
-# Tokens x weights per token from which a CPU step runs on all its threads: 256 tokens of the
-# serving benchmark's tiny Mixtral (2.1M weights per token), where two threads made a 2048-token
-# prefill step 1.5x faster and decode-sized steps slower under load. A model with 512M+ weights
-# per token (a 1B dense model) runs every step on all threads.
-CPU_PARALLEL_MIN_WORK = 512 << 20
-
-
-def active_weights_per_token(model: torch.nn.Module) -> int:
-    """Weights one token multiplies in a forward: every linear, and top_k experts of each MoE."""
-    from hubdeploy.serving.models.layers import Linear, MoE
-
-    n = 0
-    for m in model.modules():
-        if isinstance(m, Linear):
-            n += m.in_features * m.out_features
-        elif isinstance(m, MoE):
-            n += m.top_k * 3 * m.hidden * m.inter
-    return n
-
-
-def _warm_up_cpu_gemms(model: torch.nn.Module, max_rows: int, cpu_threads: int) -> None:
-    """bf16/fp16 on the CPU: oneDNN builds every GEMM shape a step can use now, not on a
-    request's first use of it (`kernels.cpu_gemm.warm_up`)."""
-    from hubdeploy.kernels.cpu_gemm import warm_up
-    from hubdeploy.serving.models.layers import Linear, MoE
-
-    weights: list[tuple[torch.Tensor, torch.Tensor | None, bool]] = []
-    for m in model.modules():
-        if isinstance(m, Linear) and isinstance(m.weight, torch.nn.Parameter):
-            weights.append((m.weight, m.cpu_packed[1] if m.cpu_packed is not None else None, False))
-        elif isinstance(m, MoE) and not m.quantized:
-            p13, p2 = m.weights.cpu_packed[1] if m.weights.cpu_packed is not None else ([None], [None])
-            weights += [(m.w13[0], p13[0], True), (m.w2[0], p2[0], True)]
-    t0 = time.perf_counter()
-    n = warm_up(weights, max_rows, (1, cpu_threads) if cpu_threads > 1 else (1,))
-    log.info("CPU GEMM warm-up: %d shapes built in %.1f s", n, time.perf_counter() - t0)
 
 
 class ModelRunner:
@@ -152,23 +43,8 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: dict[int, Any] = {}
-        # CPU decode: K/V kept dense across steps instead of gathered per layer per step
-        self.dense_kv: DecodeKV | None = None
-        # CPU intra-op threads: all of `cpu_threads` for steps of >= `cpu_parallel_min_tokens`
-        # tokens (default: CPU_PARALLEL_MIN_WORK / the model's weights per token), one for
-        # smaller steps, whose ops are too small to pay for a barrier, and where a second busy
-        # core (the HTTP front end, clients) would stall every one of them
-        self.cpu_threads = 1
-        self.cpu_parallel_min_tokens = config.cpu_parallel_min_tokens or max(
-            1, -(-CPU_PARALLEL_MIN_WORK // max(1, active_weights_per_token(model))))
-        if device.type == "cpu":
-            cpu_gemm_layout(model)
-            self.dense_kv = DecodeKV(cfg.num_hidden_layers)
-            self.cpu_threads = max(1, config.cpu_threads or torch.get_num_threads())
-            return_freed_memory()  # load and repack temporaries (AWQ int4: hundreds of MB)
-            retain_freed_memory()  # prefill temporaries reuse heap memory instead of fresh pages
-            if dtype in (torch.bfloat16, torch.float16):
-                _warm_up_cpu_gemms(model, config.max_num_batched_tokens, self.cpu_threads)
+        # the CPU engine's own machinery (weight layouts, threads per step, decode K/V kept dense)
+        self.cpu = CpuBackend(model, cfg.num_hidden_layers, config, dtype) if device.type == "cpu" else None
         self.num_blocks = self._decide_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
         if device.type == "cuda" and not config.enforce_eager:
@@ -310,25 +186,14 @@ class ModelRunner:
         )
         if self.lora_manager is not None:
             ctx.lora = self.lora_manager.build_batch((item.seq.lora_name, item.num_tokens) for item in batch)
-        if self.dense_kv is not None:  # the decode rows' dense K/V, found by sequence (recomputed: anew)
-            self.dense_kv.keys = [(item.seq.seq_id, item.seq.num_preemptions) for item in batch]
-            ctx.dense_kv = self.dense_kv
         return i64[:total], i64[total:2 * total], ctx, sample_idx
 
     def run(self, batch: list[ScheduledSeq]) -> torch.Tensor | None:
         """Run one step; return fp32 logits [num sampling seqs, V] (None when none samples)."""
-        caller = torch.get_num_threads()
-        want = caller
-        if self.device.type == "cpu":  # the step's thread count (see __init__)
-            big = sum(item.num_tokens for item in batch) >= self.cpu_parallel_min_tokens
-            want = self.cpu_threads if big else 1
-        if want == caller:
+        if self.cpu is None:
             return self._run(batch)
-        torch.set_num_threads(want)
-        try:  # then the caller's back: no lasting side effect
+        with self.cpu.step(batch):
             return self._run(batch)
-        finally:
-            torch.set_num_threads(caller)
 
     @torch.inference_mode()
     def _run(self, batch: list[ScheduledSeq]) -> torch.Tensor | None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from hubdeploy.kernels.attention import paged_attention, store_kv
 from hubdeploy.kernels.awq import AWQPacked, awq_linear, awq_repack
-from hubdeploy.kernels.cpu_gemm import packed_for, padded_linear
+from hubdeploy.kernels.cpu_gemm import linear
 from hubdeploy.kernels.fused_moe import AWQMoEWeights, MoEWeights, awq_moe_repack, fused_moe, topk_route
 from hubdeploy.kernels.norm_rope_act import apply_rotary, rms_norm, silu_and_mul
 from hubdeploy.serving.config import ModelConfig
@@ -80,8 +80,6 @@ class Linear(nn.Module):
             else None
         )
         self.lora_hook: LoRAHook | None = None
-        # CPU bf16/fp16: (weight_key, oneDNN-blocked weight), set by `cpu_gemm_layout`
-        self.cpu_packed: tuple[tuple, torch.Tensor] | None = None
 
     def part_slices(self) -> dict[str, slice]:
         """HF part name -> slice of this module's output columns."""
@@ -108,9 +106,7 @@ class Linear(nn.Module):
                 raise RuntimeError("AWQ linear used before its weights were loaded")
             y = awq_linear(x, self.packed, self.bias)
         else:
-            # on the CPU, bf16/fp16 rows are padded to a few shapes (oneDNN builds one GEMM per shape)
-            packed = packed_for(self.cpu_packed, self.weight) if self.cpu_packed is not None else None
-            y = padded_linear(x, self.weight, self.bias, packed)
+            y = linear(x, self.weight, self.bias)
         if lora is not None and self.lora_hook is not None:
             self.lora_hook(x, y, lora)
         return y
@@ -173,13 +169,9 @@ class Attention(nn.Module):
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext, cos_sin: torch.Tensor,
-        direct: bool = False,
     ) -> torch.Tensor:
-        """`direct=True` (no torch hooks anywhere, see `CausalLM.forward`): the projections'
-        `forward` is called directly, skipping `nn.Module.__call__`'s overhead (paid per call, every
-        layer, every step: benchmarks/RESULTS.md, "Engine step (CPU), fixed overhead")."""
         n = x.shape[0]
-        qkv = self.qkv_proj.forward(x, ctx.lora) if direct else self.qkv_proj(x, ctx.lora)
+        qkv = self.qkv_proj(x, ctx.lora)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(n, self.num_heads, self.head_dim)
         k = k.reshape(n, self.num_kv_heads, self.head_dim)
@@ -187,9 +179,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).reshape(n, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).reshape(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, positions, cos_sin, ctx.step_cache)  # strided views of qkv are fine
+        q, k = apply_rotary(q, k, positions, cos_sin)  # strided views of qkv are fine
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, ctx.step_cache)
+        store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
         o = paged_attention(
             q, k_cache, v_cache,
             cu_seqlens_q=ctx.cu_seqlens_q,
@@ -199,11 +191,8 @@ class Attention(nn.Module):
             max_context_len=ctx.max_context_len,
             scale=self.scale,
             sliding_window=self.sliding_window,
-            step_cache=ctx.step_cache,
-            dense_kv=ctx.dense_kv,
         )
-        o = o.reshape(n, self.q_size)
-        return self.o_proj.forward(o, ctx.lora) if direct else self.o_proj(o, ctx.lora)
+        return self.o_proj(o.reshape(n, self.q_size), ctx.lora)
 
 
 class MLP(nn.Module):
@@ -228,10 +217,7 @@ class MLP(nn.Module):
             quantized=quantized(prefix + "down_proj"), dtype=dtype, device=device,
         )
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, direct: bool = False) -> torch.Tensor:
-        """`direct`: as in `Attention.forward`."""
-        if direct:
-            return self.down_proj.forward(silu_and_mul(self.gate_up_proj.forward(x, ctx.lora)), ctx.lora)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x, ctx.lora)), ctx.lora)
 
 
@@ -301,9 +287,8 @@ class MoE(nn.Module):
             raise ValueError("packed experts do not match the MoE block's experts/hidden/intermediate sizes")
         self.weights = weights
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, direct: bool = False) -> torch.Tensor:
-        """`direct`: as in `Attention.forward`."""
-        router_logits = self.gate.forward(x) if direct else self.gate(x)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        router_logits = self.gate(x)
         topk_weights, topk_ids = topk_route(router_logits, self.top_k, self.renormalize)
         if ctx.lora is not None and self.lora_hook is not None:
             # LoRA seam (serving.lora.layers.MoESite): expert LoRA changes activations inside
