@@ -287,3 +287,46 @@ def test_gemm_warm_up_runs_each_shape_once_per_bucket_and_thread_count() -> None
     assert n == 2 * small + 2 * every
     assert torch.get_num_threads() == caller
     assert warm_up(weights, max_rows=400, threads=(1, 2), budget_s=0.0) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_avx2_16bit_kernel_matches_float64(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our AVX2 16-bit GEMM (`Avx2Dense16Weight`, the AVX2-only CPU's bf16/fp16 path): fp32 sums
+    of exactly widened weights, so its fp32 output is within fp32 summation error of float64
+    (rtol 1e-5 of the row scale) at every row count (direct passes of 1-4 rows, the widened-tile
+    sgemm above GEMM16_GEMV_ROWS) and K not a multiple of the vector width; rounded once to x's
+    dtype, the result is within one rounding (2^-8 bf16, 2^-11 fp16 relative) of float64. The
+    linear dispatcher and the MoE path take it, with `HUBDEPLOY_CPU_GEMM16=torch` they do not."""
+    from hubdeploy.kernels import awq_cpu, cpu_gemm
+
+    if awq_cpu.avx2_kernels() is None:
+        pytest.skip(f"AVX2 kernel unavailable: {awq_cpu.avx2_unavailable_reason()}")
+    g = torch.Generator().manual_seed(5)
+    ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
+    for n, k in [(96, 256), (40, 13), (33, 72)]:
+        w = torch.randn(n, k, generator=g).to(dtype)
+        for m in (1, 2, 3, 4, 5, 9, awq_cpu.GEMM16_GEMV_ROWS, awq_cpu.GEMM16_GEMV_ROWS + 1, 70):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            want = x.double() @ w.double().t()
+            scale = x.double().abs() @ w.double().abs().t()  # the sum of |terms|: fp32 error bound's scale
+            got32 = awq_cpu.avx2_kernels().gemm_16bit(x.float(), w, awq_cpu.GEMM16_GEMV_ROWS)
+            assert ((got32.double() - want).abs() <= 1e-5 * scale + 1e-30).all(), (n, k, m)
+            got = awq_cpu.Avx2Dense16Weight(w).mm(x)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.double(), want, atol=1e-5 * float(scale.max()), rtol=ulp)
+            if blocked_low_precision_supported():
+                continue  # the dispatcher prefers oneDNN's blocked copies there (none filed here: plain)
+            torch.testing.assert_close(cpu_gemm.linear(x, w), got, atol=0, rtol=0)
+    x, w = torch.randn(3, 64, generator=g).to(dtype), torch.randn(8, 64, generator=g).to(dtype)
+    e, hid, inter = 4, 64, 32
+    w13 = (torch.randn(e, 2 * inter, hid, generator=g) / 8).to(dtype)
+    w2 = (torch.randn(e, hid, inter, generator=g) / 8).to(dtype)
+    xm = torch.randn(6, hid, generator=g).to(dtype)
+    tw, ti = topk_route(torch.randn(6, e, generator=g), 2, True)
+    fast = fused_moe_torch(xm, MoEWeights(w13, w2), tw, ti)
+    ref = fused_moe_ref(xm.double(), MoEWeights(w13.double(), w2.double()), tw.double(), ti)
+    torch.testing.assert_close(fast.double(), ref, atol=4 * ulp * float(ref.abs().max()), rtol=4 * ulp)
+    assert awq_cpu.dense16_supported(w) and not awq_cpu.dense16_supported(w.t())  # contiguous only
+    monkeypatch.setenv("HUBDEPLOY_CPU_GEMM16", "torch")
+    assert not awq_cpu.dense16_supported(w)
+    torch.testing.assert_close(cpu_gemm.linear(x, w), F.linear(x, w), atol=0, rtol=0)

@@ -1,4 +1,5 @@
-"""AWQ on the CPU with the weights kept 4-bit: our AVX2 kernel (`csrc/awq_cpu_avx2.cpp`).
+"""Our AVX2 CPU kernels (`csrc/awq_cpu_avx2.cpp`): AWQ with the weights kept 4-bit, and 16-bit
+(bf16/fp16) weights for CPUs whose BLAS has no fast 16-bit GEMM.
 
 torch's own int4 CPU kernel (tinygemm, `CpuInt4Weight` in `awq.py`) is compute-bound on CPUs
 without AVX-512: it unpacks nibbles with byte shuffles. Our layout puts the 8 nibbles of one
@@ -9,6 +10,12 @@ first use (torch's cpp_extension, cached under `TORCH_EXTENSIONS_DIR`); where it
 
 Numerics: fp32 accumulation of `s·Σ q·x − z·s·Σx` per group, output rounded once to x's dtype;
 more exact than tinygemm (which rounds scale and zero to bf16).
+
+16-bit weights: on an AVX2 CPU without AVX-512-BF16/AMX, torch's bf16/fp16 matmul takes a slow
+generic path (benchmarks/RESULTS.md, "16-bit GEMMs on an AVX2 CPU"); `Avx2Dense16Weight` reads
+the checkpoint's `[out, in]` tensor as it is (no copy), widens 8 weights per instruction and
+sums in fp32, rounding the output once. Used where no oneDNN-blocked copy was made
+(`kernels.cpu_gemm`); `HUBDEPLOY_CPU_GEMM16=torch` turns it off, for comparisons.
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ def _build() -> tuple[ModuleType | None, str]:
 
         log.info("AWQ CPU: compiling the AVX2 kernel (once; cached under TORCH_EXTENSIONS_DIR)")
         mod = load(name="hubdeploy_awq_cpu_avx2", sources=[str(_SOURCE)],
-                   extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                   extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"])
         return mod, "built"
     except Exception as e:  # no compiler, no ninja, headers missing: tinygemm serves instead
         lines = str(e).strip().splitlines() or [repr(e)]
@@ -102,6 +109,33 @@ class Avx2Int4Weight:
         else:
             y = ext.awq_gemm_tiled(xf, w, s, zs, self.group_size)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+GEMM16_GEMV_ROWS = 16  # up to this many rows of x the 16-bit weights are read directly (4 rows a
+# pass); above it they are widened to fp32 per tile of rows and multiplied by sgemm
+
+
+@dataclass
+class Avx2Dense16Weight:
+    """bf16/fp16 weights `[out, in]` (or stacked experts `[E, out, in]`), contiguous, through our
+    AVX2 kernel; the same `.mm(x, expert)` as the 4-bit forms."""
+
+    weight: torch.Tensor
+
+    def mm(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """`x [M, in]` @ W.T -> `[M, out]` in x's dtype (fp32 sums, rounded once)."""
+        w = self.weight if expert is None else self.weight[expert]
+        y = avx2_kernels().gemm_16bit(x.to(torch.float32).contiguous(), w, GEMM16_GEMV_ROWS)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def dense16_supported(*weights: torch.Tensor) -> bool:
+    """Whether our 16-bit kernel serves these CPU weights (contiguous bf16/fp16, kernel built,
+    not turned off by `HUBDEPLOY_CPU_GEMM16=torch`)."""
+    if os.environ.get("HUBDEPLOY_CPU_GEMM16", "auto") == "torch":
+        return False
+    return all(w.dtype in (torch.bfloat16, torch.float16) and w.device.type == "cpu" and w.is_contiguous()
+               for w in weights) and avx2_kernels() is not None
 
 
 def avx2_supported(in_features: int, group_size: int) -> bool:

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hubdeploy.kernels.awq_cpu import Avx2Dense16Weight, dense16_supported
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -94,10 +96,15 @@ def packed_copy(*weights: torch.Tensor) -> Any:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; on the CPU, 2-D bf16/fp16 x through `padded_linear` on the
-    weight's blocked copy when one was filed."""
+    weight's blocked copy when one was filed, else through our AVX2 16-bit kernel where it
+    runs (`kernels.awq_cpu.Avx2Dense16Weight`: no blocked copies on an AVX2-only CPU)."""
     if x.dtype not in LOW_PRECISION or x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight, bias)
-    return padded_linear(x, weight, bias, packed_copy(weight))
+    packed = packed_copy(weight)
+    if packed is None and weight.dtype == x.dtype and dense16_supported(weight):
+        y = Avx2Dense16Weight(weight).mm(x)
+        return y if bias is None else y.add_(bias)
+    return padded_linear(x, weight, bias, packed)
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Protocol, Sequence
 import torch
 
 from hubdeploy.kernels.awq import AWQPacked, CpuInt4Form, awq_repack, concat_out, stack_packed
+from hubdeploy.kernels.awq_cpu import Avx2Dense16Weight, dense16_supported
 from hubdeploy.kernels.cpu_gemm import LOW_PRECISION, PACKED_MAX_ROWS, bucket_rows, packed_copy, packed_linear
 from hubdeploy.kernels.dispatch import use_triton
 from hubdeploy.kernels.tuned import tuned_config
@@ -234,7 +235,7 @@ def fused_moe_torch(
     w4 = _cpu_int4_experts(weights, x)
     if w4 is not None:
         if hook is None:
-            return _fused_moe_int4(x, I, topk_weights, topk_ids, *w4)
+            return _fused_moe_forms(x, I, topk_weights, topk_ids, *w4)
         w13 = w2 = None
     else:
         w13, w2 = _dense(weights, x.dtype)
@@ -248,6 +249,8 @@ def fused_moe_torch(
     M, k = topk_ids.shape
     if hook is None and x.dtype in LOW_PRECISION and x.device.type == "cpu" and M > 0:
         packed = packed_copy(w13, w2)  # per-expert blocked copies (kernels/cpu_gemm.py), if made
+        if packed is None and w13.dtype == x.dtype and dense16_supported(w13, w2):  # AVX2: our 16-bit kernel
+            return _fused_moe_forms(x, I, topk_weights, topk_ids, Avx2Dense16Weight(w13), Avx2Dense16Weight(w2))
         if M == 1 and packed is not None:
             return _fused_moe_one_token(x, I, topk_weights, topk_ids, packed)
         return _fused_moe_lowp(x, w13, w2, I, topk_weights, topk_ids, packed)
@@ -419,14 +422,15 @@ def _cpu_int4_experts(weights: Weights, x: torch.Tensor) -> tuple[CpuInt4Form, C
     return None if w13 is None or w2 is None else (w13, w2)
 
 
-def _fused_moe_int4(
+def _fused_moe_forms(
     x: torch.Tensor, I: int, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-    w13: CpuInt4Form, w2: CpuInt4Form,
+    w13: CpuInt4Form | Avx2Dense16Weight, w2: CpuInt4Form | Avx2Dense16Weight,
 ) -> torch.Tensor:
-    """AWQ experts on the CPU with 16-bit x: the 4-bit weights through a CPU int4 kernel
-    (`CpuInt4Form`), no dense copy. Same math and order as `_fused_moe_lowp` /
-    `_fused_moe_one_token` (routing weight applied in x's dtype, the k contributions summed in
-    ascending expert order); the int4 kernel has no per-shape primitive, so no padding.
+    """Experts on the CPU with 16-bit x through a CPU kernel's weight form (`.mm(x, expert)`):
+    AWQ's 4-bit forms (`CpuInt4Form`, no dense copy) or our AVX2 16-bit one. Same math and
+    order as `_fused_moe_lowp` / `_fused_moe_one_token` (routing weight applied in x's dtype,
+    the k contributions summed in ascending expert order); these kernels have no per-shape
+    primitive, so no padding.
     """
     M, k = topk_ids.shape
     silu = torch.nn.functional.silu

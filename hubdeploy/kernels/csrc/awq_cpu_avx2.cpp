@@ -11,6 +11,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cstring>
+
 namespace {
 
 constexpr int kMaxRows = 4;  // rows of x per pass (accumulators kept in registers)
@@ -164,7 +166,115 @@ torch::Tensor awq_gemm_tiled(torch::Tensor x, torch::Tensor w, torch::Tensor sca
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// 16-bit weights (bf16 / fp16) times fp32 x, for CPUs whose BLAS has no fast 16-bit GEMM (AVX2
+// without AVX-512-BF16/AMX: torch's bf16 matmul there runs far below the memory's pace). W stays
+// in the checkpoint's [N, K] row-major 16-bit layout: bf16 -> fp32 is a widen and a shift, fp16
+// -> fp32 one F16C instruction; products are summed in fp32 and the caller rounds once.
+
+template <bool Half>
+inline __m256 load8_16bit(const uint16_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (Half) return _mm256_cvtph_ps(v);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+template <bool Half>
+inline float to_float_16bit(uint16_t v) {
+  if constexpr (Half) return _cvtsh_ss(v);
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// out[m, n] for m < M rows of x, n in [n0, n1): each row of W is read once for all M rows of x.
+template <int M, bool Half, int A = (M == 1 ? 4 : 2)>
+void rows16_kernel(const uint16_t* w, const float* x, float* out, int64_t K, int64_t n0, int64_t n1,
+                   int64_t out_stride) {
+  constexpr int64_t kStep = 8 * A;
+  const int64_t k_main = K / kStep * kStep, k_vec = K / 8 * 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* wr = w + n * K;
+    __m256 acc[M][A];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < k_main; k += kStep) {
+      for (int a = 0; a < A; ++a) {
+        const __m256 wv = load8_16bit<Half>(wr + k + 8 * a);
+        for (int m = 0; m < M; ++m) acc[m][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * a), acc[m][a]);
+      }
+    }
+    for (int64_t k = k_main; k < k_vec; k += 8) {
+      const __m256 wv = load8_16bit<Half>(wr + k);
+      for (int m = 0; m < M; ++m) acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
+    }
+    for (int m = 0; m < M; ++m) {
+      __m256 sum = acc[m][0];
+      for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
+      float r = hsum(sum);
+      for (int64_t k = k_vec; k < K; ++k) r += to_float_16bit<Half>(wr[k]) * x[m * K + k];
+      out[m * out_stride + n] = r;
+    }
+  }
+}
+
+template <bool Half>
+void gemm16(const float* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t N) {
+  using Fn = void (*)(const uint16_t*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+  static constexpr Fn kFns[kMaxRows + 1] = {nullptr, rows16_kernel<1, Half>, rows16_kernel<2, Half>,
+                                            rows16_kernel<3, Half>, rows16_kernel<4, Half>};
+  const int64_t grain = std::max<int64_t>(1, 16384 / K);
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      kFns[rows](w, x + m0 * K, out + m0 * N, K, n0, n1, N);
+    });
+  }
+}
+
+template <bool Half>
+void widen_rows(const uint16_t* w, float* out, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t k_vec = K / 8 * 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* wr = w + n * K;
+    float* o = out + (n - n0) * K;
+    for (int64_t k = 0; k < k_vec; k += 8) _mm256_storeu_ps(o + k, load8_16bit<Half>(wr + k));
+    for (int64_t k = k_vec; k < K; ++k) o[k] = to_float_16bit<Half>(wr[k]);
+  }
+}
+
+// x [M, K] fp32 contiguous; w [N, K] bf16 or fp16 contiguous -> [M, N] fp32. Up to `gemv_rows`
+// rows of x the weights are read directly (once per 4 rows); above, per tile of W's rows, they
+// are widened into an L2-sized fp32 buffer and multiplied with the BLAS sgemm.
+torch::Tensor gemm_16bit(torch::Tensor x, torch::Tensor w, int64_t gemv_rows) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [M, K]");
+  TORCH_CHECK((w.dtype() == torch::kBFloat16 || w.dtype() == torch::kHalf) && w.is_contiguous() && w.dim() == 2,
+              "w: contiguous bf16/fp16 [N, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K, "w [N, K] must match x [M, K]");
+  const bool half = w.dtype() == torch::kHalf;
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  auto out = torch::empty({M, N}, x.options());
+  if (M <= gemv_rows) {
+    (half ? gemm16<true> : gemm16<false>)(x.data_ptr<float>(), wp, out.data_ptr<float>(), M, K, N);
+    return out;
+  }
+  auto tile = torch::empty({std::min(kTileRows, N), K}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
+    const int64_t n1 = std::min(N, n0 + kTileRows);
+    float* tp = tile.data_ptr<float>();
+    at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) {
+      (half ? widen_rows<true> : widen_rows<false>)(wp, tp + (a - n0) * K, K, a, b);
+    });
+    auto out_tile = out.narrow(1, n0, n1 - n0);
+    at::mm_out(out_tile, x, tile.narrow(0, 0, n1 - n0).t());
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("awq_gemm", &awq_gemm, "AWQ int4 x fp32 -> fp32 (lane-interleaved layout)");
   m.def("awq_gemm_tiled", &awq_gemm_tiled, "AWQ int4 x fp32 -> fp32, dequantized per tile of rows + sgemm");
+  m.def("gemm_16bit", &gemm_16bit, "bf16/fp16 weights x fp32 -> fp32 (direct up to gemv_rows rows, else widened tiles + sgemm)");
 }
