@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from hubdeploy.kernels.cpu_step import kernel_switch
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class Avx2Dense16Weight:
 def dense16_supported(*weights: torch.Tensor) -> bool:
     """Whether our 16-bit kernel serves these CPU weights (contiguous bf16/fp16, kernel built,
     not turned off by `HUBDEPLOY_CPU_GEMM16=torch`)."""
-    if os.environ.get("HUBDEPLOY_CPU_GEMM16", "auto") == "torch":
+    if kernel_switch("HUBDEPLOY_CPU_GEMM16", "auto") == "torch":
         return False
     return all(w.dtype in (torch.bfloat16, torch.float16) and w.device.type == "cpu" and w.is_contiguous()
                for w in weights) and avx2_kernels() is not None
@@ -141,7 +142,7 @@ def dense16_supported(*weights: torch.Tensor) -> bool:
 def avx2_supported(in_features: int, group_size: int) -> bool:
     """Whether the kernel takes this shape and is available here (`HUBDEPLOY_CPU_INT4=tinygemm`
     turns it off, for comparisons)."""
-    if os.environ.get("HUBDEPLOY_CPU_INT4", "auto") == "tinygemm":
+    if kernel_switch("HUBDEPLOY_CPU_INT4", "auto") == "tinygemm":
         return False
     return in_features % 64 == 0 and group_size % 32 == 0 and in_features % group_size == 0 \
         and avx2_kernels() is not None

@@ -10,6 +10,7 @@ contract for its reference, Triton and CPU paths, and none of this reaches the G
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -17,18 +18,29 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["CpuStep", "DecodeKV", "DensePlan", "cpu_step", "current_step", "dense_kv_views", "gather_blocks",
-           "step_memo"]
+__all__ = ["CpuStep", "DecodeKV", "DensePlan", "KERNEL_SWITCHES", "cpu_step", "current_step", "dense_kv_views",
+           "gather_blocks", "kernel_switch", "step_memo"]
+
+# Environment variables that pick kernels (dispatch.py, awq_cpu.py). Reading os.environ costs
+# microseconds and the dispatchers ask on every call, so a CPU step reads them once.
+KERNEL_SWITCHES = ("HUBDEPLOY_FORCE_TRITON", "HUBDEPLOY_CPU_INT4", "HUBDEPLOY_CPU_GEMM16")
+
+
+def _read_switches() -> dict[str, str]:
+    env = os.environ
+    return {name: env[name] for name in KERNEL_SWITCHES if name in env}
 
 
 @dataclass
 class CpuStep:
-    """One forward step on the CPU: a memo for what every layer would recompute, and the
-    decode K/V buffers with each batch entry's key into them (None: gather every step)."""
+    """One forward step on the CPU: a memo for what every layer would recompute, the decode
+    K/V buffers with each batch entry's key into them (None: gather every step), and the
+    kernel switches as the environment had them when the step began."""
 
     memo: dict[Any, Any] = field(default_factory=dict)
     dense: DecodeKV | None = None
     keys: list | None = None
+    switches: dict[str, str] = field(default_factory=_read_switches)
 
 
 # a ContextVar, not a global: an engine thread and a test calling a model directly never share a step
@@ -47,6 +59,13 @@ def cpu_step(dense: DecodeKV | None = None, keys: list | None = None) -> Iterato
 
 def current_step() -> CpuStep | None:
     return _CURRENT.get()
+
+
+def kernel_switch(name: str, default: str = "") -> str:
+    """A kernel switch's value (one of KERNEL_SWITCHES): as the current CPU step read it, or
+    from the environment now outside a step."""
+    step = _CURRENT.get()
+    return (step.switches if step is not None else os.environ).get(name, default)
 
 
 def step_memo() -> dict[Any, Any] | None:

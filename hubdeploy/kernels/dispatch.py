@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
+from hubdeploy.kernels.cpu_step import kernel_switch
+
 
 def force_triton() -> bool:
-    return os.environ.get("HUBDEPLOY_FORCE_TRITON", "") == "1"
+    return kernel_switch("HUBDEPLOY_FORCE_TRITON") == "1"
 
 
 def triton_available() -> bool:

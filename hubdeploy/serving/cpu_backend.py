@@ -170,17 +170,23 @@ def _pack_low_precision(model: torch.nn.Module) -> int:
 
 def _warm_up_cpu_gemms(model: torch.nn.Module, max_rows: int, cpu_threads: int) -> None:
     """bf16/fp16: oneDNN builds every GEMM shape a step can use now, not on a request's first
-    use of it (`kernels.cpu_gemm.warm_up`)."""
+    use of it (`kernels.cpu_gemm.warm_up`). Weights our AVX2 16-bit kernel serves (no blocked
+    copy on an AVX2-only CPU) need no per-shape build: the kernel is loaded instead."""
+    from hubdeploy.kernels.awq_cpu import dense16_supported
     from hubdeploy.kernels.cpu_gemm import packed_copy, warm_up
     from hubdeploy.serving.models.layers import Linear, MoE
 
     weights: list[tuple[torch.Tensor, torch.Tensor | None, bool]] = []
     for m in model.modules():
         if isinstance(m, Linear) and isinstance(m.weight, torch.nn.Parameter):
-            weights.append((m.weight, packed_copy(m.weight), False))
+            packed = packed_copy(m.weight)
+            if packed is not None or not dense16_supported(m.weight):
+                weights.append((m.weight, packed, False))
         elif isinstance(m, MoE) and not m.quantized:
-            p13, p2 = packed_copy(m.w13, m.w2) or ([None], [None])
-            weights += [(m.w13[0], p13[0], True), (m.w2[0], p2[0], True)]
+            packed = packed_copy(m.w13, m.w2)
+            if packed is not None or not dense16_supported(m.w13, m.w2):
+                p13, p2 = packed or ([None], [None])
+                weights += [(m.w13[0], p13[0], True), (m.w2[0], p2[0], True)]
     t0 = time.perf_counter()
     n = warm_up(weights, max_rows, (1, cpu_threads) if cpu_threads > 1 else (1,))
     log.info("CPU GEMM warm-up: %d shapes built in %.1f s", n, time.perf_counter() - t0)
