@@ -1,0 +1,72 @@
+"""Quantize on deploy, the report's side: can this model be made AWQ 4-bit here, and should it?
+
+`quantize_refusal(report)` says why quantizing cannot work (the report shows it, create
+answers 422 with it); `quantize_offer(report, plans)` is what `/api/inspect` and the page
+show: the AWQ memory plan per GPU beside the 16-bit one, which calibration text would be
+used, and whether it is recommended (no AWQ variant on the Hub and the 16-bit weights do
+not fit a GPU the AWQ checkpoint fits). The quantizer itself is `hubdeploy.quantize`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from hubdeploy.hub_integration.memory_plan import MemoryPlan, awq_on_deploy_bytes, plan
+
+if TYPE_CHECKING:
+    from hubdeploy.hub_integration.report import ModelReport
+
+QUANTIZE_METHODS = ("awq",)
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 128
+# serving families the quantizer walks layer by layer (Mixtral, Qwen3-MoE, Llama/Mistral)
+QUANTIZABLE_FAMILIES = ("mixtral", "qwen3_moe", "llama")
+BUILTIN_CALIBRATION = "the calibration text shipped with hubdeploy"
+
+
+def calibration_label(calib: str | Path | None) -> str:
+    """Which calibration text a quantization uses, in words (the report and the events say it)."""
+    return f"your file {Path(calib).name}" if calib else BUILTIN_CALIBRATION
+
+
+def quantize_refusal(report: "ModelReport") -> str | None:
+    """Why quantize-on-deploy cannot work for this model; None when it can."""
+    q = report.quant
+    if q.method != "none":
+        what = f"{q.method.upper() if q.method in ('awq', 'gptq') else q.method}" + (f" {q.bits}-bit" if q.bits else "")
+        served = q.method == "awq" and q.bits == 4
+        return (f"{report.repo_id} is already quantized ({what}): " +
+                ("deploy it as is, without quantize" if served else
+                 "quantizing starts from 16-bit weights; deploy its unquantized base model with quantize"))
+    arch = report.arch
+    if arch.family not in QUANTIZABLE_FAMILIES:
+        return (f"architecture {arch.architecture or '(none)'} cannot be quantized on deploy "
+                f"(the quantizer handles Mixtral, Qwen3-MoE and Llama-family models)")
+    w = report.weights
+    if not w.has_safetensors:
+        return "no safetensors weights to quantize (pickled/GGUF files are not read)"
+    if not w.quantizable_params:
+        return "no 16-bit decoder linear weights found in the safetensors files (missing files?)"
+    return None
+
+
+def quantize_offer(report: "ModelReport", plans16: Sequence[MemoryPlan], group_size: int = DEFAULT_GROUP_SIZE,
+                   **plan_kw: Any) -> dict[str, Any]:
+    """The AWQ-on-deploy option beside the 16-bit `plans16` (same GPUs, same `plan_kw`)."""
+    refusal = quantize_refusal(report)
+    if refusal is not None:
+        return {"available": False, "reason": refusal}
+    weights, decode = awq_on_deploy_bytes(report, group_size)
+    awq = [plan(report, p.gpu, quantize="awq", quantize_group_size=group_size, **plan_kw) for p in plans16]
+    recommended_for = [a.gpu for p, a in zip(plans16, awq) if a.fits and not p.fits]
+    fitting = [a for a in awq if a.fits]
+    return {
+        "available": True, "method": "awq", "group_size": group_size, "w_bit": 4, "zero_point": True,
+        "calibration": calibration_label(None), "weights_bytes": weights, "decode_bytes_per_token": decode,
+        "recommended": bool(recommended_for) and not report.awq_variants,
+        "recommended_for": recommended_for,
+        "suggested_gpu": fitting[0].gpu if fitting else None,
+        "plans": [a.to_dict() for a in awq],
+        "reason": "no AWQ 4-bit variant is listed on the Hub" if not report.awq_variants else
+                  f"an AWQ 4-bit variant exists: {report.awq_variants[0]} (no quantizing needed)",
+    }
