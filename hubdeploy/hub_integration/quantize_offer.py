@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from hubdeploy.hub_integration.memory_plan import MemoryPlan, awq_on_deploy_bytes, plan
+from hubdeploy.serving.config import SUPPORTED_ARCHITECTURES
 
 if TYPE_CHECKING:
     from hubdeploy.hub_integration.report import ModelReport
@@ -19,14 +20,14 @@ if TYPE_CHECKING:
 QUANTIZE_METHODS = ("awq",)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128
-# serving families the quantizer walks layer by layer (Mixtral, Qwen3-MoE, Llama/Mistral)
-QUANTIZABLE_FAMILIES = ("mixtral", "qwen3_moe", "llama")
-BUILTIN_CALIBRATION = "the calibration text shipped with hubdeploy"
 
 
 def calibration_label(calib: str | Path | None) -> str:
-    """Which calibration text a quantization uses, in words (the report and the events say it)."""
-    return f"your file {Path(calib).name}" if calib else BUILTIN_CALIBRATION
+    """Which calibration text a quantization uses (the quantizer's name for it: the shipped set's
+    name, or the file's name with its hash), for the report and the endpoint's events."""
+    from hubdeploy.quantize.calibration import calibration_name
+
+    return calibration_name(Path(calib) if calib else None)
 
 
 def quantize_refusal(report: "ModelReport") -> str | None:
@@ -39,9 +40,9 @@ def quantize_refusal(report: "ModelReport") -> str | None:
                 ("deploy it as is, without quantize" if served else
                  "quantizing starts from 16-bit weights; deploy its unquantized base model with quantize"))
     arch = report.arch
-    if arch.family not in QUANTIZABLE_FAMILIES:
-        return (f"architecture {arch.architecture or '(none)'} cannot be quantized on deploy "
-                f"(the quantizer handles Mixtral, Qwen3-MoE and Llama-family models)")
+    if not arch.family:  # the quantizer walks the layers of the families the engine serves
+        return (f"architecture {arch.architecture or '(none)'} cannot be quantized on deploy (supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)})")
     w = report.weights
     if not w.has_safetensors:
         return "no safetensors weights to quantize (pickled/GGUF files are not read)"

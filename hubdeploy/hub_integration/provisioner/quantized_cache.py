@@ -51,9 +51,8 @@ class QuantizeJob:
     def entry_name(self) -> str:
         from hubdeploy.quantize import QuantizeSettings
 
+        # the settings' key covers the calibration text's content, not just its path
         key = QuantizeSettings(method=self.method, group_size=self.group_size, calib=self.calib).key()
-        if self.calib is not None:  # the file's content, not just its path, names the result
-            key += "-c" + hashlib.sha256(self.calib.read_bytes()).hexdigest()[:12]
         source = re.sub(r"[^A-Za-z0-9_.\-]", "-", self.source.replace("/", "--"))
         return f"{source}--{self.commit[:40]}--{key}"
 
