@@ -65,3 +65,198 @@ def test_recommended_without_a_variant(bf16: ModelReport) -> None:
     gpt2 = ModelReport.from_dict({**alone.to_dict(), "arch": {**alone.to_dict()["arch"], "family": "",
                                                               "architecture": "GPT2LMHeadModel"}})
     assert "GPT2LMHeadModel cannot be quantized" in (quantize_refusal(gpt2) or "")
+
+
+def test_progress_view_shows_the_quantizing_phase() -> None:
+    from hubdeploy.space import view
+
+    ep = {"name": "q", "status": "initializing", "phase": "quantizing", "spec": {"quantize": "awq"},
+          "progress": {"bytes_done": 5_000_000, "bytes_total": 9_000_000, "layers_done": 1, "layers_total": 2}}
+    html = view.progress_html(ep)
+    assert 'data-phase="quantizing"' in html and "layer 1 of 2, 5.0 MB written" in html
+    assert '<li class="hd-now">Quantizing</li>' in html
+    assert "Quantizing" not in view.progress_html({**ep, "phase": "loading", "spec": {}})  # only when asked for
+
+
+# --- through the real service -----------------------------------------------------------
+class FreeSpace:
+    """The service's free-space probe (passed to the provisioner): the real disk's, or `free` bytes."""
+
+    def __init__(self) -> None:
+        self.free: int | None = None
+
+    def __call__(self, path: Path) -> int:
+        return shutil.disk_usage(path).free if self.free is None else self.free
+
+
+@pytest.fixture(scope="module")
+def qsvc(tmp_path_factory: pytest.TempPathFactory, local_hub: Any, hub_tiny_model: Any,
+         tiny_models: Any) -> Iterator[LiveService]:
+    data = tmp_path_factory.mktemp("qsvc")
+    roots = tmp_path_factory.mktemp("qroots")
+    space = FreeSpace()
+    svc = LiveService(build_service_app(data, hub_endpoint=local_hub.endpoint, admin_token=ADMIN,
+                                        allowed_model_roots=[roots], free_bytes=space))
+    svc.repo, svc.awq_repo = hub_tiny_model("mixtral", "none"), hub_tiny_model("mixtral", "awq")  # type: ignore[attr-defined]
+    svc.fp16_dir, svc.roots, svc.space, svc.data = tiny_models("mixtral", "none"), roots, space, data  # type: ignore[attr-defined]
+    try:
+        yield svc
+    finally:
+        for e in svc.client.get("/api/endpoints").json()["endpoints"]:
+            svc.client.delete(f"/api/endpoints/{e['name']}")
+        svc.stop()
+        reap(data)
+
+
+def _create(svc: LiveService, name: str, **spec: Any) -> Any:
+    return svc.client.post("/api/endpoints", json={"name": name, "model": svc.repo, "gpu": "cpu",  # type: ignore[attr-defined]
+                                                   "access": "public", "quantize": "awq", **spec})
+
+
+def _entries(svc: LiveService) -> tuple[list[str], list[str]]:
+    """(complete entries, .partial dirs) of the service's quantized cache."""
+    root = svc.data / "quantized"  # type: ignore[attr-defined]
+    names = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    return [n for n in names if not n.endswith(".partial")], [n for n in names if n.endswith(".partial")]
+
+
+def _phases(e: dict[str, Any]) -> list[str]:
+    return [h["phase"] for h in e["history"] if h["phase"]]
+
+
+def _workers(data: Path) -> list[int]:
+    """Pids of quantize workers writing under `data` (their JSON job names the output)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "quantize_worker" in cmd and str(data) in cmd and pid_alive(int(proc.name)):
+                out.append(int(proc.name))
+    return out
+
+
+def _copy_model(svc: LiveService, name: str) -> Path:
+    d = svc.roots / name  # type: ignore[attr-defined]
+    shutil.copytree(svc.fp16_dir, d)  # type: ignore[attr-defined]
+    return d
+
+
+def test_refused_at_create(qsvc: LiveService) -> None:
+    def refused(name: str, field: str = "quantize", **spec: Any) -> str:
+        r = _create(qsvc, name, **spec)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["fields"][0]["loc"] == ["body", field], r.text
+        return r.json()["error"]["message"]
+
+    assert "already quantized (AWQ 4-bit)" in refused("awq", model=qsvc.awq_repo)  # type: ignore[attr-defined]
+    assert "deploy it as is" in refused("awq", model=qsvc.awq_repo)  # type: ignore[attr-defined]
+    gpt2 = _copy_model(qsvc, "gpt2-like")
+    cfg = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    assert "GPT2LMHeadModel cannot be quantized" in refused("gpt2", model=str(gpt2))
+    bare = _copy_model(qsvc, "no-weights")
+    (bare / "model.safetensors").unlink()
+    assert "no safetensors weights" in refused("bare", model=str(bare))
+    outside = Path(__file__)
+    assert "outside the allowed model roots" in refused("calib", "quantize_calib", quantize_calib=str(outside))
+    assert refused("calib", "quantize_calib", quantize_calib="https://x/y.txt")
+    assert qsvc.client.get("/api/endpoints").json()["endpoints"] == []
+
+
+def test_no_space_fails_with_the_reason(qsvc: LiveService) -> None:
+    qsvc.space.free = 1000  # type: ignore[attr-defined]
+    try:
+        assert _create(qsvc, "nospace", quantize_group_size=32).status_code == 201
+        e = wait_status(qsvc, "nospace", {"failed", "running"}, timeout=120)
+    finally:
+        qsvc.space.free = None  # type: ignore[attr-defined]
+    assert e["status"] == "failed" and e["reason"].startswith("quantizing failed: no space"), e["reason"]
+    assert "GB are free under" in e["reason"] and not _workers(qsvc.data)  # type: ignore[attr-defined]
+    assert _entries(qsvc) == ([], [])  # nothing was written
+    assert qsvc.client.delete("/api/endpoints/nospace").json()["status"] == "deleted"
+
+
+@pytest.mark.slow
+def test_fp16_model_becomes_an_awq_endpoint_and_the_cache_is_reused(qsvc: LiveService) -> None:
+    r = _create(qsvc, "q1")
+    assert r.status_code == 201, r.text
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 600
+    while (e := qsvc.client.get("/api/endpoints/q1").json())["status"] not in ("running", "failed"):
+        assert time.monotonic() < deadline, e
+        if e["phase"] == "quantizing":
+            seen.append(e["progress"])
+        time.sleep(0.1)
+    assert e["status"] == "running", e["reason"]
+    phases = _phases(e)
+    assert phases.index("downloading") < phases.index("quantizing") < phases.index("ready"), phases
+    assert seen and all(p["layers_total"] == 2 and p["bytes_total"] > 0 for p in seen), seen
+    assert e["progress"]["layers_done"] == e["progress"]["layers_total"] == 2
+    assert chat(e, None)
+    (entry,), partial = _entries(qsvc)
+    assert not partial and entry.startswith("tiny--mixtral-none--")
+    cfg = json.loads((qsvc.data / "quantized" / entry / "config.json").read_text())  # type: ignore[attr-defined]
+    assert cfg["quantization_config"]["quant_method"] == "awq" and cfg["quantization_config"]["group_size"] == 128
+    logs = "\n".join(qsvc.client.get("/api/endpoints/q1/logs", params={"tail": 2000}).json()["lines"])
+    assert f"quantized/{entry}" in logs  # the server was started on the quantized checkpoint
+    stamp = (qsvc.data / "quantized" / entry / "config.json").stat().st_mtime_ns  # type: ignore[attr-defined]
+    assert qsvc.client.delete("/api/endpoints/q1").json()["status"] == "deleted"
+
+    # a second deploy of the same repo, revision and settings skips quantizing
+    assert _create(qsvc, "q2").status_code == 201
+    e = wait_status(qsvc, "q2", {"running", "failed"}, timeout=300)
+    assert e["status"] == "running", e["reason"]
+    assert "quantizing" not in _phases(e) and chat(e, None)
+    logs = "\n".join(qsvc.client.get("/api/endpoints/q2/logs", params={"tail": 2000}).json()["lines"])
+    assert f"quantized checkpoint from the cache: {entry}" in logs
+    assert _entries(qsvc) == ([entry], [])
+    assert (qsvc.data / "quantized" / entry / "config.json").stat().st_mtime_ns == stamp  # type: ignore[attr-defined]
+    assert qsvc.client.delete("/api/endpoints/q2").json()["status"] == "deleted"
+
+
+@pytest.mark.slow
+def test_delete_while_quantizing_stops_the_worker_and_serves_nothing_half_written(qsvc: LiveService) -> None:
+    before = _entries(qsvc)[0]
+    assert _create(qsvc, "q3", quantize_group_size=64).status_code == 201
+    deadline = time.monotonic() + 120
+    while not (pids := _workers(qsvc.data)):  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, qsvc.client.get("/api/endpoints/q3").json()
+        time.sleep(0.02)
+    os.kill(pids[0], signal.SIGSTOP)  # hold it mid-run: deleting must still end it
+    e = qsvc.client.get("/api/endpoints/q3").json()
+    assert e["status"] == "initializing" and e["phase"] == "quantizing", e
+    assert qsvc.client.delete("/api/endpoints/q3").json()["status"] == "deleted"
+    deadline = time.monotonic() + 20
+    while pid_alive(pids[0]):
+        assert time.monotonic() < deadline, "the quantize worker outlived its endpoint"
+        time.sleep(0.05)
+    assert _entries(qsvc)[0] == before  # no entry for group 64: a .partial at most, never served
+
+    # deployed again: it resumes (or starts clean) and only a complete entry is served
+    assert _create(qsvc, "q3", quantize_group_size=64).status_code == 201
+    e = wait_status(qsvc, "q3", {"running", "failed"}, timeout=600)
+    assert e["status"] == "running", e["reason"]
+    complete, partial = _entries(qsvc)
+    assert len(complete) == len(before) + 1 and not partial
+    assert chat(e, None)
+
+
+@pytest.mark.slow
+def test_a_missing_shard_fails_with_the_quantizers_reason(qsvc: LiveService) -> None:
+    d = _copy_model(qsvc, "missing-shard")
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    weight_map = {n: "model.safetensors" for n in names}
+    weight_map[names[-1]] = "model-00002-of-00002.safetensors"  # listed, never uploaded
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert _create(qsvc, "shard", model=str(d)).status_code == 201
+    e = wait_status(qsvc, "shard", {"running", "failed"}, timeout=300)
+    assert e["status"] == "failed" and "MissingFiles" in e["reason"], e["reason"]
+    assert "model-00002-of-00002.safetensors" in e["reason"]
+    assert not [n for n in _entries(qsvc)[1] if n.startswith("local-missing-shard")]  # a failed run leaves none
+    assert qsvc.client.delete("/api/endpoints/shard").json()["status"] == "deleted"
