@@ -51,12 +51,45 @@ def quantize_refusal(report: "ModelReport") -> str | None:
     return None
 
 
-def quantize_offer(report: "ModelReport", plans16: Sequence[MemoryPlan], group_size: int = DEFAULT_GROUP_SIZE,
-                   **plan_kw: Any) -> dict[str, Any]:
-    """The AWQ-on-deploy option beside the 16-bit `plans16` (same GPUs, same `plan_kw`)."""
+def _in_features(report: "ModelReport") -> dict[str, int]:
+    """The input widths of the linears AWQ groups run along (each must be a multiple of the group size)."""
+    a, m = report.arch, report.moe
+    widths = {"hidden_size": a.hidden_size, "attention width (heads x head_dim)": a.num_attention_heads * a.head_dim}
+    if m is not None:
+        widths["expert intermediate size"] = m.expert_intermediate_size
+        if m.shared_expert_intermediate_size:
+            widths["shared expert intermediate size"] = m.shared_expert_intermediate_size
+    if m is None or m.num_moe_layers < a.num_layers:
+        widths["intermediate_size"] = a.intermediate_size
+    return {k: v for k, v in widths.items() if v}
+
+
+def group_sizes_that_fit(report: "ModelReport") -> list[int]:
+    """The AWQ group sizes that divide every linear's input width, largest first."""
+    widths = _in_features(report).values()
+    return [g for g in sorted(GROUP_SIZES, reverse=True) if all(w % g == 0 for w in widths)]
+
+
+def group_size_refusal(report: "ModelReport", group_size: int) -> str | None:
+    """Why `group_size` cannot be used for this model (a width it does not divide); None when it can."""
+    bad = [f"{k} {v}" for k, v in _in_features(report).items() if v % group_size]
+    if not bad:
+        return None
+    fits = group_sizes_that_fit(report)
+    return (f"group size {group_size} does not divide the {', '.join(bad)}; "
+            + (f"use quantize_group_size {' or '.join(map(str, fits))}" if fits else "no AWQ group size fits"))
+
+
+def quantize_offer(report: "ModelReport", plans16: Sequence[MemoryPlan], **plan_kw: Any) -> dict[str, Any]:
+    """The AWQ-on-deploy option beside the 16-bit `plans16` (same GPUs, same `plan_kw`), at the
+    largest group size (up to 128, AutoAWQ's default) the model's widths allow."""
     refusal = quantize_refusal(report)
+    fits = group_sizes_that_fit(report)
+    if refusal is None and not fits:
+        refusal = group_size_refusal(report, DEFAULT_GROUP_SIZE)
     if refusal is not None:
         return {"available": False, "reason": refusal}
+    group_size = fits[0]
     weights, decode = awq_on_deploy_bytes(report, group_size)
     awq = [plan(report, p.gpu, quantize="awq", quantize_group_size=group_size, **plan_kw) for p in plans16]
     recommended_for = [a.gpu for p, a in zip(plans16, awq) if a.fits and not p.fits]

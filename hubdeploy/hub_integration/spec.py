@@ -365,11 +365,14 @@ def check_spec(spec: DeploymentSpec, ctx: SpecContext) -> DeploymentSpec:
     if ctx.check_plan or spec.quantize:
         report = model_report(spec, model_src, ctx)
         if spec.quantize:
-            from hubdeploy.hub_integration.quantize_offer import quantize_refusal
+            from hubdeploy.hub_integration.quantize_offer import group_size_refusal, quantize_refusal
 
             refusal = quantize_refusal(report)
             if refusal is not None:
                 raise SpecError(("quantize",), f"cannot quantize: {refusal}")
+            refusal = group_size_refusal(report, spec.quantize_group_size)
+            if refusal is not None:
+                raise SpecError(("quantize_group_size",), f"cannot quantize: {refusal}")
         if ctx.check_plan:
             spec = apply_plan(spec, report, adapters)
     return spec
