@@ -101,6 +101,7 @@ def qsvc(tmp_path_factory: pytest.TempPathFactory, local_hub: Any, hub_tiny_mode
                                         allowed_model_roots=[roots], free_bytes=space))
     svc.repo, svc.awq_repo = hub_tiny_model("mixtral", "none"), hub_tiny_model("mixtral", "awq")  # type: ignore[attr-defined]
     svc.fp16_dir, svc.roots, svc.space, svc.data = tiny_models("mixtral", "none"), roots, space, data  # type: ignore[attr-defined]
+    svc.hub_endpoint = local_hub.endpoint  # type: ignore[attr-defined]
     try:
         yield svc
     finally:
@@ -140,6 +141,35 @@ def _workers(data: Path) -> list[int]:
             if "quantize_worker" in cmd and str(data) in cmd and pid_alive(int(proc.name)):
                 out.append(int(proc.name))
     return out
+
+
+def _restart(svc: LiveService) -> None:
+    """Stop the service (endpoint workers stop with it) and start a new one on the same data dir, in place."""
+    svc.stop()
+    new = LiveService(build_service_app(svc.data, hub_endpoint=svc.hub_endpoint, admin_token=ADMIN,  # type: ignore[attr-defined]
+                                        allowed_model_roots=[svc.roots], free_bytes=svc.space))  # type: ignore[attr-defined]
+    for attr in ("port", "app", "base_url", "server", "thread", "client"):
+        setattr(svc, attr, getattr(new, attr))
+
+
+def _hold_worker(svc: LiveService, name: str, layers_done: int) -> int:
+    """SIGSTOP the endpoint's quantize worker once `layers_done` layers are written; its pid."""
+    deadline = time.monotonic() + 300
+    while (e := svc.client.get(f"/api/endpoints/{name}").json())["progress"]["layers_done"] < layers_done \
+            or not _workers(svc.data):  # type: ignore[attr-defined]
+        assert e["status"] == "initializing" and time.monotonic() < deadline, e
+        time.sleep(0.05)
+    (pid,) = _workers(svc.data)  # type: ignore[attr-defined]
+    os.kill(pid, signal.SIGSTOP)  # held between layers: stopping must still end it
+    assert svc.client.get(f"/api/endpoints/{name}").json()["phase"] == "quantizing"
+    return pid
+
+
+def _gone(pid: int) -> None:
+    deadline = time.monotonic() + 20
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, "the quantize worker outlived its endpoint"
+        time.sleep(0.05)
 
 
 def _copy_model(svc: LiveService, name: str) -> Path:
@@ -224,30 +254,24 @@ def test_fp16_model_becomes_an_awq_endpoint_and_the_cache_is_reused(qsvc: LiveSe
 
 
 @pytest.mark.slow
-def test_delete_while_quantizing_stops_the_worker_and_a_new_deploy_resumes(qsvc: LiveService) -> None:
+def test_delete_or_restart_while_quantizing_stops_the_worker_and_the_next_run_resumes(qsvc: LiveService) -> None:
     before = _entries(qsvc)[0]
     assert _create(qsvc, "q3", quantize_group_size=64).status_code == 201  # another settings key
-    deadline = time.monotonic() + 300
-    while (e := qsvc.client.get("/api/endpoints/q3").json())["progress"]["layers_done"] < 1:
-        assert e["status"] == "initializing" and time.monotonic() < deadline, e
-        time.sleep(0.05)
-    (pid,) = _workers(qsvc.data)  # type: ignore[attr-defined]
-    os.kill(pid, signal.SIGSTOP)  # hold it between layers: deleting must still end it
-    assert qsvc.client.get("/api/endpoints/q3").json()["phase"] == "quantizing"
+    pid = _hold_worker(qsvc, "q3", 1)
     assert qsvc.client.delete("/api/endpoints/q3").json()["status"] == "deleted"
-    deadline = time.monotonic() + 20
-    while pid_alive(pid):
-        assert time.monotonic() < deadline, "the quantize worker outlived its endpoint"
-        time.sleep(0.05)
+    _gone(pid)
     complete, partial = _entries(qsvc)
     assert complete == before and len(partial) == 1  # the finished layer is kept to resume; nothing served
 
-    # deployed again: it resumes after the finished layer, and only the complete entry is served
+    # deployed again it resumes; the service restarts meanwhile: the new one resumes again
     assert _create(qsvc, "q3", quantize_group_size=64).status_code == 201
+    pid = _hold_worker(qsvc, "q3", 0)
+    _restart(qsvc)
+    _gone(pid)
     e = wait_status(qsvc, "q3", {"running", "failed"}, timeout=600)
     assert e["status"] == "running", e["reason"]
     logs = "\n".join(qsvc.client.get("/api/endpoints/q3/logs", params={"tail": 2000}).json()["lines"])
-    assert f"resuming the quantization in {partial[0]}" in logs
+    assert logs.count(f"resuming the quantization in {partial[0]}") == 2, logs
     complete, partial = _entries(qsvc)
     assert len(complete) == len(before) + 1 and not partial
     assert chat(e, None)

@@ -198,7 +198,8 @@ class LocalProvisioner(Provisioner):
         self.files = EndpointFiles(self.data_dir)
         self._lock_file = self._take_service_lock()
         # quantize on deploy: checkpoints made here, reused by later deploys (`free_bytes` probes the disk)
-        self.quantized = QuantizedCache(self.data_dir / "quantized", free_bytes)
+        self.quantized = QuantizedCache(self.data_dir / "quantized", lambda p: _kill_group(p.pid, popen=p),
+                                        free_bytes)
         self.hub_endpoint = hub_endpoint
         self.endpoint_host = endpoint_host
         self.url_host = url_host or endpoint_host

@@ -82,8 +82,10 @@ class QuantizeUpdate:
 class QuantizedCache:
     """The cache of quantized checkpoints; `get_or_make` runs the worker when an entry is missing."""
 
-    def __init__(self, root: Path, free_bytes: FreeBytes = disk_free_bytes) -> None:
+    def __init__(self, root: Path, kill: Callable[[subprocess.Popen], None],
+                 free_bytes: FreeBytes = disk_free_bytes) -> None:
         self.root = private_dir(root)
+        self.kill = kill  # ends a worker and its process group (the provisioner's way of stopping children)
         self.free_bytes = free_bytes
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -139,8 +141,6 @@ class QuantizedCache:
     def _run_worker(self, job: QuantizeJob, partial: Path, on_progress: Callable[[QuantizeUpdate], None],
                     stopped: Callable[[], bool], log: TextIO) -> bool:
         """Run the worker into `partial`; False when stopped (the worker killed, `partial` kept to resume)."""
-        from hubdeploy.hub_integration.provisioner.local import _kill_group
-
         spec = {"src": str(job.src), "out": str(partial), "method": job.method, "group_size": job.group_size,
                 "calib": str(job.calib) if job.calib else None, "parent": os.getpid()}
         cmd = [sys.executable, "-m", "hubdeploy.hub_integration.provisioner.quantize_worker", json.dumps(spec)]
@@ -158,7 +158,7 @@ class QuantizedCache:
         error: dict[str, str] | None = None
         while True:
             if stopped():
-                _kill_group(popen.pid, popen=popen)
+                self.kill(popen)
                 return False
             try:
                 line = lines.get(timeout=0.2)
