@@ -80,6 +80,23 @@ def test_progress_view_shows_the_quantizing_phase() -> None:
     assert "Quantizing" not in view.progress_html({**ep, "phase": "loading", "spec": {}})  # only when asked for
 
 
+def test_page_offers_quantizing_with_the_awq_plans(bf16: ModelReport) -> None:
+    from hubdeploy.space import view
+
+    alone = ModelReport.from_dict({**bf16.to_dict(), "awq_variants": []})
+    plans = plan_all(alone)
+    payload = {"report": alone.to_dict(), "plans": [p.to_dict() for p in plans],
+               "quantize": quantize_offer(alone, plans)}
+    h100 = dict(view.gpu_choices(view.plans_for(payload, True)))
+    assert next(label for label, v in h100.items() if v == "H100-80GB").startswith("✓")
+    assert next(label for label, v in dict(view.gpu_choices(view.plans_for(payload, False))).items()
+                if v == "H100-80GB").startswith("✗")
+    note = view.quantize_html(payload["quantize"], payload["report"])
+    assert "Recommended" in note and "H100-80GB" in note and "hubdeploy-calib-v1" in note and "93.4 GB" in note
+    plan_h100 = next(p for p in view.plans_for(payload, True) if p["gpu"] == "H100-80GB")
+    assert "quantized on deploy" in view.plan_html(plan_h100, "H100-80GB")
+
+
 # --- through the real service -----------------------------------------------------------
 class FreeSpace:
     """The service's free-space probe (passed to the provisioner): the real disk's, or `free` bytes."""
