@@ -178,6 +178,8 @@ def _hold_worker(svc: LiveService, name: str, layers_done: int) -> int:
         time.sleep(0.05)
     (pid,) = _workers(svc.data)  # type: ignore[attr-defined]
     os.kill(pid, signal.SIGSTOP)  # held between layers: stopping must still end it
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert b"CUDA_VISIBLE_DEVICES=" in env and not any(v.startswith(b"HUBDEPLOY_ADMIN_TOKEN=") for v in env)
     assert svc.client.get(f"/api/endpoints/{name}").json()["phase"] == "quantizing"
     return pid
 

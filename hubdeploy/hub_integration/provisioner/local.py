@@ -120,6 +120,15 @@ def progress_class(report: Callable[[int, int], None]) -> type:
     return _Recorder
 
 
+def _child_env(device: str) -> dict[str, str]:
+    """The environment of an endpoint's child processes (server, quantize worker): the service's,
+    without its secrets, and only the endpoint's own GPU (`cuda:N`) or none (`cpu:N`)."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1] if device.startswith("cuda:") else ""
+    return env
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -455,11 +464,10 @@ class LocalProvisioner(Provisioner):
             return
         serve_dir = None
         if spec.quantize:
-            serve_dir = self._quantize(spec, run, model_path)
+            serve_dir = self._quantize(spec, run, model_path, device)
             if serve_dir is None:  # stopped while quantizing
                 return
-        env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
-        env["PYTHONUNBUFFERED"] = "1"
+        env = _child_env(device)
         env["HF_HUB_OFFLINE"] = "1"  # everything is in the cache now; the child needs no network
         env["HF_HUB_CACHE"] = hub_cache_dir()  # the very cache `_download` filled
         if self.hub_endpoint:
@@ -472,12 +480,7 @@ class LocalProvisioner(Provisioner):
         api_key = self.get_api_key(spec.name)
         if api_key:
             env["HUBDEPLOY_API_KEY"] = api_key
-        if device.startswith("cuda:"):
-            env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-            dev_arg = "cuda"
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-            dev_arg = "cpu"
+        dev_arg = "cuda" if device.startswith("cuda:") else "cpu"
         cmd = [sys.executable, "-m", "hubdeploy", "serve",
                *spec.serve_args(host=self.endpoint_host, port=port, device=dev_arg, model_dir=serve_dir)]
         self._log(spec.name, "starting: " + " ".join(cmd[1:]))
@@ -491,9 +494,10 @@ class LocalProvisioner(Provisioner):
                          "downloading" if spec.model_kind == "repo" else None)
         self._watch(spec, run, popen.pid, port)
 
-    def _quantize(self, spec: DeploymentSpec, run: _Running, snapshot: Path | None) -> Path | None:
+    def _quantize(self, spec: DeploymentSpec, run: _Running, snapshot: Path | None, device: str) -> Path | None:
         """The AWQ checkpoint of the spec's model: from the cache, or made now (phase `quantizing`,
-        layers and bytes in the store). None when the endpoint was stopped meanwhile."""
+        layers and bytes in the store) on the endpoint's device. None when the endpoint was stopped
+        meanwhile."""
         from hubdeploy.hub_integration.errors import InspectError
         from hubdeploy.hub_integration.memory_plan import awq_on_deploy_bytes
         from hubdeploy.hub_integration.quantize_offer import calibration_label, quantize_refusal
@@ -538,7 +542,7 @@ class LocalProvisioner(Provisioner):
         try:
             with open_log(self.files.log_path(spec.name)) as log:
                 out = self.quantized.get_or_make(job, expected, progress, run.stop.is_set, log,
-                                                 lambda line: self._log(spec.name, line))
+                                                 lambda line: self._log(spec.name, line), _child_env(device))
         except QuantizeFailed as e:
             raise EndpointFailed(f"quantizing failed: {e}") from None
         if out is not None:

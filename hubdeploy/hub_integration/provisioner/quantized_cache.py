@@ -106,8 +106,10 @@ class QuantizedCache:
             return self._locks.setdefault(name, threading.Lock())
 
     def get_or_make(self, job: QuantizeJob, expected_bytes: int, on_progress: Callable[[QuantizeUpdate], None],
-                    stopped: Callable[[], bool], log: TextIO, note: Callable[[str], None]) -> Path | None:
+                    stopped: Callable[[], bool], log: TextIO, note: Callable[[str], None],
+                    env: dict[str, str]) -> Path | None:
         """The entry for `job`, made now if missing; None when `stopped()` turned true first.
+        The worker runs with `env` (no secrets; the GPU it may use) and writes its output to `log`.
 
         Raises `QuantizeFailed` (no space, the quantizer's error, a crashed worker).
         """
@@ -128,7 +130,7 @@ class QuantizedCache:
                                      "(or delete unused entries there) and resume")
             if partial.exists():
                 note(f"resuming the quantization in {partial.name}")
-            if not self._run_worker(job, partial, on_progress, stopped, log):
+            if not self._run_worker(job, partial, on_progress, stopped, log, env):
                 return None
             if not (partial / "config.json").is_file():
                 raise QuantizeFailed("the quantizer finished without writing config.json")
@@ -139,13 +141,13 @@ class QuantizedCache:
             lock.release()
 
     def _run_worker(self, job: QuantizeJob, partial: Path, on_progress: Callable[[QuantizeUpdate], None],
-                    stopped: Callable[[], bool], log: TextIO) -> bool:
+                    stopped: Callable[[], bool], log: TextIO, env: dict[str, str]) -> bool:
         """Run the worker into `partial`; False when stopped (the worker killed, `partial` kept to resume)."""
         spec = {"src": str(job.src), "out": str(partial), "method": job.method, "group_size": job.group_size,
                 "calib": str(job.calib) if job.calib else None, "parent": os.getpid()}
         cmd = [sys.executable, "-m", "hubdeploy.hub_integration.provisioner.quantize_worker", json.dumps(spec)]
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True,
-                                 start_new_session=True, cwd=self.root)
+                                 start_new_session=True, cwd=self.root, env=env)
         lines: queue.Queue[str | None] = queue.Queue()
 
         def pump() -> None:
