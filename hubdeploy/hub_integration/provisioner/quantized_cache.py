@@ -114,9 +114,11 @@ class QuantizedCache:
         Raises `QuantizeFailed` (no space, the quantizer's error, a crashed worker).
         """
         lock = self._lock(job.entry_name())
-        while not lock.acquire(timeout=0.2):  # another endpoint makes the same entry: wait for it
-            if stopped():
-                return None
+        if not lock.acquire(blocking=False):  # another endpoint makes the same entry: wait for it
+            note(f"waiting for another endpoint's quantization of the same model and settings ({job.entry_name()})")
+            while not lock.acquire(timeout=0.2):
+                if stopped():
+                    return None
         try:
             hit = self.lookup(job)
             if hit is not None:
