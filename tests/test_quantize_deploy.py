@@ -222,9 +222,12 @@ def test_refused_at_create(qsvc: LiveService) -> None:
 
 
 def test_no_space_fails_with_the_reason(qsvc: LiveService) -> None:
+    calib = qsvc.roots / "calib.txt"  # type: ignore[attr-defined]
+    calib.write_text("A calibration text of the user's own.\n\nIt is accepted under an allowed root.\n")
     qsvc.space.free = 1000  # type: ignore[attr-defined]
     try:
-        assert _create(qsvc, "nospace", quantize_group_size=64).status_code == 201
+        r = _create(qsvc, "nospace", quantize_group_size=64, quantize_calib=str(calib))
+        assert r.status_code == 201, r.text
         e = wait_status(qsvc, "nospace", {"failed", "running"}, timeout=120)
     finally:
         qsvc.space.free = None  # type: ignore[attr-defined]

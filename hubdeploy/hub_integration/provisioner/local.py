@@ -37,7 +37,8 @@ from hubdeploy.hub_integration.provisioner.health import Watchdog, later_phases,
 from hubdeploy.hub_integration.provisioner.quantized_cache import (FreeBytes, QuantizedCache, QuantizeFailed,
                                                                    QuantizeJob, QuantizeUpdate, dir_bytes,
                                                                    disk_free_bytes, local_fingerprint)
-from hubdeploy.hub_integration.spec import DeploymentSpec, SpecError, classify_source, recheck_local_paths
+from hubdeploy.hub_integration.spec import (DeploymentSpec, SpecError, classify_source, recheck_local_paths,
+                                            resolve_local_dir, resolve_local_file)
 from hubdeploy.hub_integration.store import EndpointRecord, SlotUnavailable, Store
 from hubdeploy.serving.server.adapter_policy import LORA_ROOTS_ENV
 
@@ -503,12 +504,20 @@ class LocalProvisioner(Provisioner):
         from hubdeploy.hub_integration.quantize_offer import calibration_label, quantize_refusal
         from hubdeploy.hub_integration.report import LocalSource, build_report
 
-        src = snapshot if snapshot is not None else Path(os.path.realpath(Path(spec.model).expanduser()))
+        if snapshot is not None:
+            src = snapshot
+        elif self.allowed_roots is not None:  # `./rel` is under the first root, as at create
+            src = resolve_local_dir(spec.model, self.allowed_roots, "config.json", ("model",))
+        else:
+            src = Path(os.path.realpath(Path(spec.model).expanduser()))
         if snapshot is not None:
             source, commit = spec.model, snapshot.name
         else:
             source, commit = f"local-{src.name}", local_fingerprint(src)
-        calib = Path(os.path.realpath(spec.quantize_calib)) if spec.quantize_calib else None
+        calib = None
+        if spec.quantize_calib:
+            calib = (resolve_local_file(spec.quantize_calib, self.allowed_roots, ("quantize_calib",))
+                     if self.allowed_roots is not None else Path(os.path.realpath(spec.quantize_calib)))
         job = QuantizeJob(src=src, source=source, commit=commit, method=spec.quantize or "awq",
                           group_size=spec.quantize_group_size, calib=calib)
         hit = self.quantized.lookup(job)
