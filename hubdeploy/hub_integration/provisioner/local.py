@@ -538,13 +538,13 @@ class LocalProvisioner(Provisioner):
         self.store.add_event(spec.name, "quantize", f"quantizing {source}@{commit[:12]} to AWQ 4-bit, group "
                                                     f"{spec.quantize_group_size}, with {calibration_label(calib)}")
         self._log(spec.name, f"quantizing to AWQ 4-bit into {self.quantized.partial(job).name}")
-        last = [0.0]
+        last = [0.0, -1.0]  # when the store was last written, and the layers it says
 
         def progress(u: QuantizeUpdate) -> None:
             now = time.monotonic()
-            if now - last[0] < 0.2 and u.layers_done < u.layers_total:
+            if now - last[0] < 0.2 and u.layers_done == last[1]:  # a finished layer is always recorded
                 return
-            last[0] = now
+            last[0], last[1] = now, u.layers_done
             self.store.update_endpoint(spec.name, layers_done=u.layers_done, layers_total=u.layers_total,
                                        bytes_done=u.bytes_written, bytes_total=max(expected, u.bytes_written))
 
