@@ -9,9 +9,9 @@ import argparse
 import sys
 
 from hubdeploy import __version__
-from hubdeploy.commands import badge, bench, inspect_cmd, make_tiny, serve, up
+from hubdeploy.commands import badge, bench, inspect_cmd, make_tiny, quantize, serve, up
 
-COMMANDS = (up, inspect_cmd, serve, make_tiny, bench, badge)
+COMMANDS = (up, inspect_cmd, serve, make_tiny, quantize, bench, badge)
 
 
 def build_parser() -> argparse.ArgumentParser:

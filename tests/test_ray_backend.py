@@ -78,6 +78,10 @@ def test_ray_cluster_endpoints(tmp_path: Path, cluster: Any, local_hub: Any, hub
     head = cluster.head_node.node_id
     gpu_nodes = {n.node_id for n in cluster.gpu_workers}
     try:
+        # quantize on deploy is the local backend's: refused up front, naming the field
+        r = svc.client.post("/api/endpoints", json={"name": "quant", "model": hub_repo, "quantize": "awq"})
+        assert r.status_code == 422 and r.json()["error"]["fields"][0]["loc"] == ["body", "quantize"], r.text
+        assert "does not quantize on deploy" in r.json()["error"]["message"]
         r = svc.client.post("/api/endpoints", json={"name": "on-gpu", "model": hub_repo, "gpu": "H100",
                                                     "hf_token": HF_TOKEN})
         assert r.status_code == 201, r.text

@@ -149,7 +149,7 @@ def test_duplicate_patch_rotate(svc: TestClient) -> None:
     assert svc.get(e["url"] + "/models").json()["error"]["code"] == "missing_api_key"
     # GET gives a ready-to-use OpenAI base URL (the service's gateway), the phase and the progress
     assert e["url"] == "http://testserver/endpoints/dup/v1" and e["phase"] == "ready"
-    assert set(e["progress"]) == {"bytes_done", "bytes_total", "fraction"}
+    assert set(e["progress"]) == {"bytes_done", "bytes_total", "fraction", "layers_done", "layers_total"}
     r = svc.post("/api/endpoints/dup/rotate_key", headers=H)
     new_key = r.json()["api_key"]
     assert r.status_code == 200 and new_key and new_key != key

@@ -109,6 +109,15 @@ def _print_tables(payload: dict) -> None:
                    str(p["concurrency_at_max_len"]) if p["fits"] else "-", f"{p['decode_tok_s']:.0f}",
                    p["reason"])
     con.print(gt)
+    q = payload.get("quantize") or {}
+    if q.get("available"):
+        fits = [p["gpu"] for p in q["plans"] if p["fits"]]
+        con.print(f"quantize on deploy (quantize: awq, group {q['group_size']}, calibration {q['calibration']}): "
+                  f"weights {_gb(q['weights_bytes'])}, fits {', '.join(fits) or 'no GPU'}"
+                  + (f"; recommended for {', '.join(q['recommended_for'])}" if q.get("recommended") else ""),
+                  soft_wrap=True)
+    elif q:
+        con.print(f"quantize on deploy: not available ({q['reason']})", soft_wrap=True)
     if payload.get("serve_args"):
         con.print(f"serve on {payload['suggested_gpu']}: hubdeploy serve {r['repo_id']} "
                   + " ".join(payload["serve_args"]), soft_wrap=True)

@@ -1,6 +1,7 @@
 """`GET /api/inspect?model=&revision=` as a plain function the deploy service mounts.
 
-Returns the JSON payload (report, compatibility, one memory plan per GPU); raises
+Returns the JSON payload (report, compatibility, one memory plan per GPU, and the
+quantize-on-deploy option with its own plans, `quantize_offer`); raises
 `hub_integration.errors.InspectError` subclasses whose `.status` / `.to_dict()` are the
 HTTP answer (404 missing repo/revision, 401/403 gated, 422 broken repo, 502 Hub down).
 """
@@ -11,6 +12,7 @@ from typing import Any, Sequence
 from hubdeploy.hub_integration.errors import InspectError
 from hubdeploy.hub_integration.gpus import GPU
 from hubdeploy.hub_integration.memory_plan import plan_all
+from hubdeploy.hub_integration.quantize_offer import quantize_offer
 from hubdeploy.hub_integration.report import inspect_model
 
 
@@ -29,6 +31,7 @@ def inspect_payload(model: str, revision: str | None = None, *, token: str | Non
         "suggested_gpu": fitting[0].gpu if fitting else None,
         "engine_defaults": fitting[0].engine_defaults() if fitting else None,
         "serve_args": fitting[0].serve_args() if fitting else None,
+        "quantize": quantize_offer(report, plans, adapters=list(adapters)),
     }
 
 

@@ -9,6 +9,8 @@ KV bytes/token = 2 (K and V) × layers × kv_heads × head_dim × dtype bytes.
 Batch-1 decode speed is bandwidth-bound: tok/s = bandwidth × efficiency / bytes read per
 token (attention + router + norms + active experts + lm_head).
 `MemoryPlan.engine_defaults()` gives the `hubdeploy serve` options the deploy service uses.
+`plan(..., quantize="awq")` plans the AWQ checkpoint quantize-on-deploy would make
+(`awq_on_deploy_bytes`) instead of the weights as stored.
 """
 from __future__ import annotations
 
@@ -62,6 +64,8 @@ class MemoryPlan:
     decode_bytes_per_token: int
     decode_tok_s: float
     roofline_ms_per_token: float
+    quantize: str | None = None  # "awq": planned for the checkpoint quantize-on-deploy writes
+    quantize_group_size: int | None = None
 
     @property
     def overhead_bytes(self) -> int:
@@ -85,6 +89,26 @@ class MemoryPlan:
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
+
+
+def awq_bytes_per_param(group_size: int) -> float:
+    """AWQ GEMM bytes per quantized weight: 4-bit `qweight`, an fp16 scale and a 4-bit zero per group."""
+    return 0.5 + 2.0 / group_size + 0.5 / group_size
+
+
+def awq_on_deploy_bytes(report: "ModelReport", group_size: int = 128) -> tuple[int, int]:
+    """(weight bytes, decode bytes read per token) of the AWQ checkpoint quantize-on-deploy makes
+    from this 16-bit model: its decoder linears at 4 bits (`report.awq_quantizable`), the rest
+    (router gates, lm_head, embeddings, norms) as stored."""
+    w = report.weights
+    per_byte = awq_bytes_per_param(group_size) * (w.quantizable_params / w.quantizable_bytes) \
+        if w.quantizable_bytes else 0.0
+    total = w.total_bytes - w.quantizable_bytes + int(w.quantizable_params * awq_bytes_per_param(group_size))
+    active_quant = w.quantizable_bytes - w.quantizable_expert_bytes
+    if report.moe and report.moe.num_experts:
+        active_quant += w.quantizable_expert_bytes * report.moe.experts_per_token // report.moe.num_experts
+    decode = w.active_bytes_per_token - active_quant + int(active_quant * per_byte)
+    return total, decode
 
 
 def kv_bytes_per_token(report: "ModelReport", kv_cache_dtype: str = "auto") -> int:
@@ -151,8 +175,10 @@ def plan(report: "ModelReport", gpu: GPU | str, adapters: Sequence["AdapterInfo 
          max_loras: int | None = None, max_lora_rank: int | None = None,
          gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int | None = None,
          kv_cache_dtype: str = "auto", block_size: int = 16, cuda_graphs: bool = True,
-         decode_efficiency: float = DECODE_EFFICIENCY) -> MemoryPlan:
-    """Plan memory for serving `report`'s model on one `gpu` with the chosen adapters."""
+         decode_efficiency: float = DECODE_EFFICIENCY, quantize: str | None = None,
+         quantize_group_size: int = 128) -> MemoryPlan:
+    """Plan memory for serving `report`'s model on one `gpu` with the chosen adapters
+    (`quantize="awq"`: the checkpoint quantize-on-deploy makes from it)."""
     g = get_gpu(gpu)
     ads = _adapters(report, adapters)
     rank = max_lora_rank or max((ad.rank or 0 for ad in ads), default=0)
@@ -168,6 +194,9 @@ def plan(report: "ModelReport", gpu: GPU | str, adapters: Sequence["AdapterInfo 
     graphs = CUDA_GRAPH_BYTES if cuda_graphs else 0
     budget = int(g.memory_bytes * gpu_memory_utilization)
     weights = report.weights.total_bytes + report.weights.load_extra_bytes
+    bpt = report.weights.active_bytes_per_token
+    if quantize:
+        weights, bpt = awq_on_deploy_bytes(report, quantize_group_size)
     kv_bytes = budget - weights - act - work - graphs - lora
     per_tok = kv_bytes_per_token(report, kv_cache_dtype)
     blocks = max(kv_bytes, 0) // (per_tok * block_size) if per_tok else 0
@@ -181,6 +210,8 @@ def plan(report: "ModelReport", gpu: GPU | str, adapters: Sequence["AdapterInfo 
         reason = f"weights {_gb(weights)} exceed {budget_txt}"
         if report.awq_variants:
             reason += f"; try the AWQ 4-bit variant {report.awq_variants[0]}"
+        elif not quantize and report.quant.method == "none":
+            reason += "; or quantize it to AWQ 4-bit on deploy (quantize: awq)"
     elif kv_bytes <= 0:
         fits = False
         reason = (f"weights {_gb(weights)} + runtime {_gb(act + work + graphs + lora)} exceed {budget_txt}; "
@@ -198,7 +229,6 @@ def plan(report: "ModelReport", gpu: GPU | str, adapters: Sequence["AdapterInfo 
                   f"for {kv_tokens} KV tokens; max_model_len {mml}")
     conc = kv_tokens // mml if fits and mml else 0
     seqs = max_num_seqs or (max(1, min(MAX_NUM_SEQS_CAP, max(conc, kv_tokens // 2048))) if fits else 0)
-    bpt = report.weights.active_bytes_per_token
     bw = g.bandwidth_gbs * 1e9
     return MemoryPlan(
         gpu=g.name, fits=fits, reason=reason, gpu_memory_bytes=g.memory_bytes,
@@ -211,6 +241,7 @@ def plan(report: "ModelReport", gpu: GPU | str, adapters: Sequence["AdapterInfo 
         decode_bytes_per_token=bpt,
         decode_tok_s=bw * decode_efficiency / bpt if bpt else 0.0,
         roofline_ms_per_token=bpt / bw * 1e3 if bpt else 0.0,
+        quantize=quantize, quantize_group_size=quantize_group_size if quantize else None,
     )
 
 

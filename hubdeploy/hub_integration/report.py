@@ -32,6 +32,7 @@ _OVERHEAD_SUFFIXES = (".qzeros", ".scales", ".g_idx", ".weight_scale", ".weight_
                       ".weight_shape", ".weight_g_idx", ".input_scale")
 _PACKED_SUFFIXES = (".qweight", ".weight_packed")
 _EXPERT_RE = re.compile(r"\.experts\.\d+\.")
+_ROUTER_RE = re.compile(r"(^|\.)(gate|shared_expert_gate|router)\.weight$")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -115,6 +116,11 @@ class WeightsInfo:
     other_weight_files: list[str] = field(default_factory=list)  # .bin / .gguf / .pt
 
     active_expert_bytes: int = 0  # experts_per_token / num_experts of expert_bytes
+    # the 16-bit linear weights AWQ-on-deploy would quantize (`awq_quantizable`): all but router
+    # gates, lm_head, embeddings and norms; `awq_on_deploy_bytes` sizes the result from them
+    quantizable_params: int = 0
+    quantizable_bytes: int = 0
+    quantizable_expert_bytes: int = 0
 
     @property
     def active_bytes_per_token(self) -> int:
@@ -502,6 +508,14 @@ class HubSource:
 
 
 # -- building -----------------------------------------------------------------------------
+def awq_quantizable(name: str, dtype: str, shape: list[int]) -> bool:
+    """Whether quantize-on-deploy turns this tensor to AWQ 4-bit: a 2-D 16/32-bit `.weight` of a
+    decoder linear layer; router gates, `lm_head`, embeddings and norms stay 16-bit (as AutoAWQ)."""
+    return (name.endswith(".weight") and len(shape) == 2 and dtype in ("F16", "BF16", "F32")
+            and ".layers." in name and not _ROUTER_RE.search(name) and "embed" not in name
+            and not name.startswith("lm_head"))
+
+
 def _weights(headers: dict[str, Header], files: dict[str, int | None], cfg: ModelConfig,
              bits: int | None, synthesized_zeros: bool = False) -> WeightsInfo:
     w = WeightsInfo(has_safetensors=bool(headers))
@@ -530,6 +544,11 @@ def _weights(headers: dict[str, Header], files: dict[str, int | None], cfg: Mode
             else:
                 params = numel
             w.param_count += params
+            if awq_quantizable(name, dtype, shape):
+                w.quantizable_params += numel
+                w.quantizable_bytes += n
+                if _EXPERT_RE.search(name):
+                    w.quantizable_expert_bytes += n
             if _EXPERT_RE.search(name):
                 w.expert_bytes += n
                 w.expert_params += params

@@ -41,9 +41,11 @@ NamePath = PathParam(..., min_length=1, max_length=64, description="endpoint nam
 
 
 class Progress(BaseModel):
-    bytes_done: int
+    bytes_done: int = Field(..., description="bytes downloaded, or written by the quantizer while `quantizing`")
     bytes_total: int
-    fraction: float | None = Field(None, description="bytes_done / bytes_total while downloading")
+    fraction: float | None = Field(None, description="bytes_done / bytes_total while downloading or quantizing")
+    layers_done: int = Field(0, description="decoder layers quantized so far (phase `quantizing`)")
+    layers_total: int = 0
 
 
 class StatusChange(BaseModel):
@@ -59,7 +61,7 @@ class EndpointOut(BaseModel):
     name: str
     spec: DeploymentSpec
     status: Literal["pending", "initializing", "running", "paused", "scaled_to_zero", "failed", "deleted"]
-    phase: str | None = None
+    phase: str | None = Field(None, description="while initializing: downloading, quantizing, loading, warming_up")
     progress: Progress
     url: str | None = Field(None, description="OpenAI base URL through the service's gateway "
                                               "(<service>/endpoints/<name>/v1) while running or scaled to zero")
@@ -148,7 +150,8 @@ def _out(rec: EndpointRecord, api_key: str | None = None, history: bool = False)
     spec = DeploymentSpec.model_validate(rec.spec)
     return EndpointOut(
         name=rec.name, spec=spec, status=rec.status, phase=rec.phase,
-        progress=Progress(bytes_done=rec.bytes_done, bytes_total=rec.bytes_total, fraction=frac),
+        progress=Progress(bytes_done=rec.bytes_done, bytes_total=rec.bytes_total, fraction=frac,
+                          layers_done=rec.layers_done, layers_total=rec.layers_total),
         url=gateway_url(rec.name) if rec.status in ("running", "scaled_to_zero") else None, served_model_name=spec.served_model_name, reason=rec.reason, device=rec.device,
         restarts=rec.restarts, created_at=rec.created_at, updated_at=rec.updated_at,
         history=[StatusChange(**h) for h in rec.history] if history else None, api_key=api_key)
@@ -186,6 +189,14 @@ class ServiceContext:
         """An endpoint's key, access or state was changed by the API: tell who keeps a copy."""
         for listener in self.on_change:
             listener(name)
+
+    def check_spec(self, spec: DeploymentSpec, token: str | None, name_taken: bool) -> DeploymentSpec:
+        """`spec.check_spec` against this host, and what the backend cannot do (422 naming the field)."""
+        if spec.quantize and not self.prov.supports_quantize:
+            raise SpecError(("quantize",), f"the {type(self.prov).__name__} backend does not quantize on deploy: "
+                                           "run `hubdeploy quantize` and deploy its output directory, or use the "
+                                           "local backend")
+        return check_spec(spec, self.spec_context(token, name_taken))
 
     def spec_context(self, token: str | None, name_taken: bool) -> SpecContext:
         return SpecContext(allowed_roots=self.roots, hub_endpoint=self.hub_endpoint, hf_token=token,
@@ -314,7 +325,7 @@ def create_endpoint(body: CreateEndpointRequest, svc: Service) -> EndpointOut:
     """Validate, record and start an endpoint. A private endpoint's API key is in this answer only."""
     store, prov = svc.store, svc.prov
     token = body.hf_token.get_secret_value() if body.hf_token else None
-    spec = check_spec(body.spec(), svc.spec_context(token, name_taken=True))
+    spec = svc.check_spec(body.spec(), token, name_taken=True)
     api_key = auth.generate_token() if spec.access == "private" else None
     try:
         store.create_endpoint(spec.name, spec.model_dump(), auth.hash_secret(api_key) if api_key else None)
@@ -355,7 +366,7 @@ def patch_endpoint(body: PatchEndpointRequest, svc: Service, name: str = NamePat
     except ValidationError as e:  # the merged spec breaks a field rule: name that field
         raise RequestValidationError([{"loc": ("body", *err["loc"]), "msg": err["msg"], "type": err["type"]}
                                       for err in e.errors()]) from None
-    new = check_spec(new, svc.spec_context(token, name_taken=False))
+    new = svc.check_spec(new, token, name_taken=False)
     api_key = None
     key_hash = rec.api_key_hash
     if new.access == "private" and (old.access != "private" or not key_hash):

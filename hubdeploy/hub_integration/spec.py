@@ -85,6 +85,14 @@ class DeploymentSpec(BaseModel):
     scale_to_zero_after_s: int = Field(0, ge=0, le=30 * 86400,
                                        description="stop after this many seconds without a request (device "
                                                    "freed, status scaled_to_zero; a request wakes it); 0 = never")
+    quantize: Literal["awq"] | None = Field(
+        None, description="quantize the 16-bit model to AWQ 4-bit (GEMM, zero point) before serving; the result "
+                          "is cached by repo, revision commit and settings, and reused by later deploys")
+    quantize_group_size: Literal[32, 64, 128] = Field(128, description="AWQ group size when quantizing")
+    quantize_calib: str | None = Field(
+        None, min_length=1, max_length=512,
+        description="calibration text file for quantizing (absolute path under an allowed model root); "
+                    "default: the calibration text shipped with hubdeploy")
     engine_from_plan: list[str] = Field(
         default_factory=list, max_length=len(EngineOptions.model_fields),
         description="engine options filled in from the memory plan (not set by the user); set by the "
@@ -115,6 +123,13 @@ class DeploymentSpec(BaseModel):
                 raise ValueError(f"adapter {name!r}: {e}") from None
         return v
 
+    @field_validator("quantize_calib")
+    @classmethod
+    def _quantize_calib(cls, v: str | None) -> str | None:
+        if v is not None and classify_source(v) != "path":
+            raise ValueError("must be an absolute path to a text file under an allowed model root")
+        return v
+
     @field_validator("engine_from_plan")
     @classmethod
     def _engine_from_plan(cls, v: list[str]) -> list[str]:
@@ -140,12 +155,18 @@ class DeploymentSpec(BaseModel):
         """The `model` clients send: the repo id, or a local directory's name."""
         return self.model if self.model_kind == "repo" else Path(self.model).name
 
-    def serve_args(self, *, host: str = "127.0.0.1", port: int, device: str = "auto") -> list[str]:
-        """Arguments of `hubdeploy serve` for this spec (no secrets: those go by environment)."""
+    def serve_args(self, *, host: str = "127.0.0.1", port: int, device: str = "auto",
+                   model_dir: str | Path | None = None) -> list[str]:
+        """Arguments of `hubdeploy serve` for this spec (no secrets: those go by environment).
+
+        `model_dir`: serve this directory instead of `model` (the quantized checkpoint), under
+        the same served name; it has no revision.
+        """
         loras = [x for name, src in self.adapters.items() for x in ("--lora", f"{name}={src}")]
-        return [self.model, *loras, "--host", host, "--port", str(port), "--served-model-name",
-                self.served_model_name,
-                *engine_argv({"revision": self.revision, "device": device, **self.engine.model_dump()})]
+        revision = None if model_dir is not None else self.revision
+        return [str(model_dir) if model_dir is not None else self.model, *loras, "--host", host, "--port", str(port),
+                "--served-model-name", self.served_model_name,
+                *engine_argv({"revision": revision, "device": device, **self.engine.model_dump()})]
 
 
 class CreateEndpointRequest(DeploymentSpec):
@@ -171,6 +192,9 @@ class PatchEndpointRequest(BaseModel):
     tags: list[str] | None = Field(None, max_length=16)
     restart_on_failure: bool | None = None
     scale_to_zero_after_s: int | None = Field(None, ge=0, le=30 * 86400)
+    quantize: Literal["awq"] | None = None
+    quantize_group_size: Literal[32, 64, 128] | None = None
+    quantize_calib: str | None = Field(None, min_length=1, max_length=512)
     hf_token: SecretStr | None = None
 
     def apply(self, spec: DeploymentSpec) -> DeploymentSpec:
@@ -181,7 +205,7 @@ class PatchEndpointRequest(BaseModel):
         not fit a smaller one. Options the user set (before or in this patch) are kept.
         """
         changes: dict[str, Any] = self.model_dump(exclude_unset=True, exclude={"hf_token", "engine"})
-        changes = {k: v for k, v in changes.items() if v is not None or k == "revision"}
+        changes = {k: v for k, v in changes.items() if v is not None or k in ("revision", "quantize", "quantize_calib")}
         engine = spec.engine.model_dump()
         for key in spec.engine_from_plan:
             engine[key] = None
@@ -253,6 +277,8 @@ def recheck_local_paths(spec: DeploymentSpec, roots: list[Path]) -> None:
     for name, src in spec.adapters.items():
         if classify_source(src) == "path":
             resolve_local_dir(src, roots, "adapter_config.json", ("adapters", name))
+    if spec.quantize_calib is not None:
+        resolve_local_file(spec.quantize_calib, roots, ("quantize_calib",))
 
 
 def _hub_api(ctx: SpecContext) -> Any:
@@ -334,19 +360,44 @@ def check_spec(spec: DeploymentSpec, ctx: SpecContext) -> DeploymentSpec:
         if max_rank is not None and ad.rank is not None and ad.rank > max_rank:
             raise SpecError(("adapters", name), f"adapter {name!r} has rank {ad.rank}, above "
                                                 f"max_lora_rank={max_rank}; raise max_lora_rank")
-    if ctx.check_plan:
-        spec = apply_plan(spec, model_src, adapters, ctx)
+    if spec.quantize_calib is not None:
+        resolve_local_file(spec.quantize_calib, ctx.allowed_roots, ("quantize_calib",))
+    if ctx.check_plan or spec.quantize:
+        report = model_report(spec, model_src, ctx)
+        if spec.quantize:
+            from hubdeploy.hub_integration.quantize_offer import group_size_refusal, quantize_refusal
+
+            refusal = quantize_refusal(report)
+            if refusal is not None:
+                raise SpecError(("quantize",), f"cannot quantize: {refusal}")
+            refusal = group_size_refusal(report, spec.quantize_group_size)
+            if refusal is not None:
+                raise SpecError(("quantize_group_size",), f"cannot quantize: {refusal}")
+        if ctx.check_plan:
+            spec = apply_plan(spec, report, adapters)
     return spec
 
 
-def apply_plan(spec: DeploymentSpec, model_src: str | Path, adapters: dict[str, Any],
-               ctx: SpecContext) -> DeploymentSpec:
-    """Fill engine defaults from the memory plan and refuse options beyond its limits.
+MAX_CALIB_BYTES = 64 * 2**20  # calibration text: a few hundred KB is plenty
 
-    The report (`report.inspect_model`) and the plan (`memory_plan.plan`) are the one source
-    of truth; this only maps their verdicts onto spec fields. On `cpu` there is no plan:
-    only the model's context length bounds `max_model_len`, the engine sizes the rest.
-    """
+
+def resolve_local_file(value: str, roots: list[Path], loc: tuple[str | int, ...]) -> Path:
+    """The real file behind `value` (symlinks resolved): a regular file under an allowed root."""
+    raw = roots[0] / value[2:] if value.startswith("./") and roots else Path(value).expanduser()
+    real = Path(os.path.realpath(raw))
+    real_roots = [r.resolve() for r in roots]
+    if not any(real.is_relative_to(r) for r in real_roots):
+        raise SpecError(loc, f"{value!r} is outside the allowed model roots "
+                             f"({', '.join(map(str, real_roots)) or 'none'})")
+    if not real.is_file():
+        raise SpecError(loc, f"{value!r} is not a file")
+    if real.stat().st_size > MAX_CALIB_BYTES:
+        raise SpecError(loc, f"{value!r} is larger than {MAX_CALIB_BYTES // 2**20} MiB")
+    return real
+
+
+def model_report(spec: DeploymentSpec, model_src: str | Path, ctx: SpecContext) -> Any:
+    """The model's `ModelReport` (metadata only), its failures mapped onto spec fields."""
     from hubdeploy.hub_integration import errors
     from hubdeploy.hub_integration.report import inspect_model
 
@@ -361,6 +412,19 @@ def apply_plan(spec: DeploymentSpec, model_src: str | Path, adapters: dict[str, 
         raise SpecError(("revision",), e.message) from None
     except errors.InspectError as e:
         raise SpecError(("model",), e.message) from None
+    return report
+
+
+def apply_plan(spec: DeploymentSpec, report: Any, adapters: dict[str, Any]) -> DeploymentSpec:
+    """Fill engine defaults from the memory plan and refuse options beyond its limits.
+
+    The report (`report.inspect_model`) and the plan (`memory_plan.plan`) are the one source
+    of truth; this only maps their verdicts onto spec fields. On `cpu` there is no plan:
+    only the model's context length bounds `max_model_len`, the engine sizes the rest.
+    A spec with `quantize` is planned for the AWQ checkpoint quantizing makes.
+    """
+    from hubdeploy.hub_integration import errors
+
     blocking = [c for c in report.compat if c.status == "error"]
     if blocking:
         c = blocking[0]
@@ -381,13 +445,14 @@ def apply_plan(spec: DeploymentSpec, model_src: str | Path, adapters: dict[str, 
         raise SpecError(("gpu",), e.message) from None
     ads = list(adapters.values())
     asked = {k: engine[k] for k in PLANNED if engine[k] is not None}
-    mp = plan(report, gpu, ads, **asked)
+    quant = {"quantize": spec.quantize, "quantize_group_size": spec.quantize_group_size} if spec.quantize else {}
+    mp = plan(report, gpu, ads, **asked, **quant)
     if not mp.fits:
-        base = plan(report, gpu, ads)
+        base = plan(report, gpu, ads, **quant)
         if not base.fits:
             raise SpecError(("gpu",), f"the model does not fit on {gpu}: {base.reason}; pick a larger GPU")
         for key, value in asked.items():
-            alone = plan(report, gpu, ads, **{key: value})
+            alone = plan(report, gpu, ads, **{key: value}, **quant)
             if not alone.fits:
                 raise SpecError(("engine", key), f"{key}={value} is beyond what fits on {gpu}: "
                                                  f"{alone.reason}; lower it or pick a larger GPU")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 STATUSES = ("pending", "initializing", "running", "paused", "scaled_to_zero", "failed", "deleted")
-PHASES = ("downloading", "loading", "warming_up", "ready")
+PHASES = ("downloading", "quantizing", "loading", "warming_up", "ready")
 
 MIGRATIONS: list[str] = [
     # 1: initial schema
@@ -52,6 +52,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE TABLE slots (device TEXT PRIMARY KEY, endpoint TEXT NOT NULL UNIQUE, claimed_at REAL NOT NULL);
     """,
+    # 2: quantize on deploy: decoder layers done of total in the `quantizing` phase
+    """
+    ALTER TABLE endpoints ADD COLUMN layers_done INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE endpoints ADD COLUMN layers_total INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -70,6 +75,8 @@ class EndpointRecord:
     phase: str | None = None
     bytes_done: int = 0
     bytes_total: int = 0
+    layers_done: int = 0
+    layers_total: int = 0
     url: str | None = None
     port: int | None = None
     pid: int | None = None
@@ -88,7 +95,8 @@ class EndpointRecord:
         return cls(**d)
 
 
-_UPDATABLE = {"spec_json", "status", "desired", "phase", "bytes_done", "bytes_total", "url", "port",
+_UPDATABLE = {"spec_json", "status", "desired", "phase", "bytes_done", "bytes_total", "layers_done", "layers_total",
+              "url", "port",
               "pid", "device", "api_key_hash", "reason", "restarts"}
 
 

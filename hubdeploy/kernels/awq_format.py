@@ -34,24 +34,21 @@ def _check_group(in_features: int, group_size: int) -> None:
         )
 
 
-def awq_quantize(
+def awq_quantize_groups(
     w: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize `w [out, in]` to AutoAWQ GEMM tensors (asymmetric 4-bit, zero point per group).
+    """AutoAWQ's `pseudo_quantize_tensor` arithmetic on `w [out, in]`, unpacked.
 
-    Same arithmetic as AutoAWQ's `pseudo_quantize_tensor` (without its activation-aware
-    scale search): per group of `group_size` input channels, `scales = (max - min) / 15`,
-    `zeros = clamp(-round(min / scales), 0, 15)`, `q = clamp(round(w / scales) + zeros, 0, 15)`.
-    Returns `(qweight int32 [in, out/8], qzeros int32 [in/g, out/8], scales fp16 [in/g, out])`.
+    Per group of `group_size` input channels, `scales = (max - min) / 15`,
+    `zeros = clamp(-round(min / scales), 0, 15)`, `q = clamp(round(w / scales) + zeros, 0, 15)`,
+    in the weight's own dtype (fp16 for Hub checkpoints, as AutoAWQ), so the same weight gives
+    bit-identical integers. Returns `(q [out, in], zeros [out, in/g], scales [out, in/g])`,
+    all in that dtype; `(q - zeros) * scales` is the weight the checkpoint will hold.
     """
     if w.dim() != 2:
         raise ValueError(f"awq_quantize expects a 2-D weight [out, in], got shape {tuple(w.shape)}")
     out_f, in_f = w.shape
     _check_group(in_f, group_size)
-    if out_f % PACK_FACTOR:
-        raise ValueError(f"AWQ packs 8 output columns per int32; out_features {out_f} is not a multiple of 8")
-    # Arithmetic in the weight's own dtype (fp16 for Hub checkpoints), as AutoAWQ does, so
-    # that the same fp16 weight gives bit-identical scales and integers.
     dt = w.dtype if w.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else torch.float32
     wf = w.detach().to(dt).reshape(out_f, in_f // group_size, group_size)
     w_max = wf.amax(dim=2)
@@ -59,8 +56,29 @@ def awq_quantize(
     scales = (w_max - w_min).clamp(min=1e-5) / MAX_INT4
     zeros = (-torch.round(w_min / scales)).clamp(0, MAX_INT4)
     q = (torch.round(wf / scales[..., None]) + zeros[..., None]).clamp(0, MAX_INT4)
-    q = q.reshape(out_f, in_f).to(torch.int32)  # [out, in]
-    qweight = awq_pack_int4(q.t().contiguous())  # [in, out/8]
+    return q.reshape(out_f, in_f), zeros, scales
+
+
+def awq_fake_quantize(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`w` rounded to the 4-bit grid and back (same shape and dtype): what AWQ's searches score."""
+    q, zeros, scales = awq_quantize_groups(w, group_size)
+    g = q.view(q.shape[0], -1, group_size)
+    return ((g - zeros[..., None]) * scales[..., None]).view_as(w)
+
+
+def awq_quantize(
+    w: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize `w [out, in]` to AutoAWQ GEMM tensors (asymmetric 4-bit, zero point per group).
+
+    The arithmetic of `awq_quantize_groups` (AutoAWQ's, without its activation-aware scale
+    search: `hubdeploy.quantize` adds that), packed. Returns
+    `(qweight int32 [in, out/8], qzeros int32 [in/g, out/8], scales fp16 [in/g, out])`.
+    """
+    q, zeros, scales = awq_quantize_groups(w, group_size)
+    if q.shape[0] % PACK_FACTOR:
+        raise ValueError(f"AWQ packs 8 output columns per int32; out_features {q.shape[0]} is not a multiple of 8")
+    qweight = awq_pack_int4(q.to(torch.int32).t().contiguous())  # [in, out/8]
     qzeros = awq_pack_int4(zeros.t().contiguous().to(torch.int32))  # [in/g, out/8]
     return qweight, qzeros, scales.t().contiguous().to(torch.float16)
 
@@ -135,7 +153,9 @@ __all__ = [
     "AWQ_ORDER",
     "AWQ_REVERSE_ORDER",
     "PACK_FACTOR",
+    "awq_fake_quantize",
     "awq_quantize",
+    "awq_quantize_groups",
     "awq_pack_int4",
     "awq_unpack_int4",
     "awq_unpack",

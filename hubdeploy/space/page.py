@@ -276,7 +276,7 @@ class _ModelForm:
         self.inspect_outputs = [access.status_html, self.card_summary, self.verdict, self.facts, self.card_html,
                                 self.badge_preview, self.badge_code, self.badge_html_code, self.gpu_radio,
                                 self.plan_box, self.adapters_cb, self.adapters_extra, self.name_box,
-                                page.report_state, self.model_box]
+                                page.report_state, self.model_box, self.quantize_cb, self.quantize_note]
 
     def _model(self) -> None:
         gr.Markdown("## 1 · Model", elem_classes="hd-h2")
@@ -309,6 +309,10 @@ class _ModelForm:
                                   label="Target", elem_id="hd-gpu", elem_classes="hd-gpu-list",
                                   info="✓ fits · memory for weights of the GPU's total · longest context · "
                                        "sequences at once · estimated batch-1 decode speed")
+        self.quantize_cb = gr.Checkbox(label="Quantize to AWQ 4-bit on deploy", value=False, interactive=False,
+                                       elem_id="hd-quantize",
+                                       info="For a 16-bit model with no AWQ variant: made once, cached, reused.")
+        self.quantize_note = gr.HTML(elem_id="hd-quantize-note")
         self.plan_box = gr.HTML(elem_id="hd-plan")
 
     def _options(self) -> None:
@@ -358,7 +362,7 @@ class _ModelForm:
         page, cfg = self.page, self.page.cfg
         model = (model or "").strip()
         pre = pre if pre and pre.get("model") == model else {}  # the badge's choices apply to its model only
-        keep = tuple(gr.update() for _ in range(14))
+        keep = tuple(gr.update() for _ in range(16))
         if not page.server_token and not (token or "").strip() and not (cfg.on_space and hf_token):
             return (page.connect_notice(), *keep)
         if not model:
@@ -373,11 +377,13 @@ class _ModelForm:
         report, plans = payload["report"], payload["plans"]
         card = card_view(model, revision or None, report["card"], endpoint=cfg.hub_endpoint, token=hf_token or None,
                          read_local=cfg.read_local_cards)
-        choices = view.gpu_choices(plans)
+        offer = payload.get("quantize") or {}
+        quantize = bool(offer.get("recommended"))  # prefilled when the 16-bit weights need it
+        choices = view.gpu_choices(view.plans_for(payload, quantize))
         names = {v for _, v in choices}
         want = pre.get("gpu")
         gpu = (next((n for n in names if want and n.lower() == want.lower()), None)
-               or payload.get("suggested_gpu") or view.CPU)
+               or (offer.get("suggested_gpu") if quantize else payload.get("suggested_gpu")) or view.CPU)
         found = [a["repo_id"] for a in report.get("adapters") or [] if not a.get("error")]
         asked = [a.strip() for a in (pre.get("adapters") or "").split(",") if a.strip()]
         checked = [a for a in asked if a in found]
@@ -394,10 +400,13 @@ class _ModelForm:
         return (note, view.card_summary_html(card, report),
                 view.verdict_html(report, plans, payload.get("suggested_gpu")), view.facts_html(report),
                 card_body, preview, badge_md, badge_html(model, public) if is_repo else "",
-                gr.update(choices=choices, value=gpu), view.plan_html(_plan(plans, gpu), gpu),
+                gr.update(choices=choices, value=gpu),
+                view.plan_html(_plan(view.plans_for(payload, quantize), gpu), gpu),
                 gr.update(choices=adapter_choices, value=checked), extra,
                 pre.get("name") or view.suggest_name(model, taken), payload,
-                gr.update(choices=[model], value=model))
+                gr.update(choices=[model], value=model),
+                gr.update(value=quantize, interactive=bool(offer.get("available"))),
+                view.quantize_html(offer, report))
 
     def inspect_prefill(self, model: str | None, revision: str | None = None, hf_token: str | None = None,
                         token: str | None = None, pre: dict[str, Any] | None = None,
@@ -405,12 +414,19 @@ class _ModelForm:
         """After a load or Connect: inspect the model they prefilled. With none (no token, or one the
         service refused) nothing changes, so their notice stays; an empty note keeps it too."""
         if not (pre or {}).get("model") or (model or "").strip() != pre["model"]:
-            return tuple(gr.update() for _ in range(15))
+            return tuple(gr.update() for _ in range(17))
         out = self.inspect(model, revision, hf_token, token, pre, request)
         return (gr.update(), *out[1:]) if out[0] == "" else out
 
-    def on_gpu(self, gpu: str, payload: dict[str, Any] | None) -> str:
-        return view.plan_html(_plan((payload or {}).get("plans") or [], gpu), gpu) if payload else ""
+    def on_gpu(self, gpu: str, payload: dict[str, Any] | None, quantize: bool | None = False) -> str:
+        return view.plan_html(_plan(view.plans_for(payload, quantize), gpu), gpu) if payload else ""
+
+    def on_quantize(self, quantize: bool | None, gpu: str, payload: dict[str, Any] | None) -> tuple[Any, str]:
+        """The hardware list and plan again, for the weights quantizing makes (or the 16-bit ones)."""
+        if not payload:
+            return gr.update(), ""
+        return (gr.update(choices=view.gpu_choices(view.plans_for(payload, quantize)), value=gpu),
+                self.on_gpu(gpu, payload, quantize))
 
     def wire_inspect(self) -> None:
         """Inspect: the button, a picked suggestion, Enter in Revision."""
@@ -421,8 +437,10 @@ class _ModelForm:
         """Hub search as they type a model id; the plan of the GPU they pick."""
         self.model_box.key_up(self.suggest, [self.page.hf_token], [self.model_box], trigger_mode="always_last",
                               show_progress="hidden", api_visibility="private")
-        self.gpu_radio.change(self.on_gpu, [self.gpu_radio, self.page.report_state], [self.plan_box],
+        self.gpu_radio.change(self.on_gpu, [self.gpu_radio, self.page.report_state, self.quantize_cb], [self.plan_box],
                               api_visibility="private", queue=False)
+        self.quantize_cb.input(self.on_quantize, [self.quantize_cb, self.gpu_radio, self.page.report_state],
+                               [self.gpu_radio, self.plan_box], api_visibility="private", queue=False)
 
 
 def _plan(plans: list[dict[str, Any]], gpu: str | None) -> dict[str, Any] | None:
@@ -466,7 +484,7 @@ class _Deploy:
                lora_slots: float | None = None, access: str | None = None, name: str | None = None,
                max_lora_rank: float | None = None, kv_cache_tokens: float | None = None,
                act_dtype: str | None = None, tags: str | None = None, restart: bool | None = None,
-               hf_token: str | None = None, token: str | None = None,
+               quantize: bool | None = None, hf_token: str | None = None, token: str | None = None,
                request: gr.Request | None = None) -> Iterator[tuple[Any, ...]]:
         """Create the endpoint, then follow its phases until it runs or fails."""
         cfg = self.page.cfg
@@ -485,6 +503,8 @@ class _Deploy:
                         "kv_cache_tokens": _int_or_none(kv_cache_tokens)}.items() if v is not None}}
             if act_dtype and act_dtype != "auto":
                 spec["engine"]["dtype"] = act_dtype
+            if quantize:
+                spec["quantize"] = "awq"
             if not spec["model"]:
                 raise ServiceError(422, "model: enter a model id first", ["body", "model"])
             c = self.page.client(request, token, hf_token)
@@ -542,7 +562,7 @@ class _Deploy:
             self.deploy, [form.model_box, form.revision_box, form.gpu_radio, form.adapters_cb, form.adapters_extra,
                           form.max_len, form.max_seqs, form.max_loras, form.access_radio, form.name_box,
                           form.max_rank, form.kv_tokens, form.dtype, form.tags_box, form.restart_cb,
-                          self.page.hf_token, access.token_box],
+                          form.quantize_cb, self.page.hf_token, access.token_box],
             [self.progress, self.log_box, self.result_group, self.url_box, self.key_box, self.curl_code,
              self.openai_code, self.ic_code, self.playground.chat_model, self.page.endpoint_state],
             api_name="deploy", concurrency_limit=8, trigger_mode="once").then(

@@ -15,7 +15,7 @@ from hubdeploy.hub_integration.spec import ADAPTER_NAME_PATTERN, NAME_PATTERN
 from hubdeploy.space.hub import CardView
 
 CPU = "cpu"
-PHASES = (("pending", "Queued"), ("downloading", "Downloading"), ("loading", "Loading"),
+PHASES = (("pending", "Queued"), ("downloading", "Downloading"), ("quantizing", "Quantizing"), ("loading", "Loading"),
           ("warming_up", "Warming up"), ("running", "Running"))
 
 
@@ -171,6 +171,30 @@ def gpu_choices(plans: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
+def quantize_html(offer: dict[str, Any] | None, report: dict[str, Any] | None = None) -> str:
+    """The quantize-on-deploy option under the hardware list: what it makes, with which calibration
+    text, where it is recommended; or why it cannot be done for this model."""
+    if not offer:
+        return ""
+    if not offer.get("available"):
+        return notice("info", "Quantize on deploy: not available", offer.get("reason") or "")
+    w16 = ((report or {}).get("weights") or {}).get("total_bytes")
+    size = f"{gb(offer['weights_bytes'])} of weights" + (f" instead of {gb(w16)}" if w16 else "")
+    where = (f" Recommended: the 16-bit weights do not fit {', '.join(offer['recommended_for'])}, the AWQ ones do."
+             if offer.get("recommended") else "")
+    return notice("ok" if offer.get("recommended") else "info", "Quantize to AWQ 4-bit on deploy",
+                  f"{size} (4-bit, group {offer['group_size']}, router gates and lm_head kept 16-bit), calibrated "
+                  f"on {offer['calibration']}; made once per model revision and reused by later deploys. "
+                  f"{offer.get('reason', '')}.{where}")
+
+
+def plans_for(payload: dict[str, Any] | None, quantize: bool | None) -> list[dict[str, Any]]:
+    """The memory plans to show: the AWQ-on-deploy ones when quantizing is chosen (and offered)."""
+    payload = payload or {}
+    offer = payload.get("quantize") or {}
+    return offer.get("plans") or [] if quantize and offer.get("available") else payload.get("plans") or []
+
+
 def plan_html(plan: dict[str, Any] | None, gpu: str | None) -> str:
     """Where the memory goes on the chosen GPU, as a stacked bar and a sentence."""
     if gpu == CPU or plan is None:
@@ -188,7 +212,8 @@ def plan_html(plan: dict[str, Any] | None, gpu: str | None) -> str:
             f'<div class="hd-plan-facts">max context <b>{plan["max_model_len"]:,}</b> tokens · '
             f'<b>{plan["concurrency_at_max_len"]}</b> sequences at full context '
             f'(<b>{plan["max_num_seqs"]}</b> decoded at once) · <b>{plan["kv_tokens"]:,}</b> KV tokens · '
-            f'est. <b>{_num(plan["decode_tok_s"])}</b> tok/s at batch 1</div></div>')
+            f'est. <b>{_num(plan["decode_tok_s"])}</b> tok/s at batch 1'
+            + (" · weights as AWQ 4-bit, quantized on deploy" if plan.get("quantize") else "") + '</div></div>')
 
 
 # -- options -------------------------------------------------------------------------------
@@ -238,7 +263,9 @@ def progress_html(ep: dict[str, Any], hint: str = "") -> str:
     current = "running" if status == "running" else (phase if status == "initializing" and phase else "pending")
     if status in ("paused", "scaled_to_zero"):
         current = "pending"
-    keys = [k for k, _ in PHASES]
+    quantize = bool((ep.get("spec") or {}).get("quantize")) or current == "quantizing"
+    phases = [(k, label) for k, label in PHASES if k != "quantizing" or quantize]
+    keys = [k for k, _ in phases]
     idx = keys.index(current) if current in keys else 0
     prog = ep.get("progress") or {}
     done, total = prog.get("bytes_done") or 0, prog.get("bytes_total") or 0
@@ -249,6 +276,14 @@ def progress_html(ep: dict[str, Any], hint: str = "") -> str:
         f = done / total if total else 0.0
         frac = 0.05 + 0.7 * f
         text = f"downloading {gb(done)} of {gb(total)} ({f:.0%})" if total else "downloading (size not known yet)"
+        if quantize:
+            frac = 0.05 + 0.25 * f
+    elif current == "quantizing":
+        layers, of = prog.get("layers_done") or 0, prog.get("layers_total") or 0
+        f = layers / of if of else 0.0
+        frac = 0.3 + 0.45 * f
+        text = (f"quantizing to AWQ 4-bit: layer {layers} of {of}, {gb(done)} written" if of
+                else "quantizing to AWQ 4-bit: calibrating")
     else:
         text = detail.get(current, current)
     if status == "paused":
@@ -257,7 +292,7 @@ def progress_html(ep: dict[str, Any], hint: str = "") -> str:
         text = "scaled to zero (idle): the next request, or Resume, wakes it"
     steps = "".join(
         f'<li class="{"hd-done" if i < idx or current == "running" else "hd-now" if i == idx else ""}">{e(label)}</li>'
-        for i, (_, label) in enumerate(PHASES))
+        for i, (_, label) in enumerate(phases))
     return (f'<div class="hd-progress" data-status="{e(status)}" data-phase="{e(current)}">'
             f'<ol class="hd-steps">{steps}</ol>'
             f'<div class="hd-bar"><span class="hd-fill" style="width:{100 * frac:.0f}%"></span></div>'

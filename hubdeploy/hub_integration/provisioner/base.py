@@ -28,6 +28,8 @@ class Provisioner(ABC):
     """A backend that runs endpoints. Methods return quickly; long work runs in the background."""
 
     store: Store
+    # runs quantize-on-deploy (`DeploymentSpec.quantize`); a backend without it gets a 422 at create
+    supports_quantize: bool = False
 
     @abstractmethod
     def provision(self, spec: DeploymentSpec, secrets: Secrets) -> None:
@@ -78,7 +80,8 @@ class Provisioner(ABC):
     def _record_deleted(self, name: str, removed: str) -> None:
         """The store's side of `delete`, once the backend has removed `removed` (said in the event)."""
         self.store.update_endpoint(name, status="deleted", desired="deleted", phase=None, port=None, pid=None,
-                                   url=None, device=None, api_key_hash=None, bytes_done=0, bytes_total=0)
+                                   url=None, device=None, api_key_hash=None, bytes_done=0, bytes_total=0,
+                                layers_done=0, layers_total=0)
         self.store.add_event(name, "delete", f"endpoint deleted; {removed} removed")
 
     @abstractmethod

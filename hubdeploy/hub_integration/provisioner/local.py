@@ -34,7 +34,11 @@ from tqdm.auto import tqdm as _tqdm
 from hubdeploy.hub_integration.provisioner.base import Provisioner, Secrets
 from hubdeploy.hub_integration.provisioner.files import EndpointFiles, open_log
 from hubdeploy.hub_integration.provisioner.health import Watchdog, later_phases, probe_health
-from hubdeploy.hub_integration.spec import DeploymentSpec, SpecError, classify_source, recheck_local_paths
+from hubdeploy.hub_integration.provisioner.quantized_cache import (FreeBytes, QuantizedCache, QuantizeFailed,
+                                                                   QuantizeJob, QuantizeUpdate, dir_bytes,
+                                                                   disk_free_bytes, local_fingerprint)
+from hubdeploy.hub_integration.spec import (DeploymentSpec, SpecError, classify_source, recheck_local_paths,
+                                            resolve_local_dir, resolve_local_file)
 from hubdeploy.hub_integration.store import EndpointRecord, SlotUnavailable, Store
 from hubdeploy.serving.server.adapter_policy import LORA_ROOTS_ENV
 
@@ -117,6 +121,15 @@ def progress_class(report: Callable[[int, int], None]) -> type:
     return _Recorder
 
 
+def _child_env(device: str) -> dict[str, str]:
+    """The environment of an endpoint's child processes (server, quantize worker): the service's,
+    without its secrets, and only the endpoint's own GPU (`cuda:N`) or none (`cpu:N`)."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1] if device.startswith("cuda:") else ""
+    return env
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -178,11 +191,14 @@ class EndpointFailed(RuntimeError):
 class LocalProvisioner(Provisioner):
     """Runs endpoints as local child processes; one device slot each."""
 
+    supports_quantize = True
+
     def __init__(self, store: Store, data_dir: str | Path, *, hub_endpoint: str | None = None,
                  endpoint_host: str = "127.0.0.1", url_host: str | None = None, cpu_slots: int = 1,
                  cuda_devices: list[int] | None = None, health_interval: float = 0.5,
                  health_failures: int = 3, start_timeout: float = 600.0, max_restarts: int = 3,
-                 allowed_roots: list[Path] | None = None, busy_grace: float = 10.0) -> None:
+                 allowed_roots: list[Path] | None = None, busy_grace: float = 10.0,
+                 free_bytes: FreeBytes = disk_free_bytes) -> None:
         self.store = store
         self.busy_grace = busy_grace
         # where local models and adapters may live: re-checked at every start, and the only
@@ -191,6 +207,9 @@ class LocalProvisioner(Provisioner):
         self.data_dir = Path(data_dir)
         self.files = EndpointFiles(self.data_dir)
         self._lock_file = self._take_service_lock()
+        # quantize on deploy: checkpoints made here, reused by later deploys (`free_bytes` probes the disk)
+        self.quantized = QuantizedCache(self.data_dir / "quantized", lambda p: _kill_group(p.pid, popen=p),
+                                        free_bytes)
         self.hub_endpoint = hub_endpoint
         self.endpoint_host = endpoint_host
         self.url_host = url_host or endpoint_host
@@ -265,7 +284,8 @@ class LocalProvisioner(Provisioner):
             self._hf_tokens[name] = secrets.hf_token
         self.set_api_key(name, secrets.api_key)  # the internal key the gateway sends (any access mode)
         self.store.update_endpoint(name, status="initializing", phase=None, desired="running", device=device,
-                                   port=port, url=None, pid=None, reason=None, bytes_done=0, bytes_total=0)
+                                   port=port, url=None, pid=None, reason=None, bytes_done=0, bytes_total=0,
+                                   layers_done=0, layers_total=0)
         self.store.add_event(name, "provision", f"device {device}, port {port}")
         self._start_worker(name, lambda run: self._bring_up(spec, device, port, run))
 
@@ -380,12 +400,15 @@ class LocalProvisioner(Provisioner):
         cmd = _pid_cmdline(pid)
         return "serve" in cmd and any("hubdeploy" in c for c in cmd) and (port is None or str(port) in cmd)
 
-    def _download(self, spec: DeploymentSpec, run: _Running) -> None:
-        """Fetch model and Hub adapters into the shared cache, recording bytes; no half state on failure."""
+    def _download(self, spec: DeploymentSpec, run: _Running) -> Path | None:
+        """Fetch model and Hub adapters into the shared cache, recording bytes; no half state on failure.
+
+        Returns the model's snapshot directory (its name is the revision's commit) for a Hub model.
+        """
         repos = [(spec.model, spec.revision)] if spec.model_kind == "repo" else []
         repos += [(src, None) for src in spec.adapters.values() if classify_source(src) == "repo"]
         if not repos:
-            return
+            return None
         from huggingface_hub import HfApi, snapshot_download
 
         token = self._hf_tokens.get(spec.name)
@@ -409,9 +432,10 @@ class LocalProvisioner(Provisioner):
                                        bytes_total=max(total, done_before + bar_total))
 
         self.store.update_endpoint(spec.name, phase="downloading", bytes_total=total)
+        model_path = None
         for repo, rev in repos:
             if run.stop.is_set():
-                return
+                return None
             self._log(spec.name, f"downloading {repo}@{rev or 'main'}")
             try:
                 path = snapshot_download(repo, revision=rev, token=token or False, endpoint=self.hub_endpoint,
@@ -420,7 +444,9 @@ class LocalProvisioner(Provisioner):
                 self._remove_incomplete(repo)
                 raise EndpointFailed(f"download of {repo}@{rev or 'main'} failed: {type(e).__name__}: {e}") from None
             done_before += sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+            model_path = model_path or Path(path)
         self.store.update_endpoint(spec.name, bytes_done=max(done_before, total), bytes_total=max(done_before, total))
+        return model_path if spec.model_kind == "repo" else None
 
     @staticmethod
     def _remove_incomplete(repo: str) -> None:
@@ -434,11 +460,15 @@ class LocalProvisioner(Provisioner):
                 recheck_local_paths(spec, self.allowed_roots)
             except SpecError as e:
                 raise EndpointFailed(f"not started: {'.'.join(map(str, e.loc))}: {e.msg}") from None
-        self._download(spec, run)
+        model_path = self._download(spec, run)
         if run.stop.is_set():
             return
-        env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
-        env["PYTHONUNBUFFERED"] = "1"
+        serve_dir = None
+        if spec.quantize:
+            serve_dir = self._quantize(spec, run, model_path, device)
+            if serve_dir is None:  # stopped while quantizing
+                return
+        env = _child_env(device)
         env["HF_HUB_OFFLINE"] = "1"  # everything is in the cache now; the child needs no network
         env["HF_HUB_CACHE"] = hub_cache_dir()  # the very cache `_download` filled
         if self.hub_endpoint:
@@ -451,14 +481,9 @@ class LocalProvisioner(Provisioner):
         api_key = self.get_api_key(spec.name)
         if api_key:
             env["HUBDEPLOY_API_KEY"] = api_key
-        if device.startswith("cuda:"):
-            env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-            dev_arg = "cuda"
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-            dev_arg = "cpu"
+        dev_arg = "cuda" if device.startswith("cuda:") else "cpu"
         cmd = [sys.executable, "-m", "hubdeploy", "serve",
-               *spec.serve_args(host=self.endpoint_host, port=port, device=dev_arg)]
+               *spec.serve_args(host=self.endpoint_host, port=port, device=dev_arg, model_dir=serve_dir)]
         self._log(spec.name, "starting: " + " ".join(cmd[1:]))
         with open_log(self.files.log_path(spec.name), binary=True) as log:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -466,8 +491,75 @@ class LocalProvisioner(Provisioner):
         run.popen, run.pid = popen, popen.pid
         self.store.update_endpoint(spec.name, pid=popen.pid)
         self.store.add_event(spec.name, "start", f"pid {popen.pid}")
-        self._wait_ready(spec, run, port, "downloading" if spec.model_kind == "repo" else None)
+        self._wait_ready(spec, run, port, "quantizing" if spec.quantize else
+                         "downloading" if spec.model_kind == "repo" else None)
         self._watch(spec, run, popen.pid, port)
+
+    def _quantize(self, spec: DeploymentSpec, run: _Running, snapshot: Path | None, device: str) -> Path | None:
+        """The AWQ checkpoint of the spec's model: from the cache, or made now (phase `quantizing`,
+        layers and bytes in the store) on the endpoint's device. None when the endpoint was stopped
+        meanwhile."""
+        from hubdeploy.hub_integration.errors import InspectError
+        from hubdeploy.hub_integration.memory_plan import awq_on_deploy_bytes
+        from hubdeploy.hub_integration.quantize_offer import calibration_label, quantize_refusal
+        from hubdeploy.hub_integration.report import LocalSource, build_report
+
+        if snapshot is not None:
+            src = snapshot
+        elif self.allowed_roots is not None:  # `./rel` is under the first root, as at create
+            src = resolve_local_dir(spec.model, self.allowed_roots, "config.json", ("model",))
+        else:
+            src = Path(os.path.realpath(Path(spec.model).expanduser()))
+        if snapshot is not None:
+            source, commit = spec.model, snapshot.name
+        else:
+            source, commit = f"local-{src.name}", local_fingerprint(src)
+        calib = None
+        if spec.quantize_calib:
+            calib = (resolve_local_file(spec.quantize_calib, self.allowed_roots, ("quantize_calib",))
+                     if self.allowed_roots is not None else Path(os.path.realpath(spec.quantize_calib)))
+        job = QuantizeJob(src=src, source=source, commit=commit, method=spec.quantize or "awq",
+                          group_size=spec.quantize_group_size, calib=calib)
+        hit = self.quantized.lookup(job)
+        if hit is not None:
+            self.store.add_event(spec.name, "quantize", f"reusing the cached quantization {hit.name}")
+            self._log(spec.name, f"quantized checkpoint from the cache: {hit.name}")
+            return hit
+        try:  # the files as downloaded may differ from what was checked at create (a moved branch)
+            report = build_report(LocalSource(src), with_adapters=False)
+        except InspectError as e:
+            raise EndpointFailed(f"quantizing failed: {e.message}") from None
+        refusal = quantize_refusal(report)
+        if refusal is not None:
+            raise EndpointFailed(f"quantizing failed: {refusal}")
+        expected, _ = awq_on_deploy_bytes(report, spec.quantize_group_size)
+        self.store.update_endpoint(spec.name, phase="quantizing", layers_done=0, layers_total=report.arch.num_layers,
+                                   bytes_done=0, bytes_total=expected)
+        self.store.add_event(spec.name, "quantize", f"quantizing {source}@{commit[:12]} to AWQ 4-bit, group "
+                                                    f"{spec.quantize_group_size}, with {calibration_label(calib)}")
+        self._log(spec.name, f"quantizing to AWQ 4-bit into {self.quantized.partial(job).name}")
+        last = [0.0, -1.0]  # when the store was last written, and the layers it says
+
+        def progress(u: QuantizeUpdate) -> None:
+            now = time.monotonic()
+            if now - last[0] < 0.2 and u.layers_done == last[1]:  # a finished layer is always recorded
+                return
+            last[0], last[1] = now, u.layers_done
+            self.store.update_endpoint(spec.name, layers_done=u.layers_done, layers_total=u.layers_total,
+                                       bytes_done=u.bytes_written, bytes_total=max(expected, u.bytes_written))
+
+        try:
+            with open_log(self.files.log_path(spec.name)) as log:
+                out = self.quantized.get_or_make(job, expected, progress, run.stop.is_set, log,
+                                                 lambda line: self._log(spec.name, line), _child_env(device))
+        except QuantizeFailed as e:
+            raise EndpointFailed(f"quantizing failed: {e}") from None
+        if out is not None:
+            written = dir_bytes(out)
+            self.store.update_endpoint(spec.name, layers_done=report.arch.num_layers, bytes_done=written,
+                                       bytes_total=written)
+            self.store.add_event(spec.name, "quantize", f"quantized: {out.name}")
+        return out
 
     @staticmethod
     def _alive(run: _Running) -> bool:
