@@ -226,6 +226,7 @@ def test_badge_to_chat_to_delete(env: tuple[SpaceService, str], page: Any) -> No
     # the panel shows scale-to-zero; the private endpoint's snippets send its key and the wake-up header
     assert value(page, "hd-scale-now").startswith("after 900 s")
     assert 'Authorization: Bearer $HUBDEPLOY_API_KEY' in curl and "X-Scale-Up-Timeout: 120" in curl
+    page.locator("#hd-result button[role=tab]", has_text="openai").click()
     assert '"X-Scale-Up-Timeout": "120"' in page.locator("#hd-snippet-openai").inner_text()
     shot(page, "04-endpoint-ready")
     spec = httpx.get(f"{svc.url}/api/endpoints/mixtral-awq-card", headers=svc.headers).json()["spec"]
