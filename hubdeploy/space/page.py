@@ -540,8 +540,7 @@ class _Deploy:
                                 ep["spec"].get("scale_to_zero_after_s") or 0)
         models = [ep["served_model_name"], *state["adapters"]]
         yield (view.progress_html(ep), "\n".join(logs), gr.update(visible=True), ep["url"], key_text,
-               view.scale_to_zero_text(ep["spec"]),
-               snips["curl"], snips["openai"], snips["inference_client"],
+               snips["curl"], snips["openai"], snips["inference_client"], view.scale_to_zero_text(ep["spec"]),
                gr.update(choices=models, value=models[0]), state)
 
     def wire(self, form: _ModelForm, access: _Access, endpoints: _Endpoints) -> None:
@@ -551,9 +550,8 @@ class _Deploy:
                           form.max_len, form.max_seqs, form.max_loras, form.access_radio, form.name_box,
                           form.max_rank, form.kv_tokens, form.dtype, form.tags_box, form.restart_cb,
                           form.scale_to_zero, self.page.hf_token, access.token_box],
-            [self.progress, self.log_box, self.result_group, self.url_box, self.key_box, self.scale_box,
-             self.curl_code,
-             self.openai_code, self.ic_code, self.playground.chat_model, self.page.endpoint_state],
+            [self.progress, self.log_box, self.result_group, self.url_box, self.key_box, self.curl_code,
+             self.openai_code, self.ic_code, self.scale_box, self.playground.chat_model, self.page.endpoint_state],
             api_name="deploy", concurrency_limit=8, trigger_mode="once").then(
             endpoints.list_endpoints, endpoints.list_inputs, endpoints.list_outputs, api_name="list_after_deploy",
             api_visibility="private")
