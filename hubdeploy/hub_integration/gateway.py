@@ -266,8 +266,8 @@ class Gateway:
             return True
         complete = False
         try:
-            await send({"type": "http.response.start", "status": upstream.status,
-                        "headers": [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in _RESPONSE_DROP]})
+            relayed = [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in _RESPONSE_DROP]
+            await send({"type": "http.response.start", "status": upstream.status, "headers": relayed})
             try:
                 async for chunk in upstream.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -44,7 +44,8 @@ def gateway_chat_completions(body: ChatCompletionRequest, name: str = _NAME,
 
 
 @gateway_router.post("/v1/completions", summary="OpenAI completions, proxied to the endpoint")
-def gateway_completions(body: CompletionRequest, name: str = _NAME, x_scale_up_timeout: float | None = _SCALE_UP) -> Any:
+def gateway_completions(body: CompletionRequest, name: str = _NAME,
+                        x_scale_up_timeout: float | None = _SCALE_UP) -> Any:
     _answered_by_the_gateway()
 
 
