@@ -47,6 +47,9 @@ SCALE_UP_HEADER = "x-scale-up-timeout"
 # the API reach the gateway at once (`forget`), the watchdog's within this time
 RECORD_TTL_S = 0.5
 MAX_SCALE_UP_WAIT_S = 600.0
+# idle upstream connections are dropped before the endpoint's server (uvicorn, 5 s keep-alive) closes
+# them, so a request is never sent on a connection the server is closing
+UPSTREAM_KEEPALIVE_S = 3.0
 _ROUTE = re.compile(r"^/endpoints/(?P<name>[^/]{1,64})/(?P<rest>health|metrics|v1(?:/.*)?)$")
 _LORA_ADMIN = ("v1/load_lora_adapter", "v1/unload_lora_adapter")
 # request headers not relayed (ASGI gives them lower-case, as bytes); aiohttp sets host and content-length
@@ -113,7 +116,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             self._client = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0), timeout=self.timeout,
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S),
+                timeout=self.timeout,
                 auto_decompress=False, skip_auto_headers=_NO_AUTO_HEADERS, trust_env=False)
             self._loop = loop
         return self._client
