@@ -4,9 +4,12 @@
 model on the CPU; one public endpoint. For each concurrency (1, 8, 32) the rounds alternate the
 order (direct, gateway / gateway, direct) so both see the same machine load; the figures are the
 per-round gateway − direct differences of TTFT p50 and the gateway/direct ratios of TPOT p50, as
-median and min–max over the rounds. The service process's own CPU per streamed event, with the
-stream going direct (its background work) and through the gateway (plus the relay). Then the wake-up time: the endpoint is left to scale to zero,
-and one streamed request with `X-Scale-Up-Timeout` is timed to its first token.
+median and min–max over the rounds. With each run, the CPU the service and the endpoint's
+server process spent: the gateway's CPU per streamed token at that concurrency (service CPU
+per token through the gateway less direct, same round), and the cores each used. Then the
+service's CPU per event for one long stream, direct (its background work) and through the
+gateway. Then the wake-up time: the endpoint is left to scale to zero, and one streamed request
+with `X-Scale-Up-Timeout` is timed to its first token.
 
     python benchmarks/gateway_overhead.py [--rounds 3] [--json out.json]
 """
@@ -52,15 +55,19 @@ def wait_status(api: httpx.Client, name: str, want: str, timeout: float = 300.0)
         time.sleep(0.1)
 
 
-def bench(url: str, concurrency: int, key: str | None, out: Path) -> dict[str, Any]:
-    """One `hubdeploy bench` run (its own process); its JSON run."""
+def bench(url: str, concurrency: int, key: str | None, out: Path, pids: dict[str, int]) -> dict[str, Any]:
+    """One `hubdeploy bench` run (its own process); its JSON run, plus the CPU seconds each process
+    in `pids` spent during it (`cpu_s`: the service; the endpoint, its server and engine processes)."""
     cmd = [sys.executable, "-m", "hubdeploy", "bench", url, "--concurrency", str(concurrency),
            "--num-prompts", str(PROMPTS[concurrency]), "--max-input-len", "128", "--max-output-len", "64",
            "--quiet", "--json", str(out), "--seed", "0"]
     if key:
         cmd += ["--api-key", key]
+    before = {k: tree_cpu_s(pid) if k == "engine" else process_cpu_s(pid) for k, pid in pids.items()}
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
     run = json.loads(out.read_text())["runs"][0]
+    run["cpu_s"] = {k: (tree_cpu_s(pid) if k == "engine" else process_cpu_s(pid)) - before[k]
+                    for k, pid in pids.items()}
     if run["failed"]:
         raise RuntimeError(f"{url}: {run['failed']} failed: {run['errors']}")
     return run
@@ -82,6 +89,19 @@ def process_cpu_s(pid: int) -> float:
     """CPU seconds of one process (all its threads, not its children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (the endpoint's server and its engine process)."""
+    total = 0.0
+    try:
+        total += process_cpu_s(pid)
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += tree_cpu_s(int(child))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return total
 
 
 def service_cpu_per_event_us(service_pid: int, url: str, key: str | None, model: str) -> float:
@@ -135,25 +155,35 @@ def main() -> int:
         rec = Store(work / "hubdeploy.db").get_endpoint("bench")
         direct, key = rec.url, (work / "secrets" / "bench.key").read_text().strip()
         print(f"direct {direct}  gateway {gateway}", flush=True)
-        bench(gateway, 1, None, work / "warm.json")  # warm both paths once
+        pids = {"service": service.pid, "engine": rec.pid}
+        bench(gateway, 1, None, work / "warm.json", pids)  # warm both paths once
         for conc in (1, 8, 32):
-            ttft_diff, tpot_ratio, rows = [], [], []
+            ttft_diff, tpot_ratio, rows, relay_us = [], [], [], []
             for i in range(args.rounds):
                 order = [("direct", direct, key), ("gateway", gateway, None)]
                 if i % 2:
                     order.reverse()
-                got = {label: bench(url, conc, k, work / f"{label}.json") for label, url, k in order}
+                got = {label: bench(url, conc, k, work / f"{label}.json", pids) for label, url, k in order}
                 d, g = got["direct"], got["gateway"]
+                # the service's CPU per streamed token through the gateway, less what it spends anyway
+                relay_us.append((g["cpu_s"]["service"] / g["total_output_tokens"]
+                                 - d["cpu_s"]["service"] / d["total_output_tokens"]) * 1e6)
                 ttft_diff.append(g["ttft_ms"]["p50"] - d["ttft_ms"]["p50"])
                 tpot_ratio.append(g["tpot_ms"]["p50"] / d["tpot_ms"]["p50"])
                 rows.append({k: {"ttft_p50_ms": v["ttft_ms"]["p50"], "tpot_p50_ms": v["tpot_ms"]["p50"],
-                                 "out_tok_s": v["output_token_throughput"]} for k, v in got.items()})
+                                 "out_tok_s": v["output_token_throughput"], "duration_s": v["duration_s"],
+                                 "tokens": v["total_output_tokens"], "cpu_s": v["cpu_s"]} for k, v in got.items()})
                 print(f"c={conc:<2d} round {i + 1}: TTFT p50 direct {d['ttft_ms']['p50']:.1f} ms, gateway "
                       f"{g['ttft_ms']['p50']:.1f} ms; TPOT p50 direct {d['tpot_ms']['p50']:.2f} ms, gateway "
                       f"{g['tpot_ms']['p50']:.2f} ms", flush=True)
-            results["concurrency"][conc] = {"ttft_p50_diff_ms": ttft_diff, "tpot_p50_ratio": tpot_ratio, "rounds": rows}
+            results["concurrency"][conc] = {"ttft_p50_diff_ms": ttft_diff, "tpot_p50_ratio": tpot_ratio,
+                                            "relay_cpu_us_per_token": relay_us, "rounds": rows}
+            cores = [r["gateway"]["cpu_s"]["service"] / r["gateway"]["duration_s"] for r in rows]
+            engine = [r["gateway"]["cpu_s"]["engine"] / r["gateway"]["duration_s"] for r in rows]
             print(f"c={conc:<2d} gateway − direct TTFT p50: {spread(ttft_diff, '{:+.2f}')} ms; "
-                  f"gateway/direct TPOT p50: {spread(tpot_ratio)}", flush=True)
+                  f"gateway/direct TPOT p50: {spread(tpot_ratio)}; relay CPU per token {spread(relay_us, '{:.0f}')} µs; "
+                  f"through the gateway the service used {spread(cores, '{:.2f}')} cores, the engine "
+                  f"{spread(engine, '{:.2f}')} (its server and engine processes)", flush=True)
         # the service's own CPU per relayed event: direct (what it spends anyway: watchdog, reaper) vs gateway
         cpu: dict[str, list[float]] = {"direct": [], "gateway": []}
         for _ in range(args.rounds):

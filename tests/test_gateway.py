@@ -11,8 +11,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
+from schemathesis.checks import not_a_server_error
 
+from hubdeploy.hub_integration.gateway_schema import GATEWAY_TAG
 from hubdeploy.hub_integration.service import build_service_app
 from tests.fixtures.service import ADMIN, LiveService, reap, wait_status
 
@@ -257,3 +261,22 @@ def test_rotating_a_key_works_at_once_without_a_restart(gw: LiveService) -> None
     assert httpx.get(url_of(gw, "priv") + "/models", headers={"Authorization": f"Bearer {new}"},
                      timeout=10).status_code == 200
     assert store.get_endpoint("priv").pid == pid
+
+
+@pytest.fixture(scope="module")
+def gw_schema(gw: LiveService) -> Any:
+    """The service's own OpenAPI schema, its gateway operations only, against the live service."""
+    return schemathesis.openapi.from_url(f"{gw.base_url}/openapi.json")
+
+
+gateway_operations = schemathesis.pytest.from_fixture("gw_schema").include(tag=GATEWAY_TAG)
+
+
+@gateway_operations.parametrize()
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+def test_gateway_schema_fuzz_reaches_the_engine_without_5xx(case: schemathesis.Case) -> None:
+    """Generated requests through the gateway to a running endpoint (`pub`): engine and gateway
+    answer every one with a 2xx or an OpenAI-style 4xx, never a 5xx."""
+    assert case.operation.path.startswith("/endpoints/{name}/"), case.operation.path  # the service's own API: not here
+    case.path_parameters = {**(case.path_parameters or {}), "name": "pub"}
+    case.call_and_validate(headers={"Authorization": f"Bearer {ADMIN}"}, checks=[not_a_server_error], timeout=60)

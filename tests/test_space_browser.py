@@ -213,15 +213,25 @@ def test_badge_to_chat_to_delete(env: tuple[SpaceService, str], page: Any) -> No
     assert page.locator("#hd-gpu input[value='cpu']").is_checked()
     shot(page, "02-hardware-cpu")
 
+    # Scale-to-zero from the form (long enough not to sleep during this test).
+    page.locator("#hd-scale-to-zero input").fill("900")
+
     # Deploy: watch the phases go by.
     phases = deploy_until_running(page, svc, shots="03-deploy-progress")
     assert len(phases) >= 2, phases  # at least one phase before running was shown
     url, key = value(page, "hd-url"), value(page, "hd-key")
     assert url.startswith("http://127.0.0.1:") and url.endswith("/v1") and len(key) >= 20
-    assert url in page.locator("#hd-snippet-curl").inner_text()
+    curl = page.locator("#hd-snippet-curl").inner_text()
+    assert url in curl
+    # the panel shows scale-to-zero; the private endpoint's snippets send its key and the wake-up header
+    assert value(page, "hd-scale-now").startswith("after 900 s")
+    assert 'Authorization: Bearer $HUBDEPLOY_API_KEY' in curl and "X-Scale-Up-Timeout: 120" in curl
+    page.locator("#hd-result button[role=tab]", has_text="openai").click()
+    assert '"X-Scale-Up-Timeout": "120"' in page.locator("#hd-snippet-openai").inner_text()
     shot(page, "04-endpoint-ready")
     spec = httpx.get(f"{svc.url}/api/endpoints/mixtral-awq-card", headers=svc.headers).json()["spec"]
     assert spec["gpu"] == "cpu" and spec["engine"]["max_model_len"] == 512  # the badge's choices were deployed
+    assert spec["scale_to_zero_after_s"] == 900
     assert spec["adapters"] == {"mixtral-awq-card-lora-0": f"{repo}-lora-0"}
 
     # Playground: a streamed answer from the endpoint.
@@ -234,6 +244,7 @@ def test_badge_to_chat_to_delete(env: tuple[SpaceService, str], page: Any) -> No
     page.locator("button[role=tab]", has_text="My endpoints").click()
     page.wait_for_function("() => document.querySelector('#hd-endpoints')?.innerText.includes('running')")
     assert "mixtral-awq-card" in page.locator("#hd-endpoints").inner_text()
+    assert "after 900 s idle" in page.locator("#hd-endpoints").inner_text()
     page.wait_for_timeout(700)  # let the refresh spinners settle for the screenshot
     shot(page, "06-my-endpoints")
     page.locator("#hd-delete").click()
@@ -329,6 +340,8 @@ def test_newcomer_home_connect_deploy_chat(env: tuple[SpaceService, str], fresh:
 
     phases = deploy_until_running(fresh, svc)
     assert value(fresh, "hd-url").endswith("/v1") and len(value(fresh, "hd-key")) >= 20, phases
+    assert value(fresh, "hd-scale-now").startswith("off")  # the default: no wake-up header in the snippets
+    assert "X-Scale-Up-Timeout" not in fresh.locator("#hd-snippet-curl").inner_text()
     answer, _ = chat_answer(fresh)
     assert answer.strip() and "⚠️" not in answer, answer
     shot(fresh, "11-newcomer-chat")

@@ -150,7 +150,7 @@ def test_inspect_deploy_chat_delete(svc: SpaceService) -> None:
 
     t0 = time.monotonic()
     job = client.submit(model=repo, gpu="cpu", name=name, adapters=[f"{repo}-lora-0"], max_model_len=256,
-                        token=svc.token, api_name="/deploy")
+                        scale_to_zero_after_s=600, token=svc.token, api_name="/deploy")
     result = job.result(timeout=300)
     progress, logs, url, key, curl, openai_py = result[:6]  # layout and state outputs are not sent to clients
     deploy_s = time.monotonic() - t0
@@ -158,6 +158,7 @@ def test_inspect_deploy_chat_delete(svc: SpaceService) -> None:
     assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
     assert key.startswith(("hd_", "sk-", "hdk_")) or len(key) >= 20, key
     assert "chat/completions" in curl and "HUBDEPLOY_API_KEY" in openai_py and url in openai_py
+    assert "X-Scale-Up-Timeout" in curl and result[7].startswith("after 600 s")  # the panel's scale-to-zero
     phases = [p for p in ("downloading", "loading", "warming_up", "running")
               if any(f'data-phase="{p}"' in (u[0] if isinstance(u, (list, tuple)) else "") for u in job.outputs())]
     assert "running" in phases

@@ -27,8 +27,9 @@ import re
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+import aiohttp
 import anyio
-import httpx
+import yarl
 from starlette.requests import Request
 
 from hubdeploy.hub_integration import auth
@@ -46,12 +47,19 @@ SCALE_UP_HEADER = "x-scale-up-timeout"
 # the API reach the gateway at once (`forget`), the watchdog's within this time
 RECORD_TTL_S = 0.5
 MAX_SCALE_UP_WAIT_S = 600.0
+# idle upstream connections are dropped before the endpoint's server (uvicorn, 5 s keep-alive) closes
+# them, so a request is never sent on a connection the server is closing
+UPSTREAM_KEEPALIVE_S = 3.0
 _ROUTE = re.compile(r"^/endpoints/(?P<name>[^/]{1,64})/(?P<rest>health|metrics|v1(?:/.*)?)$")
 _LORA_ADMIN = ("v1/load_lora_adapter", "v1/unload_lora_adapter")
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-               "transfer-encoding", "upgrade", "host", "content-length", "authorization", SCALE_UP_HEADER}
-# content-length stays: the body is relayed raw (`aiter_raw`), byte for byte
-_RESPONSE_DROP = {"connection", "keep-alive", "transfer-encoding", "upgrade", "date", "server"}
+# request headers not relayed (ASGI gives them lower-case, as bytes); aiohttp sets host and content-length
+_HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+               b"transfer-encoding", b"upgrade", b"host", b"content-length", b"authorization",
+               SCALE_UP_HEADER.encode()}
+# content-length stays: the body is relayed raw (no decompression), byte for byte
+_RESPONSE_DROP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"date", b"server"}
+# headers aiohttp would add of its own: the engine gets only what the client sent
+_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 ASGIApp = Callable[..., Awaitable[None]]
 
@@ -91,26 +99,32 @@ class Gateway:
                  connect_timeout_s: float = 5.0, read_timeout_s: float = 600.0) -> None:
         self.svc, self.scaler = svc, scaler
         self.max_body_bytes = max_body_bytes
-        # read: the longest silence between two upstream chunks (a long prefill, a slow answer)
-        self.timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=60.0, pool=30.0)
-        self._timeouts = self.timeout.as_dict()
-        self._client: httpx.AsyncClient | None = None
+        # sock_read: the longest silence between two upstream chunks (a long prefill, a slow answer)
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s,
+                                             sock_read=read_timeout_s)
+        self._client: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._keys: dict[str, tuple[tuple[Any, ...], str | None]] = {}
         self._records: dict[str, tuple[float, Any]] = {}
 
-    def client(self) -> httpx.AsyncClient:
-        """One pooled upstream client per event loop (uvicorn has one; a TestClient makes several)."""
+    def client(self) -> aiohttp.ClientSession:
+        """One pooled upstream client per event loop (uvicorn has one; a TestClient makes several).
+
+        aiohttp, not httpx: its response parser is compiled (llhttp), where httpx parses each
+        streamed chunk in Python (h11) under several async layers; the relay's CPU per SSE event
+        is what the engine loses on a shared host (benchmarks/RESULTS.md, gateway overhead)."""
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._client = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False,
-                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+            self._client = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S),
+                timeout=self.timeout,
+                auto_decompress=False, skip_auto_headers=_NO_AUTO_HEADERS, trust_env=False)
             self._loop = loop
         return self._client
 
     async def aclose(self) -> None:
         if self._client is not None and self._loop is asyncio.get_running_loop():
-            await self._client.aclose()
+            await self._client.close()
         self._client = None
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
@@ -136,8 +150,13 @@ class Gateway:
             raise OpenAIError(f"no endpoint named {name!r} on this service", 404, code="endpoint_not_found")
         access = rec.spec.get("access", "private")
         if rest != "health" and (access != "public" or rest in _LORA_ADMIN):  # /health is open, as upstream
-            await anyio.to_thread.run_sync(self._check_access, name, access, rec.api_key_hash,
-                                           request.headers.get("authorization"), rest in _LORA_ADMIN)
+            authorization = request.headers.get("authorization")
+            admin = rest in _LORA_ADMIN
+            # an endpoint key verified before passes on the loop (a digest lookup, no scrypt, no thread hop)
+            if admin or access != "private" or not auth.verified_before(auth.bearer_token(authorization),
+                                                                        rec.api_key_hash):
+                await anyio.to_thread.run_sync(self._check_access, name, access, rec.api_key_hash, authorization,
+                                               admin)
         body = await request.body()  # under the gateway's BodyLimit
         wait_s = _scale_up_timeout(request.headers.get(SCALE_UP_HEADER))
         deadline = anyio.current_time() + (wait_s or 0.0)
@@ -212,15 +231,11 @@ class Gateway:
         cancels the exchange, which closes the upstream connection (the engine aborts).
         False when the server refused the connection (nothing was sent to either side)."""
         key = self._internal_key(rec)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in _HOP_BY_HOP]
         if key:
             headers.append(("authorization", f"Bearer {key}"))
         root = rec.url.removesuffix("/").removesuffix("/v1")
         url = f"{root}/{rest}" + (f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else "")
-        client = self.client()
-        # a plain Request (no cookie/param merging of build_request): the proxy's hot path
-        upstream_req = httpx.Request(request.method, url, headers=headers, content=body,
-                                     extensions={"timeout": self._timeouts})
         async with anyio.create_task_group() as tg:
 
             async def watch_disconnect() -> None:
@@ -232,43 +247,43 @@ class Gateway:
 
             tg.start_soon(watch_disconnect)
             try:
-                reached = await self._exchange(scope, receive, send, client, upstream_req, rec)
+                reached = await self._exchange(scope, receive, send, request.method, url, headers, body, rec)
             finally:
                 tg.cancel_scope.cancel()
         return reached
 
     async def _exchange(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any],
-                        client: httpx.AsyncClient, upstream_req: httpx.Request, rec: Any) -> bool:
+                        method: str, url: str, headers: list[tuple[str, str]], body: bytes, rec: Any) -> bool:
         try:
-            upstream = await client.send(upstream_req, stream=True)
-        except httpx.ConnectError:
+            # the URL as the client wrote it (encoded=True: no re-quoting of the path or query)
+            upstream = await self.client().request(method, yarl.URL(url, encoded=True), headers=headers,
+                                                   data=body or None, allow_redirects=False)
+        except aiohttp.ClientConnectorError:
             return False
-        except httpx.TimeoutException:
+        except TimeoutError:
             await _error(f"endpoint {rec.name!r} did not answer in time (gateway timeout)", 504,
                          "upstream_timeout")(scope, receive, send)
             return True
-        except httpx.HTTPError as e:
+        except aiohttp.ClientError as e:
             await _error(f"endpoint {rec.name!r} broke the connection before answering ({type(e).__name__}); "
                          "retry shortly", 502, "upstream_error")(scope, receive, send)
             return True
-        started = False
+        complete = False
         try:
-            headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in upstream.headers.multi_items()
-                       if k.lower() not in _RESPONSE_DROP]
-            await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
-            started = True
-            async for chunk in upstream.aiter_raw():
-                if chunk:
+            relayed = [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in _RESPONSE_DROP]
+            await send({"type": "http.response.start", "status": upstream.status, "headers": relayed})
+            try:
+                async for chunk in upstream.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except httpx.HTTPError:
-            if not started:
-                raise
-            # the upstream died mid-answer: end the response; the client sees a truncated stream
+                complete = True
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # the upstream died mid-answer: end the response; the client sees a truncated stream
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
+            if complete:
+                upstream.release()  # the connection goes back to the pool
+            else:
+                upstream.close()  # closing it is how the engine learns to abort the request
         return True
 
 

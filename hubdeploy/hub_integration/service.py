@@ -25,6 +25,7 @@ from hubdeploy.hub_integration import auth
 from hubdeploy.hub_integration.admin_gate import AdminGate
 from hubdeploy.hub_integration.errors import InspectError
 from hubdeploy.hub_integration.gateway import Gateway, GatewayMount, gateway_url
+from hubdeploy.hub_integration.gateway_schema import gateway_router
 from hubdeploy.hub_integration.provisioner.base import Provisioner, Secrets
 from hubdeploy.hub_integration.scale_to_zero import ScaleToZero
 from hubdeploy.hub_integration.spec import (CreateEndpointRequest, DeploymentSpec, HubUnavailable, PatchEndpointRequest,
@@ -504,6 +505,7 @@ def build_service_app(data_dir: str | Path, hub_endpoint: str | None = None, adm
                        known=lambda token: auth.verified_before(token, store.get_meta(ADMIN_HASH_KEY)))
     app.include_router(hub_router)
     app.include_router(endpoints_router)
+    app.include_router(gateway_router)  # documents `GatewayMount`'s paths (it answers them first)
     svc = app.state.service
     app.state.scale_to_zero = ScaleToZero(store, provisioner, svc.start, interval_s=scale_to_zero_interval_s)
     app.state.gateway = Gateway(svc, app.state.scale_to_zero)

@@ -330,6 +330,10 @@ class _ModelForm:
                                           ("Protected — the service's token", "protected"),
                                           ("Public — no key", "public")],
                                          value="private", label="Access", elem_id="hd-access-radio")
+            self.scale_to_zero = gr.Number(label="Scale to zero after idle (s)", precision=0, value=0, minimum=0,
+                                           elem_id="hd-scale-to-zero",
+                                           info="0 = never. After that long without a request the endpoint "
+                                                "stops and frees its device; the next request wakes it.")
         with gr.Row():
             self.max_len = gr.Number(label="Max context (tokens)", precision=0, value=0,
                                      info="0 = the plan's maximum.", elem_id="hd-max-len")
@@ -466,6 +470,7 @@ class _Deploy:
                                           buttons=["copy"], elem_id="hd-url")
                 self.key_box = gr.Textbox(label="API key — shown once, copy it now", interactive=False,
                                           buttons=["copy"], elem_id="hd-key")
+                self.scale_box = gr.Textbox(label="Scale to zero", interactive=False, elem_id="hd-scale-now")
             with gr.Tabs():
                 with gr.Tab("curl"):
                     self.curl_code = gr.Code(language="shell", label="curl", interactive=False,
@@ -484,12 +489,13 @@ class _Deploy:
                lora_slots: float | None = None, access: str | None = None, name: str | None = None,
                max_lora_rank: float | None = None, kv_cache_tokens: float | None = None,
                act_dtype: str | None = None, tags: str | None = None, restart: bool | None = None,
-               quantize: bool | None = None, hf_token: str | None = None, token: str | None = None,
+               quantize: bool | None = None, scale_to_zero_after_s: float | None = None,
+               hf_token: str | None = None, token: str | None = None,
                request: gr.Request | None = None) -> Iterator[tuple[Any, ...]]:
         """Create the endpoint, then follow its phases until it runs or fails."""
         cfg = self.page.cfg
         hidden = gr.update(visible=False)
-        nothing = (gr.update(),) * 7
+        nothing = (gr.update(),) * 8
         try:
             spec = {"name": (name or "").strip() or view.suggest_name(model or "endpoint"),
                     "model": (model or "").strip(), "revision": (revision or "").strip() or None,
@@ -497,6 +503,7 @@ class _Deploy:
                     "access": access or "private",
                     "tags": [t.strip() for t in (tags or "").split(",") if t.strip()],
                     "restart_on_failure": bool(restart),
+                    "scale_to_zero_after_s": _int_or_none(scale_to_zero_after_s) or 0,
                     "engine": {k: v for k, v in {
                         "max_model_len": _int_or_none(max_model_len), "max_num_seqs": _int_or_none(max_num_seqs),
                         "max_loras": _int_or_none(lora_slots), "max_lora_rank": _int_or_none(max_lora_rank),
@@ -550,10 +557,11 @@ class _Deploy:
             yield (msg, "\n".join(logs), hidden, *nothing)
             return
         state["url"] = ep["url"]
-        snips = render_snippets(ep["url"], ep["served_model_name"], private=bool(key))
+        snips = render_snippets(ep["url"], ep["served_model_name"], ep["spec"]["access"],
+                                ep["spec"].get("scale_to_zero_after_s") or 0)
         models = [ep["served_model_name"], *state["adapters"]]
         yield (view.progress_html(ep), "\n".join(logs), gr.update(visible=True), ep["url"], key_text,
-               snips["curl"], snips["openai"], snips["inference_client"],
+               snips["curl"], snips["openai"], snips["inference_client"], view.scale_to_zero_text(ep["spec"]),
                gr.update(choices=models, value=models[0]), state)
 
     def wire(self, form: _ModelForm, access: _Access, endpoints: _Endpoints) -> None:
@@ -562,9 +570,9 @@ class _Deploy:
             self.deploy, [form.model_box, form.revision_box, form.gpu_radio, form.adapters_cb, form.adapters_extra,
                           form.max_len, form.max_seqs, form.max_loras, form.access_radio, form.name_box,
                           form.max_rank, form.kv_tokens, form.dtype, form.tags_box, form.restart_cb,
-                          form.quantize_cb, self.page.hf_token, access.token_box],
+                          form.quantize_cb, form.scale_to_zero, self.page.hf_token, access.token_box],
             [self.progress, self.log_box, self.result_group, self.url_box, self.key_box, self.curl_code,
-             self.openai_code, self.ic_code, self.playground.chat_model, self.page.endpoint_state],
+             self.openai_code, self.ic_code, self.scale_box, self.playground.chat_model, self.page.endpoint_state],
             api_name="deploy", concurrency_limit=8, trigger_mode="once").then(
             endpoints.list_endpoints, endpoints.list_inputs, endpoints.list_outputs, api_name="list_after_deploy",
             api_visibility="private")

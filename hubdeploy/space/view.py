@@ -309,7 +309,18 @@ def age(ts: float | None, now: float | None = None) -> str:
     return f"{s} s"
 
 
-ENDPOINT_COLUMNS = ["name", "status", "model", "GPU", "URL", "age"]
+ENDPOINT_COLUMNS = ["name", "status", "model", "GPU", "URL", "scale to zero", "age"]
+
+
+def scale_to_zero_text(spec: dict[str, Any], short: bool = False) -> str:
+    """The endpoint's `scale_to_zero_after_s` in words (the panel's and the table's)."""
+    after = int(spec.get("scale_to_zero_after_s") or 0)
+    if after <= 0:
+        return "off" if short else "off: the endpoint keeps its device until paused or deleted"
+    if short:
+        return f"after {after} s idle"
+    return (f"after {after} s without a request; the next request wakes it "
+            "(send X-Scale-Up-Timeout to wait for it instead of a 503)")
 
 
 def endpoint_rows(endpoints: list[dict[str, Any]]) -> list[list[str]]:
@@ -317,5 +328,5 @@ def endpoint_rows(endpoints: list[dict[str, Any]]) -> list[list[str]]:
     for ep in endpoints:
         status = ep["status"] + (f" ({ep['phase']})" if ep["status"] == "initializing" and ep.get("phase") else "")
         rows.append([ep["name"], status, ep["spec"]["model"], ep.get("device") or ep["spec"]["gpu"],
-                     ep.get("url") or "", age(ep.get("created_at"))])
+                     ep.get("url") or "", scale_to_zero_text(ep["spec"], short=True), age(ep.get("created_at"))])
     return rows
