@@ -305,7 +305,7 @@ def test_avx2_16bit_kernel_matches_float64(dtype: torch.dtype, monkeypatch: pyte
     ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
     for n, k in [(96, 256), (40, 13), (33, 72)]:
         w = torch.randn(n, k, generator=g).to(dtype)
-        for m in (1, 2, 3, 4, 5, 9, awq_cpu.GEMM16_GEMV_ROWS, awq_cpu.GEMM16_GEMV_ROWS + 1, 70):
+        for m in (1, 2, 3, 4, 5, 8, 9, awq_cpu.GEMM16_GEMV_ROWS, awq_cpu.GEMM16_GEMV_ROWS + 1, 70):
             x = torch.randn(m, k, generator=g).to(dtype)
             want = x.double() @ w.double().t()
             scale = x.double().abs() @ w.double().abs().t()  # the sum of |terms|: fp32 error bound's scale

@@ -112,7 +112,7 @@ class Avx2Int4Weight:
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-GEMM16_GEMV_ROWS = 16  # up to this many rows of x the 16-bit weights are read directly (4 rows a
+GEMM16_GEMV_ROWS = 16  # up to this many rows of x the 16-bit weights are read directly (8 rows a
 # pass); above it they are widened to fp32 per tile of rows and multiplied by sgemm
 
 

@@ -189,7 +189,7 @@ inline float to_float_16bit(uint16_t v) {
 }
 
 // out[m, n] for m < M rows of x, n in [n0, n1): each row of W is read once for all M rows of x.
-template <int M, bool Half, int A = (M == 1 ? 4 : 2)>
+template <int M, bool Half, int A = (M == 1 ? 4 : M <= 4 ? 2 : 1)>
 void rows16_kernel(const uint16_t* w, const float* x, float* out, int64_t K, int64_t n0, int64_t n1,
                    int64_t out_stride) {
   constexpr int64_t kStep = 8 * A;
@@ -222,11 +222,14 @@ void rows16_kernel(const uint16_t* w, const float* x, float* out, int64_t K, int
 template <bool Half>
 void gemm16(const float* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t N) {
   using Fn = void (*)(const uint16_t*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
-  static constexpr Fn kFns[kMaxRows + 1] = {nullptr, rows16_kernel<1, Half>, rows16_kernel<2, Half>,
-                                            rows16_kernel<3, Half>, rows16_kernel<4, Half>};
+  // up to 8 rows of x a pass: 8 accumulators, a widened weight vector and an x load fit the 16 ymm registers
+  constexpr int64_t kRows16 = 8;
+  static constexpr Fn kFns[kRows16 + 1] = {nullptr, rows16_kernel<1, Half>, rows16_kernel<2, Half>,
+                                           rows16_kernel<3, Half>, rows16_kernel<4, Half>, rows16_kernel<5, Half>,
+                                           rows16_kernel<6, Half>, rows16_kernel<7, Half>, rows16_kernel<8, Half>};
   const int64_t grain = std::max<int64_t>(1, 16384 / K);
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
+  for (int64_t m0 = 0; m0 < M; m0 += kRows16) {
+    const int64_t rows = std::min<int64_t>(kRows16, M - m0);
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       kFns[rows](w, x + m0 * K, out + m0 * N, K, n0, n1, N);
     });
@@ -245,7 +248,7 @@ void widen_rows(const uint16_t* w, float* out, int64_t K, int64_t n0, int64_t n1
 }
 
 // x [M, K] fp32 contiguous; w [N, K] bf16 or fp16 contiguous -> [M, N] fp32. Up to `gemv_rows`
-// rows of x the weights are read directly (once per 4 rows); above, per tile of W's rows, they
+// rows of x the weights are read directly (once per 8 rows); above, per tile of W's rows, they
 // are widened into an L2-sized fp32 buffer and multiplied with the BLAS sgemm.
 torch::Tensor gemm_16bit(torch::Tensor x, torch::Tensor w, int64_t gemv_rows) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [M, K]");
