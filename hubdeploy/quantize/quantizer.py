@@ -21,7 +21,7 @@ from hubdeploy.quantize.calibration import calibration_blocks, calibration_name
 from hubdeploy.quantize.checkpoint import CheckpointWriter
 from hubdeploy.quantize.decoder import layer_forward
 from hubdeploy.quantize.errors import MissingFiles, NoSpace, QuantizeError, UnsupportedArchitecture
-from hubdeploy.quantize.layer_quant import AwqLayer, pack_layer
+from hubdeploy.quantize.layer_quant import AwqLayer, pack_layer, to_float16
 from hubdeploy.quantize.settings import SUPPORTED_GROUP_SIZES, QuantizeProgress, QuantizeResult, QuantizeSettings
 from hubdeploy.quantize.source import SourceCheckpoint, mlp_names
 
@@ -100,7 +100,6 @@ def quantize_model(
         raise NoSpace(f"{out} has {free / 2**30:.2f} GiB free but the quantized checkpoint needs about "
                       f"{needed / 2**30:.2f} GiB: free some space or choose another output directory")
     writer.open()
-    dtype = source.dtype
     hidden_path = Path(out) / HIDDEN_STATES
     x = cos_sin = None
     if settings.method == "awq":
@@ -119,7 +118,7 @@ def quantize_model(
                 AwqLayer(tensors, trace, source.cfg, names, cos_sin, settings.group_size).run()
             x = trace.out
             del trace
-        packed = pack_layer(tensors, linears, settings.group_size, dtype)
+        packed = pack_layer(tensors, linears, settings.group_size)
         del tensors
         prefix = source.layer_prefix(i)
         if x is not None:
@@ -130,7 +129,7 @@ def quantize_model(
     config = dict(source.raw_config)
     config["quantization_config"] = quantization_config(source.cfg.family, settings.group_size)
     config["torch_dtype"] = "float16"
-    writer.finish(source.other_tensors(), config, source.dir)
+    writer.finish({k: to_float16(v) for k, v in source.other_tensors().items()}, config, source.dir)
     hidden_path.unlink(missing_ok=True)
     report("done")
     return QuantizeResult(Path(out), calib, n, time.monotonic() - t0, writer.bytes_written)
