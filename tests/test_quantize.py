@@ -35,6 +35,8 @@ from hubdeploy.quantize.checkpoint import MANIFEST
 from hubdeploy.serving.tiny.spec import ARCHS, linear_shapes, other_shapes
 from tests.helpers_forward import dequantized_copy, hf_last_logits, prefill_last_logits
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: threads only contend
+
 REPO = Path(__file__).resolve().parents[1]
 GROUP = 32  # the tiny models' dimensions (64, 128) take 32 and 64
 FAST = dict(group_size=GROUP, n_samples=8, seq_len=64)  # small calibration: a second per model
@@ -280,3 +282,28 @@ def test_awq_is_closer_to_the_16bit_model_than_round_to_nearest(tiny_models, arc
         kl[method] = mean_kl(ref, full_logits(dequantized_copy(out, tmp_path / f"deq-{method}"), held))
     print(f"{arch}: mean KL awq {kl['awq']:.4f}, rtn {kl['rtn']:.4f}")
     assert kl["awq"] < 0.8 * kl["rtn"], kl
+
+
+def test_clipping_search_equals_autoawqs_formulation() -> None:
+    """`search_clip` batches the per-group dot products as matmuls; AutoAWQ's
+    `_compute_best_clip` broadcasts `[out, tokens, groups, group_size]`. Same bounds (float64)."""
+    from hubdeploy.kernels.awq_format import awq_fake_quantize
+    from hubdeploy.quantize.awq_search import search_clip
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 96, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 96, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 96, dtype=torch.float64)
+    ours = search_clip(w, x, 32)
+    xg = x.reshape(1, 200, 3, 32)
+    wg = w.reshape(48, 1, 3, 32)
+    org_max = wg.abs().amax(dim=-1, keepdim=True)
+    best, min_err = org_max.clone(), torch.full_like(org_max, float("inf"))
+    ref_out = (xg * wg).sum(-1)
+    for i in range(10):
+        max_val = org_max * (1 - i / 20)
+        q = awq_fake_quantize(torch.clamp(wg, -max_val, max_val).reshape(48, 96), 32).reshape(48, 1, 3, 32)
+        err = ((xg * q).sum(-1) - ref_out).pow(2).mean(dim=1).view(min_err.shape)
+        better = err < min_err
+        min_err[better], best[better] = err[better], max_val[better]
+    assert torch.equal(ours, best.view(48, 3))
+    assert (ours < org_max.view(48, 3)).any(), "no group was clipped: the check would not see a wrong bound"

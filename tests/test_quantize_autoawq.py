@@ -44,6 +44,7 @@ GROUP, N_SAMPLES, SEQ_LEN = 32, 16, 64
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.skipif(not VENV_PY.is_file(),
                        reason=f"AutoAWQ venv missing ({VENV_PY}); create it with scripts/setup_autoawq_venv.sh"),
 ]
