@@ -106,11 +106,14 @@ def quantize_model(
         report("calibrating")
         x, cos_sin = _calibration_inputs(source, settings, writer, hidden_path, dev)
     report("layer")
+    skip = quantization_config(source.cfg.family, settings.group_size)["modules_to_not_convert"] or []
     for i in range(n):
         if i in writer.done:
             continue
         tensors = {k: v.to(dev, torch.float32) for k, v in source.layer_tensors(i).items()}
-        linears = source.linear_names(i)
+        prefix = source.layer_prefix(i)
+        # what every AWQ loader will expect packed: modules_to_not_convert is a substring rule
+        linears = [m for m in source.linear_names(i) if not any(k in prefix + m for k in skip)]
         if settings.method == "awq":
             names = mlp_names(source.cfg, i)
             with torch.no_grad():
@@ -120,7 +123,6 @@ def quantize_model(
             del trace
         packed = pack_layer(tensors, linears, settings.group_size)
         del tensors
-        prefix = source.layer_prefix(i)
         if x is not None:
             _save_hidden(hidden_path, x, i)
         writer.write_layer(i, {prefix + k: v.cpu() for k, v in packed.items()})
