@@ -307,3 +307,22 @@ def test_clipping_search_equals_autoawqs_formulation() -> None:
         min_err[better], best[better] = err[better], max_val[better]
     assert torch.equal(ours, best.view(48, 3))
     assert (ours < org_max.view(48, 3)).any(), "no group was clipped: the check would not see a wrong bound"
+
+
+@pytest.mark.slow
+def test_cli_downloads_a_hub_model_and_quantizes_it(local_hub, hub_tiny_model, tmp_path: Path) -> None:
+    """MODEL as a Hub repo id: the snapshot comes through the real huggingface_hub client from
+    the local Hub (serving.hub.resolve_model_dir, as `serve` does); a wrong revision is a clear error."""
+    repo = hub_tiny_model("qwen3_moe", "none")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_ENDPOINT": local_hub.endpoint,
+           "HF_HUB_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "from-hub"
+    proc = subprocess.run([sys.executable, "-m", "hubdeploy", "quantize", repo, str(out), "--group-size", "32",
+                           "--method", "rtn"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "calibration: none (round-to-nearest)" in proc.stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["modules_to_not_convert"] == ["mlp.gate"]
+    proc = subprocess.run([sys.executable, "-m", "hubdeploy", "quantize", repo, str(tmp_path / "x"), "--revision",
+                           "no-such-branch"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1 and "has no revision 'no-such-branch'" in proc.stderr, proc.stderr[-2000:]
