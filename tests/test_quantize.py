@@ -326,3 +326,32 @@ def test_cli_downloads_a_hub_model_and_quantizes_it(local_hub, hub_tiny_model, t
     proc = subprocess.run([sys.executable, "-m", "hubdeploy", "quantize", repo, str(tmp_path / "x"), "--revision",
                            "no-such-branch"], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1 and "has no revision 'no-such-branch'" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_resume_without_the_saved_hidden_states_redoes_the_finished_layers(quantized, tmp_path: Path) -> None:
+    src, clean = quantized("mixtral")
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(src, out, QuantizeSettings(**FAST), _interrupt_after(1))
+    (out / "calibration-hidden.pt").unlink()  # e.g. a crash while it was being replaced
+    seen: list[QuantizeProgress] = []
+    quantize_model(src, out, QuantizeSettings(**FAST), seen.append)
+    assert [p.layers_done for p in seen if p.stage == "layer"][0] == 0
+    for f in sorted(clean.glob("model-*.safetensors")):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_a_bfloat16_source_gives_the_same_float16_checkpoint_format(tiny_models, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from hubdeploy.serving.loader import load_model
+
+    src = shutil.copytree(tiny_models("llama", "none"), tmp_path / "bf16")
+    sd = {k: v.to(torch.bfloat16) for k, v in load_file(str(src / "model.safetensors")).items()}
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = quantize_model(src, tmp_path / "out", QuantizeSettings(**FAST)).out_dir
+    tensors = _read_all(out)
+    assert {t.dtype for k, t in tensors.items() if not k.endswith((".qweight", ".qzeros"))} == {torch.float16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    model, _ = load_model(out)
+    assert torch.isfinite(prefill_last_logits(model, [[1, 5, 9, 14]])).all()
