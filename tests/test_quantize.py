@@ -355,3 +355,29 @@ def test_a_bfloat16_source_gives_the_same_float16_checkpoint_format(tiny_models,
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
     model, _ = load_model(out)
     assert torch.isfinite(prefill_last_logits(model, [[1, 5, 9, 14]])).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_calibration_decoder_equals_transformers(tiny_models, arch: str) -> None:
+    """The dense float32 decoder layer the searches run (`quantize.decoder`), stacked over the
+    whole model, gives transformers' logits (float32, 1e-4): calibration sees the real function."""
+    from hubdeploy.kernels.norm_rope_act import rms_norm_ref, rotary_cos_sin
+    from hubdeploy.quantize.decoder import layer_forward
+    from hubdeploy.quantize.source import SourceCheckpoint, mlp_names
+    from tests.helpers_quant import full_logits, held_out_blocks
+
+    src = tiny_models(arch, "none")
+    blocks = held_out_blocks(src, seq_len=40, n=3)
+    source = SourceCheckpoint(src)
+    cfg = source.cfg
+    other = {k: v.float() for k, v in source.other_tensors().items()}
+    cos_sin = rotary_cos_sin(cfg.head_dim, blocks.shape[1], cfg.rope_theta, cfg.rope_scaling)
+    x = other["model.embed_tokens.weight"][blocks]
+    with torch.no_grad():
+        for i in range(source.num_layers):
+            w = {k: v.float() for k, v in source.layer_tensors(i).items()}
+            x = layer_forward(x, w, cfg, mlp_names(cfg, i), cos_sin).out
+        ours = rms_norm_ref(x, other["model.norm.weight"], cfg.rms_norm_eps) @ other["lm_head.weight"].t()
+    ref = full_logits(src, blocks)
+    diff = (ours - ref).abs().max().item()
+    assert diff <= LOGIT_ATOL, f"{arch}: calibration decoder differs from transformers by {diff:.2e}"
