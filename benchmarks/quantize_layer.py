@@ -91,7 +91,8 @@ def calib_file(d: Path, src: Path, tokens: int) -> tuple[Path, int]:
     return path, per_copy
 
 
-def run_once(src: Path, out: Path, method: str, calib: Path, n_samples: int, seq_len: int, device: str) -> dict:
+def run_once(src: Path, out: Path, method: str, group: int, calib: Path, n_samples: int, seq_len: int,
+             device: str) -> dict:
     from hubdeploy.quantize import QuantizeProgress, QuantizeSettings, quantize_model
 
     marks: list[tuple[float, int]] = []
@@ -103,7 +104,6 @@ def run_once(src: Path, out: Path, method: str, calib: Path, n_samples: int, seq
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    group = 128 if src.joinpath("config.json").read_text().find('"hidden_size": 64,') < 0 else 32
     quantize_model(src, out, QuantizeSettings(method=method, group_size=group, calib=calib, n_samples=n_samples,
                                               seq_len=seq_len), progress, device=device)
     total = time.perf_counter() - t0
@@ -135,7 +135,8 @@ def main() -> None:
         raw = []
         for r in range(a.rounds):
             for method in (("awq", "rtn") if r % 2 == 0 else ("rtn", "awq")):
-                res = run_once(src, d / f"out-{method}", method, calib, n_samples, a.seq_len, a.device)
+                res = run_once(src, d / f"out-{method}", method, 32 if a.shape == "tiny" else 128, calib,
+                               n_samples, a.seq_len, a.device)
                 rows[method] += res["per_layer_s"]
                 raw.append(dict(method=method, round=r, **res))
                 print(f"round {r} {method}: layers {', '.join(f'{s:.2f}' for s in res['per_layer_s'])} s, "
