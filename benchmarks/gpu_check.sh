@@ -7,7 +7,8 @@
 # Steps and their time limits (s): engine 70 (CUDA graphs, batch 1/8, TTFT 128: what the product is
 # judged on), tests 150 (every -m gpu test, compiled; TESTS=... picks files), tune 140 (the decode kernels'
 # launch configs for this GPU: commit the table it writes), kernels 60 (fused MoE / AWQ at Mixtral
-# M=1..256), engine_full 120 (graphs vs eager, batch 64, TTFT 1024/4096), lora 70. A step cut short keeps
+# M=1..256), engine_full 120 (graphs vs eager, batch 64, TTFT 1024/4096), lora 70, quantize 150 (our AWQ on
+# one full-size Mixtral-8x7B layer, random weights: time per layer and the 32-layer estimate). A step cut short keeps
 # its rows; everything is printed as it comes and saved under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ unset TRITON_INTERPRET HUBDEPLOY_FORCE_TRITON
 PY=${PYTHON:-python3}
 OUT="${OUT:-/tmp/hubdeploy-gpu-check}"
 mkdir -p "$OUT"
-STEPS="${STEPS:-engine tests kernels engine_full lora}"  # + tune: re-tune this GPU (then commit the table)
+STEPS="${STEPS:-engine tests kernels engine_full lora quantize}"  # + tune: re-tune this GPU (then commit the table)
 start=$(date +%s)
 status=0
 elapsed() { echo $(( $(date +%s) - start )); }
@@ -57,6 +58,11 @@ step_engine_full() {  # eager vs graphs, batch 64, longer prompts
 
 step_lora() {  # 16 adapters mixed at batch 16/64 vs the base model, 8 of Mixtral's 32 layers
   timeout 70 "$PY" benchmarks/lora.py --layers 8 --iters 10 --json "$OUT/lora.json" 2>&1
+}
+
+step_quantize() {  # issue 19: AWQ + round-to-nearest of one Mixtral-8x7B layer (hidden 4096, ffn 14336, 8 experts)
+  timeout 150 "$PY" benchmarks/quantize_layer.py --shape mixtral --layers 1 --rounds 1 --tokens 16384 \
+      --json "$OUT/quantize.json" 2>&1
 }
 
 main() {

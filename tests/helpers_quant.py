@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from tests.helpers_forward import dequantized_copy
 
 
 @torch.no_grad()
@@ -27,12 +26,6 @@ def mean_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
     p = torch.log_softmax(ref_logits.double(), dim=-1)
     q = torch.log_softmax(logits.double(), dim=-1)
     return float((p.exp() * (p - q)).sum(-1).mean())
-
-
-def quantized_kl(ref_logits: torch.Tensor, awq_dir: Path, blocks: torch.Tensor, work: Path) -> float:
-    """Mean next-token KL of an AWQ checkpoint against the 16-bit logits `ref_logits`."""
-    deq = dequantized_copy(awq_dir, work / f"deq-{awq_dir.name}")
-    return mean_kl(ref_logits, full_logits(deq, blocks))
 
 
 def held_out_blocks(model_dir: Path, seq_len: int = 48, n: int = 8) -> torch.Tensor:

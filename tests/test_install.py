@@ -160,7 +160,8 @@ from hubdeploy.hub_integration.gpus import catalog
 out["n_gpus"] = len(catalog())
 out["data_ok"] = {p: resources.files(pkg).joinpath(p).is_file() for pkg, p in
                   [("hubdeploy.templates", "model_card.md.j2"), ("hubdeploy.templates", "snippets/openai.py.j2"),
-                   ("hubdeploy.space", "style.css"), ("hubdeploy.hub_integration", "gpus.json")]}
+                   ("hubdeploy.space", "style.css"), ("hubdeploy.hub_integration", "gpus.json"),
+                   ("hubdeploy.quantize", "calib/hubdeploy-calib-v1.txt")]}
 
 import torch
 from transformers import AutoModelForCausalLM

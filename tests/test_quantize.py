@@ -35,6 +35,8 @@ from hubdeploy.quantize.checkpoint import MANIFEST
 from hubdeploy.serving.tiny.spec import ARCHS, linear_shapes, other_shapes
 from tests.helpers_forward import dequantized_copy, hf_last_logits, prefill_last_logits
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: threads only contend
+
 REPO = Path(__file__).resolve().parents[1]
 GROUP = 32  # the tiny models' dimensions (64, 128) take 32 and 64
 FAST = dict(group_size=GROUP, n_samples=8, seq_len=64)  # small calibration: a second per model
@@ -259,3 +261,123 @@ def test_cli_quantizes_with_a_progress_bar_and_reports_errors(tiny_models, tmp_p
     proc = subprocess.run([sys.executable, "-m", "hubdeploy", "quantize", str(out), str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1 and "already quantized" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_awq_is_closer_to_the_16bit_model_than_round_to_nearest(tiny_models, arch: str, tmp_path: Path) -> None:
+    """Mean next-token KL to the 16-bit model on held-out text (the tiny tokenizer's corpus;
+    calibration is the shipped set). The tiny random models get outlier activation channels
+    (`add_outlier_channels`), as real LLMs have: on flat random activations AWQ's gain is a
+    few percent, with outliers it is large (the AutoAWQ comparison is test_quantize_autoawq.py)."""
+    from tests.helpers_quant import add_outlier_channels, full_logits, held_out_blocks, mean_kl
+
+    src = add_outlier_channels(shutil.copytree(tiny_models(arch, "none"), tmp_path / "fp16"))
+    held = held_out_blocks(src)
+    ref = full_logits(src, held)
+    kl = {}
+    for method in ("awq", "rtn"):
+        out = quantize_model(src, tmp_path / method, QuantizeSettings(method=method, group_size=GROUP,
+                                                                      n_samples=16, seq_len=64)).out_dir
+        kl[method] = mean_kl(ref, full_logits(dequantized_copy(out, tmp_path / f"deq-{method}"), held))
+    print(f"{arch}: mean KL awq {kl['awq']:.4f}, rtn {kl['rtn']:.4f}")
+    assert kl["awq"] < 0.8 * kl["rtn"], kl
+
+
+def test_clipping_search_equals_autoawqs_formulation() -> None:
+    """`search_clip` batches the per-group dot products as matmuls; AutoAWQ's
+    `_compute_best_clip` broadcasts `[out, tokens, groups, group_size]`. Same bounds (float64)."""
+    from hubdeploy.kernels.awq_format import awq_fake_quantize
+    from hubdeploy.quantize.awq_search import search_clip
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 96, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 96, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 96, dtype=torch.float64)
+    ours = search_clip(w, x, 32)
+    xg = x.reshape(1, 200, 3, 32)
+    wg = w.reshape(48, 1, 3, 32)
+    org_max = wg.abs().amax(dim=-1, keepdim=True)
+    best, min_err = org_max.clone(), torch.full_like(org_max, float("inf"))
+    ref_out = (xg * wg).sum(-1)
+    for i in range(10):
+        max_val = org_max * (1 - i / 20)
+        q = awq_fake_quantize(torch.clamp(wg, -max_val, max_val).reshape(48, 96), 32).reshape(48, 1, 3, 32)
+        err = ((xg * q).sum(-1) - ref_out).pow(2).mean(dim=1).view(min_err.shape)
+        better = err < min_err
+        min_err[better], best[better] = err[better], max_val[better]
+    assert torch.equal(ours, best.view(48, 3))
+    assert (ours < org_max.view(48, 3)).any(), "no group was clipped: the check would not see a wrong bound"
+
+
+@pytest.mark.slow
+def test_cli_downloads_a_hub_model_and_quantizes_it(local_hub, hub_tiny_model, tmp_path: Path) -> None:
+    """MODEL as a Hub repo id: the snapshot comes through the real huggingface_hub client from
+    the local Hub (serving.hub.resolve_model_dir, as `serve` does); a wrong revision is a clear error."""
+    repo = hub_tiny_model("qwen3_moe", "none")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_ENDPOINT": local_hub.endpoint,
+           "HF_HUB_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "from-hub"
+    proc = subprocess.run([sys.executable, "-m", "hubdeploy", "quantize", repo, str(out), "--group-size", "32",
+                           "--method", "rtn"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "calibration: none (round-to-nearest)" in proc.stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["modules_to_not_convert"] == ["mlp.gate"]
+    proc = subprocess.run([sys.executable, "-m", "hubdeploy", "quantize", repo, str(tmp_path / "x"), "--revision",
+                           "no-such-branch"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1 and "has no revision 'no-such-branch'" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_resume_without_the_saved_hidden_states_redoes_the_finished_layers(quantized, tmp_path: Path) -> None:
+    src, clean = quantized("mixtral")
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(src, out, QuantizeSettings(**FAST), _interrupt_after(1))
+    (out / "calibration-hidden.pt").unlink()  # e.g. a crash while it was being replaced
+    seen: list[QuantizeProgress] = []
+    quantize_model(src, out, QuantizeSettings(**FAST), seen.append)
+    assert [p.layers_done for p in seen if p.stage == "layer"][0] == 0
+    for f in sorted(clean.glob("model-*.safetensors")):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_a_bfloat16_source_gives_the_same_float16_checkpoint_format(tiny_models, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from hubdeploy.serving.loader import load_model
+
+    src = shutil.copytree(tiny_models("llama", "none"), tmp_path / "bf16")
+    sd = {k: v.to(torch.bfloat16) for k, v in load_file(str(src / "model.safetensors")).items()}
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = quantize_model(src, tmp_path / "out", QuantizeSettings(**FAST)).out_dir
+    tensors = _read_all(out)
+    assert {t.dtype for k, t in tensors.items() if not k.endswith((".qweight", ".qzeros"))} == {torch.float16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    model, _ = load_model(out)
+    assert torch.isfinite(prefill_last_logits(model, [[1, 5, 9, 14]])).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_calibration_decoder_equals_transformers(tiny_models, arch: str) -> None:
+    """The dense float32 decoder layer the searches run (`quantize.decoder`), stacked over the
+    whole model, gives transformers' logits (float32, 1e-4): calibration sees the real function."""
+    from hubdeploy.kernels.norm_rope_act import rms_norm_ref, rotary_cos_sin
+    from hubdeploy.quantize.decoder import layer_forward
+    from hubdeploy.quantize.source import SourceCheckpoint, mlp_names
+    from tests.helpers_quant import full_logits, held_out_blocks
+
+    src = tiny_models(arch, "none")
+    blocks = held_out_blocks(src, seq_len=40, n=3)
+    source = SourceCheckpoint(src)
+    cfg = source.cfg
+    other = {k: v.float() for k, v in source.other_tensors().items()}
+    cos_sin = rotary_cos_sin(cfg.head_dim, blocks.shape[1], cfg.rope_theta, cfg.rope_scaling)
+    x = other["model.embed_tokens.weight"][blocks]
+    with torch.no_grad():
+        for i in range(source.num_layers):
+            w = {k: v.float() for k, v in source.layer_tensors(i).items()}
+            x = layer_forward(x, w, cfg, mlp_names(cfg, i), cos_sin).out
+        ours = rms_norm_ref(x, other["model.norm.weight"], cfg.rms_norm_eps) @ other["lm_head.weight"].t()
+    ref = full_logits(src, blocks)
+    diff = (ours - ref).abs().max().item()
+    assert diff <= LOGIT_ATOL, f"{arch}: calibration decoder differs from transformers by {diff:.2e}"

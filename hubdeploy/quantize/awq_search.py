@@ -68,26 +68,30 @@ def scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, group_size: int) -> torc
 
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Best clipping bound per (output row, group): `[out, in/g]`; clamp `w` to +-bound."""
+    """Best clipping bound per (output row, group): `[out, in/g]`; clamp `w` to +-bound.
+
+    The per-group dot products `x[t, g] . w[o, g]` are batched matmuls (AutoAWQ materialises
+    the `[out, tokens, groups, group_size]` product instead: the same sums, far more memory).
+    """
     out_f, in_f = w.shape
     n_group = in_f // group_size
     x = x.reshape(-1, in_f)
     x = x[:: max(1, x.shape[0] // CLIP_TOKENS)].to(w.dtype)
-    xg = x.view(1, x.shape[0], n_group, group_size)
-    per_row = x.shape[0] * in_f * w.element_size() * 3
+    xg = x.view(-1, n_group, group_size).transpose(0, 1)  # [ng, tokens, gs]
+    per_row = (x.shape[0] * n_group + in_f * 3) * w.element_size()
     batch = max(1, min(out_f, CLIP_BATCH_BYTES // max(per_row, 1)))
     bounds = []
     for a in range(0, out_f, batch):
-        wb = w[a:a + batch].view(-1, 1, n_group, group_size)
-        org_max = wb.abs().amax(dim=-1, keepdim=True)  # [b, 1, ng, 1]
-        ref = (xg * wb).sum(dim=-1)  # [b, tokens, ng]
+        wb = w[a:a + batch].view(-1, n_group, group_size)  # [b, ng, gs]
+        org_max = wb.abs().amax(dim=-1, keepdim=True)  # [b, ng, 1]
+        ref = torch.bmm(xg, wb.permute(1, 2, 0))  # [ng, tokens, b]
         best_max = org_max.clone()
         min_err = torch.full_like(org_max, float("inf"))
         for i in range(int(MAX_SHRINK * N_GRID)):
             max_val = org_max * (1 - i / N_GRID)
-            cur = torch.clamp(wb, -max_val, max_val)
+            cur = torch.max(torch.min(wb, max_val), -max_val)
             q = awq_fake_quantize(cur.reshape(-1, in_f), group_size).view_as(wb)
-            err = ((xg * q).sum(dim=-1) - ref).pow(2).mean(dim=1).view_as(min_err)
+            err = (torch.bmm(xg, q.permute(1, 2, 0)) - ref).pow(2).mean(dim=1).t()[..., None]  # [b, ng, 1]
             better = err < min_err
             min_err[better] = err[better]
             best_max[better] = max_val[better]

@@ -26,18 +26,26 @@ from hubdeploy.serving.config import ModelConfig
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
 
 
-def pack_layer(w: Weights, linears: list[str], group_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """AutoAWQ GEMM tensors for `linears` (from their weights cast to the checkpoint dtype,
-    as AutoAWQ quantizes the fp16 weight); every other tensor in `dtype`."""
+def pack_layer(w: Weights, linears: list[str], group_size: int) -> dict[str, torch.Tensor]:
+    """AutoAWQ GEMM tensors for `linears`, every other tensor float16.
+
+    As AutoAWQ, which quantizes a model loaded in float16: the (scaled, clipped) weight is
+    cast to float16 first, so the integers are those of the fp16 weight it stores scales for.
+    """
     out: dict[str, torch.Tensor] = {}
     for name, t in w.items():
         base = name[: -len(".weight")]
         if name.endswith(".weight") and base in linears:
-            wq = t.clamp(-65504, 65504).to(torch.float16 if dtype == torch.float32 else dtype)
+            wq = to_float16(t)
             out[base + ".qweight"], out[base + ".qzeros"], out[base + ".scales"] = awq_quantize(wq, group_size)
         else:
-            out[name] = t.to(dtype)
+            out[name] = to_float16(t)
     return out
+
+
+def to_float16(t: torch.Tensor) -> torch.Tensor:
+    """float16, saturating (a bf16 value beyond fp16's range becomes +-65504, not inf)."""
+    return t.float().clamp(-65504, 65504).half() if t.is_floating_point() else t
 
 
 class AwqLayer:
@@ -111,4 +119,4 @@ class AwqLayer:
             w[n + ".weight"] = w[n + ".weight"] * s.view(1, -1)
 
 
-__all__ = ["AwqLayer", "NO_CLIP", "pack_layer"]
+__all__ = ["AwqLayer", "NO_CLIP", "pack_layer", "to_float16"]

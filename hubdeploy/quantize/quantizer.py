@@ -21,7 +21,7 @@ from hubdeploy.quantize.calibration import calibration_blocks, calibration_name
 from hubdeploy.quantize.checkpoint import CheckpointWriter
 from hubdeploy.quantize.decoder import layer_forward
 from hubdeploy.quantize.errors import MissingFiles, NoSpace, QuantizeError, UnsupportedArchitecture
-from hubdeploy.quantize.layer_quant import AwqLayer, pack_layer
+from hubdeploy.quantize.layer_quant import AwqLayer, pack_layer, to_float16
 from hubdeploy.quantize.settings import SUPPORTED_GROUP_SIZES, QuantizeProgress, QuantizeResult, QuantizeSettings
 from hubdeploy.quantize.source import SourceCheckpoint, mlp_names
 
@@ -100,18 +100,20 @@ def quantize_model(
         raise NoSpace(f"{out} has {free / 2**30:.2f} GiB free but the quantized checkpoint needs about "
                       f"{needed / 2**30:.2f} GiB: free some space or choose another output directory")
     writer.open()
-    dtype = source.dtype
     hidden_path = Path(out) / HIDDEN_STATES
     x = cos_sin = None
     if settings.method == "awq":
         report("calibrating")
         x, cos_sin = _calibration_inputs(source, settings, writer, hidden_path, dev)
     report("layer")
+    skip = quantization_config(source.cfg.family, settings.group_size)["modules_to_not_convert"] or []
     for i in range(n):
         if i in writer.done:
             continue
         tensors = {k: v.to(dev, torch.float32) for k, v in source.layer_tensors(i).items()}
-        linears = source.linear_names(i)
+        prefix = source.layer_prefix(i)
+        # what every AWQ loader will expect packed: modules_to_not_convert is a substring rule
+        linears = [m for m in source.linear_names(i) if not any(k in prefix + m for k in skip)]
         if settings.method == "awq":
             names = mlp_names(source.cfg, i)
             with torch.no_grad():
@@ -119,9 +121,8 @@ def quantize_model(
                 AwqLayer(tensors, trace, source.cfg, names, cos_sin, settings.group_size).run()
             x = trace.out
             del trace
-        packed = pack_layer(tensors, linears, settings.group_size, dtype)
+        packed = pack_layer(tensors, linears, settings.group_size)
         del tensors
-        prefix = source.layer_prefix(i)
         if x is not None:
             _save_hidden(hidden_path, x, i)
         writer.write_layer(i, {prefix + k: v.cpu() for k, v in packed.items()})
@@ -130,7 +131,7 @@ def quantize_model(
     config = dict(source.raw_config)
     config["quantization_config"] = quantization_config(source.cfg.family, settings.group_size)
     config["torch_dtype"] = "float16"
-    writer.finish(source.other_tensors(), config, source.dir)
+    writer.finish({k: to_float16(v) for k, v in source.other_tensors().items()}, config, source.dir)
     hidden_path.unlink(missing_ok=True)
     report("done")
     return QuantizeResult(Path(out), calib, n, time.monotonic() - t0, writer.bytes_written)

@@ -81,12 +81,6 @@ class SourceCheckpoint:
     def num_layers(self) -> int:
         return self.cfg.num_hidden_layers
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The checkpoint's floating dtype (that of its first decoder weight)."""
-        info = self.tensors[self.layer_prefix(0) + ATTENTION_LINEARS[0] + ".weight"]
-        return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(info.dtype, torch.float16)
-
     @staticmethod
     def layer_prefix(layer: int) -> str:
         return f"model.layers.{layer}."
