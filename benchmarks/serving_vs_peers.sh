@@ -124,8 +124,11 @@ fi
 OURS_MODEL_DIR=$MODEL_DIR
 if [ "$MODEL" = realistic ]; then
   MODEL_DIR=$OUT/realistic-mixtral; OURS_MODEL_DIR=$MODEL_DIR
-  [ -f "$MODEL_DIR/model.safetensors" ] && [ -f "$MODEL_DIR-awq/model.safetensors" ] || \
+  if ! { [ -f "$MODEL_DIR/model.safetensors" ] && [ -f "$MODEL_DIR-awq/model.safetensors" ]; }; then
+    # the tokenizer is converted from Mixtral's SentencePiece model: needs sentencepiece (not a dependency of ours)
+    $PY -c 'import sentencepiece' 2>/dev/null || $PY -m pip install -q sentencepiece
     $PY -m benchmarks.realistic_mixtral "$MODEL_DIR" --awq "$MODEL_DIR-awq"
+  fi
   [ "$OURS_QUANT" = awq ] && OURS_MODEL_DIR=$MODEL_DIR-awq
 elif [ "$OURS_QUANT" != none ]; then
   echo "OURS_QUANT=$OURS_QUANT needs MODEL=realistic"; exit 2

@@ -81,6 +81,38 @@ def prefill_last_logits(model, prompts: list[list[int]], block_size: int = 4,
 
 
 @torch.no_grad()
+def router_margin(model, prompts: list[list[int]]) -> float:
+    """The smallest gap, over every MoE layer and prompt token, between the k-th and (k+1)-th
+    router logit: below a few bf16 ulps a reduced-precision run may pick another expert."""
+    k, gaps = model.cfg.num_experts_per_tok, []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: gaps.append(out.float().topk(k + 1, -1).values))
+             for name, m in model.named_modules() if name.endswith("mlp.gate")]
+    try:
+        prefill_last_logits(model, prompts)
+    finally:
+        for h in hooks:
+            h.remove()
+    return min((g[:, k - 1] - g[:, k]).min().item() for g in gaps) if gaps else float("inf")
+
+
+def prompts_clear_of_router_ties(model, count: int, length: int, margin: float = 0.05,
+                                 seed: int = 0, tries: int = 500) -> list[list[int]]:
+    """`count` random prompts of `length` tokens on which `model` (a full-precision reference)
+    routes every token with `router_margin` >= `margin`, so that a bf16 run of the same weights
+    routes them alike and logits compare within bf16 tolerance (a flipped expert is a different,
+    equally valid, computation)."""
+    gen = torch.Generator().manual_seed(seed)
+    found: list[list[int]] = []
+    for _ in range(tries):
+        p = torch.randint(3, model.cfg.vocab_size, (length,), generator=gen).tolist()
+        if router_margin(model, [p]) >= margin:
+            found.append(p)
+            if len(found) == count:
+                return found
+    raise AssertionError(f"no {count} prompts of {length} tokens with router margin >= {margin} in {tries} tries")
+
+
+@torch.no_grad()
 def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, block_size: int = 4) -> list[list[int]]:
     """Batched greedy decoding: one prefill, then one token per sequence per decode step."""
     device = model.cos_sin.device
