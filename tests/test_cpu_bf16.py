@@ -30,7 +30,7 @@ from hubdeploy.kernels.norm_rope_act import (
     silu_and_mul_torch,
 )
 from hubdeploy.serving.loader import load_model
-from hubdeploy.kernels.cpu_gemm import blocked_low_precision_supported
+from hubdeploy.kernels.cpu_gemm import blocked_low_precision_supported, onednn_blocks_low_precision
 from hubdeploy.serving.cpu_backend import cpu_gemm_layout
 from tests.helpers_forward import (
     greedy_generate,
@@ -162,7 +162,7 @@ def test_bf16_model_matches_transformers(arch: str, checkpoints) -> None:
             f"float64 separates them by {gap:.3f} > {TIE_TOL}")
 
 
-@pytest.mark.skipif(not blocked_low_precision_supported(),
+@pytest.mark.skipif(not onednn_blocks_low_precision(),
                     reason="this CPU has no oneDNN-blocked bf16 GEMM (needs avx512bw/vl/dq or avx_ne_convert)")
 def test_packed_weights_match_plain_and_go_stale_with_their_weight() -> None:
     """oneDNN-blocked copies (made by `cpu_gemm_layout` for bf16) give the plain GEMM's values,
@@ -194,8 +194,9 @@ def test_packed_weights_match_plain_and_go_stale_with_their_weight() -> None:
 
 
 def test_cpu_gemm_layout_bf16_packs_and_keeps_out_in() -> None:
-    """Every bf16 linear and expert stack keeps [out, in] and gets a blocked copy where this CPU
-    can make one; where it cannot (AVX2 only), none does and the plain GEMMs serve."""
+    """Every bf16 linear and expert stack keeps [out, in] and gets a blocked copy where the engine
+    keeps them (native bf16, or our 16-bit kernel unavailable); elsewhere none does (no second copy
+    of the weights) and the plain weights serve."""
     from hubdeploy.kernels.cpu_gemm import packed_copy
     from hubdeploy.serving.models.layers import Linear, MoE
     from tests.fixtures.tiny import build_tiny_cached
@@ -209,6 +210,23 @@ def test_cpu_gemm_layout_bf16_packs_and_keeps_out_in() -> None:
     assert all(m.weight.is_contiguous() and (packed_copy(m.weight) is not None) == blocked for m in lins)  # [out, in] kept
     assert all((packed_copy(m.w13, m.w2) is not None) == blocked for m in moes)
     assert cpu_gemm_layout(model) == 0  # all current: nothing repacked
+
+
+def test_blocked_copies_only_with_native_bf16_or_without_our_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine keeps oneDNN-blocked bf16 copies only where oneDNN makes them and the CPU has
+    native bf16 (`avx512_bf16`/`amx_bf16` in /proc/cpuinfo) or our 16-bit kernel cannot serve;
+    turning our kernel off (`HUBDEPLOY_CPU_GEMM16=torch`) brings them back wherever oneDNN can."""
+    from pathlib import Path
+
+    from hubdeploy.kernels import awq_cpu, cpu_gemm
+
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert cpu_gemm.native_bf16_cpu() == native
+    ours = awq_cpu.avx2_kernels() is not None
+    assert blocked_low_precision_supported() == (onednn_blocks_low_precision() and (native or not ours))
+    monkeypatch.setenv("HUBDEPLOY_CPU_GEMM16", "torch")
+    assert blocked_low_precision_supported() == onednn_blocks_low_precision()
 
 
 def test_bf16_engine_with_lora_follows_fp32() -> None:
@@ -314,8 +332,6 @@ def test_avx2_16bit_kernel_matches_float64(dtype: torch.dtype, monkeypatch: pyte
             got = awq_cpu.Avx2Dense16Weight(w).mm(x)
             assert got.dtype == dtype
             torch.testing.assert_close(got.double(), want, atol=1e-5 * float(scale.max()), rtol=ulp)
-            if blocked_low_precision_supported():
-                continue  # the dispatcher prefers oneDNN's blocked copies there (none filed here: plain)
             torch.testing.assert_close(cpu_gemm.linear(x, w), got, atol=0, rtol=0)
     x, w = torch.randn(3, 64, generator=g).to(dtype), torch.randn(8, 64, generator=g).to(dtype)
     e, hid, inter = 4, 64, 32

@@ -14,10 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hubdeploy.kernels.cpu_gemm import blocked_low_precision_supported, pack_weight, packed_copy, remember_packed
+from hubdeploy.kernels.cpu_gemm import (blocked_low_precision_supported, onednn_blocks_low_precision, pack_weight,
+                                        packed_copy, remember_packed)
 
-NEEDS_BLOCKED_BF16 = pytest.mark.skipif(not blocked_low_precision_supported(),
+NEEDS_BLOCKED_BF16 = pytest.mark.skipif(not onednn_blocks_low_precision(),
                     reason="this CPU has no oneDNN-blocked bf16 GEMM (needs avx512bw/vl/dq or avx_ne_convert)")
+ENGINE_KEEPS_BLOCKED = pytest.mark.skipif(not blocked_low_precision_supported(),
+                    reason="the engine keeps no blocked bf16 copies here (no oneDNN blocking, or no native bf16 "
+                           "and our 16-bit kernel serves)")
 from hubdeploy.kernels.fused_moe import (MoEWeights, _fused_moe_lowp, _fused_moe_one_token, fused_moe_ref, fused_moe_torch,
                                topk_route)
 from hubdeploy.kernels.norm_rope_act import apply_rotary_ref, apply_rotary_torch, rotary_cos_sin
@@ -191,7 +195,7 @@ def test_decoder_honours_torch_hooks(dtype: torch.dtype) -> None:
     assert len(calls) == 4 and _tiny_forward(model, ids)[0][0].shape == fast[0][0].shape  # removed: not called
 
 
-@NEEDS_BLOCKED_BF16
+@ENGINE_KEEPS_BLOCKED
 def test_bf16_lm_head_on_blocked_weight_matches_f_linear() -> None:
     from hubdeploy.serving.loader import load_model
     from hubdeploy.serving.cpu_backend import cpu_gemm_layout

@@ -11,8 +11,9 @@ first use (torch's cpp_extension, cached under `TORCH_EXTENSIONS_DIR`); where it
 Numerics: fp32 accumulation of `s·Σ q·x − z·s·Σx` per group, output rounded once to x's dtype;
 more exact than tinygemm (which rounds scale and zero to bf16).
 
-16-bit weights: on an AVX2 CPU without AVX-512-BF16/AMX, torch's bf16/fp16 matmul takes a slow
-generic path (benchmarks/RESULTS.md, "16-bit GEMMs on an AVX2 CPU"); `Avx2Dense16Weight` reads
+16-bit weights: on a CPU without AVX-512-BF16/AMX, torch's bf16/fp16 matmul takes a slow generic
+path on AVX2 and an emulated oneDNN one on AVX-512 (benchmarks/RESULTS.md, "16-bit GEMMs on an
+AVX2 CPU" and "... on an AVX-512 Xeon without native bf16"); `Avx2Dense16Weight` reads
 the checkpoint's `[out, in]` tensor as it is (no copy), widens 8 weights per instruction and
 sums in fp32, rounding the output once. Used where no oneDNN-blocked copy was made
 (`kernels.cpu_gemm`); `HUBDEPLOY_CPU_GEMM16=torch` turns it off, for comparisons.

@@ -1,6 +1,6 @@
 """CPU bf16/fp16 GEMMs with the row count rounded up to a few buckets.
 
-On the CPU torch runs bf16/fp16 matmuls through oneDNN (AMX on this machine: ~10x fp32),
+On a CPU with native bf16 (AVX512-BF16/AMX: ~10x fp32) torch runs bf16/fp16 matmuls through oneDNN,
 which builds a new primitive for every new shape — about 1-2 ms, measured here (a cached
 one runs a 1000x512x256 GEMM in 0.3 ms). The engine's row counts change every step
 (tokens per prefill step, tokens per expert), so without care nearly every GEMM pays that
@@ -13,7 +13,9 @@ oneDNN also re-blocks a plain weight on every call: at decode sizes that is half
 up to `PACKED_MAX_ROWS` rows the blocked copy is used. `pack_weight` makes it once (the CPU
 backend does, at load: `serving.cpu_backend.cpu_gemm_layout`) and `remember_packed` files it
 under its weight, where `linear` and the MoE CPU path find it; it costs a second copy of the
-bf16 weights.
+bf16 weights. Without native bf16 oneDNN emulates it and our 16-bit kernel
+(`kernels.awq_cpu.Avx2Dense16Weight`) is faster from a few rows up, so no copies are made there
+(`blocked_low_precision_supported`).
 A packed copy is used only while its weight still has the storage, shape and strides it was
 made from (`packed_for`); weights written in place afterwards need packing again.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import functools
 import time
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,10 +67,31 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 @functools.lru_cache(maxsize=None)
-def blocked_low_precision_supported() -> bool:
-    """Whether this CPU and torch build make oneDNN-blocked bf16 weights (oneDNN needs avx512bw/vl/dq
-    or avx_ne_convert; on an AVX2-only CPU the engine keeps plain `F.linear`)."""
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX): only there are oneDNN's
+    blocked bf16 GEMMs fast; elsewhere oneDNN emulates bf16 and our 16-bit kernel is faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_blocks_low_precision() -> bool:
+    """Whether this CPU and torch build make oneDNN-blocked bf16 weights at all (oneDNN needs
+    avx512bw/vl/dq or avx_ne_convert), whether or not the engine keeps them."""
     return pack_weight(torch.zeros(16, 16, dtype=torch.bfloat16)) is not None
+
+
+def blocked_low_precision_supported() -> bool:
+    """Whether the engine keeps oneDNN-blocked copies of bf16/fp16 weights: where oneDNN makes them
+    and either the CPU has native bf16 or our 16-bit kernel cannot serve (not built, or turned off
+    by `HUBDEPLOY_CPU_GEMM16=torch`). Elsewhere our kernel serves the checkpoint's own weights: no
+    second copy. Figures: benchmarks/RESULTS.md, "16-bit GEMMs on an AVX-512 Xeon"."""
+    if not onednn_blocks_low_precision():
+        return False
+    return native_bf16_cpu() or not dense16_supported(torch.zeros(1, 8, dtype=torch.bfloat16))
 
 
 def packed_for(entry: tuple[tuple, Any] | None, *weights: torch.Tensor) -> Any:
@@ -97,7 +121,7 @@ def packed_copy(*weights: torch.Tensor) -> Any:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; on the CPU, 2-D bf16/fp16 x through `padded_linear` on the
     weight's blocked copy when one was filed, else through our AVX2 16-bit kernel where it
-    runs (`kernels.awq_cpu.Avx2Dense16Weight`: no blocked copies on an AVX2-only CPU)."""
+    runs (`kernels.awq_cpu.Avx2Dense16Weight`: no blocked copies without native bf16)."""
     if x.dtype not in LOW_PRECISION or x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight, bias)
     packed = packed_copy(weight)

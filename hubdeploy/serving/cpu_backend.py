@@ -97,8 +97,8 @@ def cpu_gemm_layout(model: torch.nn.Module) -> int:
     takes a GEMV whose rounding differs in the last bits). Weights shared with an embedding
     are left alone (row lookups want rows). fp32 only: bf16/fp16 GEMMs run in oneDNN, which
     packs the weight itself and was no faster on `[in, out]` storage, so low-precision weights
-    keep the checkpoint's `[out, in]` and get a oneDNN-blocked copy instead
-    (`_pack_low_precision`: a second copy of those weights in memory). Figures:
+    keep the checkpoint's `[out, in]` and, on a CPU with native bf16, get a oneDNN-blocked copy
+    instead (`_pack_low_precision`: a second copy of those weights in memory). Figures:
     benchmarks/RESULTS.md. Returns the number of tensors changed (or packed).
     """
     from hubdeploy.serving.models.layers import Linear, MoE
@@ -121,13 +121,15 @@ def cpu_gemm_layout(model: torch.nn.Module) -> int:
 
 
 def _pack_low_precision(model: torch.nn.Module) -> int:
-    """bf16/fp16: a oneDNN-blocked copy of every plain linear and expert weight, filed with
+    """bf16/fp16 on a CPU with native bf16 (`kernels.cpu_gemm.blocked_low_precision_supported`):
+    a oneDNN-blocked copy of every plain linear and expert weight, filed with
     `kernels.cpu_gemm.remember_packed` (used while the weight keeps its storage); bf16 also the
     LM head's (a tied head: the embedding's, for logits only; fp16 heads stay plain, blocked was
     slower at one row); bf16/fp16 AWQ: the 4-bit kernel's layout of every AWQ weight
     (`AWQPacked.cpu_int4`, at load rather than on a request's first step). Returns how many
     weights were (re)packed, 0 when all are current."""
-    from hubdeploy.kernels.cpu_gemm import LOW_PRECISION, pack_weight, packed_copy, remember_packed
+    from hubdeploy.kernels.cpu_gemm import (LOW_PRECISION, blocked_low_precision_supported, pack_weight,
+                                            packed_copy, remember_packed)
     from hubdeploy.serving.models.layers import Linear, MoE
 
     n = 0
@@ -142,6 +144,8 @@ def _pack_low_precision(model: torch.nn.Module) -> int:
                 if p.cpu_int4_for(dtype) is not None:
                     n += built
                     p.keep_cpu_int4_only()  # the int4 form is all a 16-bit step reads
+    if not blocked_low_precision_supported():
+        return n  # our 16-bit kernel serves the plain weights (a CPU without native bf16)
     head = getattr(model, "lm_head", None)
     for m in model.modules():
         if isinstance(m, Linear) and isinstance(m.weight, torch.nn.Parameter) and m.weight.dtype in LOW_PRECISION:
@@ -171,7 +175,7 @@ def _pack_low_precision(model: torch.nn.Module) -> int:
 def _warm_up_cpu_gemms(model: torch.nn.Module, max_rows: int, cpu_threads: int) -> None:
     """bf16/fp16: oneDNN builds every GEMM shape a step can use now, not on a request's first
     use of it (`kernels.cpu_gemm.warm_up`). Weights our AVX2 16-bit kernel serves (no blocked
-    copy on an AVX2-only CPU) need no per-shape build: the kernel is loaded instead."""
+    copy without native bf16) need no per-shape build: the kernel is loaded instead."""
     from hubdeploy.kernels.awq_cpu import dense16_supported
     from hubdeploy.kernels.cpu_gemm import packed_copy, warm_up
     from hubdeploy.serving.models.layers import Linear, MoE

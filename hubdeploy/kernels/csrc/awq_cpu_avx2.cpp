@@ -17,6 +17,11 @@ namespace {
 
 constexpr int kMaxRows = 4;  // rows of x per pass (accumulators kept in registers)
 
+// Software prefetch distance in int32 words (4 KB ahead): streaming W from memory, one core's
+// hardware prefetcher alone left the batch-1 GEMV 1.3x slower (benchmarks/RESULTS.md, "CPU GEMV
+// from memory").
+constexpr int64_t kPrefetchInt4 = 1024;
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -45,6 +50,7 @@ void rows_kernel(const int32_t* w, const float* s, const float* zs, const float*
     }
     int64_t half = 0, group = 0;
     for (int64_t b = 0; b < K / 64; ++b) {
+      _mm_prefetch(reinterpret_cast<const char*>(wr + 8 * b + kPrefetchInt4), _MM_HINT_T0);
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 8 * b));
       const float* xb = x + 64 * b;
 #define HUBDEPLOY_SLICE(t)                                                                      \
@@ -188,10 +194,50 @@ inline float to_float_16bit(uint16_t v) {
   return f;
 }
 
+// Software prefetch distance for streaming W from memory, in 16-bit elements (8 KB ahead in each
+// row read): one core's hardware prefetcher alone left batch-1 GEMVs at ~8 GB/s, with it ~13 GB/s
+// (benchmarks/RESULTS.md, "CPU GEMV from memory").
+constexpr int64_t kPrefetch16 = 4096;
+
+// out[0, n] for one row of x, n in [n0, n1): R rows of W at a time, one accumulator each, so R
+// independent FMA chains and R memory streams are in flight; x is loaded once for all R.
+template <bool Half, int R = 4>
+void row1_kernel16(const uint16_t* w, const float* x, float* out, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t k_main = K / 32 * 32;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    const uint16_t* wr = w + n * K;
+    __m256 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < k_main; k += 32) {
+      for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(wr + i * K + k + kPrefetch16), _MM_HINT_T0);
+      for (int j = 0; j < 4; ++j) {
+        const __m256 xv = _mm256_loadu_ps(x + k + 8 * j);
+        for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(load8_16bit<Half>(wr + i * K + k + 8 * j), xv, acc[i]);
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      float r = hsum(acc[i]);
+      for (int64_t k = k_main; k < K; ++k) r += to_float_16bit<Half>(wr[i * K + k]) * x[k];
+      out[n + i] = r;
+    }
+  }
+  for (; n < n1; ++n) {  // the last < R rows of W
+    const uint16_t* wr = w + n * K;
+    float r = 0.f;
+    for (int64_t k = 0; k < K; ++k) r += to_float_16bit<Half>(wr[k]) * x[k];
+    out[n] = r;
+  }
+}
+
 // out[m, n] for m < M rows of x, n in [n0, n1): each row of W is read once for all M rows of x.
-template <int M, bool Half, int A = (M == 1 ? 4 : M <= 4 ? 2 : 1)>
+template <int M, bool Half, int A = (M <= 4 ? 2 : 1)>
 void rows16_kernel(const uint16_t* w, const float* x, float* out, int64_t K, int64_t n0, int64_t n1,
                    int64_t out_stride) {
+  if constexpr (M == 1) {
+    row1_kernel16<Half>(w, x, out, K, n0, n1);
+    return;
+  }
   constexpr int64_t kStep = 8 * A;
   const int64_t k_main = K / kStep * kStep, k_vec = K / 8 * 8;
   for (int64_t n = n0; n < n1; ++n) {
@@ -200,6 +246,7 @@ void rows16_kernel(const uint16_t* w, const float* x, float* out, int64_t K, int
     for (int m = 0; m < M; ++m)
       for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k_main; k += kStep) {
+      if (k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(wr + k + kPrefetch16), _MM_HINT_T0);
       for (int a = 0; a < A; ++a) {
         const __m256 wv = load8_16bit<Half>(wr + k + 8 * a);
         for (int m = 0; m < M; ++m) acc[m][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * a), acc[m][a]);
