@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import time
 import weakref
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,11 +69,8 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
 def native_bf16_cpu() -> bool:
     """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX): only there are oneDNN's
     blocked bf16 GEMMs fast; elsewhere oneDNN emulates bf16 and our 16-bit kernel is faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's cpuinfo, any OS
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 @functools.lru_cache(maxsize=None)
